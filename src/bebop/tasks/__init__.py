@@ -1,0 +1,23 @@
+"""Verifiable toy tasks for RL of tiny language models, looked up by name."""
+
+from __future__ import annotations
+
+from bebop.errors import BebopError
+from bebop.tasks.arith import ArithTask
+from bebop.tasks.base import Problem, Task, sample_problems
+from bebop.tasks.countdown import CountdownTask
+
+__all__ = ["TASKS", "ArithTask", "CountdownTask", "Problem", "Task", "get_task", "sample_problems"]
+
+TASKS: dict[str, Task] = {
+    "arith": ArithTask(),
+    "countdown": CountdownTask(),
+}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``; a ``BebopError`` naming it if there is none."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise BebopError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
