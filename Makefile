@@ -1,0 +1,31 @@
+# Two commands do all set-up: `make demo` (install + main job) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/bebop sft --task arith --out runs/arith/base
+	$(BIN)/bebop eval runs/arith/base --task arith --samples 256 --temperature 1.0 --json
+
+test: install
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

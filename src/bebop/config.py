@@ -1,0 +1,64 @@
+"""Dataclass configs: defaults in code, then a TOML file (``--config``), then CLI flags, in that order."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bebop.errors import BebopError
+
+C = TypeVar("C")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML config file; missing or malformed files give a BebopError naming the path."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise BebopError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise BebopError(f"cannot read config file {path}: {e}") from None
+
+
+def make_config(cls: type[C], config_file: str | Path | None = None, **overrides: Any) -> C:
+    """Build ``cls`` from its defaults, the TOML file (top-level keys or a table named like the
+    command) and the non-None ``overrides``. Unknown keys are an error naming the key."""
+    raw = read_toml(config_file) if config_file is not None else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *tables, leaf = key.split(".")
+        node = raw
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[leaf] = value
+    return _build(cls, raw, str(config_file or "flags"))
+
+
+def _build(cls: type[C], raw: dict[str, Any], where: str) -> C:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            if isinstance(value, dict):
+                continue  # a table meant for another command
+            raise BebopError(f"unknown config key {key!r} in {where}; expected one of {sorted(fields)}")
+        default = fields[key].default_factory  # type: ignore[misc]
+        if isinstance(value, dict) and default is not dataclasses.MISSING and dataclasses.is_dataclass(default):
+            values[key] = _build(default, value, f"{where} [{key}]")  # type: ignore[arg-type]
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise BebopError(f"bad config in {where}: {e}") from None
+
+
+def positive(name: str, value: float) -> None:
+    """Raise a BebopError unless ``value`` > 0."""
+    if not value > 0:
+        raise BebopError(f"{name} must be positive, got {value!r}")

@@ -1,0 +1,132 @@
+"""Supervised fine-tuning of a tiny policy from scratch on a task's varied reference solutions."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bebop.config import positive
+from bebop.model import ModelConfig, build_policy, save_policy
+from bebop.tasks import TASKS, Problem, Task, get_task
+from bebop.tokenizer import build_tokenizer
+
+
+@dataclass
+class SFTConfig:
+    task: str = "arith"
+    out: str = "runs/arith/base"
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_minutes: float = 4.5          # wall-time budget for the training loop; stops early when exceeded
+    eval_samples: int = 256           # quick evaluation after training (0 = skip)
+    log_every: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        for name in ("steps", "batch_size", "lr", "max_minutes", "log_every"):
+            positive(name, getattr(self, name))
+
+
+def task_corpus(n_per_task: int = 500, seed: int = 1234) -> list[str]:
+    """Texts from every registered task, so one tokenizer covers the whole toy world."""
+    rng = random.Random(seed)
+    texts = []
+    for task in TASKS.values():
+        for _ in range(n_per_task):
+            prob = task.sample_problem(rng)
+            texts.append(prob.prompt + task.reference_solution(prob, rng))
+    return texts
+
+
+def encode_example(tokenizer, problem: Problem, completion: str) -> tuple[list[int], int]:
+    """Token ids of BOS + prompt + completion + EOS, and the number of prompt tokens (BOS included)."""
+    prompt_ids = tokenizer(problem.prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
+
+
+def sft_batch(task: Task, tokenizer, rng: random.Random, batch_size: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch with labels only on completion tokens (prompt and padding are -100)."""
+    rows = []
+    for _ in range(batch_size):
+        prob = task.sample_problem(rng)
+        rows.append(encode_example(tokenizer, prob, task.reference_solution(prob, rng)))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch_size, width), -100, dtype=torch.long)
+    mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for i, (row, n_prompt) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, n_prompt : len(row)] = torch.tensor(row[n_prompt:])
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
+    """Train a fresh policy on ``cfg.task``; saves model + tokenizer to ``cfg.out``; returns a summary."""
+    from bebop.evaluate import evaluate
+
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg.task)
+    tokenizer = build_tokenizer(task_corpus())
+    model = build_policy(cfg.model, tokenizer).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_name(out.name + ".sft.jsonl")
+    t0 = time.perf_counter()
+    step = 0
+    with log_path.open("w") as log, Progress(
+        TextColumn("[bold]sft {task.fields[name]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
+    ) as progress:
+        bar = progress.add_task("sft", total=cfg.steps, name=cfg.task, loss=float("nan"))
+        model.train()
+        for step in range(cfg.steps):
+            batch = {k: v.to(device) for k, v in sft_batch(task, tokenizer, rng, cfg.batch_size).items()}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            elapsed = time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "elapsed_s": elapsed}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                progress.update(bar, loss=rec["loss"])
+            progress.update(bar, completed=step + 1)
+            if elapsed > cfg.max_minutes * 60:
+                break
+    model.eval()
+    train_seconds = time.perf_counter() - t0
+    save_policy(model, tokenizer, out)
+    summary = {"task": cfg.task, "steps": step + 1, "train_seconds": train_seconds, "config": asdict(cfg)}
+    if cfg.eval_samples:
+        summary["eval"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples, temperature=1.0)
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
