@@ -1,0 +1,150 @@
+"""The engine: MTP draft→verify emits exactly the plain-sampling law, returns exact log-probs, and greedy
+MTP decoding equals plain greedy decoding token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from bebop.engine import generate, generate_mtp
+from bebop.errors import BebopError
+from bebop.model import ModelConfig, build_policy
+from bebop.mtp import MTPHead
+from bebop.sampling import SamplingParams, probs_from_logits
+
+P_FALSE_ALARM = 1e-4  # each chi-square test rejects a correct sampler with this probability
+
+
+@pytest.fixture(scope="module")
+def peaky(tiny_tokenizer):
+    """A tiny random policy with sharpened logits (so short sequences have few likely outcomes) + its head."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model = build_policy(cfg, tiny_tokenizer).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+    head = MTPHead.from_base(model).eval()
+    return model, head
+
+
+def prompts_for(tok, n):
+    a, b = tok("Q: 1+2\n")["input_ids"], tok("Q: 12*3-4\n")["input_ids"]
+    return [a if i % 2 == 0 else b for i in range(n)], (a, b)
+
+
+def exact_logprobs(model, prompt, completion, params):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        p = probs_from_logits(model(ids).logits[0, len(prompt) - 1 : -1], params)
+    return p.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).log()
+
+
+@pytest.mark.parametrize("rule", ["rejection", "target_only"])
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_mtp_logprobs_match_a_full_forward(peaky, tiny_tokenizer, rule, gamma):
+    """Ragged acceptance + cache holes + left padding: every returned log-prob equals a fresh full forward."""
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 6)
+    params = SamplingParams(temperature=1.0, top_k=20)
+    gen = torch.Generator().manual_seed(0)
+    r = generate_mtp(model, head, prompts, params, 24, eos_id=None, gamma=gamma, rule=rule, generator=gen)
+    assert (r.lengths == 24).all()
+    assert r.metrics.accept_length > 1.0  # some drafts were accepted, so holes/rollbacks were exercised
+    for b, comp in enumerate(r.completions()):
+        torch.testing.assert_close(r.logprobs[b], exact_logprobs(model, prompts[b], comp, params), atol=2e-4, rtol=0)
+
+
+def test_plain_logprobs_match_a_full_forward(peaky, tiny_tokenizer):
+    model, _ = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 4)
+    params = SamplingParams(temperature=0.8)
+    r = generate(model, prompts, params, 16, eos_id=None, generator=torch.Generator().manual_seed(0))
+    for b, comp in enumerate(r.completions()):
+        torch.testing.assert_close(r.logprobs[b], exact_logprobs(model, prompts[b], comp, params), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["greedy", "rejection", "target_only"])
+def test_greedy_mtp_equals_plain_greedy_token_for_token(peaky, tiny_tokenizer, rule):
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 4)
+    params = SamplingParams(temperature=0.0)
+    plain = generate(model, prompts, params, 30, eos_id=None)
+    mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=3, rule=rule)
+    assert torch.equal(plain.tokens, mtp.tokens)
+
+
+def sequence_law(model, prompt, params, length):
+    """Exact probability of every token sequence of ``length`` after ``prompt`` (V**length cells)."""
+    V = model.config.vocab_size
+    law = torch.ones(1)
+    prefixes = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(length):
+            p = probs_from_logits(model(prefixes).logits[:, -1], params)   # [n, V]
+            law = (law[:, None] * p).reshape(-1)
+            prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(p))[:, None]], 1)
+    return law.double().numpy()
+
+
+def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
+    """Chi-square goodness of fit; cells with expected count < 5 are merged into one."""
+    n = len(observed_codes)
+    counts = np.bincount(observed_codes, minlength=len(law)).astype(float)
+    expected = law * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    exp *= obs.sum() / exp.sum()
+    return float(chisquare(obs, exp).pvalue)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rule", "temperature", "top_p"), [("rejection", 1.0, None), ("target_only", 1.0, 0.9),
+                                                            ("rejection", 0.7, 0.9)])
+def test_mtp_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, rule, temperature, top_p):
+    """10^5 sequences of 3 tokens from the MTP engine (γ = 2) against their exact law under p."""
+    model, head = peaky
+    n, length = 100_000, 3
+    prompts, (pa, pb) = prompts_for(tiny_tokenizer, n)
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    r = generate_mtp(model, head, prompts, params, length, eos_id=None, gamma=2, rule=rule,
+                     generator=torch.Generator().manual_seed(7))
+    V = model.config.vocab_size
+    codes = (r.tokens[:, 0] * V * V + r.tokens[:, 1] * V + r.tokens[:, 2]).numpy()
+    for parity, prompt in ((0, pa), (1, pb)):
+        law = sequence_law(model, prompt, params, length)
+        assert chisq_pvalue(codes[parity::2], law) > P_FALSE_ALARM
+
+
+def test_metrics_empirical_alpha_tracks_expected_alpha(peaky, tiny_tokenizer):
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 256)
+    r = generate_mtp(model, head, prompts, SamplingParams(), 12, eos_id=None, gamma=3,
+                     generator=torch.Generator().manual_seed(3))
+    m = r.metrics
+    assert len(m.alpha) == len(m.expected_alpha) == 3
+    for k in range(3):
+        se = (m.expected_alpha[k] * (1 - m.expected_alpha[k]) / m.reached[k]) ** 0.5
+        assert abs(m.alpha[k] - m.expected_alpha[k]) < 5 * se + 1e-3
+    assert m.tokens == int(r.lengths.sum()) == 256 * 12
+    assert m.accept_length == pytest.approx(1 + m.accepted / m.steps)
+    assert m.to_dict()["accept_length_counts_bonus"] is True
+
+
+def test_eos_and_max_tokens_per_row(peaky, tiny_tokenizer):
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 8)
+    greedy = generate(model, prompts, SamplingParams(temperature=0.0), 10, eos_id=None)
+    eos = int(greedy.tokens[0, 4])  # make row 0's 5th greedy token the "EOS"
+    plain = generate(model, prompts, SamplingParams(temperature=0.0), 10, eos_id=eos)
+    mtp = generate_mtp(model, head, prompts, SamplingParams(temperature=0.0), 10, eos_id=eos, gamma=3)
+    assert torch.equal(plain.lengths, mtp.lengths) and int(mtp.lengths[0]) <= 5
+    assert torch.equal(plain.tokens * plain.mask, mtp.tokens * mtp.mask)
+
+
+def test_bad_gamma_is_rejected(peaky, tiny_tokenizer):
+    model, head = peaky
+    with pytest.raises(BebopError, match="gamma must be >= 1, got 0"):
+        generate_mtp(model, head, [[1, 2]], SamplingParams(), 4, eos_id=None, gamma=0)
