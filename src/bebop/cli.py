@@ -101,6 +101,139 @@ def eval_cmd(
         print_dict(f"eval {task} on {model_dir}", res)
 
 
+@app.command("train-mtp")
+def train_mtp_cmd(
+    model: Annotated[str | None, typer.Option(help="Policy directory (frozen backbone).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory for the head.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task whose prompts the policy samples on.")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce, fkl, rkl, tv or e2e_tv.")] = None,
+    gamma_train: Annotated[int | None, typer.Option(help="Draft steps unrolled in training.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Rollout temperature (data and target p).")] = None,
+    data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
+    from bebop.config import make_config
+    from bebop.train_mtp import TrainMTPConfig, train_mtp
+
+    cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
+                      steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                      data_samples=data_samples, seed=seed)
+    summary = train_mtp(cfg)
+    console.print(f"saved head to [bold]{cfg.out}[/] (bebop, qwen3_5 and deepseek_v3 layouts)")
+    print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})
+
+
+def _load_model_and_head(model_dir: Path, mtp_dir: Path | None):
+    from bebop.model import load_policy
+    from bebop.mtp import load_head
+
+    model, tokenizer = load_policy(model_dir)
+    head = load_head(mtp_dir, model).eval() if mtp_dir is not None else None
+    return model, tokenizer, head
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: Annotated[Path | None, typer.Option(help="MTP head (dir or .safetensors); omit for plain decoding.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt text (repeatable).")] = None,
+    task: Annotated[str, typer.Option(help="Task to draw prompts from when --prompt is not given.")] = "arith",
+    n: Annotated[int, typer.Option(help="Number of task prompts.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="Top-k (off by default).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Top-p in (0, 1] (off by default).")] = None,
+    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 3,
+    rule: Annotated[str, typer.Option(help="rejection, target_only or greedy.")] = "rejection",
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 96,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Sample completions (plain, or MTP draft→verify with --mtp) and print them with decode metrics."""
+    import torch
+
+    from bebop.engine import generate, generate_mtp
+    from bebop.sampling import SamplingParams
+    from bebop.tasks import get_task, sample_problems
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if gamma < 1:
+        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    the_model, tokenizer, head = _load_model_and_head(model, mtp)
+    texts = prompt or [p.prompt for p in sample_problems(get_task(task), n, seed)]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    gen = torch.Generator(device=the_model.device).manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if head is None:
+        r = generate(the_model, prompts, params, max_new_tokens, eos, pad, gen)
+    else:
+        r = generate_mtp(the_model, head, prompts, params, max_new_tokens, eos, gamma, rule, pad, gen)
+    for t, c in zip(texts, tokenizer.batch_decode(r.completions(), skip_special_tokens=True), strict=True):
+        console.print(f"[bold]{t.strip()}[/]\n{c}\n", highlight=False)
+    print_dict("decode metrics", r.metrics.to_dict())
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors).")],
+    task: Annotated[str, typer.Option(help="Task whose prompts are decoded.")] = "arith",
+    rule: Annotated[str, typer.Option(help="rejection or target_only.")] = "rejection",
+    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 3,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Plain vs MTP decoding vs transformers' generate(), measured side by side in one run."""
+    from bebop.bench import DecodeBenchConfig, bench_decode
+    from bebop.sampling import RULES, SamplingParams
+    from bebop.tasks import get_task
+
+    get_task(task)
+    SamplingParams(temperature=temperature)
+    if rule not in RULES:
+        raise BebopError(f"unknown rule {rule!r}; choose one of: {', '.join(RULES)}")
+    if gamma < 1:
+        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise BebopError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    if any(b < 1 for b in sizes):
+        raise BebopError(f"batch sizes must be >= 1, got {batch_sizes!r}")
+    the_model, tokenizer, head = _load_model_and_head(model, mtp)
+    cfg = DecodeBenchConfig(task=task, gamma=gamma, rule=rule, temperature=temperature, batch_sizes=sizes,
+                            max_new_tokens=max_new_tokens, repeats=repeats, seed=seed)
+    results = bench_decode(the_model, tokenizer, head, cfg)
+    table = Table(title=f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}")
+    cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "limit", "hf tok/s", "hf mtp tok/s", "accept len",
+            "alpha"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for bs, r in results.items():
+        hf_mtp = r.get("hf_mtp_tokens_per_s")
+        table.add_row(bs, f"{r['plain_tokens_per_s']:.0f}", f"{r['mtp_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
+                      f"{r['speedup_limit']:.2f}x", f"{r['hf_tokens_per_s']:.0f}",
+                      "-" if hf_mtp is None else f"{hf_mtp:.0f}", f"{r['accept_length']:.2f}",
+                      " ".join(f"{a:.2f}" for a in r["alpha"]))
+    console.print(table)
+    if json_path is not None:
+        from dataclasses import asdict
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+
+
 def main() -> None:
     """Entry point: run the app, turning BebopError into one clear line and exit code 2."""
     try:

@@ -22,14 +22,14 @@ from bebop.tokenizer import build_tokenizer
 class SFTConfig:
     task: str = "arith"
     out: str = "runs/arith/base"
-    steps: int = 1200
+    steps: int = 1100
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    max_minutes: float = 4.5          # wall-time budget for the training loop; stops early when exceeded
+    max_minutes: float = 4.6          # wall-time budget for the training loop; stops early when exceeded
     eval_samples: int = 256           # quick evaluation after training (0 = skip)
     log_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)

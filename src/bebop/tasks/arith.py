@@ -6,7 +6,8 @@ products are computed first (``a*b*c`` either left or right first), the signed t
 in a random order that starts with a positive term, additions and multiplications are randomly
 commuted, and each step uses one of four phrasings (``7*3=21``, ``7*3 = 21``, ``so 7*3=21``,
 ``then 7*3=21``).
-Operands are 2..19; a multiplication always has a single-digit operand and products stay <= 400.
+Operands are 2..MAX_OPERAND (15); a multiplication always has a single-digit operand and products stay <=
+MAX_PRODUCT (150), so a tiny policy learns the task in minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from bebop.tasks.base import Problem
 from bebop.tasks.grammar import final_answer, parse_int
 
 OPERATORS = ("+", "-", "*")
-MAX_PRODUCT = 400
+MAX_OPERAND = 15
+MAX_PRODUCT = 150
 PHRASINGS = ("{e}={v}", "{e} = {v}", "so {e}={v}", "then {e}={v}")
 
 
@@ -58,7 +60,7 @@ class ArithTask:
     def sample_problem(self, rng: random.Random) -> Problem:
         while True:
             ops = (rng.choice(OPERATORS), rng.choice(OPERATORS))
-            operands = (rng.randint(2, 19), rng.randint(2, 19), rng.randint(2, 19))
+            operands = tuple(rng.randint(2, MAX_OPERAND) for _ in range(3))
             if self._valid(operands, ops):
                 break
         terms = _terms(operands, ops)

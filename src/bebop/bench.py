@@ -1,0 +1,188 @@
+"""`bebop bench decode`: plain vs MTP decoding vs transformers' generate(), side by side in one run.
+
+All decoders get the same prompts, seeds and max lengths. Speed model (DESIGN §8):
+  speedup ≈ (1 + E[A]) / (c_verify(γ+1)/c_1 + γ·c_draft/c_1)
+with c_1 one plain target forward, c_verify(γ+1) a target forward over γ+1 tokens and c_draft one MTP
+step, each measured here per batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from bebop.engine import generate, generate_mtp, left_pad, target_forward
+from bebop.sampling import SamplingParams
+from bebop.tasks import get_task, sample_problems
+
+
+@dataclass
+class DecodeBenchConfig:
+    task: str = "arith"
+    gamma: int = 3
+    rule: str = "rejection"
+    temperature: float = 1.0
+    batch_sizes: tuple[int, ...] = (1, 8)
+    max_new_tokens: int = 64
+    repeats: int = 3
+    prompts_per_batch1: int = 8     # batch 1 is run over this many prompts (one after another)
+    seed: int = 0
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20) -> dict[str, float]:
+    """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
+    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt."""
+    device = model.device
+    ids, mask = left_pad(prompt_ids, 0, device)
+    B, P = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def fresh():
+        cache = DynamicCache(config=model.config)
+        hid = target_forward(model, ids, mask, pos, cache)
+        return cache, hid
+
+    def run_target(n_tok: int) -> float:
+        cache, _ = fresh()
+        x = ids[:, -1:].repeat(1, n_tok)
+        m = torch.cat([mask, torch.ones((B, n_tok), dtype=torch.long, device=device)], 1)
+        p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
+
+        def once():
+            target_forward(model, x, m, p, cache)
+            cache.crop(-n_tok)
+
+        once()
+        return _median_time(once, repeats)
+
+    c1, cv = run_target(1), run_target(gamma + 1)
+    _, hid = fresh()
+    mcache = head.new_cache()
+    head(ids, hid, pos, mask, mcache)
+    mm = torch.cat([mask, torch.ones((B, 1), dtype=torch.long, device=device)], 1)
+
+    def draft_once():
+        head(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, mm, mcache)
+        mcache.crop(-1)
+
+    draft_once()
+    cd = _median_time(draft_once, repeats)
+    return {"c_1": c1, "c_verify": cv, "c_draft": cd}
+
+
+def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
+                             repeats: int) -> float:
+    """transformers' ``generate()`` on the same weights and prompts: generated (non-pad) tokens / s."""
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if params.temperature == 0:
+        kw.update(do_sample=False)
+    else:
+        kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)
+    counts = []
+
+    def once():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        counts.append(_count_generated(out, tokenizer.eos_token_id))
+
+    once()
+    counts.clear()
+    sec = _median_time(once, repeats)
+    return statistics.median(counts) / sec
+
+
+def _count_generated(out: torch.Tensor, eos_id: int) -> int:
+    """Tokens up to and including the first EOS per row."""
+    is_eos = out == eos_id
+    first = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, out.shape[1])
+    return int(first.sum())
+
+
+def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
+    """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs."""
+    from bebop.mtp import hf_mtp_generate
+
+    task = get_task(cfg.task)
+    params = SamplingParams(temperature=cfg.temperature)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    results: dict[str, dict] = {}
+    for bs in cfg.batch_sizes:
+        n_prompts = cfg.prompts_per_batch1 if bs == 1 else bs
+        problems = sample_problems(task, n_prompts, cfg.seed)
+        all_prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+        batches = [all_prompts[i : i + bs] for i in range(0, n_prompts, bs)]
+        stats: dict[str, list] = {"plain": [], "mtp": [], "hf": []}
+        alpha, exp_alpha, acc_len = [], [], []
+        for rep in range(cfg.repeats + 1):  # repeat 0 warms up
+            plain_tok = plain_s = mtp_tok = mtp_s = 0.0
+            for bi, prompts in enumerate(batches):
+                seed = cfg.seed * 1000 + bi
+                r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad,
+                             torch.Generator(device=model.device).manual_seed(seed))
+                plain_tok += r.metrics.tokens
+                plain_s += r.metrics.seconds
+                m = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, cfg.gamma, cfg.rule, pad,
+                                 torch.Generator(device=model.device).manual_seed(seed)).metrics
+                mtp_tok += m.tokens
+                mtp_s += m.seconds
+                if rep > 0:
+                    alpha.append((m.accepted_k, m.reached))
+                    exp_alpha.append(m.expected_k)
+                    acc_len.append((m.accepted, m.steps))
+            if rep > 0:
+                stats["plain"].append(plain_tok / plain_s)
+                stats["mtp"].append(mtp_tok / mtp_s)
+        reached = [sum(a[1][k] for a in alpha) for k in range(cfg.gamma)]
+        res = {
+            "plain_tokens_per_s": statistics.median(stats["plain"]),
+            "mtp_tokens_per_s": statistics.median(stats["mtp"]),
+            "alpha": [sum(a[0][k] for a in alpha) / max(reached[k], 1) for k in range(cfg.gamma)],
+            "expected_alpha": [sum(e[k] for e in exp_alpha) / max(reached[k], 1) for k in range(cfg.gamma)],
+            "accept_length": 1 + sum(a for a, _ in acc_len) / max(1, sum(s for _, s in acc_len)),
+            "accept_length_counts_bonus": True,
+        }
+        res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
+        hf_tps = [hf_generate_tokens_per_s(model, tokenizer, p, params, cfg.max_new_tokens, cfg.seed, cfg.repeats)
+                  for p in batches]
+        res["hf_tokens_per_s"] = statistics.mean(hf_tps)
+        res["plain_vs_hf"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
+        costs = forward_costs(model, head, batches[0], cfg.gamma)
+        res.update(costs)
+        e_a = res["accept_length"] - 1
+        cost_ratio = (costs["c_verify"] + cfg.gamma * costs["c_draft"]) / costs["c_1"]
+        res["speedup_limit"] = (1 + e_a) / cost_ratio
+        res["fraction_of_limit"] = res["speedup"] / res["speedup_limit"]
+        if bs == 1:
+            try:
+                tok_count, secs = 0, 0.0
+                for p in batches:
+                    ids = torch.tensor([p[0]], device=model.device)
+                    kw = dict(do_sample=params.temperature > 0, pad_token_id=pad, eos_token_id=eos)
+                    if params.temperature > 0:
+                        kw.update(temperature=params.temperature, top_k=0)
+                    hf_mtp_generate(model, head, ids, cfg.max_new_tokens, **kw)  # warm-up
+                    t0 = time.perf_counter()
+                    out = hf_mtp_generate(model, head, ids, cfg.max_new_tokens, **kw)
+                    secs += time.perf_counter() - t0
+                    tok_count += _count_generated(out[:, ids.shape[1]:], eos)
+                res["hf_mtp_tokens_per_s"] = tok_count / secs
+            except Exception as e:  # record why transformers' MTP path could not run
+                res["hf_mtp_tokens_per_s"] = None
+                res["hf_mtp_error"] = f"{type(e).__name__}: {e}"
+        results[str(bs)] = res
+    return results

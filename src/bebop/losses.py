@@ -1,0 +1,88 @@
+"""Training objectives for the MTP head (DESIGN §4). p (the frozen target) is always detached.
+
+Shapes: ``z`` draft logits [N, V] (or [N, γ, V]), ``p`` target probabilities [N, V] at the training
+temperature, ``y`` data tokens [N]. Per-position values are returned; callers mask and average.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bebop.errors import BebopError
+
+LOSSES = ("ce", "fkl", "rkl", "tv", "e2e_tv")
+
+
+class TotalVariation(torch.autograd.Function):
+    """TV(p, q) = 1 − Σ_v min(p_v, q_v) with q = softmax(z), per row, with the closed-form backward of
+    DESIGN §4: ∂TV/∂z_j = −q_j (1[q_j ≤ p_j] − S), S = Σ_v 1[q_v ≤ p_v] q_v.
+
+    Only q is recomputed in backward (no autograd graph over the [N, V] softmax is kept)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        q = torch.softmax(z.float(), dim=-1)
+        tv = 1.0 - torch.minimum(p, q).sum(-1)
+        ctx.save_for_backward(z, p)
+        return tv
+
+    @staticmethod
+    def backward(ctx, grad_tv: torch.Tensor):
+        z, p = ctx.saved_tensors
+        q = torch.softmax(z.float(), dim=-1)
+        below = q <= p
+        s = (q * below).sum(-1, keepdim=True)
+        grad = -q * (below.float() - s)
+        return (grad * grad_tv[..., None]).to(z.dtype), None
+
+
+def tv(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per-row total variation TV(p, softmax(z)) (closed-form gradient)."""
+    return TotalVariation.apply(z, p.detach().float())
+
+
+def ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """−log q(y) on the data token."""
+    return F.cross_entropy(z.float(), y, reduction="none")
+
+
+def fkl(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ p (log p − log q) (same gradient as CE against soft p)."""
+    p = p.detach().float()
+    return (torch.special.xlogy(p, p) - p * torch.log_softmax(z.float(), -1)).sum(-1)
+
+
+def rkl(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(q‖p) = Σ q (log q − log p); tokens with p = 0 are floored at log(1e-30)."""
+    logq = torch.log_softmax(z.float(), -1)
+    return (logq.exp() * (logq - p.detach().float().clamp_min(1e-30).log())).sum(-1)
+
+
+def e2e_tv_from_tvs(tvs: torch.Tensor) -> torch.Tensor:
+    """L = 1 − (1/γ) Σ_{j=1..γ} Π_{i≤j} (1 − TV_i) over the last dim (γ steps) of ``tvs`` [..., γ]:
+    one minus the normalised expected accept length (DESIGN §4)."""
+    return 1.0 - torch.cumprod(1.0 - tvs, dim=-1).mean(-1)
+
+
+def step_losses(name: str, z: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-position, per-step values [N, γ] of loss ``name`` for draft logits z [N, γ, V], target p
+    [N, γ, V] and data tokens y [N, γ]. For ``e2e_tv`` these are the TVs (combine with ``e2e_tv_from_tvs``)."""
+    if name == "ce":
+        return ce(z.flatten(0, 1), y.flatten()).view(y.shape)
+    if name == "fkl":
+        return fkl(z, p)
+    if name == "rkl":
+        return rkl(z, p)
+    if name in ("tv", "e2e_tv"):
+        return tv(z, p)
+    raise BebopError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+
+
+def mtp_loss(name: str, z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over positions of loss ``name`` (mean over steps for ce/fkl/rkl/tv; e2e_tv combines
+    the steps as 1 − (1/γ) Σ_j Π_{i≤j}(1 − TV_i)). ``mask`` [N] is 1 where all γ targets exist."""
+    per_step = step_losses(name, z, p, y)
+    per_pos = e2e_tv_from_tvs(per_step) if name == "e2e_tv" else per_step.mean(-1)
+    mask = mask.float()
+    return (per_pos * mask).sum() / mask.sum().clamp_min(1.0)

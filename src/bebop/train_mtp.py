@@ -1,0 +1,176 @@
+"""Pre-RL MTP head training (DESIGN §4): backbone frozen, data = the policy's own samples.
+
+Teacher forcing: for position t and step k = 1..γ the head's step-k distribution q_k(t) (recursive unroll
+fed with the TRUE tokens) is trained towards the frozen base model's distribution p_k(t) for token t+k+1
+(at the rollout temperature). Positions where not all γ targets exist, and prompt positions, are masked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bebop.config import positive
+from bebop.engine import generate
+from bebop.errors import BebopError
+from bebop.losses import LOSSES, mtp_loss
+from bebop.model import load_policy
+from bebop.mtp import MTPHead, export_head, save_head
+from bebop.sampling import SamplingParams, probs_from_logits
+from bebop.tasks import get_task, sample_problems
+
+
+@dataclass
+class TrainMTPConfig:
+    model: str = "runs/arith/base"
+    out: str = "runs/arith/mtp_e2e_tv"
+    task: str = "arith"
+    loss: str = "e2e_tv"
+    gamma_train: int = 5
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0        # rollout temperature: of the policy samples and of the target p
+    data_samples: int = 2048        # policy samples used as training data
+    heldout_samples: int = 256
+    max_new_tokens: int = 96
+    eval_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise BebopError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.gamma_train < 1:
+            raise BebopError(f"gamma_train must be >= 1, got {self.gamma_train}")
+        for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every"):
+            positive(name, getattr(self, name))
+        SamplingParams(temperature=self.temperature)
+        get_task(self.task)
+
+
+def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_tokens: int, seed: int,
+                   batch_size: int = 128) -> list[tuple[list[int], int]]:
+    """``n`` sequences (prompt ids + sampled completion ids) from the policy, with their prompt lengths."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = []
+    problems = sample_problems(task, n, seed)
+    for i in range(0, n, batch_size):
+        prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[i : i + batch_size]]
+        r = generate(model, prompts, SamplingParams(temperature=temperature), max_new_tokens,
+                     tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
+        out += [(pr + c, len(pr)) for pr, c in zip(prompts, r.completions(), strict=True)]
+    return out
+
+
+def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``(ids, mask, prompt_lens)``."""
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, (r, _) in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    lens = torch.tensor([len(r) for r, _ in rows])
+    mask = (torch.arange(width)[None, :] < lens[:, None]).long()
+    return ids.to(device), mask.to(device), torch.tensor([n for _, n in rows], device=device)
+
+
+def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int, params: SamplingParams):
+    """Draft logits z [N, γ, V], target p [N, γ, V], data tokens y [N, γ] over valid positions t:
+    step k at t consumes x_{t+k}, h^{k-1}_t and predicts x_{t+k+1}; p_k(t) = base p at position t+k.
+    Valid: t ≥ prompt_len − 1 (the completion is what gets drafted) and x_{t+γ+1} is a real token."""
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        p_all = probs_from_logits(model.get_output_embeddings()(hidden), params)
+    hs = head.unroll(ids, hidden, gamma, attention_mask=mask)
+    T = ids.shape[1]
+    n_pos = T - gamma - 1
+    if n_pos <= 0:
+        raise BebopError(f"sequences of length {T} are too short for gamma_train {gamma}")
+    t = torch.arange(n_pos, device=ids.device)
+    valid = (t[None, :] >= prompt_lens[:, None] - 1) & (mask[:, gamma + 1 :] == 1)
+    z = torch.stack([head.logits(h[:, :n_pos]) for h in hs], dim=2)                      # [B, n, γ, V]
+    p = torch.stack([p_all[:, k : k + n_pos] for k in range(1, gamma + 1)], dim=2)       # [B, n, γ, V]
+    y = torch.stack([ids[:, k + 1 : k + 1 + n_pos] for k in range(1, gamma + 1)], dim=2)  # [B, n, γ]
+    return z[valid], p[valid], y[valid]
+
+
+@torch.no_grad()
+def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id: int, batch_size: int = 64):
+    """Per-step teacher-forced RS acceptance α_k = E_t[1 − TV(p_k(t), q_k(t))] on ``data``."""
+    tot = torch.zeros(gamma)
+    n = 0
+    for i in range(0, len(data), batch_size):
+        ids, mask, pl = pad_batch(data[i : i + batch_size], pad_id, model.device)
+        z, p, _ = teacher_forced(model, head, ids, mask, pl, gamma, params)
+        q = probs_from_logits(z, params)
+        tot += torch.minimum(p, q).sum(-1).sum(0).cpu()
+        n += z.shape[0]
+    return (tot / max(n, 1)).tolist()
+
+
+def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
+    """Train a head for the policy in ``cfg.model``; saves Bebop + public layouts to ``cfg.out``."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(cfg.model, device)
+    model.requires_grad_(False)
+    task = get_task(cfg.task)
+    params = SamplingParams(temperature=cfg.temperature)
+    data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+    heldout = policy_samples(model, tokenizer, task, cfg.heldout_samples, cfg.temperature, cfg.max_new_tokens,
+                             cfg.seed + 1_000_003)
+    if not data:
+        raise BebopError("no training data: the policy produced no samples")
+    head = MTPHead.from_base(model).to(device)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_mtp.jsonl"
+    t0 = time.perf_counter()
+    history = []
+    with log_path.open("w") as log, Progress(
+        TextColumn(f"[bold]train-mtp {cfg.loss}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+    ) as progress:
+        bar = progress.add_task("train", total=cfg.steps, loss=float("nan"))
+        for step in range(cfg.steps):
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if step >= cfg.warmup else 1.0
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
+            ids, mask, pl = pad_batch([data[i] for i in idx], tokenizer.pad_token_id, device)
+            z, p, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train, params)
+            loss = mtp_loss(cfg.loss, z, p, y, torch.ones(len(z), device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            opt.step()
+            progress.update(bar, completed=step + 1, loss=loss.item())
+            if step % cfg.eval_every == 0 or step == cfg.steps - 1:
+                head.eval()
+                alpha = expected_alpha(model, head, heldout, cfg.gamma_train, params, tokenizer.pad_token_id)
+                head.train()
+                rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm),
+                       "heldout_alpha": alpha, "elapsed_s": time.perf_counter() - t0}
+                history.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+    head.eval()
+    save_head(head, out, model.config)
+    export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
+    export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
+                num_base_layers=model.config.num_hidden_layers)
+    summary = {"config": asdict(cfg), "heldout_alpha": history[-1]["heldout_alpha"],
+               "train_seconds": time.perf_counter() - t0}
+    (out / "train_mtp_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
