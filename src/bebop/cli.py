@@ -15,7 +15,7 @@ from bebop.errors import BebopError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Bebop: exact MTP speculative decoding for fast RL rollouts.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with config values.")]
 
@@ -236,6 +236,9 @@ def bench_decode_cmd(
 
 def main() -> None:
     """Entry point: run the app, turning BebopError into one clear line and exit code 2."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rich shows Bebop's own progress
     try:
         app()
     except BebopError as e:

@@ -14,6 +14,11 @@ from bebop.errors import BebopError
 LOSSES = ("ce", "fkl", "rkl", "tv", "e2e_tv")
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64, for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class TotalVariation(torch.autograd.Function):
     """TV(p, q) = 1 − Σ_v min(p_v, q_v) with q = softmax(z), per row, with the closed-form backward of
     DESIGN §4: ∂TV/∂z_j = −q_j (1[q_j ≤ p_j] − S), S = Σ_v 1[q_v ≤ p_v] q_v.
@@ -22,7 +27,7 @@ class TotalVariation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        q = torch.softmax(z.float(), dim=-1)
+        q = torch.softmax(_wide(z), dim=-1)
         tv = 1.0 - torch.minimum(p, q).sum(-1)
         ctx.save_for_backward(z, p)
         return tv
@@ -30,7 +35,7 @@ class TotalVariation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tv: torch.Tensor):
         z, p = ctx.saved_tensors
-        q = torch.softmax(z.float(), dim=-1)
+        q = torch.softmax(_wide(z), dim=-1)
         below = q <= p
         s = (q * below).sum(-1, keepdim=True)
         grad = -q * (below.float() - s)
@@ -39,7 +44,7 @@ class TotalVariation(torch.autograd.Function):
 
 def tv(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Per-row total variation TV(p, softmax(z)) (closed-form gradient)."""
-    return TotalVariation.apply(z, p.detach().float())
+    return TotalVariation.apply(z, _wide(p.detach()))
 
 
 def ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -75,11 +75,12 @@ def sft_batch(task: Task, tokenizer, rng: random.Random, batch_size: int) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lr_at(step: int, cfg: SFTConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_at(step: int, cfg: SFTConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak. Progress is the further of steps done and
+    wall-time budget used, so a run cut short by ``max_minutes`` still anneals."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    frac = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), elapsed_s / (cfg.max_minutes * 60))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
@@ -106,8 +107,9 @@ def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
         model.train()
         for step in range(cfg.steps):
             batch = {k: v.to(device) for k, v in sft_batch(task, tokenizer, rng, cfg.batch_size).items()}
+            lr = lr_at(step, cfg, time.perf_counter() - t0)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -115,7 +117,7 @@ def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
             opt.step()
             elapsed = time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "elapsed_s": elapsed}
+                rec = {"step": step, "loss": loss.item(), "lr": lr, "elapsed_s": elapsed}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 progress.update(bar, loss=rec["loss"])

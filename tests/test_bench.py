@@ -1,0 +1,74 @@
+"""`bebop generate` and `bebop bench decode` on a tiny policy + head: run, print, write every promised field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bebop.model import ModelConfig, build_policy, save_policy
+from bebop.mtp import MTPHead, save_head
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = build_policy(ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                     intermediate_size=64), tiny_tokenizer)
+    root = tmp_path_factory.mktemp("bench")
+    save_policy(model, tiny_tokenizer, root / "base")
+    save_head(MTPHead.from_base(model), root / "head", model.config)
+    return root
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_decode_writes_json_with_every_field(dirs):
+    out = dirs / "bench.json"
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--batch-sizes", "1,2",
+            "--max-new-tokens", "8", "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "speedup" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"1", "2"}
+    for row in res.values():
+        for key in ("plain_tokens_per_s", "mtp_tokens_per_s", "speedup", "alpha", "accept_length", "hf_tokens_per_s",
+                    "c_1", "c_verify", "c_draft", "speedup_limit"):
+            assert key in row
+        assert len(row["alpha"]) == 3 and row["plain_tokens_per_s"] > 0 and row["mtp_tokens_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["mtp_tokens_per_s"] / row["plain_tokens_per_s"])
+    assert "hf_mtp_tokens_per_s" in res["1"]
+    assert res["1"]["hf_mtp_tokens_per_s"] is not None or res["1"]["hf_mtp_error"]
+
+
+def test_generate_prints_completions_and_metrics(dirs):
+    r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--n", "2",
+            "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert "Q:" in r.stdout and "accept_length" in r.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--gamma", "0"], "gamma must be >= 1, got 0"),
+    (["--temperature", "-0.5"], "-0.5"),
+    (["--top-p", "1.5"], "1.5"),
+    (["--top-k", "0"], "top_k"),
+    (["--rule", "foo"], "'foo'"),
+])
+def test_generate_bad_sampling_input(dirs, args, needle):
+    r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_missing_head_and_corrupt_head(dirs, tmp_path):
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(tmp_path / "nohead"))
+    assert r.returncode == 2 and "nohead" in r.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x07" * 64)
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(bad))
+    assert r.returncode == 2 and "bad.safetensors" in r.stderr

@@ -1,0 +1,48 @@
+"""Pre-RL MTP training: backbone bit-identical afterwards, head improves acceptance, files in every layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bebop.errors import BebopError
+from bebop.model import ModelConfig, build_policy, load_policy, save_policy
+from bebop.mtp import load_head
+from bebop.train_mtp import TrainMTPConfig, train_mtp
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = build_policy(ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                     intermediate_size=64), tiny_tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4.0)  # a peakier random policy
+    d = tmp_path_factory.mktemp("policy") / "base"
+    save_policy(model, tiny_tokenizer, d)
+    return d
+
+
+def test_train_mtp_keeps_backbone_and_improves_alpha(policy_dir, tmp_path):
+    before = {k: v.clone() for k, v in load_policy(policy_dir)[0].state_dict().items()}
+    cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), loss="e2e_tv", gamma_train=3,
+                         steps=40, batch_size=16, lr=3e-3, data_samples=64, heldout_samples=32,
+                         max_new_tokens=16, eval_every=39)
+    summary = train_mtp(cfg)
+    after = load_policy(policy_dir)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    log = [json.loads(line) for line in (tmp_path / "head" / "train_mtp.jsonl").read_text().splitlines()]
+    assert log[-1]["heldout_alpha"][0] > log[0]["heldout_alpha"][0]
+    assert len(summary["heldout_alpha"]) == 3
+    model, _ = load_policy(policy_dir)
+    for f in ("", "qwen3_5_mtp.safetensors", "deepseek_v3_mtp.safetensors"):
+        load_head(tmp_path / "head" / f if f else tmp_path / "head", model)
+
+
+@pytest.mark.parametrize(("kw", "needle"), [({"loss": "l2"}, "'l2'"), ({"gamma_train": 0}, "gamma_train"),
+                                            ({"data_samples": 0}, "data_samples")])
+def test_bad_train_config(kw, needle):
+    with pytest.raises(BebopError, match=needle):
+        TrainMTPConfig(**kw)
