@@ -31,7 +31,7 @@ def cli(*args):
 def test_bench_decode_writes_json_with_every_field(dirs):
     out = dirs / "bench.json"
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--batch-sizes", "1,2",
-            "--max-new-tokens", "8", "--repeats", "1", "--json", str(out))
+            "--max-new-tokens", "8", "--repeats", "1", "--prompts", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "speedup" in r.stdout
     res = json.loads(out.read_text())["results"]

@@ -29,7 +29,7 @@ class DecodeBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     max_new_tokens: int = 64
     repeats: int = 3
-    prompts_per_batch1: int = 8     # batch 1 is run over this many prompts (one after another)
+    num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
 
 
@@ -122,7 +122,7 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results: dict[str, dict] = {}
     for bs in cfg.batch_sizes:
-        n_prompts = cfg.prompts_per_batch1 if bs == 1 else bs
+        n_prompts = max(bs, cfg.num_prompts // bs * bs)
         problems = sample_problems(task, n_prompts, cfg.seed)
         all_prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
         batches = [all_prompts[i : i + bs] for i in range(0, n_prompts, bs)]

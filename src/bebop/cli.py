@@ -114,6 +114,7 @@ def train_mtp_cmd(
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature (data and target p).")] = None,
     data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    init: Annotated[str | None, typer.Option(help="Start from this head instead of the warm start.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
@@ -122,7 +123,7 @@ def train_mtp_cmd(
 
     cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
                       steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                      data_samples=data_samples, seed=seed)
+                      data_samples=data_samples, seed=seed, init=init)
     summary = train_mtp(cfg)
     console.print(f"saved head to [bold]{cfg.out}[/] (bebop, qwen3_5 and deepseek_v3 layouts)")
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})
@@ -191,11 +192,13 @@ def bench_decode_cmd(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
+    prompts: Annotated[int, typer.Option(help="Prompts per batch size (consecutive batches).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:
     """Plain vs MTP decoding vs transformers' generate(), measured side by side in one run."""
     from bebop.bench import DecodeBenchConfig, bench_decode
+    from bebop.config import positive
     from bebop.sampling import RULES, SamplingParams
     from bebop.tasks import get_task
 
@@ -209,11 +212,13 @@ def bench_decode_cmd(
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise BebopError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    positive("prompts", prompts)
+    positive("repeats", repeats)
     if any(b < 1 for b in sizes):
         raise BebopError(f"batch sizes must be >= 1, got {batch_sizes!r}")
     the_model, tokenizer, head = _load_model_and_head(model, mtp)
     cfg = DecodeBenchConfig(task=task, gamma=gamma, rule=rule, temperature=temperature, batch_sizes=sizes,
-                            max_new_tokens=max_new_tokens, repeats=repeats, seed=seed)
+                            max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed)
     results = bench_decode(the_model, tokenizer, head, cfg)
     table = Table(title=f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}")
     cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "limit", "hf tok/s", "hf mtp tok/s", "accept len",

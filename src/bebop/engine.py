@@ -153,6 +153,22 @@ def generate(
     return Rollout(out, lengths, logp, ent, metrics)
 
 
+def _count_acceptance(metrics: DecodeMetrics, history: list[tuple[torch.Tensor, ...]]) -> None:
+    """Fill the acceptance counters of ``metrics`` from per-step (accepted [B], live [B], expected α [B, γ]),
+    over rows live at that step (drafter quality, before EOS/max-token truncation)."""
+    if not history:
+        metrics.reached = metrics.accepted_k = metrics.expected_k = [0.0] * metrics.gamma
+        return
+    a, live, exp = (torch.stack(x) for x in zip(*history, strict=True))     # [S, B], [S, B], [S, B, γ]
+    k = torch.arange(metrics.gamma, device=a.device)
+    reached = (a[..., None] >= k) & live[..., None]                          # draft k+1 was judged
+    metrics.steps = int(live.sum())
+    metrics.accepted = int((a * live).sum())
+    metrics.reached = reached.sum((0, 1)).float().tolist()
+    metrics.accepted_k = ((a[..., None] > k) & live[..., None]).sum((0, 1)).float().tolist()
+    metrics.expected_k = (exp * reached).sum((0, 1)).tolist()
+
+
 def _valid_slots(n_new: int, accepted: torch.Tensor) -> torch.Tensor:
     """[B, n_new] long: slot j of a verify/catch-up call is kept iff j ≤ accepted[b]."""
     j = torch.arange(n_new, device=accepted.device)
@@ -220,11 +236,7 @@ def generate_mtp(
     done = (x == eos_id) if eos_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
     done |= n >= max_new_tokens
     j = torch.arange(G + 1, device=device)
-    reached = torch.zeros(G, device=device)
-    acc_k = torch.zeros(G, device=device)
-    exp_k = torch.zeros(G, device=device)
-    acc_total = torch.zeros((), device=device)
-    steps = torch.zeros((), device=device)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (accepted, live, expected α) per step
     metrics = DecodeMetrics(gamma=G)
     metrics.draft_forwards = 1
 
@@ -271,14 +283,7 @@ def generate_mtp(
         if eos_id is not None:
             done |= (is_eos & keep).any(1)
         done |= n >= max_new_tokens
-        # ---- acceptance metrics over rows that were live this step (drafter quality, before truncation)
-        lf = live.float()
-        k_idx = j[:G]
-        reached += ((a[:, None] >= k_idx[None, :]).float() * lf[:, None]).sum(0)
-        acc_k += ((a[:, None] > k_idx[None, :]).float() * lf[:, None]).sum(0)
-        exp_k += (res.expected_alpha * (a[:, None] >= k_idx[None, :]).float() * lf[:, None]).sum(0)
-        acc_total += (a.float() * lf).sum()
-        steps += lf.sum()
+        history.append((a, live, res.expected_alpha))
         # ---- roll back: holes in the target cache, drop the head's temporary slots, catch the head up
         tmask[:, t_len : t_len + G + 1] = _valid_slots(G + 1, a)
         if G > 1:
@@ -306,9 +311,5 @@ def generate_mtp(
 
     metrics.tokens = int(n.sum())
     metrics.seconds = time.perf_counter() - t0
-    metrics.steps = int(steps)
-    metrics.accepted = int(acc_total)
-    metrics.reached = reached.tolist()
-    metrics.accepted_k = acc_k.tolist()
-    metrics.expected_k = exp_k.tolist()
+    _count_acceptance(metrics, history)
     return Rollout(out[:, :max_new_tokens], n, logp[:, :max_new_tokens], ent[:, :max_new_tokens], metrics)

@@ -21,7 +21,7 @@ from bebop.engine import generate
 from bebop.errors import BebopError
 from bebop.losses import LOSSES, mtp_loss
 from bebop.model import load_policy
-from bebop.mtp import MTPHead, export_head, save_head
+from bebop.mtp import MTPHead, export_head, load_head, save_head
 from bebop.sampling import SamplingParams, probs_from_logits
 from bebop.tasks import get_task, sample_problems
 
@@ -45,6 +45,7 @@ class TrainMTPConfig:
     max_new_tokens: int = 96
     eval_every: int = 50
     seed: int = 0
+    init: str | None = None         # start from an existing head (e.g. CE/fkl-trained) instead of the warm start
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -128,7 +129,7 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
                              cfg.seed + 1_000_003)
     if not data:
         raise BebopError("no training data: the policy produced no samples")
-    head = MTPHead.from_base(model).to(device)
+    head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device)
     head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
