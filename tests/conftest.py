@@ -16,10 +16,18 @@ def tiny_tokenizer():
     return build_tokenizer(task_corpus(n_per_task=100))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_tokenizer):
+def build_tiny_policy(tokenizer, seed: int = 0, logit_scale: float = 1.0):
+    """A 2-layer, 32-wide random Qwen3 policy; ``logit_scale`` > 1 sharpens its (tied) logits."""
     from bebop.model import ModelConfig, build_policy
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    return build_policy(cfg, tiny_tokenizer).eval()
+    model = build_policy(cfg, tokenizer).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(logit_scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return build_tiny_policy(tiny_tokenizer)

@@ -7,17 +7,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import build_tiny_policy
 
-from bebop.model import ModelConfig, build_policy, save_policy
+from bebop.model import save_policy
 from bebop.mtp import MTPHead, save_head
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    model = build_policy(ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
-                                     intermediate_size=64), tiny_tokenizer)
+    model = build_tiny_policy(tiny_tokenizer)
     root = tmp_path_factory.mktemp("bench")
     save_policy(model, tiny_tokenizer, root / "base")
     save_head(MTPHead.from_base(model), root / "head", model.config)

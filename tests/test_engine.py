@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_policy
 from scipy.stats import chisquare
 
 from bebop.engine import generate, generate_mtp
 from bebop.errors import BebopError
-from bebop.model import ModelConfig, build_policy
 from bebop.mtp import MTPHead
 from bebop.sampling import SamplingParams, probs_from_logits
 
@@ -20,11 +20,7 @@ P_FALSE_ALARM = 1e-4  # each chi-square test rejects a correct sampler with this
 @pytest.fixture(scope="module")
 def peaky(tiny_tokenizer):
     """A tiny random policy with sharpened logits (so short sequences have few likely outcomes) + its head."""
-    torch.manual_seed(1)
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    model = build_policy(cfg, tiny_tokenizer).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(6.0)
+    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=6.0)
     head = MTPHead.from_base(model).eval()
     return model, head
 

@@ -6,20 +6,17 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_policy
 
 from bebop.errors import BebopError
-from bebop.model import ModelConfig, build_policy, load_policy, save_policy
+from bebop.model import load_policy, save_policy
 from bebop.mtp import load_head
 from bebop.train_mtp import TrainMTPConfig, train_mtp
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    model = build_policy(ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
-                                     intermediate_size=64), tiny_tokenizer)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(4.0)  # a peakier random policy
+    model = build_tiny_policy(tiny_tokenizer, logit_scale=4.0)  # a peakier random policy
     d = tmp_path_factory.mktemp("policy") / "base"
     save_policy(model, tiny_tokenizer, d)
     return d

@@ -75,13 +75,14 @@ def sft_batch(task: Task, tokenizer, rng: random.Random, batch_size: int) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lr_at(step: int, cfg: SFTConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak. Progress is the further of steps done and
-    wall-time budget used, so a run cut short by ``max_minutes`` still anneals."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), elapsed_s / (cfg.max_minutes * 60))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float = 0.1,
+                  progress: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to ``floor × peak``. The decay
+    follows the further of steps done and ``progress`` ∈ [0, 1] (e.g. the wall-time budget used)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, max((step - warmup) / max(1, total - warmup), progress))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
@@ -107,7 +108,8 @@ def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
         model.train()
         for step in range(cfg.steps):
             batch = {k: v.to(device) for k, v in sft_batch(task, tokenizer, rng, cfg.batch_size).items()}
-            lr = lr_at(step, cfg, time.perf_counter() - t0)
+            lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr,
+                               progress=(time.perf_counter() - t0) / (cfg.max_minutes * 60))
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = model(**batch).loss

@@ -8,7 +8,6 @@ fed with the TRUE tokens) is trained towards the frozen base model's distributio
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from bebop.losses import LOSSES, mtp_loss
 from bebop.model import load_policy
 from bebop.mtp import MTPHead, export_head, load_head, save_head
 from bebop.sampling import SamplingParams, probs_from_logits
+from bebop.sft import warmup_cosine
 from bebop.tasks import get_task, sample_problems
 
 
@@ -144,8 +144,7 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
     ) as progress:
         bar = progress.add_task("train", total=cfg.steps, loss=float("nan"))
         for step in range(cfg.steps):
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if step >= cfg.warmup else 1.0
+            lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
