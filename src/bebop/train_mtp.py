@@ -21,7 +21,7 @@ from bebop.errors import BebopError
 from bebop.losses import LOSSES, mtp_loss
 from bebop.model import load_policy
 from bebop.mtp import MTPHead, export_head, load_head, save_head
-from bebop.sampling import SamplingParams, probs_from_logits
+from bebop.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.sft import warmup_cosine
 from bebop.tasks import get_task, sample_problems
 
@@ -112,7 +112,7 @@ def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id
         ids, mask, pl = pad_batch(data[i : i + batch_size], pad_id, model.device)
         z, p, _ = teacher_forced(model, head, ids, mask, pl, gamma, params)
         q = probs_from_logits(z, params)
-        tot += torch.minimum(p, q).sum(-1).sum(0).cpu()
+        tot += (1.0 - total_variation(p, q)).sum(0).cpu()
         n += z.shape[0]
     return (tot / max(n, 1)).tolist()
 
