@@ -21,11 +21,11 @@ demo: install
 	$(BIN)/bebop eval runs/arith/base --task arith --samples 256 --temperature 1.0 --json
 
 test: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -70,3 +70,18 @@ def test_bench_missing_head_and_corrupt_head(dirs, tmp_path):
     bad.write_bytes(b"\x07" * 64)
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(bad))
     assert r.returncode == 2 and "bad.safetensors" in r.stderr
+
+
+def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_path):
+    out = tmp_path / "losses.json"
+    r = cli("bench", "losses", "--model", str(dirs / "base"), "--out", str(tmp_path / "heads"), "--steps", "2",
+            "--data-samples", "8", "--eval-prompts", "4", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == {"ce", "fkl", "rkl", "tv", "e2e_tv"}
+    for row in res.values():
+        assert len(row["alpha_rs"]) == len(row["alpha_to"]) == 3
+        assert 1.0 <= row["accept_length_rs"] <= 4.0 and 1.0 <= row["accept_length_to"] <= 4.0
+        assert "accept_length_rs_t0.7" in row
+    r = cli("bench", "losses", "--model", str(dirs / "base"), "--losses", "ce,l2")
+    assert r.returncode == 2 and "'l2'" in r.stderr

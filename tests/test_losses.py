@@ -84,3 +84,33 @@ def test_unknown_loss_names_the_value():
     with pytest.raises(BebopError, match="'l2'"):
         step_losses("l2", torch.zeros(1, 1, 2), torch.ones(1, 1, 2) / 2, torch.zeros(1, 1, dtype=torch.long))
     assert set(LOSSES) == {"ce", "fkl", "rkl", "tv", "e2e_tv"}
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_e2e_tv_equals_full_logits_version(chunk):
+    torch.manual_seed(0)
+    n, gamma, h, v, tau = 7, 3, 8, 50, 0.8
+    weight = torch.randn(v, h, dtype=torch.float64)
+    hp = torch.randn(n, gamma, h, dtype=torch.float64)
+    hq = (hp + 0.5 * torch.randn(n, gamma, h, dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([1.0, 1, 0, 1, 1, 1, 0])
+    from bebop.losses import e2e_tv_loss_chunked
+
+    chunked = e2e_tv_loss_chunked(hq, hp, weight, tau, mask, chunk=chunk)
+    chunked.backward()
+    g_chunked = hq.grad.clone()
+    hq.grad = None
+    p = torch.softmax(hp @ weight.T / tau, -1)
+    full = mtp_loss("e2e_tv", hq @ weight.T / tau, p, torch.zeros(n, gamma, dtype=torch.long), mask)
+    full.backward()
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(g_chunked, hq.grad)
+
+
+def test_chunked_tv_gradcheck():
+    from bebop.losses import ChunkedTotalVariation
+
+    weight = torch.randn(13, 4, dtype=torch.float64)
+    hp = torch.randn(5, 4, dtype=torch.float64)
+    hq = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ChunkedTotalVariation.apply(x, hp, weight, 1.3, 2), (hq,))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from bebop.engine import generate, generate_mtp, left_pad, target_forward
+from bebop.engine import DecodeMetrics, generate, generate_mtp, left_pad, target_forward
 from bebop.sampling import SamplingParams
 from bebop.tasks import get_task, sample_problems
 
@@ -126,34 +126,26 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         problems = sample_problems(task, n_prompts, cfg.seed)
         all_prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
         batches = [all_prompts[i : i + bs] for i in range(0, n_prompts, bs)]
-        stats: dict[str, list] = {"plain": [], "mtp": [], "hf": []}
-        alpha, exp_alpha, acc_len = [], [], []
+        plain_rates, mtp_rates = [], []
+        mtp_all = DecodeMetrics()
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
-            plain_tok = plain_s = mtp_tok = mtp_s = 0.0
+            plain, mtp = DecodeMetrics(), DecodeMetrics()
             for bi, prompts in enumerate(batches):
                 seed = cfg.seed * 1000 + bi
-                r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad,
-                             torch.Generator(device=model.device).manual_seed(seed))
-                plain_tok += r.metrics.tokens
-                plain_s += r.metrics.seconds
-                m = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, cfg.gamma, cfg.rule, pad,
-                                 torch.Generator(device=model.device).manual_seed(seed)).metrics
-                mtp_tok += m.tokens
-                mtp_s += m.seconds
-                if rep > 0:
-                    alpha.append((m.accepted_k, m.reached))
-                    exp_alpha.append(m.expected_k)
-                    acc_len.append((m.accepted, m.steps))
+                plain.merge(generate(model, prompts, params, cfg.max_new_tokens, eos, pad,
+                                     torch.Generator(device=model.device).manual_seed(seed)).metrics)
+                mtp.merge(generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, cfg.gamma, cfg.rule,
+                                       pad, torch.Generator(device=model.device).manual_seed(seed)).metrics)
             if rep > 0:
-                stats["plain"].append(plain_tok / plain_s)
-                stats["mtp"].append(mtp_tok / mtp_s)
-        reached = [sum(a[1][k] for a in alpha) for k in range(cfg.gamma)]
+                plain_rates.append(plain.tokens_per_s)
+                mtp_rates.append(mtp.tokens_per_s)
+                mtp_all.merge(mtp)
         res = {
-            "plain_tokens_per_s": statistics.median(stats["plain"]),
-            "mtp_tokens_per_s": statistics.median(stats["mtp"]),
-            "alpha": [sum(a[0][k] for a in alpha) / max(reached[k], 1) for k in range(cfg.gamma)],
-            "expected_alpha": [sum(e[k] for e in exp_alpha) / max(reached[k], 1) for k in range(cfg.gamma)],
-            "accept_length": 1 + sum(a for a, _ in acc_len) / max(1, sum(s for _, s in acc_len)),
+            "plain_tokens_per_s": statistics.median(plain_rates),
+            "mtp_tokens_per_s": statistics.median(mtp_rates),
+            "alpha": mtp_all.alpha,
+            "expected_alpha": mtp_all.expected_alpha,
+            "accept_length": mtp_all.accept_length,
             "accept_length_counts_bonus": True,
         }
         res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
@@ -185,4 +177,64 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
                 res["hf_mtp_tokens_per_s"] = None
                 res["hf_mtp_error"] = f"{type(e).__name__}: {e}"
         results[str(bs)] = res
+    return results
+
+
+@dataclass
+class LossBenchConfig:
+    task: str = "arith"
+    losses: tuple[str, ...] = ("ce", "fkl", "rkl", "tv", "e2e_tv")
+    gamma: int = 3                       # deployed γ (measurement); training uses gamma_train
+    gamma_train: int = 3
+    steps: int = 400
+    lr: float = 5e-3
+    data_samples: int = 2048
+    init: str | None = None              # shared starting head for every loss (None: the same warm start)
+    temperatures: tuple[float, ...] = (1.0, 0.7)
+    eval_prompts: int = 128
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+@torch.inference_mode()
+def measure_acceptance(model, tokenizer, head, task_name: str, rule: str, temperature: float, gamma: int,
+                       n_prompts: int, batch_size: int, max_new_tokens: int, seed: int) -> dict:
+    """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts."""
+    problems = sample_problems(get_task(task_name), n_prompts, seed)
+    total = DecodeMetrics()
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for i in range(0, n_prompts, batch_size):
+        prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[i : i + batch_size]]
+        total.merge(generate_mtp(model, head, prompts, SamplingParams(temperature=temperature), max_new_tokens,
+                                 tokenizer.eos_token_id, gamma, rule, tokenizer.pad_token_id, gen).metrics)
+    return {"alpha": total.alpha, "expected_alpha": total.expected_alpha, "accept_length": total.accept_length}
+
+
+def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
+    """Train one head per loss on identical data, steps and seeds; measure each through the engine under
+    RS and TO at every temperature in ``cfg.temperatures`` on held-out prompts."""
+    from pathlib import Path
+
+    from bebop.model import load_policy
+    from bebop.mtp import load_head
+    from bebop.train_mtp import TrainMTPConfig, train_mtp
+
+    model, tokenizer = load_policy(model_dir)
+    results: dict[str, dict] = {}
+    for loss in cfg.losses:
+        head_dir = Path(out_dir) / loss
+        train_mtp(TrainMTPConfig(model=model_dir, out=str(head_dir), task=cfg.task, loss=loss,
+                                 gamma_train=cfg.gamma_train, steps=cfg.steps, lr=cfg.lr,
+                                 data_samples=cfg.data_samples, seed=cfg.seed, init=cfg.init))
+        head = load_head(head_dir, model).eval()
+        row: dict[str, object] = {}
+        for tau in cfg.temperatures:
+            suffix = "" if tau == cfg.temperatures[0] else f"_t{tau:g}"
+            for rule, tag in (("rejection", "rs"), ("target_only", "to")):
+                r = measure_acceptance(model, tokenizer, head, cfg.task, rule, tau, cfg.gamma, cfg.eval_prompts,
+                                       cfg.batch_size, cfg.max_new_tokens, cfg.seed + 99_991)
+                row[f"alpha_{tag}{suffix}"] = r["alpha"]
+                row[f"accept_length_{tag}{suffix}"] = r["accept_length"]
+        results[loss] = row
     return results

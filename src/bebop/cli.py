@@ -239,6 +239,54 @@ def bench_decode_cmd(
         json_path.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
 
 
+@bench_app.command("losses")
+def bench_losses_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    out: Annotated[Path, typer.Option(help="Directory for the heads (one per loss).")] = Path("runs/bench_losses"),
+    task: Annotated[str, typer.Option(help="Task (training data and held-out prompts).")] = "arith",
+    losses: Annotated[str, typer.Option(help="Comma-separated losses.")] = "ce,fkl,rkl,tv,e2e_tv",
+    gamma: Annotated[int, typer.Option(help="Deployed γ for the measurement.")] = 3,
+    gamma_train: Annotated[int, typer.Option(help="Steps unrolled in training.")] = 3,
+    steps: Annotated[int, typer.Option(help="Training steps per head.")] = 400,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-3,
+    data_samples: Annotated[int, typer.Option(help="Policy samples used as training data.")] = 2048,
+    init: Annotated[str | None, typer.Option(help="Shared starting head for every loss.")] = None,
+    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per measurement.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed (data, training, measurement).")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Train one head per loss on identical data/steps/seeds, then measure RS and TO acceptance."""
+    from dataclasses import asdict
+
+    from bebop.bench import LossBenchConfig, bench_losses
+    from bebop.losses import LOSSES
+    from bebop.tasks import get_task
+
+    get_task(task)
+    names = tuple(x.strip() for x in losses.split(",") if x.strip())
+    bad = [x for x in names if x not in LOSSES]
+    if bad or not names:
+        raise BebopError(f"unknown loss {bad[0] if bad else losses!r}; choose from: {', '.join(LOSSES)}")
+    if gamma < 1 or gamma_train < 1:
+        raise BebopError(f"gamma and gamma_train must be >= 1, got {gamma} and {gamma_train}")
+    cfg = LossBenchConfig(task=task, losses=names, gamma=gamma, gamma_train=gamma_train, steps=steps, lr=lr,
+                          data_samples=data_samples, init=init, eval_prompts=eval_prompts, seed=seed)
+    results = bench_losses(str(model), str(out), cfg)
+    table = Table(title=f"bench losses: {task}, γ={gamma}, {steps} steps each")
+    for c in ("loss", "α RS (τ=1)", "accept len RS", "α TO (τ=1)", "accept len TO", "accept len RS τ=0.7",
+              "accept len TO τ=0.7"):
+        table.add_column(c, justify="right")
+    for name, r in results.items():
+        table.add_row(name, " ".join(f"{a:.3f}" for a in r["alpha_rs"]), f"{r['accept_length_rs']:.3f}",
+                      " ".join(f"{a:.3f}" for a in r["alpha_to"]), f"{r['accept_length_to']:.3f}",
+                      f"{r['accept_length_rs_t0.7']:.3f}", f"{r['accept_length_to_t0.7']:.3f}")
+    console.print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))  # {"<loss>": {"alpha_rs": [...], ...}}
+    (out / "bench_losses_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+
 def main() -> None:
     """Entry point: run the app, turning BebopError into one clear line and exit code 2."""
     from transformers.utils import logging as hf_logging

@@ -40,6 +40,17 @@ class DecodeMetrics:
     accepted_k: list[float] = field(default_factory=list)  # per step k: row-steps where draft k was accepted
     expected_k: list[float] = field(default_factory=list)  # per step k: Σ of expected α_k over reached rows
 
+    def merge(self, other: DecodeMetrics) -> DecodeMetrics:
+        """Sum of two runs' counters (same γ); rates and α are then recomputed from the sums."""
+        if not self.reached:
+            self.gamma = other.gamma
+            self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
+        for name in ("tokens", "seconds", "target_forwards", "draft_forwards", "steps", "accepted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("reached", "accepted_k", "expected_k"):
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
+        return self
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0

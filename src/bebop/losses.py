@@ -91,3 +91,55 @@ def mtp_loss(name: str, z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask:
     per_pos = e2e_tv_from_tvs(per_step) if name == "e2e_tv" else per_step.mean(-1)
     mask = mask.float()
     return (per_pos * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class ChunkedTotalVariation(torch.autograd.Function):
+    """Memory-bounded TV for large vocabularies (DESIGN §4): rows of draft hidden states ``hq`` [M, H] and
+    target hidden states ``hp`` [M, H] (detached) are projected through the shared LM head ``weight`` [V, H]
+    ``chunk`` rows at a time: q = softmax(hq Wᵀ / τ), p = softmax(hp Wᵀ / τ), TV = 1 − Σ min(p, q).
+    Nothing of size M × V is kept: backward recomputes each chunk and applies the closed form
+    ∂TV/∂z_j = −q_j (1[q_j ≤ p_j] − S) (z = hq Wᵀ / τ), so the extra peak memory is O(chunk × V).
+    The LM head is shared with the frozen base model and gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, temperature: float,
+                chunk: int) -> torch.Tensor:
+        tvs = []
+        for i in range(0, hq.shape[0], chunk):
+            q = torch.softmax(_wide(hq[i : i + chunk] @ weight.T) / temperature, -1)
+            p = torch.softmax(_wide(hp[i : i + chunk] @ weight.T) / temperature, -1)
+            tvs.append(1.0 - torch.minimum(p, q).sum(-1))
+        ctx.save_for_backward(hq, hp, weight)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return torch.cat(tvs)
+
+    @staticmethod
+    def backward(ctx, grad_tv: torch.Tensor):
+        hq, hp, weight = ctx.saved_tensors
+        tau, chunk = ctx.temperature, ctx.chunk
+        grad_hq = torch.empty_like(hq)
+        for i in range(0, hq.shape[0], chunk):
+            q = torch.softmax(_wide(hq[i : i + chunk] @ weight.T) / tau, -1)
+            p = torch.softmax(_wide(hp[i : i + chunk] @ weight.T) / tau, -1)
+            below = q <= p
+            s = (q * below).sum(-1, keepdim=True)
+            grad_z = -q * (below.to(q.dtype) - s) * grad_tv[i : i + chunk, None]
+            grad_hq[i : i + chunk] = ((grad_z / tau).to(weight.dtype) @ weight).to(hq.dtype)
+        return grad_hq, None, None, None, None
+
+
+def e2e_tv_loss_chunked(hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, temperature: float,
+                        mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``e2e_tv`` from hidden states without materialising [N, γ, V]: ``hq`` [N, γ, H] draft hidden states
+    (step k's head output), ``hp`` [N, γ, H] the target hidden states whose distribution p_k is the target
+    of step k, ``weight`` the shared LM head [V, H], ``mask`` [N]. Equals ``mtp_loss("e2e_tv", …)`` on the
+    full logits."""
+    if temperature <= 0:
+        raise BebopError(f"temperature must be > 0 for training losses, got {temperature}")
+    if chunk < 1:
+        raise BebopError(f"chunk must be >= 1, got {chunk}")
+    n, gamma, h = hq.shape
+    tvs = ChunkedTotalVariation.apply(hq.reshape(n * gamma, h), hp.detach().reshape(n * gamma, h), weight.detach(),
+                                      temperature, chunk).view(n, gamma)
+    mask = mask.float()
+    return (e2e_tv_from_tvs(tvs) * mask).sum() / mask.sum().clamp_min(1.0)
