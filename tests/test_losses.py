@@ -114,3 +114,19 @@ def test_chunked_tv_gradcheck():
     hp = torch.randn(5, 4, dtype=torch.float64)
     hq = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: ChunkedTotalVariation.apply(x, hp, weight, 1.3, 2), (hq,))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_from_hidden_equals_loss_on_full_logits(name):
+    from bebop.losses import mtp_loss_from_hidden
+
+    torch.manual_seed(1)
+    n, gamma, h, v, tau = 6, 2, 8, 30, 1.3
+    weight = torch.randn(v, h, dtype=torch.float64)
+    hp = torch.randn(n, gamma, h, dtype=torch.float64)
+    hq = torch.randn(n, gamma, h, dtype=torch.float64)
+    y = torch.randint(v, (n, gamma))
+    mask = torch.tensor([1.0, 0, 1, 1, 1, 0])
+    p = torch.softmax(hp @ weight.T / tau, -1)
+    full = mtp_loss(name, hq @ weight.T / tau, p, y, mask)
+    torch.testing.assert_close(mtp_loss_from_hidden(name, hq, hp, weight, tau, y, mask, chunk=4), full)

@@ -89,8 +89,7 @@ def mtp_loss(name: str, z: torch.Tensor, p: torch.Tensor, y: torch.Tensor, mask:
     the steps as 1 − (1/γ) Σ_j Π_{i≤j}(1 − TV_i)). ``mask`` [N] is 1 where all γ targets exist."""
     per_step = step_losses(name, z, p, y)
     per_pos = e2e_tv_from_tvs(per_step) if name == "e2e_tv" else per_step.mean(-1)
-    mask = mask.float()
-    return (per_pos * mask).sum() / mask.sum().clamp_min(1.0)
+    return _masked_mean(per_pos, mask)
 
 
 class ChunkedTotalVariation(torch.autograd.Function):
@@ -128,18 +127,45 @@ class ChunkedTotalVariation(torch.autograd.Function):
         return grad_hq, None, None, None, None
 
 
+def chunked_tvs(hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, temperature: float,
+                chunk: int = 1024) -> torch.Tensor:
+    """TV(p_k, q_k) [N, γ] from hidden states ``hq``/``hp`` [N, γ, H] through the shared LM head ``weight``
+    [V, H], ``chunk`` rows at a time (see ``ChunkedTotalVariation``)."""
+    if temperature <= 0:
+        raise BebopError(f"temperature must be > 0 for training losses, got {temperature}")
+    if chunk < 1:
+        raise BebopError(f"chunk must be >= 1, got {chunk}")
+    n, gamma, h = hq.shape
+    flat = ChunkedTotalVariation.apply(hq.reshape(n * gamma, h), hp.detach().reshape(n * gamma, h), weight.detach(),
+                                       temperature, chunk)
+    return flat.view(n, gamma)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.float()
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def e2e_tv_loss_chunked(hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, temperature: float,
                         mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``e2e_tv`` from hidden states without materialising [N, γ, V]: ``hq`` [N, γ, H] draft hidden states
     (step k's head output), ``hp`` [N, γ, H] the target hidden states whose distribution p_k is the target
     of step k, ``weight`` the shared LM head [V, H], ``mask`` [N]. Equals ``mtp_loss("e2e_tv", …)`` on the
     full logits."""
+    return _masked_mean(e2e_tv_from_tvs(chunked_tvs(hq, hp, weight, temperature, chunk)), mask)
+
+
+def mtp_loss_from_hidden(name: str, hq: torch.Tensor, hp: torch.Tensor, weight: torch.Tensor, temperature: float,
+                         y: torch.Tensor, mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Loss ``name`` from hidden states through the shared LM head ``weight`` [V, H] at the training
+    temperature: draft logits z = hq Wᵀ / τ, target p = softmax(hp Wᵀ / τ). ``e2e_tv`` and ``tv`` run
+    memory-bounded (chunks of positions, closed-form backward); ce/fkl/rkl form the full logits."""
+    if name == "e2e_tv":
+        return e2e_tv_loss_chunked(hq, hp, weight, temperature, mask, chunk)
+    if name == "tv":
+        return _masked_mean(chunked_tvs(hq, hp, weight, temperature, chunk).mean(-1), mask)
     if temperature <= 0:
         raise BebopError(f"temperature must be > 0 for training losses, got {temperature}")
-    if chunk < 1:
-        raise BebopError(f"chunk must be >= 1, got {chunk}")
-    n, gamma, h = hq.shape
-    tvs = ChunkedTotalVariation.apply(hq.reshape(n * gamma, h), hp.detach().reshape(n * gamma, h), weight.detach(),
-                                      temperature, chunk).view(n, gamma)
-    mask = mask.float()
-    return (e2e_tv_from_tvs(tvs) * mask).sum() / mask.sum().clamp_min(1.0)
+    with torch.no_grad():
+        p = torch.softmax(_wide(hp @ weight.T) / temperature, -1)
+    return mtp_loss(name, (hq @ weight.T) / temperature, p, y, mask)

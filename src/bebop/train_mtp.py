@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bebop.config import positive
 from bebop.engine import generate
 from bebop.errors import BebopError
-from bebop.losses import LOSSES, mtp_loss
+from bebop.losses import LOSSES, mtp_loss_from_hidden
 from bebop.model import load_policy
 from bebop.mtp import MTPHead, export_head, load_head, save_head
 from bebop.sampling import SamplingParams, probs_from_logits, total_variation
@@ -54,7 +54,8 @@ class TrainMTPConfig:
             raise BebopError(f"gamma_train must be >= 1, got {self.gamma_train}")
         for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every"):
             positive(name, getattr(self, name))
-        SamplingParams(temperature=self.temperature)
+        if not self.temperature > 0:
+            raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
         get_task(self.task)
 
 
@@ -83,13 +84,14 @@ def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[t
     return ids.to(device), mask.to(device), torch.tensor([n for _, n in rows], device=device)
 
 
-def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int, params: SamplingParams):
-    """Draft logits z [N, γ, V], target p [N, γ, V], data tokens y [N, γ] over valid positions t:
-    step k at t consumes x_{t+k}, h^{k-1}_t and predicts x_{t+k+1}; p_k(t) = base p at position t+k.
-    Valid: t ≥ prompt_len − 1 (the completion is what gets drafted) and x_{t+γ+1} is a real token."""
+def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int):
+    """Hidden states over valid positions t: the head's step-k output ``hq`` [N, γ, H], the base model's
+    hidden state ``hp`` [N, γ, H] at position t+k (whose LM-head distribution is the target p_k(t)), and the
+    data tokens ``y`` [N, γ]. Step k at t consumes x_{t+k}, h^{k-1}_t and predicts x_{t+k+1}.
+    Valid: t ≥ prompt_len − 1 (the completion is what gets drafted) and x_{t+γ+1} is a real token.
+    Logits are not formed here, so the memory-bounded losses never hold [N, γ, V]."""
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        p_all = probs_from_logits(model.get_output_embeddings()(hidden), params)
     hs = head.unroll(ids, hidden, gamma, attention_mask=mask)
     T = ids.shape[1]
     n_pos = T - gamma - 1
@@ -97,10 +99,10 @@ def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int, par
         raise BebopError(f"sequences of length {T} are too short for gamma_train {gamma}")
     t = torch.arange(n_pos, device=ids.device)
     valid = (t[None, :] >= prompt_lens[:, None] - 1) & (mask[:, gamma + 1 :] == 1)
-    z = torch.stack([head.logits(h[:, :n_pos]) for h in hs], dim=2)                      # [B, n, γ, V]
-    p = torch.stack([p_all[:, k : k + n_pos] for k in range(1, gamma + 1)], dim=2)       # [B, n, γ, V]
+    hq = torch.stack([h[:, :n_pos] for h in hs], dim=2)                                   # [B, n, γ, H]
+    hp = torch.stack([hidden[:, k : k + n_pos] for k in range(1, gamma + 1)], dim=2)      # [B, n, γ, H]
     y = torch.stack([ids[:, k + 1 : k + 1 + n_pos] for k in range(1, gamma + 1)], dim=2)  # [B, n, γ]
-    return z[valid], p[valid], y[valid]
+    return hq[valid], hp[valid], y[valid]
 
 
 @torch.no_grad()
@@ -110,10 +112,11 @@ def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id
     n = 0
     for i in range(0, len(data), batch_size):
         ids, mask, pl = pad_batch(data[i : i + batch_size], pad_id, model.device)
-        z, p, _ = teacher_forced(model, head, ids, mask, pl, gamma, params)
-        q = probs_from_logits(z, params)
+        hq, hp, _ = teacher_forced(model, head, ids, mask, pl, gamma)
+        lm_head = model.get_output_embeddings()
+        q, p = probs_from_logits(lm_head(hq), params), probs_from_logits(lm_head(hp), params)
         tot += (1.0 - total_variation(p, q)).sum(0).cpu()
-        n += z.shape[0]
+        n += hq.shape[0]
     return (tot / max(n, 1)).tolist()
 
 
@@ -149,8 +152,9 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
                 g["lr"] = lr
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
             ids, mask, pl = pad_batch([data[i] for i in idx], tokenizer.pad_token_id, device)
-            z, p, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train, params)
-            loss = mtp_loss(cfg.loss, z, p, y, torch.ones(len(z), device=device))
+            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
+            loss = mtp_loss_from_hidden(cfg.loss, hq, hp, model.get_output_embeddings().weight, cfg.temperature, y,
+                                        torch.ones(len(y), device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
