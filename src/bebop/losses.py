@@ -19,6 +19,12 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def tv_grad_logits(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Closed-form ∂TV(p, q)/∂z for q = softmax(z) (DESIGN §4): −q_j (1[q_j ≤ p_j] − S), S = Σ_v 1[q_v ≤ p_v] q_v."""
+    below = (q <= p).to(q.dtype)
+    return -q * (below - (q * below).sum(-1, keepdim=True))
+
+
 class TotalVariation(torch.autograd.Function):
     """TV(p, q) = 1 − Σ_v min(p_v, q_v) with q = softmax(z), per row, with the closed-form backward of
     DESIGN §4: ∂TV/∂z_j = −q_j (1[q_j ≤ p_j] − S), S = Σ_v 1[q_v ≤ p_v] q_v.
@@ -35,10 +41,7 @@ class TotalVariation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tv: torch.Tensor):
         z, p = ctx.saved_tensors
-        q = torch.softmax(_wide(z), dim=-1)
-        below = q <= p
-        s = (q * below).sum(-1, keepdim=True)
-        grad = -q * (below.float() - s)
+        grad = tv_grad_logits(torch.softmax(_wide(z), dim=-1), p)
         return (grad * grad_tv[..., None]).to(z.dtype), None
 
 
@@ -120,9 +123,7 @@ class ChunkedTotalVariation(torch.autograd.Function):
         for i in range(0, hq.shape[0], chunk):
             q = torch.softmax(_wide(hq[i : i + chunk] @ weight.T) / tau, -1)
             p = torch.softmax(_wide(hp[i : i + chunk] @ weight.T) / tau, -1)
-            below = q <= p
-            s = (q * below).sum(-1, keepdim=True)
-            grad_z = -q * (below.to(q.dtype) - s) * grad_tv[i : i + chunk, None]
+            grad_z = tv_grad_logits(q, p) * grad_tv[i : i + chunk, None]
             grad_hq[i : i + chunk] = ((grad_z / tau).to(weight.dtype) @ weight).to(hq.dtype)
         return grad_hq, None, None, None, None
 
