@@ -6,8 +6,8 @@ products are computed first (``a*b*c`` either left or right first), the signed t
 in a random order that starts with a positive term, additions and multiplications are randomly
 commuted, and each step uses one of four phrasings (``7*3=21``, ``7*3 = 21``, ``so 7*3=21``,
 ``then 7*3=21``).
-Operands are 2..MAX_OPERAND (15); a multiplication always has a single-digit operand and products stay <=
-MAX_PRODUCT (150), so a tiny policy learns the task in minutes on a CPU.
+Operands are 2..MAX_OPERAND (12); a multiplication always has a single-digit operand and products stay <=
+MAX_PRODUCT (120), so a tiny policy learns the task in minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from bebop.tasks.base import Problem
 from bebop.tasks.grammar import final_answer, parse_int
 
 OPERATORS = ("+", "-", "*")
-MAX_OPERAND = 15
-MAX_PRODUCT = 150
+MAX_OPERAND = 12
+MAX_PRODUCT = 120
 PHRASINGS = ("{e}={v}", "{e} = {v}", "so {e}={v}", "then {e}={v}")
 
 
