@@ -301,7 +301,7 @@ def generate_mtp(
             mcache.crop(-(G - 1))
             mmask[:, m_len : m_len + G - 1] = 0
         mmask[:, m_len : m_len + G + 1] = _valid_slots(G + 1, a)
-        e = res.tokens.gather(1, a[:, None]).squeeze(1)
+        e = res.last_token
         gh = head(toks, vhid, vpos, mmask[:, : m_len + G + 1], mcache)
         metrics.draft_forwards += 1
         g = gh.gather(1, a[:, None, None].expand(-1, 1, gh.shape[-1])).squeeze(1)
