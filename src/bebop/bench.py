@@ -200,15 +200,21 @@ class LossBenchConfig:
 @torch.inference_mode()
 def measure_acceptance(model, tokenizer, head, task_name: str, rule: str, temperature: float, gamma: int,
                        n_prompts: int, batch_size: int, max_new_tokens: int, seed: int) -> dict:
-    """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts."""
+    """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts, and the
+    policy's mean per-token entropy H(p) (at τ) over the emitted tokens."""
     problems = sample_problems(get_task(task_name), n_prompts, seed)
     total = DecodeMetrics()
     gen = torch.Generator(device=model.device).manual_seed(seed)
+    ent_sum, n_tok = 0.0, 0
     for i in range(0, n_prompts, batch_size):
         prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[i : i + batch_size]]
-        total.merge(generate_mtp(model, head, prompts, SamplingParams(temperature=temperature), max_new_tokens,
-                                 tokenizer.eos_token_id, gamma, rule, tokenizer.pad_token_id, gen).metrics)
-    return {"alpha": total.alpha, "expected_alpha": total.expected_alpha, "accept_length": total.accept_length}
+        r = generate_mtp(model, head, prompts, SamplingParams(temperature=temperature), max_new_tokens,
+                         tokenizer.eos_token_id, gamma, rule, tokenizer.pad_token_id, gen)
+        total.merge(r.metrics)
+        ent_sum += float((r.entropy * r.mask).sum())
+        n_tok += int(r.lengths.sum())
+    return {"alpha": total.alpha, "expected_alpha": total.expected_alpha, "accept_length": total.accept_length,
+            "entropy": ent_sum / max(n_tok, 1)}
 
 
 def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:

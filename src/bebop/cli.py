@@ -287,6 +287,198 @@ def bench_losses_cmd(
     (out / "bench_losses_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
+@app.command("rl")
+def rl_cmd(
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, ...")] = None,
+    model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
+    mtp: Annotated[str | None, typer.Option(help="MTP head directory (needed by --mtp-strategy frozen).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint.pt, policy/, mtp/.")] = None,
+    mtp_strategy: Annotated[str | None, typer.Option(help="none, frozen, online-ce or online-tv.")] = None,
+    rule: Annotated[str | None, typer.Option(help="Verification rule: rejection or target_only.")] = None,
+    gamma: Annotated[int | None, typer.Option(help="Draft length γ.")] = None,
+    steps: Annotated[int | None, typer.Option(help="RL steps.")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Rollout temperature.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    kl_coef: Annotated[float | None, typer.Option(help="KL-to-reference coefficient (0 = off).")] = None,
+    async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Overlap rollouts with training.")]
+    = None,
+    max_staleness: Annotated[int | None, typer.Option(help="Async: max policy versions a rollout may lag.")] = None,
+    online_every: Annotated[int | None, typer.Option(help="Online strategies: head re-training period.")] = None,
+    backend: Annotated[str | None, typer.Option(help="local or ray.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")]
+    = None,
+    ray_workers: Annotated[int | None, typer.Option(help="Ray rollout actors.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint period in steps.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out problems evaluated before/after (0 = skip).")]
+    = None,
+    reward: Annotated[str | None, typer.Option(help="Reward function 'module:function' (default: the task's).")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory from its checkpoint.")]
+    = None,
+    config: ConfigOpt = None,
+) -> None:
+    """GRPO on a task with MTP-accelerated rollouts (DESIGN §5); resumable with --resume DIR."""
+    from bebop.config import from_dict, make_config
+    from bebop.rl import RLConfig, train_rl
+
+    if resume is not None:
+        saved = resume / "rl_config.json"
+        if not saved.is_file():
+            raise BebopError(f"cannot resume: {resume} has no rl_config.json")
+        cfg = from_dict(RLConfig, json.loads(saved.read_text()), str(saved))
+    else:
+        cfg = make_config(
+            RLConfig, config, task=task, model=model, mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule,
+            gamma=gamma, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+            temperature=temperature, lr=lr, kl_coef=kl_coef, async_rollouts=async_rollouts,
+            max_staleness=max_staleness, online_every=online_every, backend=backend, ray_address=ray_address,
+            ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
+            seed=seed,
+        )
+    summary = train_rl(cfg, resume=resume is not None, console=console)
+    print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
+    for when in ("eval_before", "eval_after"):
+        if when in summary:
+            print_dict(when, summary[when])
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Entropy–acceptance analyses that write JSON and a PNG.")
+app.add_typer(analyze_app, name="analyze")
+
+MtpListOpt = Annotated[list[Path], typer.Option("--mtp", help="MTP head (dir or .safetensors); repeatable.")]
+
+
+def _load_heads(model_dir: Path, mtp_dirs: list[Path]):
+    """Policy, tokenizer and ``{name: head}`` (name = the head's directory/file name, or its path if ambiguous)."""
+    from bebop.mtp import load_head
+
+    if not mtp_dirs:
+        raise BebopError("give at least one --mtp head")
+    model, tokenizer, _ = _load_model_and_head(model_dir, None)
+    names = [p.stem if p.suffix == ".safetensors" else p.name for p in mtp_dirs]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in mtp_dirs]
+    return model, tokenizer, {n: load_head(p, model).eval() for n, p in zip(names, mtp_dirs, strict=True)}
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+
+
+@analyze_app.command("sweep")
+def analyze_sweep_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: MtpListOpt,
+    task: Annotated[str, typer.Option(help="Task whose held-out prompts are decoded.")] = "arith",
+    temperatures: Annotated[str, typer.Option(help="Comma-separated τ values.")] = "0.3,0.5,0.7,1.0,1.3,1.5",
+    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 3,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts per (head, τ, rule).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded per batch.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the RS-vs-TO-over-τ PNG here.")] = None,
+) -> None:
+    """RS vs TO acceptance of each head over a temperature sweep, measured through the engine."""
+    from bebop.analysis import RULE_NAMES, temperature_sweep
+    from bebop.config import positive
+    from bebop.sampling import SamplingParams
+    from bebop.tasks import get_task
+
+    get_task(task)
+    try:
+        temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise BebopError(f"--temperatures must be comma-separated numbers, got {temperatures!r}") from None
+    if not temps:
+        raise BebopError(f"--temperatures is empty: {temperatures!r}")
+    for t in temps:
+        SamplingParams(temperature=t)
+    if gamma < 1:
+        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    for name in ("prompts", "batch_size", "max_new_tokens"):
+        positive(name, locals()[name])
+    the_model, tokenizer, heads = _load_heads(model, mtp)
+    res = temperature_sweep(the_model, tokenizer, heads, task, temps, gamma, prompts, batch_size, max_new_tokens,
+                            seed)
+    table = Table(title=f"analyze sweep: {task}, γ={gamma}, {prompts} prompts (accept length incl. bonus)")
+    for c in ("head", "τ", "entropy", "accept len RS", "accept len TO", "α RS", "α TO"):
+        table.add_column(c, justify="right")
+    for name, row in res["heads"].items():
+        rs, to = (row[r] for r in RULE_NAMES)
+        for i, t in enumerate(res["temperatures"]):
+            table.add_row(name, f"{t:g}", f"{rs['entropy'][i]:.3f}", f"{rs['accept_length'][i]:.3f}",
+                          f"{to['accept_length'][i]:.3f}", " ".join(f"{a:.2f}" for a in rs["alpha"][i]),
+                          " ".join(f"{a:.2f}" for a in to["alpha"][i]))
+    console.print(table)
+    _write_json(json_path, res)
+    if plot is not None:
+        from bebop.plots import plot_temperature_sweep
+
+        console.print(f"wrote [bold]{plot_temperature_sweep(res, plot)}[/]")
+
+
+@analyze_app.command("entropy")
+def analyze_entropy_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: MtpListOpt,
+    task: Annotated[str, typer.Option(help="Task whose prompts the policy samples on.")] = "arith",
+    samples: Annotated[int, typer.Option(help="Policy samples (teacher-forced through each head).")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the samples and of p, q.")] = 1.0,
+    gamma: Annotated[int, typer.Option(help="Draft steps per position.")] = 3,
+    buckets: Annotated[int, typer.Option(help="Equal-width entropy buckets.")] = 10,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 96,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the entropy-vs-accept-length PNG here.")] = None,
+) -> None:
+    """Per-token entropy buckets: RS/TO acceptance and accept length vs H(p), fitted slopes, and the
+    RS-vs-TO decision-boundary check TV(p,q) < 1 − p(argmax q)."""
+    from bebop.analysis import entropy_analysis, entropy_series
+    from bebop.config import positive
+    from bebop.sampling import SamplingParams
+    from bebop.tasks import get_task
+
+    get_task(task)
+    SamplingParams(temperature=temperature)
+    if not temperature > 0:
+        raise BebopError(f"temperature must be > 0 for the entropy analysis, got {temperature}")
+    if gamma < 1:
+        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    for name in ("samples", "buckets", "max_new_tokens"):
+        positive(name, locals()[name])
+    the_model, tokenizer, heads = _load_heads(model, mtp)
+    res = entropy_analysis(the_model, tokenizer, heads, task, samples, temperature, gamma, buckets, max_new_tokens,
+                           seed)
+    table = Table(title=f"analyze entropy: {task}, τ={temperature}, γ={gamma} (per-token fits vs H(p_1))")
+    for c in ("head", "rule", "positions", "mean accept len", "slope /nat", "intercept", "r", "α_k slopes",
+              "boundary agreement", "RS wins"):
+        table.add_column(c, justify="right")
+
+    def f(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    for name, row in res["heads"].items():
+        for rule, tag in (("rejection", "RS"), ("target_only", "TO")):
+            r, fit = row[rule], row[rule]["fit"]
+            table.add_row(name, tag, str(row["n_positions"]), f(r["mean_accept_length"]), f(fit["slope"]),
+                          f(fit["intercept"]), f(fit["r"]), " ".join(f(a["slope"], "+.2f") for a in r["alpha_fits"]),
+                          f(row["decision_boundary"]["agreement"], ".4f"), f(row["decision_boundary"]["rs_wins"]))
+    console.print(table)
+    _write_json(json_path, res)
+    if plot is not None:
+        from bebop.plots import plot_entropy_accept
+
+        path = plot_entropy_accept(entropy_series(res), plot,
+                                   title=f"Accept length vs entropy (token buckets, τ = {temperature:g})")
+        console.print(f"wrote [bold]{path}[/]")
+
+
 def main() -> None:
     """Entry point: run the app, turning BebopError into one clear line and exit code 2."""
     from transformers.utils import logging as hf_logging

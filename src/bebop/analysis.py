@@ -1,0 +1,282 @@
+"""Entropy–acceptance analysis (DESIGN §3, §6): fits, per-token entropy buckets, the RS-vs-TO decision
+boundary and temperature sweeps. Everything returned is JSON-able (floats, ints, lists, dicts, ``None``).
+
+Quantities (DESIGN §1, §3), per drafted position t and draft step k = 1..γ, with p_k the target's and q_k
+the head's distribution after the same sampling transforms:
+  α_RS,k = Σ_v min(p_k(v), q_k(v)) = 1 − TV(p_k, q_k)        (rejection sampling, draft d ~ q)
+  α_TO,k = p_k(argmax q_k)                                    (target-only, greedy draft)
+  accept length = 1 + Σ_{j=1..γ} Π_{i≤j} α_i                  (tokens per target forward, COUNTS the bonus token)
+  RS beats TO  ⇔  TV(p, q) < 1 − p(argmax q)                  (an identity: both sides say α_RS > α_TO)
+The per-token figures are teacher-forced and chained as in ``train_mtp.expected_alpha``: step k's q_k is the
+head's recursive unroll fed with the *sampled* tokens, so α_k is the acceptance at step k given that drafts
+1..k−1 matched the policy's own continuation; the accept length above is then the expected accept length of
+one verify step under that proxy (no sampling noise). The engine's empirical α_k (``DecodeMetrics.alpha``)
+is what :func:`temperature_sweep` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bebop.bench import measure_acceptance
+from bebop.errors import BebopError
+from bebop.sampling import SamplingParams, entropy, probs_from_logits, total_variation
+from bebop.tasks import get_task
+from bebop.train_mtp import pad_batch, policy_samples, teacher_forced
+
+__all__ = [
+    "DEFAULT_TEMPERATURES",
+    "RULE_NAMES",
+    "accept_length",
+    "acceptance",
+    "bucket_by_entropy",
+    "decision_boundary",
+    "boundary_agreement",
+    "entropy_analysis",
+    "entropy_series",
+    "linear_fit",
+    "temperature_sweep",
+    "token_acceptance",
+]
+
+DEFAULT_TEMPERATURES: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
+RULE_NAMES: dict[str, str] = {"rejection": "RS", "target_only": "TO"}
+
+
+def _finite(v: float) -> float | None:
+    """``None`` for NaN/inf so results stay strict JSON."""
+    return float(v) if math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Fits and pure per-position formulas
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_fit(x: Iterable[float], y: Iterable[float]) -> dict:
+    """Ordinary least squares ``y ≈ slope · x + intercept`` and Pearson ``r``.
+
+    Returns ``{"slope", "intercept", "r", "n"}``; a value that is undefined (fewer than 2 points, constant x,
+    or constant y for ``r``) is ``None``. NaN pairs are dropped."""
+    xa = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64).ravel()
+    ya = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=np.float64).ravel()
+    if xa.shape != ya.shape:
+        raise BebopError(f"linear_fit needs x and y of the same length, got {xa.size} and {ya.size}")
+    keep = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[keep], ya[keep]
+    n = int(xa.size)
+    out: dict = {"slope": None, "intercept": None, "r": None, "n": n}
+    if n < 2:
+        return out
+    dx, dy = xa - xa.mean(), ya - ya.mean()
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    if sxx <= 0:
+        return out
+    slope = sxy / sxx
+    out["slope"] = _finite(slope)
+    out["intercept"] = _finite(float(ya.mean()) - slope * float(xa.mean()))
+    out["r"] = _finite(sxy / math.sqrt(sxx * syy)) if syy > 0 else None
+    return out
+
+
+def accept_length(alpha) -> np.ndarray:
+    """``1 + Σ_{j=1..γ} Π_{i≤j} α_i`` over the last axis of ``alpha`` [..., γ] (counts the bonus token)."""
+    a = np.asarray(alpha, dtype=np.float64)
+    return 1.0 + np.cumprod(a, axis=-1).sum(axis=-1)
+
+
+def acceptance(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(α_RS, α_TO, TV)`` over the last (vocabulary) dim of target ``p`` and draft ``q`` [..., V].
+
+    α_RS = Σ min(p, q), α_TO = p(argmax q), TV = ½ Σ |p − q| (computed from the definition, independently
+    of α_RS, so :func:`boundary_agreement` checks the identity rather than restating it). float32."""
+    p, q = p.float(), q.float()
+    alpha_rs = 1.0 - total_variation(p, q)
+    alpha_to = p.gather(-1, q.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    tv = 0.5 * (p - q).abs().sum(dim=-1)
+    return alpha_rs, alpha_to, tv
+
+
+def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-6) -> dict:
+    """Per-sample check of DESIGN §3's decision boundary: predicted "RS wins" iff ``TV < 1 − α_TO``, actual
+    "RS wins" iff ``α_RS > α_TO``. Samples with ``|α_RS − α_TO| ≤ tol`` are ties (either rule is as good)
+    and are excluded from ``agreement`` (= 1.0 whenever the identity TV = 1 − Σ min(p, q) holds).
+
+    Returns ``{"n", "ties", "agreement", "rs_wins", "to_wins", "mean_margin"}`` (fractions of all samples;
+    ``mean_margin`` = mean of α_RS − α_TO)."""
+    tv, a_rs, a_to = (np.asarray(v, dtype=np.float64).ravel() for v in (tv, alpha_rs, alpha_to))
+    n = int(tv.size)
+    if n == 0:
+        return {"n": 0, "ties": 0, "agreement": None, "rs_wins": None, "to_wins": None, "mean_margin": None}
+    margin = a_rs - a_to
+    tie = np.abs(margin) <= tol
+    predicted = tv < 1.0 - a_to
+    actual = margin > 0
+    decided = ~tie
+    agreement = float((predicted == actual)[decided].mean()) if decided.any() else None
+    return {
+        "n": n,
+        "ties": int(tie.sum()),
+        "agreement": agreement,
+        "rs_wins": float((margin > tol).mean()),
+        "to_wins": float((margin < -tol).mean()),
+        "mean_margin": float(margin.mean()),
+    }
+
+
+def decision_boundary(p: torch.Tensor, q: torch.Tensor, tol: float = 1e-6) -> dict:
+    """:func:`boundary_agreement` for distributions ``p`` (target) and ``q`` (draft), [..., V]."""
+    alpha_rs, alpha_to, tv = acceptance(p, q)
+    return boundary_agreement(tv.cpu().numpy(), alpha_rs.cpu().numpy(), alpha_to.cpu().numpy(), tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token data and entropy buckets
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: int, params: SamplingParams,
+                     pad_id: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per drafted position t of the policy samples ``data`` (``(ids, prompt_len)`` as from
+    ``train_mtp.policy_samples``), teacher-forced through ``train_mtp.teacher_forced``:
+
+    ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
+    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`)."""
+    if gamma < 1:
+        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    lm_head = model.get_output_embeddings()
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy_k", "alpha_rs", "alpha_to", "tv")}
+    for i in range(0, len(data), batch_size):
+        ids, mask, prompt_lens = pad_batch(list(data[i : i + batch_size]), pad_id, model.device)
+        hq, hp, _ = teacher_forced(model, head, ids, mask, prompt_lens, gamma)
+        p, q = probs_from_logits(lm_head(hp), params), probs_from_logits(lm_head(hq), params)
+        alpha_rs, alpha_to, tv = acceptance(p, q)
+        for key, val in zip(parts, (entropy(p), alpha_rs, alpha_to, tv), strict=True):
+            parts[key].append(val.cpu())
+    out = {k: torch.cat(v).double().numpy() if v else np.zeros((0, gamma)) for k, v in parts.items()}
+    out["entropy"] = out["entropy_k"][:, 0]
+    return out
+
+
+def bucket_by_entropy(entropy: np.ndarray, alpha_rs: np.ndarray, alpha_to: np.ndarray, n_buckets: int = 10,
+                      edges: Sequence[float] | None = None) -> dict:
+    """Bucket positions by entropy (equal-width buckets over [min, max], or the given ``edges``; empty buckets
+    are dropped) and fit per-token lines against entropy.
+
+    Returns ``{"entropy": [...], "count": [...], "edges": [...], "rejection": R, "target_only": R}`` with, per
+    rule, ``R = {"alpha": [[α_1..α_γ] per bucket], "accept_length": [...per bucket], "fit": linear_fit(entropy,
+    accept length) over tokens, "alpha_fits": [linear_fit(entropy, α_k) over tokens per k], "mean_alpha",
+    "mean_accept_length"}``. Bucket accept length is the mean over its tokens of 1 + Σ_j Π_{i≤j} α_i(t)."""
+    ent = np.asarray(entropy, dtype=np.float64).ravel()
+    alphas = {"rejection": np.asarray(alpha_rs, dtype=np.float64), "target_only": np.asarray(alpha_to, np.float64)}
+    n = ent.size
+    for name, a in alphas.items():
+        if a.ndim != 2 or a.shape[0] != n:
+            raise BebopError(f"{name} α must be [N, γ] with N = {n} entropies, got shape {a.shape}")
+    if edges is None:
+        if n_buckets < 1:
+            raise BebopError(f"n_buckets must be >= 1, got {n_buckets}")
+        lo, hi = (float(ent.min()), float(ent.max())) if n else (0.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-9, n_buckets + 1)
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise BebopError(f"bucket edges must be increasing with at least 2 values, got {edges.tolist()}")
+    idx = np.clip(np.searchsorted(edges, ent, side="right") - 1, 0, edges.size - 2)
+    used = [b for b in range(edges.size - 1) if np.any(idx == b)]
+    out: dict = {
+        "entropy": [float(ent[idx == b].mean()) for b in used],
+        "count": [int((idx == b).sum()) for b in used],
+        "edges": edges.tolist(),
+    }
+    for name, a in alphas.items():
+        length = accept_length(a)
+        out[name] = {
+            "alpha": [a[idx == b].mean(axis=0).tolist() for b in used],
+            "accept_length": [float(length[idx == b].mean()) for b in used],
+            "fit": linear_fit(ent, length),
+            "alpha_fits": [linear_fit(ent, a[:, k]) for k in range(a.shape[1])],
+            "mean_alpha": a.mean(axis=0).tolist() if n else [],
+            "mean_accept_length": float(length.mean()) if n else None,
+        }
+    return out
+
+
+def entropy_analysis(model, tokenizer, heads: Mapping[str, object], task_name: str = "arith", samples: int = 256,
+                     temperature: float = 1.0, gamma: int = 3, n_buckets: int = 10, max_new_tokens: int = 96,
+                     seed: int = 0, batch_size: int = 64) -> dict:
+    """Per-token entropy buckets, per-token fits and the decision-boundary check for each head on the same
+    ``samples`` policy samples at ``temperature`` (prompts seeded by ``seed``). JSON-able:
+    ``{"config": {...}, "heads": {name: bucket_by_entropy(...) + {"decision_boundary": {...},
+    "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄}}}``."""
+    params = SamplingParams(temperature=temperature)
+    if not temperature > 0:
+        raise BebopError(f"temperature must be > 0 for the entropy analysis, got {temperature}")
+    data = policy_samples(model, tokenizer, get_task(task_name), samples, temperature, max_new_tokens, seed)
+    result: dict = {"config": {"task": task_name, "samples": samples, "temperature": temperature, "gamma": gamma,
+                               "n_buckets": n_buckets, "max_new_tokens": max_new_tokens, "seed": seed,
+                               "entropy_of": "p_1 (first draft position)", "accept_length_counts_bonus": True},
+                    "heads": {}}
+    for name, head in heads.items():
+        stats = token_acceptance(model, head, data, gamma, params, tokenizer.pad_token_id, batch_size)
+        row = bucket_by_entropy(stats["entropy"], stats["alpha_rs"], stats["alpha_to"], n_buckets)
+        row["n_positions"] = int(stats["entropy"].size)
+        row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
+        row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
+        row["decision_boundary_per_step"] = [
+            boundary_agreement(stats["tv"][:, k], stats["alpha_rs"][:, k], stats["alpha_to"][:, k])
+            for k in range(gamma)
+        ]
+        result["heads"][name] = row
+    return result
+
+
+def entropy_series(result: Mapping) -> dict[str, dict]:
+    """Plot series from :func:`entropy_analysis`: ``{"<head> RS"|"<head> TO": {"entropy", "accept_length",
+    "count", "fit"}}`` (the shape ``plots.plot_entropy_accept`` takes; per-RL-step data fits it too)."""
+    series = {}
+    for name, row in result["heads"].items():
+        for rule, tag in RULE_NAMES.items():
+            series[f"{name} {tag}"] = {"entropy": row["entropy"], "accept_length": row[rule]["accept_length"],
+                                       "count": row["count"], "fit": row[rule]["fit"]}
+    return series
+
+
+# --------------------------------------------------------------------------------------------------
+# Temperature sweep through the engine
+# --------------------------------------------------------------------------------------------------
+
+
+def temperature_sweep(model, tokenizer, heads: Mapping[str, object], task_name: str = "arith",
+                      temperatures: Sequence[float] = DEFAULT_TEMPERATURES, gamma: int = 3, n_prompts: int = 64,
+                      batch_size: int = 32, max_new_tokens: int = 64, seed: int = 0) -> dict:
+    """RS and TO acceptance of every head at every τ, measured through the real engine
+    (``bench.measure_acceptance``: empirical α_k and accept length incl. the bonus token, plus the policy's
+    mean per-token entropy at τ) on the same held-out prompts and seeds for every (head, τ, rule).
+
+    Returns ``{"temperatures": [...], "gamma": γ, "config": {...}, "heads": {name: {"rejection": S,
+    "target_only": S}}}`` with ``S = {"accept_length": [per τ], "alpha": [[α_k] per τ], "expected_alpha":
+    [[...] per τ], "entropy": [per τ]}``."""
+    temps = [float(t) for t in temperatures]
+    for t in temps:
+        SamplingParams(temperature=t)
+    result: dict = {"temperatures": temps, "gamma": gamma,
+                    "config": {"task": task_name, "n_prompts": n_prompts, "batch_size": batch_size,
+                               "max_new_tokens": max_new_tokens, "seed": seed, "accept_length_counts_bonus": True},
+                    "heads": {}}
+    for name, head in heads.items():
+        row: dict = {}
+        for rule in RULE_NAMES:
+            s: dict[str, list] = {"accept_length": [], "alpha": [], "expected_alpha": [], "entropy": []}
+            for t in temps:
+                r = measure_acceptance(model, tokenizer, head, task_name, rule, t, gamma, n_prompts, batch_size,
+                                       max_new_tokens, seed)
+                for key in s:
+                    s[key].append(r.get(key))
+            row[rule] = s
+        result["heads"][name] = row
+    return result
