@@ -101,10 +101,11 @@ def acceptance(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return alpha_rs, alpha_to, tv
 
 
-def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-6) -> dict:
+def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-5) -> dict:
     """Per-sample check of DESIGN §3's decision boundary: predicted "RS wins" iff ``TV < 1 − α_TO``, actual
-    "RS wins" iff ``α_RS > α_TO``. Samples with ``|α_RS − α_TO| ≤ tol`` are ties (either rule is as good)
-    and are excluded from ``agreement`` (= 1.0 whenever the identity TV = 1 − Σ min(p, q) holds).
+    "RS wins" iff ``α_RS > α_TO``. Samples with ``|α_RS − α_TO| ≤ tol`` (``tol`` covers float32 rounding) are
+    ties (either rule is as good) and are excluded from ``agreement``, which is 1.0 whenever the identity
+    TV = 1 − Σ min(p, q) holds.
 
     Returns ``{"n", "ties", "agreement", "rs_wins", "to_wins", "mean_margin"}`` (fractions of all samples;
     ``mean_margin`` = mean of α_RS − α_TO)."""
@@ -128,7 +129,7 @@ def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-6) -> dict:
     }
 
 
-def decision_boundary(p: torch.Tensor, q: torch.Tensor, tol: float = 1e-6) -> dict:
+def decision_boundary(p: torch.Tensor, q: torch.Tensor, tol: float = 1e-5) -> dict:
     """:func:`boundary_agreement` for distributions ``p`` (target) and ``q`` (draft), [..., V]."""
     alpha_rs, alpha_to, tv = acceptance(p, q)
     return boundary_agreement(tv.cpu().numpy(), alpha_rs.cpu().numpy(), alpha_to.cpu().numpy(), tol)
