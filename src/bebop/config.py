@@ -39,6 +39,11 @@ def make_config(cls: type[C], config_file: str | Path | None = None, **overrides
     return _build(cls, raw, str(config_file or "flags"))
 
 
+def from_dict(cls: type[C], raw: dict[str, Any], where: str = "dict") -> C:
+    """Build ``cls`` from a plain dict (e.g. a run's saved config); unknown keys name ``where``."""
+    return _build(cls, raw, where)
+
+
 def _build(cls: type[C], raw: dict[str, Any], where: str) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}

@@ -1,0 +1,379 @@
+"""GRPO with MTP-accelerated rollouts (DESIGN §5): the trainer loop.
+
+Per RL step n: take the rollouts for step n (sampled by policy version v ≤ n, staleness n − v ≤ the bound),
+compute group-normalised advantages, take one AdamW step of the clipped-ratio loss against the behaviour
+log-probs, optionally re-train the MTP head on the fresh rollouts (online strategies), checkpoint.
+Asynchronous mode keeps up to ``max_staleness`` future steps' rollouts in flight, so rollouts for step n+1
+are sampled (by version n) while step n trains. The head and the policy have separate optimizers; policy
+gradients never reach the head and head gradients never reach the policy (the policy is frozen while the
+head trains, and the head is not in the policy loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from bebop.config import positive
+from bebop.errors import BebopError
+from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
+from bebop.losses import mtp_loss_from_hidden
+from bebop.model import load_policy, save_policy
+from bebop.mtp import MTPHead, load_head, save_head
+from bebop.rollout import (
+    RULES_RL,
+    STRATEGIES,
+    LocalBackend,
+    RayBackend,
+    RolloutBatch,
+    RolloutSpec,
+    load_reward,
+    snapshot,
+)
+from bebop.sft import warmup_cosine
+from bebop.tasks import get_task
+from bebop.train_mtp import pad_batch, teacher_forced
+
+ONLINE_LOSS = {"online-ce": "ce", "online-tv": "e2e_tv"}
+
+
+@dataclass
+class RLConfig:
+    task: str = "arith"
+    model: str = "runs/arith/base"
+    mtp: str | None = None              # head dir; needed for `frozen`, optional start for online strategies
+    out: str = "runs/arith/rl"
+    mtp_strategy: str = "frozen"        # none | frozen | online-ce | online-tv
+    rule: str = "rejection"             # rejection | target_only
+    gamma: int = 3
+    steps: int = 30
+    prompts_per_step: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    lr: float = 2e-4
+    warmup: int = 3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0                # KL to the initial (reference) policy; 0 = off
+    micro_batch: int = 64               # rows per forward/backward (gradient accumulation)
+    async_rollouts: bool = False
+    max_staleness: int = 1              # async: rollouts may come from up to this many versions ago
+    online_every: int = 5               # online strategies: re-train the head every N steps
+    online_steps: int = 20              # head optimizer steps per re-training
+    online_lr: float = 1e-3
+    online_grad_clip: float = 1.0
+    online_gamma_train: int = 3
+    backend: str = "local"              # local | ray
+    ray_address: str | None = None
+    ray_workers: int = 1
+    rollout_threads: int = 0            # torch threads in each rollout worker (0 = default)
+    checkpoint_every: int = 5
+    eval_samples: int = 256             # held-out accuracy before and after RL (0 = skip)
+    reward: str | None = None           # "module:function" replacing the task's reward
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        load_reward(self.task, self.reward)
+        if self.mtp_strategy not in STRATEGIES:
+            raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.rule not in RULES_RL:
+            raise BebopError(f"unknown rule {self.rule!r} for RL rollouts; choose one of: {', '.join(RULES_RL)}")
+        if self.mtp_strategy == "frozen" and not self.mtp:
+            raise BebopError("mtp_strategy 'frozen' needs a trained head: pass --mtp DIR (or --mtp-strategy none)")
+        if self.group_size < 2:
+            raise BebopError(f"group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}")
+        if self.max_staleness < 0:
+            raise BebopError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.gamma < 1:
+            raise BebopError(f"gamma must be >= 1, got {self.gamma}")
+        if not self.temperature > 0:
+            raise BebopError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
+        if self.backend not in ("local", "ray"):
+            raise BebopError(f"unknown backend {self.backend!r}; choose local or ray")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "lr", "micro_batch", "online_every",
+                     "online_steps", "online_lr", "online_gamma_train", "checkpoint_every", "ray_workers"):
+            positive(name, getattr(self, name))
+
+    @property
+    def staleness_bound(self) -> int:
+        return self.max_staleness if self.async_rollouts else 0
+
+    @property
+    def use_mtp(self) -> bool:
+        return self.mtp_strategy != "none"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``: a crash
+    leaves either the previous checkpoint or the new one, never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(out: Path) -> dict:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise BebopError(f"cannot resume: no {CHECKPOINT} in {out}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise BebopError(f"cannot resume: corrupt checkpoint {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- one RL step's pieces
+
+def training_batch(batch: RolloutBatch, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``ids``, ``mask``, completion mask and behaviour log-probs aligned with ``ids[:, 1:]``."""
+    rows = [(p + c, len(p)) for p, c in zip(batch.prompts, batch.completions, strict=True)]
+    ids, mask, prompt_lens = pad_batch(rows, pad_id, device)
+    pos = torch.arange(ids.shape[1], device=device)
+    comp = ((pos[None, :] >= prompt_lens[:, None]) & (mask == 1)).long()
+    blp = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
+    for i, (lp, (_, n_prompt)) in enumerate(zip(batch.logprobs, rows, strict=True)):
+        blp[i, n_prompt - 1 : n_prompt - 1 + len(lp)] = torch.tensor(lp, device=device)
+    return ids, mask, comp, blp
+
+
+def policy_update(model, ref_model, opt, batch: RolloutBatch, adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> dict:
+    """One optimizer step of the GRPO loss over the whole batch, accumulated over micro-batches."""
+    device = next(model.parameters()).device
+    ids, mask, comp, blp = training_batch(batch, pad_id, device)
+    adv = adv.to(device)
+    n = ids.shape[0]
+    opt.zero_grad(set_to_none=True)
+    stats = {"loss": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+    for i in range(0, n, cfg.micro_batch):
+        sl = slice(i, i + cfg.micro_batch)
+        lp = completion_logprobs(model, ids[sl], mask[sl], comp[sl], cfg.temperature)
+        ref_lp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_lp = completion_logprobs(ref_model, ids[sl], mask[sl], comp[sl], cfg.temperature)
+        loss, st = grpo_loss(lp, blp[sl], adv[sl], comp[sl, 1:], cfg.clip_low, cfg.clip_high, cfg.kl_coef, ref_lp)
+        w = lp.shape[0] / n
+        (loss * w).backward()
+        for k in stats:
+            stats[k] += getattr(st, k) * w
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    opt.step()
+    return stats
+
+
+def head_update(model, head: MTPHead, opt, batch: RolloutBatch, cfg: RLConfig, pad_id: int,
+                gen: torch.Generator) -> float:
+    """Re-train the head on fresh rollouts towards the current policy (online strategies). The policy is
+    frozen meanwhile, so no head gradient reaches it; returns the last loss."""
+    device = next(model.parameters()).device
+    rows = [(p + c, len(p)) for p, c in zip(batch.prompts, batch.completions, strict=True)]
+    rows = [r for r in rows if len(r[0]) > cfg.online_gamma_train + 1]
+    loss_name = ONLINE_LOSS[cfg.mtp_strategy]
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    head.train()
+    last = float("nan")
+    try:
+        for _ in range(cfg.online_steps):
+            idx = torch.randint(len(rows), (min(32, len(rows)),), generator=gen).tolist()
+            ids, mask, pl = pad_batch([rows[i] for i in idx], pad_id, device)
+            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.online_gamma_train)
+            loss = mtp_loss_from_hidden(loss_name, hq, hp, model.get_output_embeddings().weight, cfg.temperature, y,
+                                        torch.ones(len(y), device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.online_grad_clip)
+            opt.step()
+            last = loss.item()
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        head.eval()
+    return last
+
+
+def step_record(step: int, batch: RolloutBatch, cfg: RLConfig) -> dict:
+    """Rollout-side metrics of one RL step."""
+    tokens = batch.num_tokens
+    m = batch.metrics
+    rec = {
+        "step": step, "version": batch.version, "staleness": step - batch.version,
+        "reward": sum(batch.rewards) / len(batch.rewards),
+        "accuracy": sum(r >= 1.0 for r in batch.rewards) / len(batch.rewards),
+        "entropy": batch.entropy_sum / max(tokens, 1),
+        "mean_tokens": tokens / len(batch.completions),
+        "rollout_tokens": tokens, "rollout_s": batch.seconds,
+        "rollout_tokens_per_s": tokens / batch.seconds if batch.seconds > 0 else 0.0,
+    }
+    if cfg.use_mtp:
+        rec.update(alpha=m.alpha, expected_alpha=m.expected_alpha, accept_length=m.accept_length,
+                   target_forwards=m.target_forwards, draft_forwards=m.draft_forwards)
+    return rec
+
+
+LIVE_COLUMNS = ("step", "reward", "accuracy", "entropy", "accept_length", "rollout_tokens_per_s", "rollout_s",
+                "train_s", "step_s", "staleness")
+
+
+def live_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for c in LIVE_COLUMNS:
+        table.add_column(c, justify="right")
+    for r in rows[-12:]:
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in LIVE_COLUMNS])
+    return table
+
+
+# ---------------------------------------------------------------- the loop
+
+def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None) -> dict:
+    """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint.pt`` every ``checkpoint_every``
+    steps, and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into ``cfg.out``."""
+    from bebop.evaluate import evaluate
+
+    console = console or Console()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, tokenizer = load_policy(cfg.model, cfg.device)
+    task = get_task(cfg.task)
+    head = None
+    if cfg.use_mtp:
+        head = (load_head(cfg.mtp, model) if cfg.mtp else MTPHead.from_base(model)).to(cfg.device).eval()
+    ref_model = load_policy(cfg.model, cfg.device)[0].requires_grad_(False) if cfg.kl_coef else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    online = cfg.mtp_strategy in ONLINE_LOSS
+    head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.online_lr) if online else None
+    head_gen = torch.Generator().manual_seed(cfg.seed + 17)
+    start = 0
+    log_path = out / "rl.jsonl"
+    summary: dict = {"config": asdict(cfg)}
+    if resume:
+        ck = load_checkpoint(out)
+        model.load_state_dict(ck["policy"])
+        opt.load_state_dict(ck["opt"])
+        if head is not None and ck.get("head") is not None:
+            head.load_state_dict(ck["head"])
+        if head_opt is not None and ck.get("head_opt") is not None:
+            head_opt.load_state_dict(ck["head_opt"])
+        head_gen.set_state(ck["head_gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        random.setstate(ck["py_rng"])
+        start = ck["step"]
+        summary = ck["summary"]
+        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start] \
+            if log_path.exists() else []
+        log_path.write_text("".join(ln + "\n" for ln in keep))       # drop steps after the checkpoint
+        console.print(f"resuming {out} at step {start}")
+    else:
+        log_path.unlink(missing_ok=True)
+    if not resume and cfg.eval_samples:
+        summary["eval_before"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples,
+                                          temperature=cfg.temperature)
+    model.train()
+
+    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task=cfg.task, use_mtp=cfg.use_mtp, rule=cfg.rule,
+                       gamma=cfg.gamma, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                       threads=cfg.rollout_threads, device=cfg.device, reward=cfg.reward)
+    if cfg.backend == "ray":
+        backend = RayBackend(spec, workers=cfg.ray_workers, address=cfg.ray_address)
+    else:
+        backend = LocalBackend(spec, threaded=cfg.async_rollouts)
+    inflight: deque = deque()
+    next_rollout = start
+    rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
+    t_prev = time.perf_counter()
+    try:
+        with log_path.open("a") as log, Live(live_table(rows, f"bebop rl {cfg.task} · {cfg.mtp_strategy}"),
+                                             console=console, refresh_per_second=2) as live:
+            for step in range(start, cfg.steps):
+                # keep rollouts for steps ≤ step + bound in flight, each sampled by the current weights
+                while next_rollout <= min(step + cfg.staleness_bound, cfg.steps - 1):
+                    inflight.append(backend.submit(next_rollout, step, snapshot(model), snapshot(head)))
+                    next_rollout += 1
+                t_wait = time.perf_counter()
+                batch: RolloutBatch = inflight.popleft().result()
+                wait_s = time.perf_counter() - t_wait
+                rec = step_record(step, batch, cfg)
+                rec["wait_s"] = wait_s
+                t_train = time.perf_counter()
+                lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=1.0)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                adv = group_advantages(torch.tensor(batch.rewards), cfg.group_size)
+                rec.update(policy_update(model, ref_model, opt, batch, adv, cfg, tokenizer.pad_token_id), lr=lr)
+                rec["train_s"] = time.perf_counter() - t_train
+                if online and (step + 1) % cfg.online_every == 0:
+                    t_head = time.perf_counter()
+                    rec["head_loss"] = head_update(model, head, head_opt, batch, cfg, tokenizer.pad_token_id,
+                                                   head_gen)
+                    rec["head_update_s"] = time.perf_counter() - t_head
+                now = time.perf_counter()
+                rec["step_s"] = now - t_prev
+                t_prev = now
+                if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                    save_checkpoint(out / CHECKPOINT, {
+                        "step": step + 1, "policy": snapshot(model), "opt": opt.state_dict(),
+                        "head": snapshot(head), "head_opt": head_opt.state_dict() if head_opt else None,
+                        "head_gen": head_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "py_rng": random.getstate(), "summary": summary,
+                    })
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                rows.append(rec)
+                live.update(live_table(rows, f"bebop rl {cfg.task} · {cfg.mtp_strategy}"))
+        console.print()
+    finally:
+        backend.close()
+    model.eval()
+    save_policy(model, tokenizer, out / "policy")
+    if head is not None:
+        save_head(head, out / "mtp", model.config)
+    if cfg.eval_samples:
+        summary["eval_after"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples,
+                                         temperature=cfg.temperature)
+    summary.update(rl_summary(rows))
+    (out / "rl_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def rl_summary(rows: list[dict]) -> dict:
+    """Means over the run of the timing figures, and first/last accept length (for the drift check)."""
+    if not rows:
+        return {}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("step_s", "rollout_s", "train_s", "reward",
+                                                               "entropy", "rollout_tokens_per_s")}
+    out = {"steps_run": len(rows), **{f"mean_{k}": v for k, v in mean.items()}}
+    if "accept_length" in rows[0]:
+        out["accept_length_first"] = rows[0]["accept_length"]
+        out["accept_length_last"] = rows[-1]["accept_length"]
+    return out

@@ -1,0 +1,247 @@
+"""The rollout side of RL (DESIGN §5): a worker that holds a copy of the policy (and MTP head), samples G
+completions per prompt through the engine, grades them, and hands back plain CPU data; and the backends
+that run workers in-process (synchronously or on a background thread) or as Ray actors.
+
+A rollout for RL step ``s`` is fully determined by (config, s, the pushed weights): its prompts come from
+the problem stream seeded by (seed, s) and its sampling generator is seeded by (seed, s), so a resumed
+run or a Ray worker reproduces a local run's rollouts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from bebop.engine import DecodeMetrics, generate, generate_mtp
+from bebop.errors import BebopError
+from bebop.model import load_policy
+from bebop.mtp import MTPHead, load_head
+from bebop.sampling import SamplingParams
+from bebop.tasks import Problem, get_task, sample_problems
+
+STRATEGIES = ("none", "frozen", "online-ce", "online-tv")
+RULES_RL = ("rejection", "target_only")
+
+
+@dataclass
+class RolloutSpec:
+    """What a worker needs to know; a plain dataclass so it travels to Ray actors."""
+
+    model: str
+    mtp: str | None
+    task: str
+    use_mtp: bool
+    rule: str = "rejection"
+    gamma: int = 3
+    prompts_per_step: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    seed: int = 0
+    threads: int = 0          # torch intra-op threads in the worker (0 = leave as is)
+    device: str = "cpu"
+    reward: str | None = None  # "module:function" overriding the task's reward (TRL style: a plain function)
+
+
+@dataclass
+class RolloutBatch:
+    """One RL step's rollouts, on the CPU: rows are grouped prompt by prompt (G consecutive rows)."""
+
+    step: int
+    version: int                       # policy version (optimizer steps taken) that sampled these rows
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    logprobs: list[list[float]]        # behaviour log p_τ of each completion token (from the target pass)
+    rewards: list[float]
+    entropy_sum: float                 # Σ per-token target entropy over completion tokens
+    metrics: DecodeMetrics = field(default_factory=DecodeMetrics)
+    seconds: float = 0.0               # wall time of the slowest worker
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completions)
+
+
+def load_reward(task_name: str, reward: str | None) -> Callable[[Problem, str], float]:
+    """The reward function: ``reward`` = ``"package.module:function"`` taking (problem, completion text) and
+    returning a float, or the task's own reward when None."""
+    task = get_task(task_name)
+    if reward is None:
+        fn = getattr(task, "reward", None)
+        if not callable(fn):
+            raise BebopError(f"task {task_name!r} has no reward function; pass --reward module:function")
+        return fn
+    module, _, name = reward.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise BebopError(f"cannot load reward {reward!r}: {e}") from None
+    if not callable(fn):
+        raise BebopError(f"reward {reward!r} is not a callable 'module:function'")
+    return fn
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+class RolloutWorker:
+    """Holds the behaviour policy (+ head). ``set_weights`` then ``rollout(step, version)``."""
+
+    def __init__(self, spec: RolloutSpec) -> None:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.task = get_task(spec.task)
+        self.reward = load_reward(spec.task, spec.reward)
+        self.model, self.tokenizer = load_policy(spec.model, spec.device)
+        self.head = None
+        if spec.use_mtp:
+            self.head = load_head(spec.mtp, self.model) if spec.mtp else MTPHead.from_base(self.model)
+            self.head = self.head.to(spec.device).eval()
+        self.params = SamplingParams(temperature=spec.temperature)
+
+    def set_weights(self, policy_state: dict, head_state: dict | None = None) -> None:
+        """Copy pushed weights in place (the head stays bound to this worker's embedding and LM head)."""
+        self.model.load_state_dict(policy_state)
+        if head_state is not None and self.head is not None:
+            self.head.load_state_dict(head_state)
+
+    @torch.inference_mode()
+    def rollout(self, step: int, version: int, offset: int = 0, count: int | None = None) -> RolloutBatch:
+        """Rollouts of step ``step`` for its prompts [offset, offset + count) (all by default)."""
+        s = self.spec
+        t0 = time.perf_counter()
+        problems = sample_problems(self.task, s.prompts_per_step, step_seed(s.seed, step))
+        problems = problems[offset : None if count is None else offset + count]
+        prompt_ids = [self.tokenizer(p.prompt)["input_ids"] for p in problems]
+        prompts = [ids for ids in prompt_ids for _ in range(s.group_size)]
+        gen = torch.Generator(device=self.model.device).manual_seed(step_seed(s.seed, step) + offset)
+        tok = self.tokenizer
+        if self.head is None:
+            r = generate(self.model, prompts, self.params, s.max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen)
+        else:
+            r = generate_mtp(self.model, self.head, prompts, self.params, s.max_new_tokens, tok.eos_token_id,
+                             gamma=s.gamma, rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
+        completions = r.completions()
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        rewards = [float(self.reward(problems[i // s.group_size], t)) for i, t in enumerate(texts)]
+        logprobs = [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
+        return RolloutBatch(
+            step=step, version=version, prompts=prompts, completions=completions, logprobs=logprobs,
+            rewards=rewards, entropy_sum=float((r.entropy * r.mask).sum()),
+            metrics=r.metrics, seconds=time.perf_counter() - t0,
+        )
+
+    def run(self, step: int, version: int, weights: tuple, offset: int = 0, count: int | None = None) -> RolloutBatch:
+        """``set_weights(*weights)`` then ``rollout`` (one remote call per step for Ray actors)."""
+        self.set_weights(*weights)
+        return self.rollout(step, version, offset, count)
+
+
+def snapshot(module: torch.nn.Module | None) -> dict | None:
+    """A detached copy of ``module``'s own weights, safe to hand to another thread or process."""
+    if module is None:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class LocalBackend:
+    """In-process worker. ``threaded=False``: ``submit`` runs the rollout at once (synchronous RL);
+    ``threaded=True``: on one background thread, so rollouts overlap training (asynchronous RL)."""
+
+    def __init__(self, spec: RolloutSpec, threaded: bool) -> None:
+        self.worker = RolloutWorker(spec)
+        self.pool = ThreadPoolExecutor(max_workers=1) if threaded else None
+
+    def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(self.worker.run, step, version, (policy_state, head_state))
+        fut: Future = Future()
+        fut.set_result(self.worker.run(step, version, (policy_state, head_state)))
+        return fut
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class _RayFuture:
+    def __init__(self, refs: list, step: int, version: int) -> None:
+        self.refs, self.step, self.version = refs, step, version
+
+    def result(self) -> RolloutBatch:
+        import ray
+
+        parts = ray.get(self.refs)
+        return merge_batches(parts, self.step, self.version)
+
+
+def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> RolloutBatch:
+    """Concatenate workers' shards of one step (in worker order); decode counters are summed."""
+    out = RolloutBatch(step=step, version=version, prompts=[], completions=[], logprobs=[], rewards=[],
+                       entropy_sum=0.0, seconds=max(p.seconds for p in parts))
+    for p in parts:
+        out.prompts += p.prompts
+        out.completions += p.completions
+        out.logprobs += p.logprobs
+        out.rewards += p.rewards
+        out.entropy_sum += p.entropy_sum
+        out.metrics.merge(p.metrics)
+    return out
+
+
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """Fail fast with a clear error if ``host:port`` does not accept connections (ray.init would retry
+    for tens of seconds before failing)."""
+    if address is None or address == "auto" or "://" in address and not address.startswith("ray://"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise BebopError(f"bad Ray address {address!r}; expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BebopError(f"Ray address {address} is unreachable: {e}") from None
+
+
+class RayBackend:
+    """Rollout workers as Ray actors; each step's weights go through the object store once (``ray.put``)
+    and every worker samples its share of the step's prompts. ``address=None`` starts a local Ray."""
+
+    def __init__(self, spec: RolloutSpec, workers: int = 1, address: str | None = None,
+                 num_cpus: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise BebopError("the Ray backend needs the optional extra: pip install 'bebop[ray]'") from None
+        check_ray_address(address)
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            except ConnectionError as e:
+                raise BebopError(f"cannot connect to Ray at {address}: {e}") from None
+        if spec.prompts_per_step % workers:
+            raise BebopError(f"prompts_per_step {spec.prompts_per_step} does not split over {workers} Ray workers")
+        self.ray = ray
+        self.per = spec.prompts_per_step // workers
+        self.actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(spec) for _ in range(workers)]
+
+    def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> _RayFuture:
+        ref = self.ray.put((policy_state, head_state))
+        refs = [a.run.remote(step, version, ref, i * self.per, self.per) for i, a in enumerate(self.actors)]
+        return _RayFuture(refs, step, version)
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+

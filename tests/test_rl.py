@@ -1,0 +1,311 @@
+"""GRPO maths on hand-computed cases, gradient isolation between head and policy, rollout/trainer log-prob
+alignment, checkpoint atomicity, kill-and-resume, async staleness, the Ray backend, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from bebop.errors import BebopError
+from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
+from bebop.model import load_policy, save_policy
+from bebop.mtp import MTPHead, load_head, save_head
+from bebop.rl import CHECKPOINT, RLConfig, head_update, policy_update, save_checkpoint, train_rl, training_batch
+from bebop.rollout import LocalBackend, RolloutSpec, RolloutWorker, check_ray_address, snapshot
+
+TESTS = Path(__file__).parent
+REWARD = "rl_rewards:digit_fraction"
+
+
+@pytest.fixture(autouse=True)
+def _rewards_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def policy_dirs(tiny_tokenizer, tmp_path_factory):
+    """A tiny random policy and a warm-start head for it, on disk."""
+    from conftest import build_tiny_policy
+
+    root = tmp_path_factory.mktemp("rl")
+    model = build_tiny_policy(tiny_tokenizer, seed=3, logit_scale=3.0)
+    save_policy(model, tiny_tokenizer, root / "policy")
+    save_head(MTPHead.from_base(model), root / "mtp", model.config)
+    return root / "policy", root / "mtp"
+
+
+def small_config(policy_dirs, out: Path, **kw) -> RLConfig:
+    policy, mtp = policy_dirs
+    base = dict(model=str(policy), mtp=str(mtp), out=str(out), steps=3, prompts_per_step=4, group_size=4,
+                max_new_tokens=8, eval_samples=0, reward=REWARD, lr=1e-2, warmup=1, checkpoint_every=1)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+# ---------------------------------------------------------------- GRPO maths
+
+def test_group_advantages_hand_computed():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]), group_size=4, eps=0.0)
+    # group 1: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²)/3) = 0.5; group 2: all equal → 0 (0/0 guarded)
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]), group_size=4)
+    assert torch.equal(adv[4:], torch.zeros(4))
+    assert abs(float(adv[:4].sum())) < 1e-6
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(BebopError, match="group_size must be >= 2"):
+        group_advantages(torch.ones(4), 1)
+    with pytest.raises(BebopError, match="do not split into groups of 3"):
+        group_advantages(torch.ones(4), 3)
+
+
+def test_grpo_loss_hand_computed():
+    logp = torch.log(torch.tensor([[1.1, 1.5, 1.0], [0.5, 1.0, 1.0]]))   # ratios (behaviour logp = 0)
+    beh = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, st = grpo_loss(logp, beh, adv, mask, clip_low=0.2, clip_high=0.2)
+    # row 0: tokens with r=1.1 (unclipped, -1.1) and r=1.5 (clipped to 1.2 for A>0: min(1.5,1.2)=1.2 → -1.2)
+    # row 1: r=0.5, A=-2: min(0.5·-2, 0.8·-2) = -1.6 → +1.6
+    expected = ((-1.1 - 1.2) / 2 + 1.6) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert st.clip_fraction == pytest.approx(2 / 3)
+    assert st.ratio_mean == pytest.approx((1.1 + 1.5 + 0.5) / 3, abs=1e-6)
+
+
+def test_grpo_loss_gradient_is_policy_gradient_on_policy():
+    """At ratio 1 the gradient w.r.t. logp_t is −A / |o| (REINFORCE with the group baseline)."""
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    adv = torch.tensor([0.5, -1.0])
+    loss, _ = grpo_loss(logp, torch.zeros(2, 4), adv, mask)
+    loss.backward()
+    expected = torch.tensor([[-0.5 / 4] * 4, [1.0 / 2, 1.0 / 2, 0, 0]]) / 2
+    assert torch.allclose(logp.grad, expected)
+
+
+def test_grpo_kl_term_is_k3_and_zero_at_reference():
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    _, st = grpo_loss(logp, logp.clone(), torch.zeros(1), torch.ones(1, 2), kl_coef=0.1, ref_logp=ref)
+    d = torch.log(torch.tensor(0.5))        # ref − logp for token 0
+    assert st.kl == pytest.approx(float((torch.exp(d) - d - 1) / 2), abs=1e-6)
+    _, st = grpo_loss(ref, ref, torch.zeros(1), torch.ones(1, 2), kl_coef=0.1, ref_logp=ref)
+    assert st.kl == 0.0
+
+
+# ---------------------------------------------------------------- rollouts ↔ trainer
+
+def test_behaviour_logprobs_match_the_trainer_forward(policy_dirs, tmp_path):
+    """The engine's (MTP-RS) behaviour log-probs equal the trainer's fresh forward: ratio 1 on-policy."""
+    cfg = small_config(policy_dirs, tmp_path)
+    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task="arith", use_mtp=True, prompts_per_step=4,
+                       group_size=4, max_new_tokens=8, reward=REWARD, temperature=0.8)
+    batch = RolloutWorker(spec).rollout(step=0, version=0)
+    model, tok = load_policy(cfg.model)
+    ids, mask, comp, blp = training_batch(batch, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp = completion_logprobs(model, ids, mask, comp, temperature=0.8)
+    m = comp[:, 1:].bool()
+    assert m.sum() == batch.num_tokens
+    assert torch.allclose(lp[m], blp[m], atol=1e-4)
+
+
+def test_rollout_is_deterministic_per_step(policy_dirs, tmp_path):
+    spec = RolloutSpec(model=str(policy_dirs[0]), mtp=str(policy_dirs[1]), task="arith", use_mtp=True,
+                       prompts_per_step=2, group_size=3, max_new_tokens=6, reward=REWARD)
+    w = RolloutWorker(spec)
+    a, b, c = w.rollout(5, 0), w.rollout(5, 0), w.rollout(6, 0)
+    assert a.completions == b.completions and a.rewards == b.rewards
+    assert a.prompts != c.prompts or a.completions != c.completions
+    assert len(a.completions) == 6 and all(a.prompts[i] == a.prompts[i - i % 3] for i in range(6))
+
+
+def test_gradient_isolation_between_head_and_policy(policy_dirs, tmp_path):
+    cfg = small_config(policy_dirs, tmp_path, mtp_strategy="online-ce", online_steps=2)
+    model, tok = load_policy(cfg.model)
+    model.train()
+    head = load_head(cfg.mtp, model)
+    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task="arith", use_mtp=True, prompts_per_step=4,
+                       group_size=4, max_new_tokens=8, reward=REWARD)
+    batch = RolloutWorker(spec).rollout(0, 0)
+    adv = group_advantages(torch.tensor(batch.rewards), 4)
+    assert adv.abs().sum() > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    head_opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    head_before, policy_before = snapshot(head), snapshot(model)
+
+    policy_update(model, None, opt, batch, adv, cfg, tok.pad_token_id)
+    assert all(p.grad is None for p in head.parameters())                   # no policy gradient reached the head
+    assert all(torch.equal(v, snapshot(head)[k]) for k, v in head_before.items())
+    assert any(not torch.equal(v, snapshot(model)[k]) for k, v in policy_before.items())
+
+    opt.zero_grad(set_to_none=True)
+    policy_mid = snapshot(model)
+    head_update(model, head, head_opt, batch, cfg, tok.pad_token_id, torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in model.parameters())                   # no head gradient reached the policy
+    assert all(torch.equal(v, snapshot(model)[k]) for k, v in policy_mid.items())
+    assert any(not torch.equal(v, snapshot(head)[k]) for k, v in head_before.items())
+    assert all(p.requires_grad for p in model.parameters())                  # policy trainable again
+
+
+# ---------------------------------------------------------------- checkpoints, runs, resume
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, {"step": 1})
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"step": 2})
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "rl.jsonl").read_text().splitlines()]
+
+
+def test_sync_run_logs_every_step_and_saves(policy_dirs, tmp_path):
+    cfg = small_config(policy_dirs, tmp_path / "run", steps=3)
+    summary = train_rl(cfg)
+    rows = read_log(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["staleness"] == 0 and r["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert len(r["alpha"]) == 3 and r["accept_length"] >= 1.0
+        for k in ("reward", "entropy", "rollout_tokens_per_s", "rollout_s", "train_s", "step_s", "grad_norm"):
+            assert k in r
+    assert (tmp_path / "run" / "policy" / "config.json").is_file()
+    assert (tmp_path / "run" / "mtp").is_dir()
+    assert summary["steps_run"] == 3
+
+
+def test_async_rollouts_respect_the_staleness_bound(policy_dirs, tmp_path):
+    cfg = small_config(policy_dirs, tmp_path / "run", steps=4, async_rollouts=True, max_staleness=2)
+    train_rl(cfg)
+    rows = read_log(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["staleness"] for r in rows] == [0, 1, 2, 2]
+    assert all(r["version"] == r["step"] - r["staleness"] for r in rows)
+
+
+def test_resume_continues_without_lost_or_repeated_steps(policy_dirs, tmp_path):
+    """Resuming from the step-2 checkpoint of a run reproduces the uninterrupted run exactly (sync mode)."""
+    full = small_config(policy_dirs, tmp_path / "full", steps=4)
+    train_rl(full)
+    part = replace(full, out=str(tmp_path / "part"), steps=2)
+    train_rl(part)
+    # a crash after step 2's log line but before any newer checkpoint: a stale extra line must be dropped
+    with (tmp_path / "part" / "rl.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "reward": -1}) + "\n")
+    train_rl(replace(part, steps=4), resume=True)
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["reward"] == rb["reward"] and ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+
+
+def run_cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "bebop.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
+    policy, mtp = policy_dirs
+    out = tmp_path / "run"
+    args = ["rl", "--model", str(policy), "--mtp", str(mtp), "--out", str(out), "--steps", "40",
+            "--prompts-per-step", "4", "--group-size", "4", "--eval-samples", "0", "--reward", REWARD,
+            "--checkpoint-every", "2", "--lr", "1e-2"]
+    proc = run_cli(*args)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / CHECKPOINT).exists() and (out / "rl.jsonl").exists() and \
+                len((out / "rl.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_log(out))
+    assert 5 <= killed_at < 40
+    assert not [p for p in out.iterdir() if p.name.startswith(f".{CHECKPOINT}")]   # no half-written checkpoint
+    proc = run_cli("rl", "--resume", str(out))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(40))
+    assert (out / "policy" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- Ray
+
+def test_ray_backend_matches_local(policy_dirs, tmp_path):
+    ray = pytest.importorskip("ray")
+    from bebop.rollout import RayBackend
+
+    spec = RolloutSpec(model=str(policy_dirs[0]), mtp=str(policy_dirs[1]), task="arith", use_mtp=True,
+                       prompts_per_step=4, group_size=4, max_new_tokens=8, reward=REWARD, threads=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}})
+    try:
+        local = LocalBackend(spec, threaded=False)
+        remote = RayBackend(spec, workers=1)
+        model, _ = load_policy(spec.model)
+        for step in range(2):
+            with torch.no_grad():      # a different policy version each step, pushed through the object store
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            w = (snapshot(model), None)
+            a = local.submit(step, step, *w).result()
+            b = remote.submit(step, step, *w).result()
+            assert a.completions == b.completions and a.rewards == b.rewards
+            assert sum(a.logprobs, []) == pytest.approx(sum(b.logprobs, []), abs=1e-6)
+        remote.close()
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_staleness": -1}, "max_staleness must be >= 0, got -1"),
+    ({"group_size": 1}, "group_size must be >= 2"),
+    ({"mtp_strategy": "sometimes"}, "unknown mtp_strategy 'sometimes'"),
+    ({"rule": "greedy"}, "unknown rule 'greedy'"),
+    ({"reward": "no_such_module:fn"}, "cannot load reward 'no_such_module:fn'"),
+    ({"reward": "rl_rewards:nope"}, "cannot load reward 'rl_rewards:nope'"),
+    ({"task": "chess"}, "chess"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"mtp": None}, "needs a trained head"),
+    ({"backend": "slurm"}, "unknown backend 'slurm'"),
+])
+def test_bad_config(policy_dirs, tmp_path, kw, match):
+    with pytest.raises(BebopError, match=match):
+        small_config(policy_dirs, tmp_path, **kw)
+
+
+def test_unreachable_ray_address_is_a_clear_error():
+    with pytest.raises(BebopError, match="Ray address 127.0.0.1:1 is unreachable"):
+        check_ray_address("127.0.0.1:1")
+    with pytest.raises(BebopError, match="bad Ray address"):
+        check_ray_address("nonsense")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(policy_dirs, tmp_path):
+    cfg = small_config(policy_dirs, tmp_path / "empty")
+    with pytest.raises(BebopError, match="no checkpoint.pt"):
+        train_rl(cfg, resume=True)
