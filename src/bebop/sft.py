@@ -48,6 +48,7 @@ def task_corpus(n_per_task: int = 500, seed: int = 1234) -> list[str]:
         for _ in range(n_per_task):
             prob = task.sample_problem(rng)
             texts.append(prob.prompt + task.reference_solution(prob, rng))
+        texts.extend(getattr(task, "extra_texts", ()))  # e.g. environment messages no reference contains
     return texts
 
 
@@ -58,19 +59,36 @@ def encode_example(tokenizer, problem: Problem, completion: str) -> tuple[list[i
     return prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
 
 
+def completion_loss_mask(task: Task, tokenizer, completion: str) -> list[bool]:
+    """Per completion token: True if the policy wrote it. Tasks with ``split_transcript`` (multi-turn tool
+    use) mark their environment segments False; segments are tokenized one by one, which gives the same
+    tokens as the whole text because segment boundaries fall on token boundaries."""
+    split = getattr(task, "split_transcript", None)
+    if split is None:
+        return [True] * len(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return [is_model for text, is_model in split(completion)
+            for _ in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
 def sft_batch(task: Task, tokenizer, rng: random.Random, batch_size: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch with labels only on completion tokens (prompt and padding are -100)."""
+    """A right-padded batch with labels only on policy-written completion tokens and EOS (prompt, padding
+    and environment tokens of multi-turn tasks are -100)."""
     rows = []
     for _ in range(batch_size):
         prob = task.sample_problem(rng)
-        rows.append(encode_example(tokenizer, prob, task.reference_solution(prob, rng)))
+        completion = task.reference_solution(prob, rng)
+        row, n_prompt = encode_example(tokenizer, prob, completion)
+        trained = [False] * n_prompt + completion_loss_mask(task, tokenizer, completion) + [True]
+        if len(trained) != len(row):  # cannot happen with the project tokenizer; never mis-align labels
+            trained = [False] * n_prompt + [True] * (len(row) - n_prompt)
+        rows.append((row, trained))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
     mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for i, (row, n_prompt) in enumerate(rows):
+    for i, (row, trained) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
-        labels[i, n_prompt : len(row)] = torch.tensor(row[n_prompt:])
+        labels[i, : len(row)] = torch.where(torch.tensor(trained), torch.tensor(row), -100)
         mask[i, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

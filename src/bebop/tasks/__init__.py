@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from bebop.errors import BebopError
+from bebop.tasks.agent import AgentTask
 from bebop.tasks.arith import ArithTask
 from bebop.tasks.base import Problem, Task, sample_problems
+from bebop.tasks.code import CodeTask
 from bebop.tasks.countdown import CountdownTask
 
-__all__ = ["TASKS", "ArithTask", "CountdownTask", "Problem", "Task", "get_task", "sample_problems"]
+__all__ = [
+    "TASKS", "AgentTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "Task", "get_task", "sample_problems",
+]
 
 TASKS: dict[str, Task] = {
     "arith": ArithTask(),
     "countdown": CountdownTask(),
+    "code": CodeTask(),
+    "agent": AgentTask(),
 }
 
 
