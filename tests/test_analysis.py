@@ -170,6 +170,9 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     for rule in ("rejection", "target_only"):
         assert len(row[rule]["accept_length"]) == 2 and len(row[rule]["alpha"][0]) == 2
         assert all(e > 0 for e in row[rule]["entropy"])
+        assert row[rule]["fit"]["n"] == 2
+    series = analysis.sweep_series(sweep)
+    assert set(series) == {"a RS", "a TO"} and series["a RS"]["accept_length"] == row["rejection"]["accept_length"]
 
 
 # ------------------------------------------------------------------------------------------------ plots

@@ -38,6 +38,7 @@ __all__ = [
     "boundary_agreement",
     "entropy_analysis",
     "entropy_series",
+    "sweep_series",
     "linear_fit",
     "temperature_sweep",
     "token_acceptance",
@@ -261,7 +262,7 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], task_name: 
 
     Returns ``{"temperatures": [...], "gamma": γ, "config": {...}, "heads": {name: {"rejection": S,
     "target_only": S}}}`` with ``S = {"accept_length": [per τ], "alpha": [[α_k] per τ], "expected_alpha":
-    [[...] per τ], "entropy": [per τ]}``."""
+    [[...] per τ], "entropy": [per τ], "fit": linear_fit(entropy, accept length) over τ}``."""
     temps = [float(t) for t in temperatures]
     for t in temps:
         SamplingParams(temperature=t)
@@ -278,6 +279,16 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], task_name: 
                                        max_new_tokens, seed)
                 for key in s:
                     s[key].append(r.get(key))
+            s["fit"] = linear_fit(s["entropy"], s["accept_length"])
             row[rule] = s
         result["heads"][name] = row
     return result
+
+
+def sweep_series(sweep: Mapping) -> dict[str, dict]:
+    """Plot series from :func:`temperature_sweep`: one point per τ at (mean policy entropy, accept length),
+    ``{"<head> RS"|"<head> TO": {"entropy", "accept_length", "fit"}}`` (the shape ``plots.plot_entropy_accept``
+    takes)."""
+    return {f"{name} {tag}": {"entropy": row[rule]["entropy"], "accept_length": row[rule]["accept_length"],
+                              "fit": row[rule].get("fit")}
+            for name, row in sweep["heads"].items() for rule, tag in RULE_NAMES.items()}

@@ -7,6 +7,7 @@ count the bonus/correction token (tokens per target forward).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,15 +56,14 @@ def plot_entropy_accept(series: Mapping[str, Mapping], path: str | Path,
         raise BebopError("plot_entropy_accept needs at least one series")
     fig = Figure(figsize=(7, 4.8))
     ax = fig.subplots()
-    colors = [f"C{i}" for i in range(10)]
-    xs_all = []
-    for i, (label, s) in enumerate(series.items()):
+    groups: dict[str, str] = {}  # "<head> RS" and "<head> TO" share a colour; the rule sets marker and line style
+    for label, s in series.items():
         x = np.asarray(s["entropy"], dtype=float)
         y = np.asarray(s["accept_length"], dtype=float)
-        xs_all.append(x)
         counts = s.get("count")
         size = 20.0 if counts is None else 12 + 160 * np.sqrt(np.asarray(counts, float) / max(max(counts), 1))
-        color = colors[i % len(colors)]
+        group = label[:-3] if label.endswith((" RS", " TO")) else label
+        color = groups.setdefault(group, f"C{len(groups) % 10}")
         marker = "o" if label.endswith("RS") else ("s" if label.endswith("TO") else "D")
         fit = s.get("fit") or linear_fit(x, y)
         ax.scatter(x, y, s=size, color=color, marker=marker, alpha=0.7, label=f"{label}{_fit_label(fit)}")
@@ -117,9 +117,11 @@ def plot_alpha_per_step(losses: Mapping[str, Mapping], path: str | Path,
     if not losses:
         raise BebopError("plot_alpha_per_step needs at least one loss")
     tags = [t for t in ("rs", "to") if any(f"alpha_{t}" in r for r in losses.values())]
-    fig = Figure(figsize=(8, 3.6 * len(tags)))
+    fig = Figure(figsize=(9.5, 3.6 * len(tags)))
     axes = np.atleast_1d(fig.subplots(len(tags), 1, sharey=True))
     names = list(losses)
+    lowest = min((a for r in losses.values() for t in tags for a in r.get(f"alpha_{t}", [])), default=0.0)
+    floor = max(0.0, math.floor((lowest - 0.05) * 10) / 10)  # zoom in: differences between losses are a few points
     for ax, tag in zip(axes, tags, strict=True):
         gamma = max(len(r.get(f"alpha_{tag}", [])) for r in losses.values())
         width = 0.8 / max(len(names), 1)
@@ -127,13 +129,14 @@ def plot_alpha_per_step(losses: Mapping[str, Mapping], path: str | Path,
             alpha = losses[name].get(f"alpha_{tag}", [])
             length = losses[name].get(f"accept_length_{tag}")
             x = np.arange(len(alpha)) + (i - (len(names) - 1) / 2) * width
-            label = name + (f" (accept len {length:.2f})" if length is not None else "")
-            ax.bar(x, alpha, width=width, color=f"C{i}", label=label)
+            label = name + (f" (accept len {length:.3f})" if length is not None else "")
+            bars = ax.bar(x, alpha, width=width, color=f"C{i}", label=label)
+            ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
         ax.set_xticks(np.arange(gamma), [f"α_{k + 1}" for k in range(gamma)])
-        ax.set_ylabel(f"α ({tag.upper()})")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"α ({tag.upper()})" + (f", axis from {floor:g}" if floor > 0 else ""))
+        ax.set_ylim(floor, 1.04)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[0].set_title(title)
     return _save(fig, path)
 
