@@ -230,10 +230,10 @@ def test_cli_analyze_sweep_and_entropy(tiny, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["analyze", "sweep", *common, "--temperatures", "0.5,1", "--prompts", "2",
                             "--max-new-tokens", "4", "--json", str(tmp_path / "s.json"), "--plot",
-                            str(tmp_path / "s.png")])
+                            str(tmp_path / "s.png"), "--entropy-plot", str(tmp_path / "se.png")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s.json").read_text())["temperatures"] == [0.5, 1.0]
-    assert _is_png(tmp_path / "s.png") and "accept len RS" in r.output
+    assert _is_png(tmp_path / "s.png") and _is_png(tmp_path / "se.png") and "accept len RS" in r.output
     r = runner.invoke(app, ["analyze", "entropy", *common, "--samples", "3", "--max-new-tokens", "8", "--buckets",
                             "3", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")])
     assert r.exit_code == 0, r.output

@@ -383,8 +383,11 @@ def analyze_sweep_cmd(
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the RS-vs-TO-over-τ PNG here.")] = None,
+    entropy_plot: Annotated[Path | None, typer.Option(help="Write accept length vs entropy (one point per τ, "
+                                                           "fitted lines) here.")] = None,
 ) -> None:
-    """RS vs TO acceptance of each head over a temperature sweep, measured through the engine."""
+    """RS vs TO acceptance of each head over a temperature sweep, measured through the engine; accept length
+    is fitted against the policy's mean entropy over τ."""
     from bebop.analysis import RULE_NAMES, temperature_sweep
     from bebop.config import positive
     from bebop.sampling import SamplingParams
@@ -416,11 +419,26 @@ def analyze_sweep_cmd(
                           f"{to['accept_length'][i]:.3f}", " ".join(f"{a:.2f}" for a in rs["alpha"][i]),
                           " ".join(f"{a:.2f}" for a in to["alpha"][i]))
     console.print(table)
+    fits = {}
+    for name, row in res["heads"].items():
+        for rule, tag in RULE_NAMES.items():
+            fit = row[rule]["fit"]
+            if fit["slope"] is not None and fit["r"] is not None:
+                fits[f"{name} {tag} slope /nat (r)"] = f"{fit['slope']:+.3f} ({fit['r']:+.2f})"
+    if fits:
+        print_dict("accept length vs mean entropy over τ", fits)
     _write_json(json_path, res)
     if plot is not None:
         from bebop.plots import plot_temperature_sweep
 
         console.print(f"wrote [bold]{plot_temperature_sweep(res, plot)}[/]")
+    if entropy_plot is not None:
+        from bebop.analysis import sweep_series
+        from bebop.plots import plot_entropy_accept
+
+        path = plot_entropy_accept(sweep_series(res), entropy_plot,
+                                   title=f"Accept length vs entropy (τ = {', '.join(f'{t:g}' for t in temps)})")
+        console.print(f"wrote [bold]{path}[/]")
 
 
 @analyze_app.command("entropy")
