@@ -117,6 +117,13 @@ def test_bucket_by_entropy_on_synthetic_tokens():
     assert res["target_only"]["fit"]["slope"] < res["rejection"]["fit"]["slope"] < 0
     assert res["rejection"]["mean_accept_length"] == pytest.approx(analysis.accept_length(a_rs).mean())
     json.dumps(res, allow_nan=False)
+    # α_k fitted against its own step's entropy H(p_k) when given
+    ent_k = np.stack([ent, rng.uniform(0, 2, 5000), ent], axis=1)
+    a_k = a_rs.copy()
+    a_k[:, 1] = 0.9 - 0.2 * ent_k[:, 1]
+    res_k = analysis.bucket_by_entropy(ent, a_k, a_to, n_buckets=5, entropy_k=ent_k)
+    assert res_k["rejection"]["alpha_fits"][1]["slope"] == pytest.approx(-0.2)
+    assert res_k["rejection"]["alpha_fits"][1]["r"] == pytest.approx(-1.0)
     # explicit edges: empty buckets are dropped
     res = analysis.bucket_by_entropy(ent, a_rs, a_to, edges=[0, 1, 2, 3])
     assert len(res["count"]) == 2

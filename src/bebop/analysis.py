@@ -166,13 +166,14 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
 
 
 def bucket_by_entropy(entropy: np.ndarray, alpha_rs: np.ndarray, alpha_to: np.ndarray, n_buckets: int = 10,
-                      edges: Sequence[float] | None = None) -> dict:
+                      edges: Sequence[float] | None = None, entropy_k: np.ndarray | None = None) -> dict:
     """Bucket positions by entropy (equal-width buckets over [min, max], or the given ``edges``; empty buckets
-    are dropped) and fit per-token lines against entropy.
+    are dropped) and fit per-token lines against entropy. With ``entropy_k`` [N, γ] (H(p_k) per step), α_k is
+    fitted against its own step's entropy H(p_k) instead of ``entropy``.
 
     Returns ``{"entropy": [...], "count": [...], "edges": [...], "rejection": R, "target_only": R}`` with, per
     rule, ``R = {"alpha": [[α_1..α_γ] per bucket], "accept_length": [...per bucket], "fit": linear_fit(entropy,
-    accept length) over tokens, "alpha_fits": [linear_fit(entropy, α_k) over tokens per k], "mean_alpha",
+    accept length) over tokens, "alpha_fits": [linear_fit(entropy or H(p_k), α_k) over tokens per k], "mean_alpha",
     "mean_accept_length"}``. Bucket accept length is the mean over its tokens of 1 + Σ_j Π_{i≤j} α_i(t)."""
     ent = np.asarray(entropy, dtype=np.float64).ravel()
     alphas = {"rejection": np.asarray(alpha_rs, dtype=np.float64), "target_only": np.asarray(alpha_to, np.float64)}
@@ -201,7 +202,8 @@ def bucket_by_entropy(entropy: np.ndarray, alpha_rs: np.ndarray, alpha_to: np.nd
             "alpha": [a[idx == b].mean(axis=0).tolist() for b in used],
             "accept_length": [float(length[idx == b].mean()) for b in used],
             "fit": linear_fit(ent, length),
-            "alpha_fits": [linear_fit(ent, a[:, k]) for k in range(a.shape[1])],
+            "alpha_fits": [linear_fit(ent if entropy_k is None else entropy_k[:, k], a[:, k])
+                           for k in range(a.shape[1])],
             "mean_alpha": a.mean(axis=0).tolist() if n else [],
             "mean_accept_length": float(length.mean()) if n else None,
         }
@@ -221,11 +223,13 @@ def entropy_analysis(model, tokenizer, heads: Mapping[str, object], task_name: s
     data = policy_samples(model, tokenizer, get_task(task_name), samples, temperature, max_new_tokens, seed)
     result: dict = {"config": {"task": task_name, "samples": samples, "temperature": temperature, "gamma": gamma,
                                "n_buckets": n_buckets, "max_new_tokens": max_new_tokens, "seed": seed,
-                               "entropy_of": "p_1 (first draft position)", "accept_length_counts_bonus": True},
+                               "entropy_of": "buckets and accept-length fit: H(p_1); alpha_fits[k]: H(p_k)",
+                               "accept_length_counts_bonus": True},
                     "heads": {}}
     for name, head in heads.items():
         stats = token_acceptance(model, head, data, gamma, params, tokenizer.pad_token_id, batch_size)
-        row = bucket_by_entropy(stats["entropy"], stats["alpha_rs"], stats["alpha_to"], n_buckets)
+        row = bucket_by_entropy(stats["entropy"], stats["alpha_rs"], stats["alpha_to"], n_buckets,
+                                entropy_k=stats["entropy_k"])
         row["n_positions"] = int(stats["entropy"].size)
         row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
         row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
