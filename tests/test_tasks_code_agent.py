@@ -8,6 +8,7 @@ import re
 import time
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -434,3 +435,69 @@ def test_terminator_is_one_token(tiny_tokenizer) -> None:
     assert stop_id != tiny_tokenizer.unk_token_id
     assert tiny_tokenizer('{"tool":"calc","expr":"1"}', add_special_tokens=False)["input_ids"][-1] == stop_id
     assert json.loads(call_text("calc", "1")) == {"tool": "calc", "expr": "1"}
+
+
+# --- multi-turn rollouts by re-prefilling ---------------------------------------------------------------------
+
+
+class ScriptedRollout:
+    """What ``engine.generate`` returns, for a scripted policy that writes the reference's model segments."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+        self.entropy = torch.ones((len(rows), max(map(len, rows))))
+
+    def completions(self) -> list[list[int]]:
+        return self.rows
+
+
+def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> None:
+    """A scripted policy emitting the references' model segments (then junk after EOS, as ``generate`` would
+    when it only stops at the terminator) gets the references back as transcripts, with full reward."""
+    from bebop import multiturn
+    from bebop.sampling import SamplingParams
+
+    task, rng = AgentTask(), random.Random(2)
+    problems = sample_problems(task, 12, 3)
+    refs = {p.prompt: task.reference_solution(p, rng) for p in problems}
+    tok = tiny_tokenizer
+    junk = tok("A: 1", add_special_tokens=False)["input_ids"]
+
+    def scripted_generate(model, prompts, params, max_new_tokens, stop_id, pad_id, generator):
+        assert stop_id == tok.convert_tokens_to_ids(TERMINATOR) and max_new_tokens >= 1
+        rows = []
+        for ids in prompts:
+            text = tok.decode(ids, skip_special_tokens=True)
+            prompt = next(p for p in refs if text.startswith(p))
+            done = text[len(prompt):]
+            rest = refs[prompt][len(done):]
+            cut = rest.find(TERMINATOR)
+            if cut == -1:
+                row = tok(rest, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + junk
+            else:
+                row = tok(rest[: cut + 1], add_special_tokens=False)["input_ids"]
+            rows.append(row[:max_new_tokens])
+        return ScriptedRollout(rows)
+
+    monkeypatch.setattr(multiturn, "generate", scripted_generate)
+    assert multiturn.is_multi_turn(task) and not multiturn.is_multi_turn(CodeTask())
+    texts, ent, n = multiturn.rollout_multi_turn(None, tok, task, problems, SamplingParams(), 200)
+    assert texts == [refs[p.prompt] for p in problems]
+    model_tokens = sum(sum(m for m in completion_loss_mask(task, tok, t)) + 1 for t in texts)  # + EOS
+    assert n == model_tokens and ent == float(n)
+    assert all(task.reward(p, t) == 1.0 for p, t in zip(problems, texts, strict=True))
+    short, _, _ = multiturn.rollout_multi_turn(None, tok, task, problems, SamplingParams(), 20)
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 20 + 8 for t in short)
+
+
+def test_multi_turn_rollouts_with_a_random_policy(tiny_model, tiny_tokenizer) -> None:
+    from bebop.multiturn import rollout_multi_turn
+    from bebop.sampling import SamplingParams
+
+    task = AgentTask()
+    problems = sample_problems(task, 4, 0)
+    gen = torch.Generator().manual_seed(0)
+    texts, ent, n = rollout_multi_turn(tiny_model, tiny_tokenizer, task, problems, SamplingParams(), 24, gen)
+    assert len(texts) == 4 and 0 < n <= 4 * 24 and ent > 0
+    for p, t in zip(problems, texts, strict=True):
+        assert task.reward(p, t) in (0.0, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from bebop.engine import generate
+from bebop.multiturn import is_multi_turn, rollout_multi_turn
 from bebop.sampling import SamplingParams
 from bebop.tasks import Task, sample_problems
 
@@ -19,6 +20,12 @@ def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingPara
     ent_sum, n_tok = 0.0, 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
+        if is_multi_turn(task):  # tool use: the environment answers each call (bebop.multiturn)
+            budget = max(max_new_tokens, getattr(task, "completion_tokens", 0))
+            texts, ent, n = rollout_multi_turn(model, tokenizer, task, chunk, params, budget, gen)
+            rewards += [task.reward(p, t) for p, t in zip(chunk, texts, strict=True)]
+            ent_sum, n_tok = ent_sum + ent, n_tok + n
+            continue
         prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
         r = generate(model, prompts, params, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
         texts = tokenizer.batch_decode(r.completions(), skip_special_tokens=True)

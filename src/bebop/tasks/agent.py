@@ -155,6 +155,9 @@ class AgentTask:
     name = "agent"
     extra_texts = tuple(f"\nerror: {reason}\n" for reason in ERRORS)  # for the tokenizer's vocabulary
     split_transcript = staticmethod(split_transcript)  # SFT masks the environment segments out of the loss
+    step = staticmethod(step)  # the environment; pause decoding at ``terminator``
+    terminator = TERMINATOR
+    completion_tokens = 144  # token budget of a full transcript (references stay under ~115)
 
     def __init__(self, format_reward: float = 0.0) -> None:
         self.format_reward = check_format_reward(format_reward)
