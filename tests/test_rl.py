@@ -309,3 +309,25 @@ def test_resume_without_checkpoint_is_a_clear_error(policy_dirs, tmp_path):
     cfg = small_config(policy_dirs, tmp_path / "empty")
     with pytest.raises(BebopError, match="no checkpoint.pt"):
         train_rl(cfg, resume=True)
+
+
+def test_bench_rl_runs_methods_side_by_side(policy_dirs, tmp_path):
+    from bebop.bench_rl import RLBenchConfig, bench_rl
+
+    policy, mtp = policy_dirs
+    base = replace(small_config(policy_dirs, tmp_path), mtp_strategy="none")
+    cfg = RLBenchConfig(model=str(policy), mtp=str(mtp), mtp_ce=str(mtp), out=str(tmp_path / "bench"),
+                        methods="none,rs-e2e_tv,to-ce,rs-online-ce", steps=3, eval_samples=0,
+                        rl=replace(base, online_every=1, online_steps=1))
+    res = bench_rl(cfg)
+    assert list(res) == ["none", "rs-e2e_tv", "to-ce", "rs-online-ce"]
+    assert res["none"]["step_speedup"] == 1.0 and "accept_length_step0" not in res["none"]
+    for name in ("rs-e2e_tv", "to-ce", "rs-online-ce"):
+        r = res[name]
+        assert r["mean_step_s"] > 0 and r["accept_length_step0"] >= 1.0 and len(r["per_step"]) == 3
+    saved = json.loads((tmp_path / "bench" / "bench_rl.json").read_text())
+    assert saved["results"]["rs-e2e_tv"]["per_step"][0]["accept_length"] == res["rs-e2e_tv"]["accept_length_step0"]
+    with pytest.raises(BebopError, match="unknown RL bench method 'fast'"):
+        RLBenchConfig(methods="none,fast").method_list()
+    with pytest.raises(BebopError, match="needs --mtp-ce DIR"):
+        RLBenchConfig(methods="rs-ce").method_list()

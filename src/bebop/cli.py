@@ -287,6 +287,53 @@ def bench_losses_cmd(
     (out / "bench_losses_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
+@bench_app.command("rl")
+def bench_rl_cmd(
+    model: Annotated[str | None, typer.Option(help="SFT policy directory.")] = None,
+    mtp: Annotated[str | None, typer.Option(help="e2e-TV head directory (rs-e2e_tv, to-e2e_tv).")] = None,
+    mtp_ce: Annotated[str | None, typer.Option(help="CE head directory (rs-ce, to-ce, rs-online-ce).")] = None,
+    task: Annotated[str | None, typer.Option(help="Task.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory: one run per method + bench_rl.json.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma list: none, rs-e2e_tv, to-e2e_tv, rs-ce, to-ce, "
+                                                     "rs-online-ce.")] = None,
+    steps: Annotated[int | None, typer.Option(help="RL steps per method.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out problems before/after each run.")] = None,
+    async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Async rollouts.")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (same for every method).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results JSON here.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Short GRPO runs per rollout method, side by side: step time, rollout time, accept-length drift, accuracy."""
+    from bebop.bench_rl import RLBenchConfig, bench_rl
+    from bebop.config import make_config
+
+    cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
+                      methods=methods, steps=steps, eval_samples=eval_samples, async_rollouts=async_rollouts,
+                      **{"rl.prompts_per_step": prompts_per_step, "rl.group_size": group_size, "rl.lr": lr,
+                         "rl.seed": seed})
+    cfg.method_list()
+    results = bench_rl(cfg, console=console)
+    table = Table(title=f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)")
+    for col in ("method", "step s", "rollout s", "train s", "step ×", "rollout ×", "acc before", "acc after",
+                "accept len step0", "first5", "last5", "max dev", "entropy first5→last5"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        def f(k: str, fmt: str = ".3f", r: dict = r) -> str:
+            return "-" if r.get(k) is None else format(r[k], fmt)
+
+        table.add_row(name, f("mean_step_s"), f("mean_rollout_s"), f("mean_train_s"), f("step_speedup", ".2f"),
+                      f("rollout_speedup", ".2f"), f("accuracy_before"), f("accuracy_after"),
+                      f("accept_length_step0"), f("accept_length_first5"), f("accept_length_last5"),
+                      f("max_rel_dev_from_step0", ".1%"), f"{r['entropy_first5']:.3f}→{r['entropy_last5']:.3f}")
+    console.print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+
+
 @app.command("rl")
 def rl_cmd(
     task: Annotated[str | None, typer.Option(help="Task: arith, countdown, ...")] = None,
