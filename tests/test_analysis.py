@@ -202,8 +202,8 @@ def test_every_plot_writes_a_png(tmp_path):
                      "accept_length_to": 3.2} for name in ("ce", "fkl", "e2e_tv")}
     runs = {m: [{"step": s, "accept_length": None if m == "none" else 3.4 - 0.01 * s, "entropy": 0.3 - 0.01 * s}
                 for s in range(5)] for m in ("none", "RS+e2e_tv", "TO+ce")}
-    times = {"none": {"step_seconds": 3.0, "rollout_seconds": 2.0, "train_seconds": 1.0},
-             "RS+e2e_tv": {"step_seconds": 2.0, "rollout_seconds": 1.0, "train_seconds": 1.0}}
+    times = {"none": {"mean_step_s": 3.0, "mean_rollout_s": 2.0, "mean_train_s": 1.0, "per_step": []},
+             "RS+e2e_tv": {"mean_step_s": 2.0, "mean_rollout_s": 1.0, "mean_train_s": 1.0}}
     paths = [
         plots.plot_entropy_accept(series, tmp_path / "a" / "entropy.png"),
         plots.plot_temperature_sweep(sweep, tmp_path / "sweep.png"),

@@ -26,7 +26,7 @@ __all__ = [
     "plot_temperature_sweep",
 ]
 
-STEP_TIME_KEYS: tuple[str, ...] = ("step_seconds", "rollout_seconds", "train_seconds")
+STEP_TIME_KEYS: tuple[str, ...] = ("mean_step_s", "mean_rollout_s", "mean_train_s")  # as in bench_rl results
 _DPI = 120
 
 
@@ -145,7 +145,8 @@ def plot_rl_accept_length(runs: Mapping[str, Sequence[Mapping]], path: str | Pat
                           title: str = "Accept length over RL steps") -> Path:
     """Accept length (top) and policy entropy (bottom) against RL step, one line per method;
     ``runs = {method: [{"step", "accept_length", "entropy"}, ...]}`` (records without an accept length, e.g.
-    the ``none`` strategy, are skipped in the top panel)."""
+    the ``none`` strategy, are skipped in the top panel); from ``bench_rl`` results:
+    ``{m: r["per_step"] for m, r in results.items()}``."""
     if not runs:
         raise BebopError("plot_rl_accept_length needs at least one run")
     fig = Figure(figsize=(7, 6))
@@ -170,14 +171,16 @@ def plot_rl_accept_length(runs: Mapping[str, Sequence[Mapping]], path: str | Pat
 def plot_step_times(times: Mapping[str, Mapping[str, float]], path: str | Path,
                     keys: Sequence[str] = STEP_TIME_KEYS, title: str = "RL step time per method") -> Path:
     """Grouped bars of mean seconds per RL step (``keys``: step, rollout, train) per method;
-    ``times = {method: {"step_seconds": s, "rollout_seconds": r, "train_seconds": t}}``. If a ``none`` method
-    is present, each bar of step time is annotated with its speedup over it."""
+    ``times = {method: {"mean_step_s": s, "mean_rollout_s": r, "mean_train_s": t, ...}}`` — the results of
+    ``bench_rl.bench_rl`` as they are (other keys are ignored). If a ``none`` method is present, each step-time
+    bar is annotated with its speedup over it."""
     if not times:
         raise BebopError("plot_step_times needs at least one method")
     methods = list(times)
-    keys = [k for k in keys if any(k in v for v in times.values())]
-    if not keys:
-        raise BebopError(f"plot_step_times: no method has any of the keys {', '.join(STEP_TIME_KEYS)}")
+    present = [k for k in keys if any(k in v for v in times.values())]
+    if not present:
+        raise BebopError(f"plot_step_times: no method has any of the keys {', '.join(keys)}")
+    keys = present
     fig = Figure(figsize=(max(6.0, 1.4 * len(methods) + 2), 4.4))
     ax = fig.subplots()
     width = 0.8 / len(keys)
@@ -185,7 +188,8 @@ def plot_step_times(times: Mapping[str, Mapping[str, float]], path: str | Path,
     for j, key in enumerate(keys):
         vals = [float(times[m].get(key, 0.0)) for m in methods]
         x = np.arange(len(methods)) + (j - (len(keys) - 1) / 2) * width
-        bars = ax.bar(x, vals, width=width, color=f"C{j}", label=key.replace("_", " "))
+        label = key.removeprefix("mean_").removesuffix("_s").replace("_", " ") + " time"
+        bars = ax.bar(x, vals, width=width, color=f"C{j}", label=label)
         if j == 0 and base:
             for b, v in zip(bars, vals, strict=True):
                 if v > 0:
