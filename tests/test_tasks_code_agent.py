@@ -501,3 +501,10 @@ def test_multi_turn_rollouts_with_a_random_policy(tiny_model, tiny_tokenizer) ->
     assert len(texts) == 4 and 0 < n <= 4 * 24 and ent > 0
     for p, t in zip(problems, texts, strict=True):
         assert task.reward(p, t) in (0.0, 1.0)
+
+
+def test_evaluate_runs_agent_multi_turn(tiny_model, tiny_tokenizer) -> None:
+    from bebop.evaluate import evaluate
+
+    res = evaluate(tiny_model, tiny_tokenizer, AgentTask(), samples=4, max_new_tokens=12, batch_size=4)
+    assert res["task"] == "agent" and 0.0 <= res["accuracy"] <= 1.0 and res["mean_tokens"] > 0
