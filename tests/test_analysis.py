@@ -182,6 +182,17 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert set(series) == {"a RS", "a TO"} and series["a RS"]["accept_length"] == row["rejection"]["accept_length"]
 
 
+def test_step_series_fits_per_rl_step_records():
+    rows = [{"step": s, "entropy": 0.3 - 0.01 * s, "accept_length": 3.0 + 1.68 * 0.01 * s,
+             "alpha": [0.9 + 0.001 * s, 0.8]} for s in range(10)]
+    runs = {"none": [{"step": 0, "entropy": 0.3}], "rs": rows, "to": [dict(r, alpha=None) for r in rows]}
+    series = analysis.step_series(runs)
+    assert set(series) == {"rs", "to"}
+    assert series["rs"]["fit"]["slope"] == pytest.approx(-1.68) and series["rs"]["fit"]["r"] == pytest.approx(-1.0)
+    assert series["rs"]["alpha_fits"][0]["slope"] == pytest.approx(-0.1) and series["rs"]["alpha_fits"][1]["r"] is None
+    assert series["to"]["alpha_fits"] == [] and series["to"]["fit"]["n"] == 10
+
+
 # ------------------------------------------------------------------------------------------------ plots
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "entropy_series",
     "sweep_series",
     "linear_fit",
+    "step_series",
     "temperature_sweep",
     "token_acceptance",
 ]
@@ -249,6 +250,30 @@ def entropy_series(result: Mapping) -> dict[str, dict]:
         for rule, tag in RULE_NAMES.items():
             series[f"{name} {tag}"] = {"entropy": row["entropy"], "accept_length": row[rule]["accept_length"],
                                        "count": row["count"], "fit": row[rule]["fit"]}
+    return series
+
+
+def step_series(runs: Mapping[str, Sequence[Mapping]]) -> dict[str, dict]:
+    """Per-RL-step fits: for each method's per-step records ``[{"entropy", "accept_length", "alpha": [α_k]},
+    ...]`` (as ``rl.jsonl`` / ``bench_rl`` ``per_step``), the points (entropy, accept length) and
+    ``linear_fit`` of accept length and of each α_k against the step's mean policy entropy. Records without an
+    accept length (no MTP) are skipped, and so are methods left with none. The shape
+    ``plots.plot_entropy_accept`` takes, plus ``"alpha_fits"``."""
+    series = {}
+    for method, rows in runs.items():
+        rows = [r for r in rows if r.get("accept_length") is not None and r.get("entropy") is not None]
+        if not rows:
+            continue
+        ent = [r["entropy"] for r in rows]
+        alphas = [r["alpha"] for r in rows if r.get("alpha")]
+        gamma = min((len(a) for a in alphas), default=0)
+        series[method] = {
+            "entropy": ent,
+            "accept_length": [r["accept_length"] for r in rows],
+            "fit": linear_fit(ent, [r["accept_length"] for r in rows]),
+            "alpha_fits": [linear_fit([r["entropy"] for r in rows if r.get("alpha")], [a[k] for a in alphas])
+                           for k in range(gamma)],
+        }
     return series
 
 
