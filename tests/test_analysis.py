@@ -162,6 +162,8 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     for row in res["heads"].values():
         assert sum(row["count"]) == row["n_positions"] > 0
         assert row["decision_boundary"]["agreement"] in (None, 1.0)
+        best = row["best_rule_accept_length"]
+        assert best >= max(row["rejection"]["mean_accept_length"], row["target_only"]["mean_accept_length"]) - 1e-9
         assert len(row["decision_boundary_per_step"]) == 2
         for rule in ("rejection", "target_only"):
             assert len(row[rule]["alpha"]) == len(row["count"]) and len(row[rule]["alpha_fits"]) == 2

@@ -217,7 +217,9 @@ def entropy_analysis(model, tokenizer, heads: Mapping[str, object], task_name: s
     """Per-token entropy buckets, per-token fits and the decision-boundary check for each head on the same
     ``samples`` policy samples at ``temperature`` (prompts seeded by ``seed``). JSON-able:
     ``{"config": {...}, "heads": {name: bucket_by_entropy(...) + {"decision_boundary": {...},
-    "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄}}}``."""
+    "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄, "best_rule_accept_length"}}}``;
+    the last is the mean accept length if every draft step used the rule with the larger α (an upper bound
+    on choosing RS vs TO from the boundary: the boundary needs p, which the drafter does not have)."""
     params = SamplingParams(temperature=temperature)
     if not temperature > 0:
         raise BebopError(f"temperature must be > 0 for the entropy analysis, got {temperature}")
@@ -234,6 +236,9 @@ def entropy_analysis(model, tokenizer, heads: Mapping[str, object], task_name: s
         row["n_positions"] = int(stats["entropy"].size)
         row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
         row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
+        # headroom for choosing the rule per draft step from the boundary (needs p, so an upper bound)
+        best = np.maximum(stats["alpha_rs"], stats["alpha_to"])
+        row["best_rule_accept_length"] = float(accept_length(best).mean()) if best.size else None
         row["decision_boundary_per_step"] = [
             boundary_agreement(stats["tv"][:, k], stats["alpha_rs"][:, k], stats["alpha_to"][:, k])
             for k in range(gamma)
