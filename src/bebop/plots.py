@@ -104,7 +104,7 @@ def plot_temperature_sweep(sweep: Mapping, path: str | Path, title: str = "RS vs
         first = next(iter(heads.values()))
         ent = first.get("rejection", next(iter(first.values())))["entropy"]
         axes[1].plot(temps, ent, color="gray", marker=".")
-        axes[1].set_ylabel("entropy [nats]")
+        axes[1].set_ylabel("mean H(p) [nats]")
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("temperature τ")
     return _save(fig, path)
