@@ -282,6 +282,7 @@ def test_ray_backend_matches_local(policy_dirs, tmp_path):
     ({"reward": "no_such_module:fn"}, "cannot load reward 'no_such_module:fn'"),
     ({"reward": "rl_rewards:nope"}, "cannot load reward 'rl_rewards:nope'"),
     ({"task": "chess"}, "chess"),
+    ({"task": "agent"}, "multi-turn task 'agent' is not supported yet"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"mtp": None}, "needs a trained head"),
     ({"backend": "slurm"}, "unknown backend 'slurm'"),

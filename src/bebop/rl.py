@@ -31,6 +31,7 @@ from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.losses import mtp_loss_from_hidden
 from bebop.model import load_policy, save_policy
 from bebop.mtp import MTPHead, load_head, save_head
+from bebop.multiturn import is_multi_turn
 from bebop.rollout import (
     RULES_RL,
     STRATEGIES,
@@ -89,6 +90,8 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         load_reward(self.task, self.reward)
+        if is_multi_turn(get_task(self.task)):
+            raise BebopError(f"RL on the multi-turn task {self.task!r} is not supported yet: rollouts are single-turn")
         if self.mtp_strategy not in STRATEGIES:
             raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if self.rule not in RULES_RL:
