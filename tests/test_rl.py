@@ -20,7 +20,7 @@ from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.model import load_policy, save_policy
 from bebop.mtp import MTPHead, load_head, save_head
 from bebop.rl import CHECKPOINT, RLConfig, head_update, policy_update, save_checkpoint, train_rl, training_batch
-from bebop.rollout import RolloutSpec, RolloutWorker, check_ray_address, snapshot
+from bebop.rollout import RolloutWorker, check_ray_address, snapshot
 
 TESTS = Path(__file__).parent
 REWARD = "rl_rewards:digit_fraction"
@@ -109,9 +109,7 @@ def test_grpo_kl_term_is_k3_and_zero_at_reference():
 def test_behaviour_logprobs_match_the_trainer_forward(policy_dirs, tmp_path):
     """The engine's (MTP-RS) behaviour log-probs equal the trainer's fresh forward: ratio 1 on-policy."""
     cfg = small_config(policy_dirs, tmp_path)
-    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task="arith", use_mtp=True, prompts_per_step=4,
-                       group_size=4, max_new_tokens=8, reward=REWARD, temperature=0.8)
-    batch = RolloutWorker(spec).rollout(step=0, version=0)
+    batch = RolloutWorker(replace(cfg, temperature=0.8)).rollout(step=0, version=0)
     model, tok = load_policy(cfg.model)
     ids, mask, comp, blp = training_batch(batch, tok.pad_token_id, "cpu")
     with torch.no_grad():
@@ -122,9 +120,7 @@ def test_behaviour_logprobs_match_the_trainer_forward(policy_dirs, tmp_path):
 
 
 def test_rollout_is_deterministic_per_step(policy_dirs, tmp_path):
-    spec = RolloutSpec(model=str(policy_dirs[0]), mtp=str(policy_dirs[1]), task="arith", use_mtp=True,
-                       prompts_per_step=2, group_size=3, max_new_tokens=6, reward=REWARD)
-    w = RolloutWorker(spec)
+    w = RolloutWorker(small_config(policy_dirs, tmp_path, prompts_per_step=2, group_size=3, max_new_tokens=6))
     a, b, c = w.rollout(5, 0), w.rollout(5, 0), w.rollout(6, 0)
     assert a.completions == b.completions and a.rewards == b.rewards
     assert a.prompts != c.prompts or a.completions != c.completions
@@ -136,9 +132,7 @@ def test_gradient_isolation_between_head_and_policy(policy_dirs, tmp_path):
     model, tok = load_policy(cfg.model)
     model.train()
     head = load_head(cfg.mtp, model)
-    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task="arith", use_mtp=True, prompts_per_step=4,
-                       group_size=4, max_new_tokens=8, reward=REWARD)
-    batch = RolloutWorker(spec).rollout(0, 0)
+    batch = RolloutWorker(cfg).rollout(0, 0)
     adv = group_advantages(torch.tensor(batch.rewards), 4)
     assert adv.abs().sum() > 0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

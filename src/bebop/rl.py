@@ -38,7 +38,6 @@ from bebop.rollout import (
     LocalBackend,
     RayBackend,
     RolloutBatch,
-    RolloutSpec,
     load_reward,
     snapshot,
 )
@@ -303,14 +302,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None
                                           temperature=cfg.temperature)
     model.train()
 
-    spec = RolloutSpec(model=cfg.model, mtp=cfg.mtp, task=cfg.task, use_mtp=cfg.use_mtp, rule=cfg.rule,
-                       gamma=cfg.gamma, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
-                       temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                       threads=cfg.rollout_threads, device=cfg.device, reward=cfg.reward)
     if cfg.backend == "ray":
-        backend = RayBackend(spec, workers=cfg.ray_workers, address=cfg.ray_address)
+        backend = RayBackend(cfg, workers=cfg.ray_workers, address=cfg.ray_address)
     else:
-        backend = LocalBackend(spec, threaded=cfg.async_rollouts)
+        backend = LocalBackend(cfg, threaded=cfg.async_rollouts)
     inflight: deque = deque()
     next_rollout = start
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []

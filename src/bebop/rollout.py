@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,28 +26,11 @@ from bebop.mtp import MTPHead, load_head
 from bebop.sampling import SamplingParams
 from bebop.tasks import Problem, get_task, sample_problems
 
+if TYPE_CHECKING:
+    from bebop.rl import RLConfig
+
 STRATEGIES = ("none", "frozen", "online-ce", "online-tv")
 RULES_RL = ("rejection", "target_only")
-
-
-@dataclass
-class RolloutSpec:
-    """What a worker needs to know; a plain dataclass so it travels to Ray actors."""
-
-    model: str
-    mtp: str | None
-    task: str
-    use_mtp: bool
-    rule: str = "rejection"
-    gamma: int = 3
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 96
-    seed: int = 0
-    threads: int = 0          # torch intra-op threads in the worker (0 = leave as is)
-    device: str = "cpu"
-    reward: str | None = None  # "module:function" overriding the task's reward (TRL style: a plain function)
 
 
 @dataclass
@@ -94,18 +78,18 @@ def step_seed(seed: int, step: int) -> int:
 class RolloutWorker:
     """Holds the behaviour policy (+ head). ``set_weights`` then ``rollout(step, version)``."""
 
-    def __init__(self, spec: RolloutSpec) -> None:
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        self.spec = spec
-        self.task = get_task(spec.task)
-        self.reward = load_reward(spec.task, spec.reward)
-        self.model, self.tokenizer = load_policy(spec.model, spec.device)
+    def __init__(self, cfg: RLConfig) -> None:
+        if cfg.rollout_threads:
+            torch.set_num_threads(cfg.rollout_threads)
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.reward = load_reward(cfg.task, cfg.reward)
+        self.model, self.tokenizer = load_policy(cfg.model, cfg.device)
         self.head = None
-        if spec.use_mtp:
-            self.head = load_head(spec.mtp, self.model) if spec.mtp else MTPHead.from_base(self.model)
-            self.head = self.head.to(spec.device).eval()
-        self.params = SamplingParams(temperature=spec.temperature)
+        if cfg.use_mtp:
+            self.head = load_head(cfg.mtp, self.model) if cfg.mtp else MTPHead.from_base(self.model)
+            self.head = self.head.to(cfg.device).eval()
+        self.params = SamplingParams(temperature=cfg.temperature)
 
     def set_weights(self, policy_state: dict, head_state: dict | None = None) -> None:
         """Copy pushed weights in place (the head stays bound to this worker's embedding and LM head)."""
@@ -116,7 +100,7 @@ class RolloutWorker:
     @torch.inference_mode()
     def rollout(self, step: int, version: int, offset: int = 0, count: int | None = None) -> RolloutBatch:
         """Rollouts of step ``step`` for its prompts [offset, offset + count) (all by default)."""
-        s = self.spec
+        s = self.cfg
         t0 = time.perf_counter()
         problems = sample_problems(self.task, s.prompts_per_step, step_seed(s.seed, step))
         problems = problems[offset : None if count is None else offset + count]
@@ -156,8 +140,8 @@ class LocalBackend:
     """In-process worker. ``threaded=False``: ``submit`` runs the rollout at once (synchronous RL);
     ``threaded=True``: on one background thread, so rollouts overlap training (asynchronous RL)."""
 
-    def __init__(self, spec: RolloutSpec, threaded: bool) -> None:
-        self.worker = RolloutWorker(spec)
+    def __init__(self, cfg: RLConfig, threaded: bool) -> None:
+        self.worker = RolloutWorker(cfg)
         self.pool = ThreadPoolExecutor(max_workers=1) if threaded else None
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> Future:
@@ -216,7 +200,7 @@ class RayBackend:
     """Rollout workers as Ray actors; each step's weights go through the object store once (``ray.put``)
     and every worker samples its share of the step's prompts. ``address=None`` starts a local Ray."""
 
-    def __init__(self, spec: RolloutSpec, workers: int = 1, address: str | None = None,
+    def __init__(self, cfg: RLConfig, workers: int = 1, address: str | None = None,
                  num_cpus: int | None = None) -> None:
         try:
             import ray
@@ -229,11 +213,11 @@ class RayBackend:
                          log_to_driver=False, ignore_reinit_error=True)
             except ConnectionError as e:
                 raise BebopError(f"cannot connect to Ray at {address}: {e}") from None
-        if spec.prompts_per_step % workers:
-            raise BebopError(f"prompts_per_step {spec.prompts_per_step} does not split over {workers} Ray workers")
+        if cfg.prompts_per_step % workers:
+            raise BebopError(f"prompts_per_step {cfg.prompts_per_step} does not split over {workers} Ray workers")
         self.ray = ray
-        self.per = spec.prompts_per_step // workers
-        self.actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(spec) for _ in range(workers)]
+        self.per = cfg.prompts_per_step // workers
+        self.actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(cfg) for _ in range(workers)]
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> _RayFuture:
         ref = self.ray.put((policy_state, head_state))
