@@ -19,8 +19,10 @@ ran and the answer evaluated to a wrong value).
 
 Reference programs are deliberately varied (all correct): a loop on the value, a loop with the step in its
 own variable, a loop accumulating from 0 (or 1) combined with the start in the ``A:`` line, straight-line
-arithmetic in one or two lines, or ``A: <expr>`` alone; variable names, statement order and the operand
-order of ``+`` and ``*`` are random. Prompt plus program stay under ~60 tokens.
+arithmetic in one or two lines, or ``A: <expr>`` alone; statement order and the operand order of ``+`` and
+``*`` are random. Variable names vary over two per role only (``x``/``y`` for the value, ``s``/``t`` for a
+helper): with eight free names a 1.6M-parameter policy sampled a fresh name at each use after a 15-minute SFT
+(undefined variables were most of its errors at τ = 1). Prompt plus program stay under ~60 tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from bebop.tasks.grammar import MAX_COMPLETION_CHARS
 from bebop.tasks.interp import evaluate_expression, run
 
 KINDS = ("add", "sub", "mul", "sum")
-NAMES = ("x", "y", "z", "s", "t", "n", "k", "v")
+VALUE_NAMES = ("x", "y")  # the result (or the running total of a sum)
+AUX_NAMES = ("s", "t")  # a step, accumulator or counter
 INDENT = "  "
 
 
@@ -97,7 +100,7 @@ class CodeTask:
     def reference_solution(self, problem: Problem, rng: random.Random) -> str:
         d = problem.data
         kind, a, b, n = d["kind"], d["a"], d["b"], d["n"]
-        v, s = rng.sample(NAMES, 2)
+        v, s = rng.choice(VALUE_NAMES), rng.choice(AUX_NAMES)
         lines = _sum_program(a, b, n, v, s, rng) if kind == "sum" else _step_program(kind, a, b, n, v, s, rng)
         return "\n".join(lines)
 
