@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from bebop.engine import DecodeMetrics, generate, generate_mtp, left_pad, target_forward
+from bebop.engine import DecodeMetrics, forwards, generate, generate_mtp, left_pad
 from bebop.sampling import SamplingParams
 from bebop.tasks import get_task, sample_problems
 
@@ -31,6 +30,7 @@ class DecodeBenchConfig:
     repeats: int = 3
     num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
+    threads: int = 1                # torch intra-op threads for the whole benchmark (restored afterwards)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -45,39 +45,32 @@ def _median_time(fn, repeats: int) -> float:
 @torch.inference_mode()
 def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20) -> dict[str, float]:
     """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
-    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt."""
+    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt — through the same
+    forwards the engine uses (``engine.forwards``: lean when supported)."""
     device = model.device
     ids, mask = left_pad(prompt_ids, 0, device)
     B, P = ids.shape
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    def fresh():
-        cache = DynamicCache(config=model.config)
-        hid = target_forward(model, ids, mask, pos, cache)
-        return cache, hid
+    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
+    target, drafter, _ = forwards(model, head, B, P + gamma + 1)
+    hid = target(ids, pos, valid[:, :P], 0)
+    drafter(ids, hid, pos, valid[:, :P], 0)
 
     def run_target(n_tok: int) -> float:
-        cache, _ = fresh()
         x = ids[:, -1:].repeat(1, n_tok)
-        m = torch.cat([mask, torch.ones((B, n_tok), dtype=torch.long, device=device)], 1)
         p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
 
         def once():
-            target_forward(model, x, m, p, cache)
-            cache.crop(-n_tok)
+            target(x, p, valid[:, : P + n_tok], P)   # writes slots P.., which the next call overwrites
 
         once()
         return _median_time(once, repeats)
 
     c1, cv = run_target(1), run_target(gamma + 1)
-    _, hid = fresh()
-    mcache = head.new_cache()
-    head(ids, hid, pos, mask, mcache)
-    mm = torch.cat([mask, torch.ones((B, 1), dtype=torch.long, device=device)], 1)
 
     def draft_once():
-        head(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, mm, mcache)
-        mcache.crop(-1)
+        drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
 
     draft_once()
     cd = _median_time(draft_once, repeats)
@@ -114,7 +107,19 @@ def _count_generated(out: torch.Tensor, eos_id: int) -> int:
 
 
 def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
-    """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs."""
+    """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs.
+
+    Runs with ``cfg.threads`` intra-op threads (default 1): at these sizes one thread is as fast as two at
+    batch 1, and on a machine shared with other jobs two threads stall each other by milliseconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _bench_decode(model, tokenizer, head, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     from bebop.mtp import hf_mtp_generate
 
     task = get_task(cfg.task)
@@ -147,6 +152,7 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
             "expected_alpha": mtp_all.expected_alpha,
             "accept_length": mtp_all.accept_length,
             "accept_length_counts_bonus": True,
+            "threads": cfg.threads,
         }
         res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
         hf_tps = [hf_generate_tokens_per_s(model, tokenizer, p, params, cfg.max_new_tokens, cfg.seed, cfg.repeats)

@@ -5,6 +5,13 @@ Shape of one MTP decoding step (DESIGN §3), per row of the batch:
   → roll back: rejected cache slots become holes in the attention mask of both caches.
 Rows accept ragged counts; the caches stay rectangular, with a per-row validity mask over cache slots and
 explicit per-row position ids, so no row's prefix is ever recomputed.
+
+Forwards: both ``generate`` and ``generate_mtp`` run the target (and the head) through the same backend —
+``bebop.lean`` (static KV slots written in place, fused projections over the model's own weights, same math
+as transformers) when the model is a supported Qwen3 decoder, transformers' own modules with a
+``DynamicCache`` otherwise (or when ``USE_LEAN`` is False). Plain and MTP decoding are thus always compared
+on equal forwards. Target and head caches share one slot layout (head slot s pairs with target slot s), so
+one validity mask serves both.
 """
 
 from __future__ import annotations
@@ -13,10 +20,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from bebop.errors import BebopError
-from bebop.sampling import SamplingParams, draft_tokens, entropy, probs_from_logits, sample, verify
+from bebop.lean import lean_decoder, lean_head
+from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
+
+USE_LEAN = True
+"""Run supported models through ``bebop.lean``; False forces transformers' forwards (tests compare both)."""
 
 
 @dataclass
@@ -111,10 +123,96 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) 
 
 
 def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch.Tensor:
-    """Last hidden states of the target (after its final norm, as the LM head sees them)."""
+    """Last hidden states of the target (after its final norm, as the LM head sees them), transformers path."""
     return model.get_decoder()(
         input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
     ).last_hidden_state
+
+
+def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
+    """``(target, drafter, lm_head)`` callables over explicit cache slots, lean when supported (module doc):
+
+    ``target(ids [B, T], pos [B, T], valid [B, start+T] bool, start) -> hidden [B, T, H]`` and
+    ``drafter(ids, hidden, pos, valid, start) -> h^k [B, T, H]`` (None without a head) write slots
+    ``start..start+T-1`` of their own cache (anything at or after ``start`` is overwritten/dropped) and attend
+    to the slots marked valid; ``lm_head(hidden) -> logits``. ``capacity`` is a first allocation; lean caches
+    grow on demand."""
+    lean = lean_decoder(model) if USE_LEAN else None
+    if lean is not None:
+        tcache = lean.new_cache(batch, capacity)
+
+        def target(ids, pos, valid, start):
+            return lean(ids, pos, valid, tcache, start)
+    else:
+        tcache = DynamicCache(config=model.config)
+
+        def target(ids, pos, valid, start):
+            _crop_to(tcache, start)
+            return target_forward(model, ids, valid.long(), pos, tcache)
+
+    lm_head = _lm_head(model, lean)
+    if head is None:
+        return target, None, lm_head
+    lhead = lean_head(head, model, lean) if lean is not None else None
+    if lhead is not None:
+        mcache = lhead.new_cache(batch, capacity)
+
+        def drafter(ids, hidden, pos, valid, start):
+            return lhead(ids, hidden, pos, valid, mcache, start)
+    else:
+        mcache = head.new_cache()
+
+        def drafter(ids, hidden, pos, valid, start):
+            _crop_to(mcache, start)
+            return head(ids, hidden, pos, valid.long(), mcache)
+
+    return target, drafter, lm_head
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    n = cache.get_seq_length()
+    if n > length:
+        cache.crop(length - n)
+
+
+def _lm_head(model: PreTrainedModel, lean):
+    """The LM head as a function: the lean one when available, a plain ``F.linear`` when it is an
+    ``nn.Linear`` (no module-call overhead), else the module."""
+    if lean is not None and lean.lm_t is not None:
+        return lean.logits
+    lm = model.get_output_embeddings()
+    if type(lm) is torch.nn.Linear:
+        w, b = lm.weight, lm.bias
+        return lambda h: F.linear(h, w, b)
+    return lm
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``sampling.probs_from_logits``; for plain temperature sampling (no top-k/top-p) the same ops inline,
+    skipping the division at τ = 1 (``z / 1.0 == z`` exactly), so the result is bit-identical."""
+    if params.top_k is not None or params.top_p is not None or params.temperature == 0:
+        return probs_from_logits(logits, params)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    return torch.softmax(z if params.temperature == 1 else z / params.temperature, dim=-1)
+
+
+def _noise(shape, like: torch.Tensor, generator) -> torch.Tensor:
+    """i.i.d. Exp(1) noise for ``_race`` (drawn in one call for several draws at once)."""
+    return torch.empty(shape, dtype=torch.float32, device=like.device).exponential_(1.0, generator=generator) \
+        .clamp_min_(_TINY)
+
+
+def _race(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``argmax_v p(v) / E_v`` with ``E_v ~ Exp(1)`` i.i.d.: an exact draw from ``p / Σp`` (``sampling.sample``)."""
+    return (p / e).argmax(dim=-1)
+
+
+def _emitted(p: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p(tok), H(p)) for the log-prob and entropy outputs; the log is taken once at the end."""
+    return p.gather(-1, tok.unsqueeze(-1)).squeeze(-1), torch.special.entr(p).sum(dim=-1)
 
 
 @torch.inference_mode()
@@ -132,33 +230,44 @@ def generate(
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
-    full_mask = torch.cat([mask, torch.ones((B, max_new_tokens), dtype=torch.long, device=device)], dim=1)
+    valid = torch.ones((B, P + max_new_tokens), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    hidden = target_forward(model, ids, mask, positions, cache)[:, -1]
-    pos = positions[:, -1]
-    lm_head = model.get_output_embeddings()
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logp = torch.zeros((B, max_new_tokens), device=device)
-    ent = torch.zeros((B, max_new_tokens), device=device)
+    target, _, lm_head = forwards(model, None, B, P + max_new_tokens)
+    hidden = target(ids, positions, valid[:, :P], 0)[:, -1]
+    pos = positions[:, -1:]
+    toks, probs, ents = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
     metrics = DecodeMetrics()
     for step in range(max_new_tokens):
-        p = probs_from_logits(lm_head(hidden), params)
-        tok = sample(p, generator)
-        live = ~done
-        out[:, step] = torch.where(live, tok, out[:, step])
-        logp[:, step] = torch.where(live, p.gather(-1, tok[:, None]).squeeze(-1).clamp_min(1e-30).log(), 0.0)
-        ent[:, step] = torch.where(live, entropy(p), 0.0)
-        lengths += live.long()
+        p = _probs(lm_head(hidden), params)
+        tok = p.argmax(-1) if params.greedy else _race(p, _noise(p.shape, p, generator))
+        pt, h = _emitted(p, tok)
+        toks.append(tok)
+        probs.append(pt)
+        ents.append(h)
         if eos_id is not None:
             done |= tok == eos_id
-        if step == max_new_tokens - 1 or bool(done.all()):
+            if bool(done.all()):  # the step's one host sync
+                break
+        if step == max_new_tokens - 1:
             break
         pos = pos + 1
-        hidden = target_forward(model, tok[:, None], full_mask[:, : P + step + 1], pos[:, None], cache)[:, -1]
+        hidden = target(tok.unsqueeze(1), pos, valid.narrow(1, 0, P + step + 1), P + step).squeeze(1)
         metrics.target_forwards += 1
+    steps = len(toks)
+    out, logp, ent = torch.stack(toks, 1), torch.stack(probs, 1).clamp_min(1e-30).log(), torch.stack(ents, 1)
+    if eos_id is not None:
+        is_eos = out == eos_id
+        lengths = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, steps)
+    else:
+        lengths = torch.full((B,), steps, dtype=torch.long, device=device)
+    if steps < max_new_tokens:
+        out, logp, ent = (torch.nn.functional.pad(t, (0, max_new_tokens - steps)) for t in (out, logp, ent))
+    keep = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
+    out = torch.where(keep, out, pad_id)
+    logp = torch.where(keep, logp, 0.0)
+    ent = torch.where(keep, ent, 0.0)
     metrics.tokens = int(lengths.sum())
     metrics.seconds = time.perf_counter() - t0
     return Rollout(out, lengths, logp, ent, metrics)
@@ -180,10 +289,54 @@ def _count_acceptance(metrics: DecodeMetrics, history: list[tuple[torch.Tensor, 
     metrics.expected_k = (exp * reached).sum((0, 1)).tolist()
 
 
-def _valid_slots(n_new: int, accepted: torch.Tensor) -> torch.Tensor:
-    """[B, n_new] long: slot j of a verify/catch-up call is kept iff j ≤ accepted[b]."""
-    j = torch.arange(n_new, device=accepted.device)
-    return (j[None, :] <= accepted[:, None]).long()
+def _verify_rs(p_t: torch.Tensor, q_pad: torch.Tensor, vin: torch.Tensor, j: torch.Tensor, rows: torch.Tensor,
+               pad_id: int, noise: torch.Tensor, generator) -> tuple[torch.Tensor, ...]:
+    """``sampling.verify(p, q, drafts, "rejection")`` (DESIGN §3, RS row) in fewer ops, for the engine's loop.
+
+    ``p_t`` [B, γ+1, V]; ``q_pad`` [B, γ+1, V] = q_1..q_γ and a ZERO row at index γ; ``vin`` = [x, d_1..d_γ]
+    with every d_k drawn from q_k (so q_k(d_k) > 0); ``noise`` [B, V] fresh Exp(1) noise for the final draw.
+    Draft k is accepted iff ``u_k < p_k(d_k) / q_k(d_k)`` (= ``u_k < min(1, p/q)`` as u < 1); A = number of
+    leading acceptances. The token at index A is drawn from ``max(0, p_{A+1} − q_{A+1})``, which at A = γ is
+    ``p_{γ+1}`` itself thanks to the zero row (the bonus token); a residual without mass (a float-rounding
+    event) falls back to ``p_{A+1}``, as in ``sampling.verify``. Sampling uses the exponential race, which does
+    not need the residual normalised. Returns (A [B], emitted slots [B, γ+1] = (j ≤ A), tokens [B, γ+1] =
+    [d_1..d_A, token, pad...], expected α [B, γ] = Σ min(p_k, q_k))."""
+    G = q_pad.shape[1] - 1
+    drafts = vin.narrow(1, 1, G)
+    idx = drafts.unsqueeze(-1)
+    p_steps, q_steps = p_t.narrow(1, 0, G), q_pad.narrow(1, 0, G)
+    ratio = p_steps.gather(-1, idx).squeeze(-1) / q_steps.gather(-1, idx).squeeze(-1)
+    ok = torch.rand(ratio.shape, generator=generator, device=ratio.device) < ratio
+    a = ok.long().cumprod(dim=1).sum(dim=1)
+    exp_alpha = torch.minimum(p_steps, q_steps).sum(dim=-1)
+    p_at = p_t[rows, a]
+    res = (p_at - q_pad[rows, a]).clamp_min_(0.0)
+    res = torch.where(res.sum(dim=-1, keepdim=True) > _TINY, res, p_at)
+    final = _race(res, noise).unsqueeze(1)
+    toks = torch.cat([drafts, final], dim=1).scatter_(1, a.unsqueeze(1), final)
+    kept = j <= a.unsqueeze(1)
+    return a, kept, torch.where(kept, toks, pad_id), exp_alpha
+
+
+def _assemble(x0, first_p, first_h, blocks, max_new_tokens: int, eos_id: int | None, pad_id: int):
+    """Rollout tensors from the first token and the per-step blocks (tokens, p(token), H(p), emitted mask):
+    emitted entries in order, cut after each row's first EOS and at ``max_new_tokens``, packed left."""
+    B, device = x0.shape[0], x0.device
+    toks = torch.cat([x0.unsqueeze(1), *(b[0] for b in blocks)], dim=1)
+    probs = torch.cat([first_p.unsqueeze(1), *(b[1] for b in blocks)], dim=1)
+    ents = torch.cat([first_h.unsqueeze(1), *(b[2] for b in blocks)], dim=1)
+    emit = torch.cat([torch.ones((B, 1), dtype=torch.bool, device=device), *(b[3] for b in blocks)], dim=1)
+    if eos_id is not None:
+        is_eos = (emit & (toks == eos_id)).long()
+        emit &= (is_eos.cumsum(1) - is_eos) == 0                      # nothing after the first EOS
+    rank = emit.long().cumsum(1) - 1
+    emit &= rank < max_new_tokens
+    cols = torch.where(emit, rank, max_new_tokens)                     # column max_new_tokens = discarded
+    width = (B, max_new_tokens + 1)
+    out = torch.full(width, pad_id, dtype=torch.long, device=device).scatter_(1, cols, toks)
+    logp = torch.zeros(width, device=device).scatter_(1, cols, probs.clamp_min(1e-30).log())
+    ent = torch.zeros(width, device=device).scatter_(1, cols, ents)
+    return out[:, :max_new_tokens], logp[:, :max_new_tokens], ent[:, :max_new_tokens], emit.sum(1)
 
 
 @torch.inference_mode()
@@ -202,125 +355,106 @@ def generate_mtp(
     """MTP speculative sampling (DESIGN §3). Emitted tokens are distributed exactly as ``generate``
     (for ``rejection`` and ``target_only``; ``greedy`` equals plain τ = 0 decoding).
 
-    Per step, with x the last emitted token at position t+1 and g the head's output at position t:
+    Per step, with x the last emitted token at position t+1 (cache slot s) and g the head's output at t:
       draft:   q_1 = probs(LMHead(g)); d_1 ~ q_1; for k = 2..γ the head consumes (d_{k-1}, g_{k-1}) at
-               position t+k-1 (temporary slots in the head's cache) giving q_k, d_k.
-      verify:  one target forward over [x, d_1..d_γ] gives p_1..p_{γ+1}; ``sampling.verify`` accepts a.
-      rollback: target slots of [x, d_1..d_a] stay valid, the rest become holes; the head's temporary
-               slots are dropped and it re-reads positions t+1..t+a+1 with the TRUE target hiddens and
-               tokens [d_1..d_a, e] (e = correction/bonus token), whose last output is the next g.
+               position t+k-1 (temporary head slots s..s+γ-2) giving q_k, d_k.
+      verify:  one target forward over [x, d_1..d_γ] (target slots s..s+γ) gives p_1..p_{γ+1};
+               ``sampling.verify`` accepts a.
+      rollback: slots s..s+a stay valid in both caches, s+a+1..s+γ become holes; the head overwrites its
+               slots s..s+γ, re-reading positions t+1..t+a+1 with the TRUE target hiddens of [x, d_1..d_a] and
+               the tokens [d_1..d_a, e] (e = correction/bonus token); its output at slot s+a is the next g.
+               Trailing slots that are holes in every row are dropped (overwritten next step).
     """
     if gamma < 1:
         raise BebopError(f"gamma must be >= 1, got {gamma}")
+    if rule not in RULES:
+        raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join(RULES)}")
     device = model.device
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     G = gamma
-    cap = P + (max_new_tokens + 1) * (G + 1)
-    tmask = torch.zeros((B, cap), dtype=torch.long, device=device)   # validity of target cache slots
-    mmask = torch.zeros((B, cap), dtype=torch.long, device=device)   # validity of head cache slots
-    tmask[:, :P] = mask
-    mmask[:, :P] = mask
+    valid = torch.zeros((B, P + (max_new_tokens + 1) * (G + 1)), dtype=torch.bool, device=device)  # both caches
+    valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    tcache, mcache = DynamicCache(config=model.config), head.new_cache()
-    lm_head = model.get_output_embeddings()
+    target, drafter, lm_head = forwards(model, head, B, P + 2 * (max_new_tokens + G + 1))
+    rs_fast = rule == "rejection" and not params.greedy
 
     # Prefill: target over the prompt, first token from p_0, then the head over the prompt.
-    hid = target_forward(model, ids, mask, positions, tcache)
-    p0 = probs_from_logits(lm_head(hid[:, -1]), params)
+    hid = target(ids, positions, valid[:, :P], 0)
+    p0 = _probs(lm_head(hid[:, -1]), params)
     x = sample(p0, generator)
-    head_ids = torch.cat([ids[:, 1:], x[:, None]], dim=1)
-    g = head(head_ids, hid, positions, mask, mcache)[:, -1]
-    t_len = m_len = P
+    x0 = x
+    first_p, first_h = _emitted(p0, x)
+    g = drafter(torch.cat([ids[:, 1:], x[:, None]], dim=1), hid, positions, valid[:, :P], 0)[:, -1]
+    length = P                                                    # used slots (both caches)
     pos_x = positions[:, -1] + 1                                  # position of x (not yet in target cache)
 
-    width = max_new_tokens + G + 2
-    trash = width - 1
-    out = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    logp = torch.zeros((B, width), device=device)
-    ent = torch.zeros((B, width), device=device)
-    out[:, 0] = x
-    logp[:, 0] = p0.gather(-1, x[:, None]).squeeze(-1).clamp_min(1e-30).log()
-    ent[:, 0] = entropy(p0)
-    n = torch.ones(B, dtype=torch.long, device=device)           # tokens emitted per row
     done = (x == eos_id) if eos_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    n = torch.ones(B, dtype=torch.long, device=device)           # tokens produced per row (before truncation)
     done |= n >= max_new_tokens
     j = torch.arange(G + 1, device=device)
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (accepted, live, expected α) per step
+    rows = torch.arange(B, device=device)
+    zero_q = torch.zeros((B, p0.shape[-1]), device=device)
+    # per step: (accepted a [B], live [B], expected α [B, γ]) for the metrics; (tokens, p(token), H(p), emitted)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     metrics = DecodeMetrics(gamma=G)
     metrics.draft_forwards = 1
 
     all_done = bool(done.all())
     while not all_done:
+        s = length
+        vpos = pos_x.unsqueeze(1) + j                                  # positions of [x, d_1..d_γ]
         # ---- draft: γ recursive head steps (γ-1 forwards; q_1 comes from the previous catch-up call)
-        qs, drafts = [], []
+        qs, drafts = [], [x]
+        noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
+        valid.narrow(1, s, G + 1).fill_(True)
         for k in range(G):
-            q = probs_from_logits(head.logits(g), params)
-            d = draft_tokens(q, rule, generator)
+            q = _probs(lm_head(g), params)
+            d = _race(q, noise[k]) if rs_fast else draft_tokens(q, rule, generator)
             qs.append(q)
             drafts.append(d)
             if k < G - 1:
-                mmask[:, m_len + k] = 1
-                g = head(d[:, None], g[:, None], (pos_x + k)[:, None], mmask[:, : m_len + k + 1], mcache)[:, -1]
+                g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
+                            s + k).squeeze(1)
                 metrics.draft_forwards += 1
-        drafts_t = torch.stack(drafts, dim=1)                          # [B, γ]
-        q_t = torch.stack(qs, dim=1)                                   # [B, γ, V]
+        vin = torch.stack(drafts, dim=1)                               # [x, d_1..d_γ]  [B, γ+1]
         # ---- verify: one target forward over [x, d_1..d_γ]
-        vin = torch.cat([x[:, None], drafts_t], dim=1)
-        vpos = pos_x[:, None] + j[None, :]
-        tmask[:, t_len : t_len + G + 1] = 1
-        vhid = target_forward(model, vin, tmask[:, : t_len + G + 1], vpos, tcache)
+        vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
         metrics.target_forwards += 1
-        p_t = probs_from_logits(lm_head(vhid), params)                 # [B, γ+1, V]
-        res = verify(p_t, q_t, drafts_t, rule, generator)
-        a = res.accepted
-        toks = torch.where(j[None, :] <= a[:, None], res.tokens, pad_id)
-        # ---- emit, with per-row EOS and max-token truncation
+        p_t = _probs(lm_head(vhid), params)                            # [B, γ+1, V]
+        if rs_fast:
+            a, kept, toks, exp_alpha = _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id,
+                                                  noise[G], generator)
+        else:
+            res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
+            a, exp_alpha = res.accepted, res.expected_alpha
+            kept = j <= a.unsqueeze(1)                                 # [B, γ+1] emitted slots
+            toks = torch.where(kept, res.tokens, pad_id)
+        # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
         live = ~done
-        keep = (j[None, :] <= a[:, None]) & live[:, None]
+        pt, h = _emitted(p_t, toks)
+        blocks.append((toks, pt, h, kept & live.unsqueeze(1)))
+        history.append((a, live, exp_alpha))
+        a1 = a + 1
         if eos_id is not None:
-            is_eos = (toks == eos_id) & keep
-            first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), G + 1)
-            keep &= j[None, :] <= first_eos[:, None]
-        keep &= (n[:, None] + j[None, :]) < max_new_tokens
-        cols = torch.where(keep, n[:, None] + j[None, :], trash)
-        out.scatter_(1, cols, torch.where(keep, toks, pad_id))
-        lp = p_t.gather(-1, toks.clamp_min(0)[..., None]).squeeze(-1).clamp_min(1e-30).log()
-        logp.scatter_(1, cols, torch.where(keep, lp, 0.0))
-        ent.scatter_(1, cols, torch.where(keep, entropy(p_t), 0.0))
-        emitted = keep.sum(1)
-        n = n + emitted
-        if eos_id is not None:
-            done |= (is_eos & keep).any(1)
-        done |= n >= max_new_tokens
-        history.append((a, live, res.expected_alpha))
-        # ---- roll back: holes in the target cache, drop the head's temporary slots, catch the head up
-        tmask[:, t_len : t_len + G + 1] = _valid_slots(G + 1, a)
-        if G > 1:
-            mcache.crop(-(G - 1))
-            mmask[:, m_len : m_len + G - 1] = 0
-        mmask[:, m_len : m_len + G + 1] = _valid_slots(G + 1, a)
-        e = res.last_token
-        gh = head(toks, vhid, vpos, mmask[:, : m_len + G + 1], mcache)
+            done = done | ((toks == eos_id) & kept).any(1)
+        n = n + a1
+        done = done | (n >= max_new_tokens)
+        # ---- roll back: holes in both caches; the head re-reads the accepted positions with true hiddens
+        valid.narrow(1, s, G + 1).copy_(kept)
+        gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
         metrics.draft_forwards += 1
-        g = gh.gather(1, a[:, None, None].expand(-1, 1, gh.shape[-1])).squeeze(1)
-        t_len += G + 1
-        m_len += G + 1
-        x = e
-        pos_x = pos_x + a + 1
-        # drop trailing slots that are holes in every row
-        all_done, max_a = torch.stack([done.all().long(), a.max()]).tolist()  # the step's one host sync
-        n_drop = G - max_a
-        if n_drop > 0:
-            tcache.crop(-n_drop)
-            mcache.crop(-n_drop)
-            tmask[:, t_len - n_drop : t_len] = 0
-            mmask[:, m_len - n_drop : m_len] = 0
-            t_len -= n_drop
-            m_len -= n_drop
+        g = gh[rows, a]
+        x = toks[rows, a]                                              # the correction/bonus token
+        pos_x = pos_x + a1
+        code = int(a.max() * 2 + done.all())                           # the step's one host sync
+        all_done, max_a = bool(code & 1), code >> 1
+        length = s + max_a + 1                 # drop trailing slots that are holes in every row
 
+    out, logp, ent, n = _assemble(x0, first_p, first_h, blocks, max_new_tokens, eos_id, pad_id)
     metrics.tokens = int(n.sum())
     metrics.seconds = time.perf_counter() - t0
     _count_acceptance(metrics, history)
-    return Rollout(out[:, :max_new_tokens], n, logp[:, :max_new_tokens], ent[:, :max_new_tokens], metrics)
+    return Rollout(out, n, logp, ent, metrics)
