@@ -274,12 +274,13 @@ def generate(
 
 
 def _count_acceptance(metrics: DecodeMetrics, history: list[tuple[torch.Tensor, ...]]) -> None:
-    """Fill the acceptance counters of ``metrics`` from per-step (accepted [B], live [B], expected α [B, γ]),
-    over rows live at that step (drafter quality, before EOS/max-token truncation)."""
+    """Fill the acceptance counters of ``metrics`` from per-step (accepted [B], done before the step [B],
+    expected α [B, γ]), over rows live at that step (drafter quality, before EOS/max-token truncation)."""
     if not history:
         metrics.reached = metrics.accepted_k = metrics.expected_k = [0.0] * metrics.gamma
         return
-    a, live, exp = (torch.stack(x) for x in zip(*history, strict=True))     # [S, B], [S, B], [S, B, γ]
+    a, done, exp = (torch.stack(x) for x in zip(*history, strict=True))     # [S, B], [S, B], [S, B, γ]
+    live = ~done
     k = torch.arange(metrics.gamma, device=a.device)
     reached = (a[..., None] >= k) & live[..., None]                          # draft k+1 was judged
     metrics.steps = int(live.sum())
@@ -305,27 +306,30 @@ def _verify_rs(p_t: torch.Tensor, q_pad: torch.Tensor, vin: torch.Tensor, j: tor
     drafts = vin.narrow(1, 1, G)
     idx = drafts.unsqueeze(-1)
     p_steps, q_steps = p_t.narrow(1, 0, G), q_pad.narrow(1, 0, G)
-    ratio = p_steps.gather(-1, idx).squeeze(-1) / q_steps.gather(-1, idx).squeeze(-1)
+    ratio = p_steps.gather(-1, idx) / q_steps.gather(-1, idx)                   # [B, γ, 1]
     ok = torch.rand(ratio.shape, generator=generator, device=ratio.device) < ratio
-    a = ok.long().cumprod(dim=1).sum(dim=1)
+    a = ok.long().cumprod(dim=1).sum(dim=(1, 2))
     exp_alpha = torch.minimum(p_steps, q_steps).sum(dim=-1)
     p_at = p_t[rows, a]
     res = (p_at - q_pad[rows, a]).clamp_min_(0.0)
     res = torch.where(res.sum(dim=-1, keepdim=True) > _TINY, res, p_at)
     final = _race(res, noise).unsqueeze(1)
-    toks = torch.cat([drafts, final], dim=1).scatter_(1, a.unsqueeze(1), final)
-    kept = j <= a.unsqueeze(1)
+    a_col = a.unsqueeze(1)
+    toks = torch.cat([drafts, final], dim=1).scatter_(1, a_col, final)
+    kept = j <= a_col
     return a, kept, torch.where(kept, toks, pad_id), exp_alpha
 
 
 def _assemble(x0, first_p, first_h, blocks, max_new_tokens: int, eos_id: int | None, pad_id: int):
-    """Rollout tensors from the first token and the per-step blocks (tokens, p(token), H(p), emitted mask):
-    emitted entries in order, cut after each row's first EOS and at ``max_new_tokens``, packed left."""
+    """Rollout tensors from the first token and the per-step blocks (tokens, p(token), H(p), emitted slots,
+    row done before the step): emitted entries of live rows in order, cut after each row's first EOS and at
+    ``max_new_tokens``, packed left."""
     B, device = x0.shape[0], x0.device
     toks = torch.cat([x0.unsqueeze(1), *(b[0] for b in blocks)], dim=1)
     probs = torch.cat([first_p.unsqueeze(1), *(b[1] for b in blocks)], dim=1)
     ents = torch.cat([first_h.unsqueeze(1), *(b[2] for b in blocks)], dim=1)
-    emit = torch.cat([torch.ones((B, 1), dtype=torch.bool, device=device), *(b[3] for b in blocks)], dim=1)
+    emit = torch.cat([torch.ones((B, 1), dtype=torch.bool, device=device),
+                      *(b[3] & ~b[4].unsqueeze(1) for b in blocks)], dim=1)
     if eos_id is not None:
         is_eos = (emit & (toks == eos_id)).long()
         emit &= (is_eos.cumsum(1) - is_eos) == 0                      # nothing after the first EOS
@@ -363,7 +367,6 @@ def generate_mtp(
       rollback: slots s..s+a stay valid in both caches, s+a+1..s+γ become holes; the head overwrites its
                slots s..s+γ, re-reading positions t+1..t+a+1 with the TRUE target hiddens of [x, d_1..d_a] and
                the tokens [d_1..d_a, e] (e = correction/bonus token); its output at slot s+a is the next g.
-               Trailing slots that are holes in every row are dropped (overwritten next step).
     """
     if gamma < 1:
         raise BebopError(f"gamma must be >= 1, got {gamma}")
@@ -396,9 +399,9 @@ def generate_mtp(
     j = torch.arange(G + 1, device=device)
     rows = torch.arange(B, device=device)
     zero_q = torch.zeros((B, p0.shape[-1]), device=device)
-    # per step: (accepted a [B], live [B], expected α [B, γ]) for the metrics; (tokens, p(token), H(p), emitted)
+    # per step: (accepted a [B], done [B], expected α [B, γ]) for the metrics; (tokens, p(token), H(p), kept, done)
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    blocks: list[tuple[torch.Tensor, ...]] = []
     metrics = DecodeMetrics(gamma=G)
     metrics.draft_forwards = 1
 
@@ -433,13 +436,13 @@ def generate_mtp(
             kept = j <= a.unsqueeze(1)                                 # [B, γ+1] emitted slots
             toks = torch.where(kept, res.tokens, pad_id)
         # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
-        live = ~done
         pt, h = _emitted(p_t, toks)
-        blocks.append((toks, pt, h, kept & live.unsqueeze(1)))
-        history.append((a, live, exp_alpha))
+        blocks.append((toks, pt, h, kept, done))
+        history.append((a, done, exp_alpha))
         a1 = a + 1
-        if eos_id is not None:
-            done = done | ((toks == eos_id) & kept).any(1)
+        if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
+            hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
+            done = done | hit.any(1)
         n = n + a1
         done = done | (n >= max_new_tokens)
         # ---- roll back: holes in both caches; the head re-reads the accepted positions with true hiddens
@@ -449,9 +452,8 @@ def generate_mtp(
         g = gh[rows, a]
         x = toks[rows, a]                                              # the correction/bonus token
         pos_x = pos_x + a1
-        code = int(a.max() * 2 + done.all())                           # the step's one host sync
-        all_done, max_a = bool(code & 1), code >> 1
-        length = s + max_a + 1                 # drop trailing slots that are holes in every row
+        length = s + G + 1
+        all_done = bool(done.all())                                    # the step's one host sync
 
     out, logp, ent, n = _assemble(x0, first_p, first_h, blocks, max_new_tokens, eos_id, pad_id)
     metrics.tokens = int(n.sum())
