@@ -15,18 +15,25 @@ What is computed — the same math as transformers' ``Qwen3DecoderLayer`` / ``Qw
     rope(x) = x·cos + rotate_half(x)·sin, cos/sin of (position · inv_freq) (the model's own rotary buffers)
 
 and for the MTP head (DESIGN §2): ``h_in = eh_proj([enorm(Embed(tok)), hnorm(h)])``, the block above, then
-``post_norm``. Cheaper in four ways only: (1) q/k/v and gate/up projections are one matmul each on
-concatenated weights, (2) q_norm and k_norm are one normalisation over the q and k heads together,
-(3) cos/sin come from a table indexed by position, with ``rotate_half(x)·sin = roll(x, D/2)·sin±`` where
-``sin± = [−sin₁, sin₂]`` (bit-identical), (4) the KV cache is a preallocated static tensor per layer stack,
-written in place at explicit slots, with a per-row boolean validity mask over slots (holes anywhere) — no
-4D float masks, no cache objects. ``tests/test_lean.py`` checks logits against transformers' forward on
-random prompts with left padding and holes.
+``post_norm``. Equal up to float rounding (``tests/test_lean.py`` checks logits against transformers on random
+prompts with left padding and holes, in one call and chunked through the cache), cheaper because:
+(1) q/k/v and gate/up projections are one matmul each, on concatenated weights with the preceding RMSNorm
+weight folded in (``W·(w⊙n) = (W·diag w)·n``; likewise enorm/hnorm into ``eh_proj``), every matmul on a
+contiguous transposed copy (``x @ Wᵀ`` is markedly cheaper than ``F.linear`` at these sizes); (2) q_norm and
+k_norm are one normalisation over the q and k heads together, and float32 RMSNorm takes ``mean(x²)`` as
+``‖x‖²/n`` (one ``vector_norm`` + ``addcmul``); (3) cos/sin come from a table indexed by position, with
+``rotate_half(x)·sin = roll(x, D/2)·sin±``, ``sin± = [−sin₁, sin₂]`` (bit-identical); (4) the KV cache is a
+preallocated static tensor per layer stack, written in place at explicit slots, with a per-row boolean
+validity mask over slots (holes anywhere), turned into one additive SDPA mask per forward — no cache objects,
+no per-layer mask work.
 
-Weights: the concatenated q/k/v and gate/up matrices are the only copies. They are rebuilt whenever any
-source parameter changes (``data_ptr`` or the in-place version counter, which optimizer steps and
-``load_state_dict`` bump), checked once per ``get`` call — so an RL trainer updating the policy between
-rollouts is always decoded with its current weights. Everything else is read from the modules directly.
+Weights: the transposed/fused matmul weights (and the LM head's) are copies, one per weight. They are rebuilt
+whenever a source parameter changes — replaced in its module, moved (``data_ptr``) or updated in place (the
+version counter, which optimizer steps and ``load_state_dict`` bump) — checked on every ``lean_decoder`` /
+``lean_head`` call (once per generate call), so an RL trainer updating the policy between rollouts is always
+decoded with its current weights. Norm vectors, embedding and rotary buffers are read from the modules.
+
+Semantics are eval mode (no attention dropout), as in generation.
 
 Cache contract: a forward over T new slots at ``start`` writes K/V to slots ``start..start+T-1`` and attends
 with ``valid[:, :start+T]`` (True = real slot), causally in slot order; a query always sees its own slot, so
