@@ -319,3 +319,11 @@ def test_bench_rl_runs_methods_side_by_side(policy_dirs, tmp_path):
         RLBenchConfig(methods="none,fast").method_list()
     with pytest.raises(BebopError, match="needs --mtp-ce DIR"):
         RLBenchConfig(methods="rs-ce").method_list()
+
+
+def test_rollout_batch_splits_engine_calls(policy_dirs, tmp_path):
+    whole = RolloutWorker(small_config(policy_dirs, tmp_path)).rollout(0, 0)
+    split = RolloutWorker(small_config(policy_dirs, tmp_path, rollout_batch=3)).rollout(0, 0)
+    assert split.prompts == whole.prompts and len(split.completions) == 16
+    assert split.metrics.target_forwards > whole.metrics.target_forwards       # 6 engine calls instead of 1
+    assert sum(split.metrics.reached) > 0 and split.metrics.tokens == split.num_tokens

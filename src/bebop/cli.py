@@ -302,6 +302,7 @@ def bench_rl_cmd(
     prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (same for every method).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results JSON here.")] = None,
     config: ConfigOpt = None,
@@ -313,7 +314,7 @@ def bench_rl_cmd(
     cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
                       methods=methods, steps=steps, eval_samples=eval_samples, async_rollouts=async_rollouts,
                       **{"rl.prompts_per_step": prompts_per_step, "rl.group_size": group_size, "rl.lr": lr,
-                         "rl.seed": seed})
+                         "rl.rollout_batch": rollout_batch, "rl.seed": seed})
     cfg.method_list()
     results = bench_rl(cfg, console=console)
     table = Table(title=f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)")
@@ -348,6 +349,7 @@ def rl_cmd(
     group_size: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature.")] = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
     kl_coef: Annotated[float | None, typer.Option(help="KL-to-reference coefficient (0 = off).")] = None,
     async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Overlap rollouts with training.")]
     = None,
@@ -380,7 +382,7 @@ def rl_cmd(
         cfg = make_config(
             RLConfig, config, task=task, model=model, mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule,
             gamma=gamma, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
-            temperature=temperature, lr=lr, kl_coef=kl_coef, async_rollouts=async_rollouts,
+            temperature=temperature, lr=lr, rollout_batch=rollout_batch, kl_coef=kl_coef, async_rollouts=async_rollouts,
             max_staleness=max_staleness, online_every=online_every, backend=backend, ray_address=ray_address,
             ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
             seed=seed,

@@ -108,19 +108,27 @@ class RolloutWorker:
         prompts = [ids for ids in prompt_ids for _ in range(s.group_size)]
         gen = torch.Generator(device=self.model.device).manual_seed(step_seed(s.seed, step) + offset)
         tok = self.tokenizer
-        if self.head is None:
-            r = generate(self.model, prompts, self.params, s.max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen)
-        else:
-            r = generate_mtp(self.model, self.head, prompts, self.params, s.max_new_tokens, tok.eos_token_id,
-                             gamma=s.gamma, rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
-        completions = r.completions()
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        entropy_sum = 0.0
+        metrics = DecodeMetrics()
+        chunk = s.rollout_batch or len(prompts)
+        for i in range(0, len(prompts), chunk):     # engine calls of at most `rollout_batch` rows
+            rows = prompts[i : i + chunk]
+            if self.head is None:
+                r = generate(self.model, rows, self.params, s.max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen)
+            else:
+                r = generate_mtp(self.model, self.head, rows, self.params, s.max_new_tokens, tok.eos_token_id,
+                                 gamma=s.gamma, rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
+            completions += r.completions()
+            logprobs += [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
+            entropy_sum += float((r.entropy * r.mask).sum())
+            metrics.merge(r.metrics)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = [float(self.reward(problems[i // s.group_size], t)) for i, t in enumerate(texts)]
-        logprobs = [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
         return RolloutBatch(
             step=step, version=version, prompts=prompts, completions=completions, logprobs=logprobs,
-            rewards=rewards, entropy_sum=float((r.entropy * r.mask).sum()),
-            metrics=r.metrics, seconds=time.perf_counter() - t0,
+            rewards=rewards, entropy_sum=entropy_sum, metrics=metrics, seconds=time.perf_counter() - t0,
         )
 
     def run(self, step: int, version: int, weights: tuple, offset: int = 0, count: int | None = None) -> RolloutBatch:
