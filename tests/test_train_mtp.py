@@ -43,3 +43,12 @@ def test_train_mtp_keeps_backbone_and_improves_alpha(policy_dir, tmp_path):
 def test_bad_train_config(kw, needle):
     with pytest.raises(BebopError, match=needle):
         TrainMTPConfig(**kw)
+
+
+def test_no_usable_data_is_a_clear_error(policy_dir, tmp_path):
+    """Completions shorter than γ_train + 1 tokens leave nothing to train on: say so, write nothing."""
+    cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), gamma_train=3, steps=2,
+                         data_samples=8, heldout_samples=8, max_new_tokens=2)
+    with pytest.raises(BebopError, match=r"no usable training data.*gamma_train \+ 1 = 4"):
+        train_mtp(cfg)
+    assert not (tmp_path / "head").exists()

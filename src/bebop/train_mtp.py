@@ -73,6 +73,11 @@ def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_t
     return out
 
 
+def usable(rows: list[tuple[list[int], int]], gamma: int) -> list[tuple[list[int], int]]:
+    """Sequences with at least one trainable position: ≥ γ + 1 completion tokens."""
+    return [(ids, n) for ids, n in rows if len(ids) - n >= gamma + 1]
+
+
 def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded ``(ids, mask, prompt_lens)``."""
     width = max(len(r) for r, _ in rows)
@@ -130,8 +135,10 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
     data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
     heldout = policy_samples(model, tokenizer, task, cfg.heldout_samples, cfg.temperature, cfg.max_new_tokens,
                              cfg.seed + 1_000_003)
-    if not data:
-        raise BebopError("no training data: the policy produced no samples")
+    data, heldout = (usable(rows, cfg.gamma_train) for rows in (data, heldout))
+    if not data or not heldout:
+        raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
+                         f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
     head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device)
     head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
