@@ -481,12 +481,12 @@ def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> No
 
     monkeypatch.setattr(multiturn, "generate", scripted_generate)
     assert multiturn.is_multi_turn(task) and not multiturn.is_multi_turn(CodeTask())
-    texts, ent, n = multiturn.rollout_multi_turn(None, tok, task, problems, SamplingParams(), 200)
+    texts, ent, n = multiturn.rollout_multi_turn_reprefill(None, tok, task, problems, SamplingParams(), 200)
     assert texts == [refs[p.prompt] for p in problems]
     model_tokens = sum(sum(m for m in completion_loss_mask(task, tok, t)) + 1 for t in texts)  # + EOS
     assert n == model_tokens and ent == float(n)
     assert all(task.reward(p, t) == 1.0 for p, t in zip(problems, texts, strict=True))
-    short, _, _ = multiturn.rollout_multi_turn(None, tok, task, problems, SamplingParams(), 20)
+    short, _, _ = multiturn.rollout_multi_turn_reprefill(None, tok, task, problems, SamplingParams(), 20)
     assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 20 + 8 for t in short)
 
 

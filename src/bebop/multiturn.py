@@ -1,10 +1,13 @@
-"""Multi-turn rollouts for tool-use tasks by re-prefilling: slow but obviously correct.
+"""Multi-turn rollouts for tool-use tasks: the native engine path, and a re-prefill reference.
 
-Each round samples every unfinished row with ``engine.generate`` from its whole context (prompt, model
-tokens and environment tokens so far) until the task's terminator token, EOS or ``turn_tokens``; a row that
-stopped at the terminator gets ``task.step``'s response appended as plain context, and the next round
-re-prefills it. Nothing is cached across rounds, so the cost is one prefill per turn; the engine's native
-pause/prefill/resume support (issue 7, item 3) should replace this loop and can be tested against it.
+``rollout_multi_turn`` runs ``bebop.turns.generate_turns``: each row pauses at the task's terminator token,
+the environment's reply (``task.step``) is prefilled into the KV caches, and decoding resumes without
+recomputing the prefix (plain sampling, or MTP drafting with a head).
+
+``rollout_multi_turn_reprefill`` is the slow but obviously correct reference the native path is tested
+against: each round samples every unfinished row with ``engine.generate`` from its whole context (prompt,
+model tokens and environment tokens so far) until the terminator, EOS or ``turn_tokens``; a row that stopped
+at the terminator gets ``task.step``'s response appended as plain context, and the next round re-prefills it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from bebop.engine import generate
 from bebop.sampling import SamplingParams
 from bebop.tasks import Problem, Task
+from bebop.turns import generate_turns
 
 
 def is_multi_turn(task: Task) -> bool:
@@ -21,9 +25,9 @@ def is_multi_turn(task: Task) -> bool:
     return callable(getattr(task, "step", None)) and isinstance(getattr(task, "terminator", None), str)
 
 
-def rollout_multi_turn(model, tokenizer, task: Task, problems: list[Problem], params: SamplingParams,
-                       max_new_tokens: int, generator: torch.Generator | None = None,
-                       turn_tokens: int = 32) -> tuple[list[str], float, int]:
+def rollout_multi_turn_reprefill(model, tokenizer, task: Task, problems: list[Problem], params: SamplingParams,
+                                 max_new_tokens: int, generator: torch.Generator | None = None,
+                                 turn_tokens: int = 32) -> tuple[list[str], float, int]:
     """Transcripts (text after each prompt, model and environment text), and the summed entropy and count
     of the model-sampled tokens; each row stops at EOS, a ``None`` step or ``max_new_tokens`` tokens."""
     stop_id = tokenizer.convert_tokens_to_ids(task.terminator)
@@ -55,3 +59,22 @@ def rollout_multi_turn(model, tokenizer, task: Task, problems: list[Problem], pa
         active = still
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in done_ids]
     return texts, ent_sum, n_tok
+
+
+def rollout_multi_turn(model, tokenizer, task: Task, problems: list[Problem], params: SamplingParams,
+                       max_new_tokens: int, generator: torch.Generator | None = None,
+                       turn_tokens: int = 32, head=None, gamma: int = 3,
+                       rule: str = "rejection") -> tuple[list[str], float, int]:
+    """As ``rollout_multi_turn_reprefill`` (same stopping rules, same outputs at τ = 0, same law at τ > 0),
+    natively: one prefill per environment reply, of the reply only. ``head`` switches on MTP drafting."""
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+
+    def env(row: int, transcript: list[int]) -> list[int] | None:
+        response = task.step(problems[row], tokenizer.decode(transcript, skip_special_tokens=True))
+        return None if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
+
+    r = generate_turns(model, head, prompts, params, max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.convert_tokens_to_ids(task.terminator), env, gamma=gamma, rule=rule,
+                       pad_id=tokenizer.pad_token_id, generator=generator, turn_tokens=turn_tokens)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in r.completions()]
+    return texts, float((r.entropy * r.sampled).sum()), int(r.sampled.sum())

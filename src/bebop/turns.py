@@ -1,0 +1,312 @@
+"""Native multi-turn rollouts: rows pause at their own tool call, the environment's tokens are prefilled into
+the KV caches (target and MTP head), and decoding resumes with MTP drafting — no prefix is ever recomputed.
+
+``generate_turns`` drives one batch through two alternating phases over one shared slot layout (as in
+``engine.generate_mtp``: rectangular caches, a per-row validity mask over slots, explicit position ids):
+
+(a) decode: ``engine.generate_mtp``'s draft → verify → accept step over the LIVE rows (``head=None``: one plain
+    target forward per step, the γ = 0 case of the same loop). A row's emitted block is cut after its first
+    terminator or EOS and at its token budget; the cut behaves exactly like a rejection at that point (the
+    slots after it become holes in both caches, the head's state is taken at the cut), so the emitted
+    sequence up to the cut keeps the plain-sampling law. Rows that are paused (waiting for the environment)
+    or finished ride along in the batched forwards but write only holes and keep their state.
+    Runs until no row is live.
+(b) environment: every paused row's transcript goes to ``env``; its reply tokens e_1..e_m (ragged m) are
+    appended through ONE batched target forward over ``[x, e_1..e_m]`` (x = the pending terminator, not yet
+    in the target cache; padding slots are holes) and ONE head catch-up forward over the same slots
+    (tokens ``[e_1..e_m, x']``, hiddens of ``[x, e_1..e_m]``, as the head reads prefill). The next model token
+    x' is sampled from the target's p after e_m; the head's output at e_m gives the next q_1. Then (a) again.
+
+Returned per row (``TurnRollout``): the transcript after the prompt (model and environment tokens), a mask of
+which tokens were sampled by the model, and the target's log p / H(p) on sampled tokens (0 on environment
+tokens). ``DecodeMetrics`` count model tokens only; acceptance counters come from verify steps only (before
+the terminator/EOS/budget cut, as in ``generate_mtp``), so environment tokens never enter them.
+
+Row ends (independently): EOS; ``max_new_tokens`` transcript tokens (model + environment; a reply that
+reaches it is still appended, then the row ends); a turn of ``turn_tokens`` model tokens without the
+terminator; ``env`` returning None; ``max_turns`` replies already given when the terminator comes. These are
+exactly the rules of the re-prefill reference ``bebop.multiturn.rollout_multi_turn_reprefill``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from bebop.engine import (
+    DecodeMetrics,
+    _count_acceptance,
+    _emitted,
+    _noise,
+    _probs,
+    _race,
+    _verify_rs,
+    forwards,
+    left_pad,
+)
+from bebop.errors import BebopError
+from bebop.sampling import RULES, SamplingParams, draft_tokens, sample, verify
+
+Env = Callable[[int, list[int]], "list[int] | None"]
+"""``env(row, transcript) -> reply tokens`` (None ends the row); ``transcript`` = the row's tokens after its
+prompt so far (model and environment), ending with the terminator."""
+
+
+@dataclass
+class TurnRollout:
+    """Multi-turn transcripts. ``tokens[b, :lengths[b]]`` is row b's transcript after the prompt;
+    ``sampled`` marks model-sampled tokens (False on environment tokens and padding); ``logprobs`` /
+    ``entropy`` are the target's log p(token) and H(p) on sampled tokens, 0 elsewhere; ``turns`` counts the
+    environment replies appended per row."""
+
+    tokens: torch.Tensor
+    sampled: torch.Tensor
+    lengths: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    turns: torch.Tensor
+    metrics: DecodeMetrics
+
+    def completions(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist(), strict=True)]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        steps = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return steps[None, :] < self.lengths[:, None]
+
+
+def _pack(events, pad_id: int):
+    """Transcript tensors from the time-ordered events (tokens, p(token), H(p), emitted, sampled), each
+    [B, w]: emitted entries in order, packed left. Returns (tokens, sampled, logp, entropy, lengths)."""
+    toks, probs, ents, emit, smp = (torch.cat(x, dim=1) for x in zip(*events, strict=True))
+    n = emit.sum(1)
+    width = int(n.max()) if n.numel() else 0
+    cols = torch.where(emit, emit.long().cumsum(1) - 1, width)           # column ``width`` = discarded
+    shape = (toks.shape[0], width + 1)
+    out = torch.full(shape, pad_id, dtype=torch.long, device=toks.device).scatter_(1, cols, toks)
+    sampled = torch.zeros(shape, dtype=torch.bool, device=toks.device).scatter_(1, cols, smp & emit)
+    logp = torch.zeros(shape, device=toks.device).scatter_(1, cols, probs.clamp_min(1e-30).log())
+    ent = torch.zeros(shape, device=toks.device).scatter_(1, cols, ents)
+    sampled = sampled[:, :width]
+    return (out[:, :width], sampled, torch.where(sampled, logp[:, :width], 0.0),
+            torch.where(sampled, ent[:, :width], 0.0), n)
+
+
+@torch.inference_mode()
+def generate_turns(
+    model: PreTrainedModel,
+    head,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    max_new_tokens: int,
+    eos_id: int | None,
+    stop_id: int,
+    env: Env,
+    gamma: int = 3,
+    rule: str = "rejection",
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    turn_tokens: int | None = None,
+    max_turns: int | None = None,
+) -> TurnRollout:
+    """Multi-turn sampling (module doc): MTP draft→verify with ``head`` (DESIGN §3; exact for ``rejection``
+    and ``target_only``, ``greedy`` equals plain τ = 0), plain sampling with ``head=None``. A row pauses when
+    it emits ``stop_id``; ``env`` answers; the reply is prefilled and the row resumes."""
+    if head is not None:
+        if gamma < 1:
+            raise BebopError(f"gamma must be >= 1, got {gamma}")
+        if rule not in RULES:
+            raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join(RULES)}")
+    if max_new_tokens < 1:
+        raise BebopError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    G = gamma if head is not None else 0
+    device = model.device
+    t0 = time.perf_counter()
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    valid = torch.zeros((B, P + 4 * (max_new_tokens + G + 1)), dtype=torch.bool, device=device)  # both caches
+    valid[:, :P] = mask.bool()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    target, drafter, lm_head = forwards(model, head, B, valid.shape[1])
+    rs_fast = rule == "rejection" and not params.greedy
+    turn_cap = turn_tokens if turn_tokens is not None else max_new_tokens
+    rows = torch.arange(B, device=device)
+    j = torch.arange(G + 1, device=device)
+    metrics = DecodeMetrics(gamma=G)
+    events: list[tuple[torch.Tensor, ...]] = []
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    ones = torch.ones((B, 1), dtype=torch.bool, device=device)
+
+    def ensure(n: int) -> None:
+        nonlocal valid
+        if n > valid.shape[1]:
+            grown = torch.zeros((B, max(n, 2 * valid.shape[1])), dtype=torch.bool, device=device)
+            grown[:, : valid.shape[1]] = valid
+            valid = grown
+
+    # row state: live (decoding), paused (waiting for env); neither = finished
+    live = torch.ones(B, dtype=torch.bool, device=device)
+    paused = torch.zeros(B, dtype=torch.bool, device=device)
+    n_total = torch.zeros(B, dtype=torch.long, device=device)     # transcript tokens (model + env)
+    n_turn = torch.zeros(B, dtype=torch.long, device=device)      # model tokens in the current turn
+    turns = [0] * B
+
+    def advance(count: torch.Tensor, last: torch.Tensor, active: torch.Tensor) -> None:
+        """Book ``count`` emitted tokens ending with ``last`` for the ``active`` rows; pause/finish rows."""
+        nonlocal live, paused, n_total, n_turn
+        n_total = n_total + torch.where(active, count, 0)
+        n_turn = n_turn + torch.where(active, count, 0)
+        is_eos = active & (last == eos_id) if eos_id is not None else torch.zeros_like(active)
+        is_stop = active & (last == stop_id) & ~is_eos
+        over = active & ((n_total >= max_new_tokens) | (n_turn >= turn_cap))
+        live = live & ~(is_eos | is_stop | over)
+        paused = paused | is_stop
+
+    # ---- prefill: target over the prompt, first token from p_0, then the head over the prompt
+    hid = target(ids, positions, valid[:, :P], 0)
+    p0 = _probs(lm_head(hid[:, -1]), params)
+    x = sample(p0, generator)
+    pt, h = _emitted(p0, x)
+    events.append((x[:, None], pt[:, None], h[:, None], ones, ones))
+    g = None
+    if G:
+        g = drafter(torch.cat([ids[:, 1:], x[:, None]], dim=1), hid, positions, valid[:, :P], 0)[:, -1]
+        metrics.draft_forwards += 1
+    length = P                                                    # used slots (both caches)
+    pos_x = positions[:, -1] + 1                                  # position of x (not yet in target cache)
+    advance(torch.ones_like(pos_x), x, live)
+    zero_q = torch.zeros((B, p0.shape[-1]), device=device)
+
+    while True:
+        any_live, any_paused = torch.stack([live.any(), paused.any()]).tolist()   # the step's one host sync
+        if any_live:
+            # ---- (a) one decode step over the live rows
+            s = length
+            ensure(s + G + 1)
+            vpos = pos_x.unsqueeze(1) + j
+            valid.narrow(1, s, G + 1).fill_(True)
+            noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast or not (G or params.greedy) else None
+            qs, drafts = [], [x]
+            for k in range(G):
+                q = _probs(lm_head(g), params)
+                d = _race(q, noise[k]) if rs_fast else draft_tokens(q, rule, generator)
+                qs.append(q)
+                drafts.append(d)
+                if k < G - 1:
+                    g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
+                                s + k).squeeze(1)
+                    metrics.draft_forwards += 1
+            vin = torch.stack(drafts, dim=1)                           # [x, d_1..d_γ]
+            vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
+            metrics.target_forwards += 1
+            p_t = _probs(lm_head(vhid), params)                        # [B, γ+1, V]
+            if not G:
+                p1 = p_t[:, 0]
+                toks = (p1.argmax(-1) if params.greedy else _race(p1, noise[0])).unsqueeze(1)
+                a = torch.zeros(B, dtype=torch.long, device=device)
+            elif rs_fast:
+                a, _, toks, exp_alpha = _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id,
+                                                   noise[G], generator)
+            else:
+                res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
+                a, exp_alpha = res.accepted, res.expected_alpha
+                toks = torch.where(j <= a.unsqueeze(1), res.tokens, pad_id)
+            if G:
+                history.append((a, ~live, exp_alpha))
+            # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
+            hit = (toks == stop_id) if eos_id is None else (toks == stop_id) | (toks == eos_id)
+            hit &= j <= a.unsqueeze(1)
+            first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
+            cap = torch.minimum(max_new_tokens - n_total, turn_cap - n_turn)
+            a_eff = torch.minimum(torch.minimum(a, first), cap - 1).clamp_min(0)
+            kept = (j <= a_eff.unsqueeze(1)) & live.unsqueeze(1)
+            pt, h = _emitted(p_t, toks)
+            events.append((toks, pt, h, kept, torch.ones_like(kept)))
+            valid.narrow(1, s, G + 1).copy_(kept)                      # holes: rejected, cut, or not live
+            if G:
+                gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
+                metrics.draft_forwards += 1
+                g = torch.where(live.unsqueeze(1), gh[rows, a_eff], g)
+            last = toks[rows, a_eff]
+            x = torch.where(live, last, x)
+            pos_x = torch.where(live, pos_x + a_eff + 1, pos_x)
+            length = s + G + 1
+            advance(a_eff + 1, last, live)
+            continue
+        if not any_paused:
+            break
+        # ---- (b) environment: replies for every paused row, one batched prefill, then resume
+        out, _, _, _, n = _pack(events, pad_id)
+        idx = paused.nonzero().squeeze(1).tolist()
+        n_host, tot_host = n.tolist(), n_total.tolist()
+        texts = dict(zip(idx, out[idx].tolist(), strict=True))
+        replies: dict[int, list[int]] = {}
+        resume: list[int] = []
+        for r in idx:
+            if max_turns is not None and turns[r] >= max_turns:
+                continue
+            reply = env(r, texts[r][: n_host[r]])
+            if reply is None:
+                continue
+            replies[r] = list(reply)
+            turns[r] += 1
+            if tot_host[r] + len(reply) < max_new_tokens:
+                resume.append(r)
+        paused = torch.zeros_like(paused)
+        if not replies:
+            continue
+        m_host = [len(replies.get(r, ())) for r in range(B)]
+        W = max(m_host[r] for r in replies)
+        env_tok = torch.full((B, W + 1), pad_id, dtype=torch.long)
+        for r, reply in replies.items():
+            if reply:
+                env_tok[r, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+        env_tok = env_tok.to(device)
+        m = torch.tensor(m_host, dtype=torch.long, device=device)
+        jw = torch.arange(W + 1, device=device)
+        got = torch.zeros(B, dtype=torch.bool)
+        got[list(replies)] = True
+        got = got.to(device)
+        events.append((env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
+                       (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool,
+                                                                                 device=device)))
+        n_total = n_total + m
+        if not resume:
+            continue
+        R = torch.zeros(B, dtype=torch.bool)
+        R[resume] = True
+        R = R.to(device)
+        s = length
+        ensure(s + W + 1)
+        vin = torch.cat([x.unsqueeze(1), env_tok[:, :W]], dim=1)       # [x, e_1..e_m, pad...]
+        vpos = pos_x.unsqueeze(1) + jw
+        valid.narrow(1, s, W + 1).copy_((jw <= m.unsqueeze(1)) & R.unsqueeze(1))
+        hid = target(vin, vpos, valid.narrow(1, 0, s + W + 1), s)
+        metrics.target_forwards += 1
+        p = _probs(lm_head(hid[rows, m]), params)
+        x_new = sample(p, generator)
+        pt, h = _emitted(p, x_new)
+        events.append((x_new[:, None], pt[:, None], h[:, None], R[:, None], ones))
+        if G:
+            htoks = env_tok.scatter(1, m.unsqueeze(1), x_new.unsqueeze(1))   # [e_1..e_m, x', pad...]
+            gh = drafter(htoks, hid, vpos, valid.narrow(1, 0, s + W + 1), s)
+            metrics.draft_forwards += 1
+            g = torch.where(R.unsqueeze(1), gh[rows, m], g)
+        x = torch.where(R, x_new, x)
+        pos_x = torch.where(R, pos_x + m + 1, pos_x)
+        length = s + W + 1
+        live = R
+        n_turn = torch.where(R, 0, n_turn)
+        advance(torch.ones_like(pos_x), x_new, R)
+
+    out, sampled, logp, ent, n = _pack(events, pad_id)
+    metrics.tokens = int(sampled.sum())
+    metrics.seconds = time.perf_counter() - t0
+    if G:
+        _count_acceptance(metrics, history)
+    return TurnRollout(out, sampled, n, logp, ent, torch.tensor(turns, dtype=torch.long), metrics)
