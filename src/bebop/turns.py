@@ -21,6 +21,10 @@ Returned per row (``TurnRollout``): the transcript after the prompt (model and e
 which tokens were sampled by the model, and the target's log p / H(p) on sampled tokens (0 on environment
 tokens). ``DecodeMetrics`` count model tokens only; acceptance counters come from verify steps only (before
 the terminator/EOS/budget cut, as in ``generate_mtp``), so environment tokens never enter them.
+``target_forwards`` counts decode steps and environment prefills (not the prompt prefill).
+
+Cost model: rows that are paused or finished still ride in the batched forwards (no compaction), so a long
+tail of one live row costs a full-batch forward per step, as in ``generate``/``generate_mtp``.
 
 Row ends (independently): EOS; ``max_new_tokens`` transcript tokens (model + environment; a reply that
 reaches it is still appended, then the row ends); a turn of ``turn_tokens`` model tokens without the
