@@ -145,6 +145,8 @@ def generate_turns(
     events: list[tuple[torch.Tensor, ...]] = []
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     ones = torch.ones((B, 1), dtype=torch.bool, device=device)
+    smp_all = torch.ones((B, G + 1), dtype=torch.bool, device=device)
+    a_zero = torch.zeros(B, dtype=torch.long, device=device)
 
     def ensure(n: int) -> None:
         nonlocal valid
@@ -156,20 +158,22 @@ def generate_turns(
     # row state: live (decoding), paused (waiting for env); neither = finished
     live = torch.ones(B, dtype=torch.bool, device=device)
     paused = torch.zeros(B, dtype=torch.bool, device=device)
-    n_total = torch.zeros(B, dtype=torch.long, device=device)     # transcript tokens (model + env)
-    n_turn = torch.zeros(B, dtype=torch.long, device=device)      # model tokens in the current turn
+    # model tokens a row may still emit in its current turn: min(transcript budget left, turn budget left)
+    room = torch.full((B,), min(max_new_tokens, turn_cap), dtype=torch.long, device=device)
     turns = [0] * B
+    pausing = stop_id != eos_id                                   # (an EOS never pauses)
 
     def advance(count: torch.Tensor, last: torch.Tensor, active: torch.Tensor) -> None:
         """Book ``count`` emitted tokens ending with ``last`` for the ``active`` rows; pause/finish rows."""
-        nonlocal live, paused, n_total, n_turn
-        n_total = n_total + torch.where(active, count, 0)
-        n_turn = n_turn + torch.where(active, count, 0)
-        is_eos = active & (last == eos_id) if eos_id is not None else torch.zeros_like(active)
-        is_stop = active & (last == stop_id) & ~is_eos
-        over = active & ((n_total >= max_new_tokens) | (n_turn >= turn_cap))
-        live = live & ~(is_eos | is_stop | over)
-        paused = paused | is_stop
+        nonlocal live, paused, room
+        room = room - count * active
+        is_stop = last == stop_id
+        end = is_stop | (room <= 0)
+        if eos_id is not None:
+            end |= last == eos_id
+        live = live & ~(active & end)
+        if pausing:
+            paused = paused | (active & is_stop)
 
     # ---- prefill: target over the prompt, first token from p_0, then the head over the prompt
     hid = target(ids, positions, valid[:, :P], 0)
@@ -212,7 +216,7 @@ def generate_turns(
             if not G:
                 p1 = p_t[:, 0]
                 toks = (p1.argmax(-1) if params.greedy else _race(p1, noise[0])).unsqueeze(1)
-                a = torch.zeros(B, dtype=torch.long, device=device)
+                a = a_zero
             elif rs_fast:
                 a, _, toks, exp_alpha = _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id,
                                                    noise[G], generator)
@@ -222,21 +226,22 @@ def generate_turns(
                 toks = torch.where(j <= a.unsqueeze(1), res.tokens, pad_id)
             if G:
                 history.append((a, ~live, exp_alpha))
-            # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
-            hit = (toks == stop_id) if eos_id is None else (toks == stop_id) | (toks == eos_id)
-            hit &= j <= a.unsqueeze(1)
-            first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
-            cap = torch.minimum(max_new_tokens - n_total, turn_cap - n_turn)
-            a_eff = torch.minimum(torch.minimum(a, first), cap - 1).clamp_min(0)
-            kept = (j <= a_eff.unsqueeze(1)) & live.unsqueeze(1)
+                # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
+                hit = (toks == stop_id) if eos_id is None else (toks == stop_id) | (toks == eos_id)
+                hit &= j <= a.unsqueeze(1)
+                first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
+                a_eff = torch.minimum(torch.minimum(a, first), room - 1).clamp_min(0)
+                kept = (j <= a_eff.unsqueeze(1)) & live.unsqueeze(1)
+                last = toks[rows, a_eff]
+            else:                                                      # one token per step: nothing to cut
+                a_eff, kept, last = a, live.unsqueeze(1), toks[:, 0]
             pt, h = _emitted(p_t, toks)
-            events.append((toks, pt, h, kept, torch.ones_like(kept)))
+            events.append((toks, pt, h, kept, smp_all))
             valid.narrow(1, s, G + 1).copy_(kept)                      # holes: rejected, cut, or not live
             if G:
                 gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
                 metrics.draft_forwards += 1
                 g = torch.where(live.unsqueeze(1), gh[rows, a_eff], g)
-            last = toks[rows, a_eff]
             x = torch.where(live, last, x)
             pos_x = torch.where(live, pos_x + a_eff + 1, pos_x)
             length = s + G + 1
@@ -247,7 +252,7 @@ def generate_turns(
         # ---- (b) environment: replies for every paused row, one batched prefill, then resume
         out, _, _, _, n = _pack(events, pad_id)
         idx = paused.nonzero().squeeze(1).tolist()
-        n_host, tot_host = n.tolist(), n_total.tolist()
+        n_host = n.tolist()                                           # transcript lengths so far
         texts = dict(zip(idx, out[idx].tolist(), strict=True))
         replies: dict[int, list[int]] = {}
         resume: list[int] = []
@@ -259,7 +264,7 @@ def generate_turns(
                 continue
             replies[r] = list(reply)
             turns[r] += 1
-            if tot_host[r] + len(reply) < max_new_tokens:
+            if n_host[r] + len(reply) < max_new_tokens:
                 resume.append(r)
         paused = torch.zeros_like(paused)
         if not replies:
@@ -279,7 +284,6 @@ def generate_turns(
         events.append((env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
                        (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool,
                                                                                  device=device)))
-        n_total = n_total + m
         if not resume:
             continue
         R = torch.zeros(B, dtype=torch.bool)
@@ -305,7 +309,9 @@ def generate_turns(
         pos_x = torch.where(R, pos_x + m + 1, pos_x)
         length = s + W + 1
         live = R
-        n_turn = torch.where(R, 0, n_turn)
+        back = set(resume)
+        room_new = [min(max_new_tokens - n_host[r] - m_host[r], turn_cap) if r in back else 0 for r in range(B)]
+        room = torch.where(R, torch.tensor(room_new, device=device), room)
         advance(torch.ones_like(pos_x), x_new, R)
 
     out, sampled, logp, ent, n = _pack(events, pad_id)
