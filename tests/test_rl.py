@@ -327,3 +327,14 @@ def test_rollout_batch_splits_engine_calls(policy_dirs, tmp_path):
     assert split.prompts == whole.prompts and len(split.completions) == 16
     assert split.metrics.target_forwards > whole.metrics.target_forwards       # 6 engine calls instead of 1
     assert sum(split.metrics.reached) > 0 and split.metrics.tokens == split.num_tokens
+
+
+def test_bench_rl_config_flags_override_the_shared_rl_settings():
+    from bebop.bench_rl import RLBenchConfig
+    from bebop.config import make_config
+
+    cfg = make_config(RLBenchConfig, None, **{"rl.lr": 1e-3, "rl.rollout_batch": 16, "rl.seed": None})
+    assert cfg.rl.lr == 1e-3 and cfg.rl.rollout_batch == 16
+    assert cfg.rl.mtp_strategy == "none"                # the factory's own defaults are kept
+    with pytest.raises(BebopError, match="group_size must be >= 2"):
+        make_config(RLBenchConfig, None, **{"rl.group_size": 1})

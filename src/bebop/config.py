@@ -44,7 +44,7 @@ def from_dict(cls: type[C], raw: dict[str, Any], where: str = "dict") -> C:
     return _build(cls, raw, where)
 
 
-def _build(cls: type[C], raw: dict[str, Any], where: str) -> C:
+def _build(cls: type[C], raw: dict[str, Any], where: str, base: C | None = None) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -52,13 +52,15 @@ def _build(cls: type[C], raw: dict[str, Any], where: str) -> C:
             if isinstance(value, dict):
                 continue  # a table meant for another command
             raise BebopError(f"unknown config key {key!r} in {where}; expected one of {sorted(fields)}")
-        default = fields[key].default_factory  # type: ignore[misc]
-        if isinstance(value, dict) and default is not dataclasses.MISSING and dataclasses.is_dataclass(default):
-            values[key] = _build(default, value, f"{where} [{key}]")  # type: ignore[arg-type]
+        factory = fields[key].default_factory  # type: ignore[misc]
+        inner = factory() if isinstance(value, dict) and factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(inner):
+            # a nested table overrides the field's default instance (keeping that instance's own defaults)
+            values[key] = _build(type(inner), value, f"{where} [{key}]", base=inner)
         else:
             values[key] = value
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except TypeError as e:
         raise BebopError(f"bad config in {where}: {e}") from None
 
