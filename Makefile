@@ -17,8 +17,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/bebop sft --task arith --out runs/arith/base
-	$(BIN)/bebop eval runs/arith/base --task arith --samples 256 --temperature 1.0 --json
+	$(BIN)/bebop demo --out runs/demo
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
