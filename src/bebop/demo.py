@@ -99,6 +99,7 @@ class DemoConfig:
     rl_prompts: int = 8
     rl_group: int = 8
     rl_lr: float = 5e-4
+    rl_rollout_batch: int = 0          # rows per engine call in RL rollouts (0 = all prompts × group at once)
     online_every: int = 4
     online_steps: int = 20
     rl_eval_samples: int = 0
@@ -309,7 +310,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         out=str(out / "rl"), methods=cfg.rl_methods, steps=cfg.rl_steps, eval_samples=cfg.rl_eval_samples,
         rl=RLConfig(mtp_strategy="none", task=cfg.task, gamma=cfg.gamma, prompts_per_step=cfg.rl_prompts,
                     group_size=cfg.rl_group, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                    lr=cfg.rl_lr, online_every=cfg.online_every, online_steps=cfg.online_steps,
+                    lr=cfg.rl_lr, rollout_batch=cfg.rl_rollout_batch, online_every=cfg.online_every,
+                    online_steps=cfg.online_steps,
                     checkpoint_every=cfg.rl_steps, eval_samples=cfg.rl_eval_samples, seed=cfg.seed),
     )
     rl_cfg.method_list()
