@@ -23,8 +23,9 @@ tokens). ``DecodeMetrics`` count model tokens only; acceptance counters come fro
 the terminator/EOS/budget cut, as in ``generate_mtp``), so environment tokens never enter them.
 ``target_forwards`` counts decode steps and environment prefills (not the prompt prefill).
 
-Cost model: rows that are paused or finished still ride in the batched forwards (no compaction), so a long
-tail of one live row costs a full-batch forward per step, as in ``generate``/``generate_mtp``.
+Batch compaction: at each environment phase the batch (caches, masks, row state) shrinks to the rows that
+resume, so finished rows stop costing forwards; within a decode phase, paused and finished rows still ride
+along (as done rows do in ``generate``/``generate_mtp``). Outputs are always indexed by the original rows.
 
 Row ends (independently): EOS; ``max_new_tokens`` transcript tokens (model + environment; a reply that
 reaches it is still appended, then the row ends); a turn of ``turn_tokens`` model tokens without the
@@ -39,20 +40,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
+from bebop import engine
 from bebop.engine import (
     DecodeMetrics,
     _count_acceptance,
+    _crop_to,
     _emitted,
+    _lm_head,
     _noise,
     _probs,
     _race,
     _verify_rs,
-    forwards,
     left_pad,
+    target_forward,
 )
 from bebop.errors import BebopError
+from bebop.lean import StaticKV, lean_decoder, lean_head
 from bebop.sampling import RULES, SamplingParams, draft_tokens, sample, verify
 
 Env = Callable[[int, list[int]], "list[int] | None"]
@@ -84,10 +89,20 @@ class TurnRollout:
         return steps[None, :] < self.lengths[:, None]
 
 
-def _pack(events, pad_id: int):
-    """Transcript tensors from the time-ordered events (tokens, p(token), H(p), emitted, sampled), each
-    [B, w]: emitted entries in order, packed left. Returns (tokens, sampled, logp, entropy, lengths)."""
-    toks, probs, ents, emit, smp = (torch.cat(x, dim=1) for x in zip(*events, strict=True))
+def _pack(events, pad_id: int, batch: int):
+    """Transcript tensors from the time-ordered events (rows, tokens, p(token), H(p), emitted, sampled), each
+    [b, w] over the original rows ``rows`` (None = all ``batch`` rows, in order): emitted entries in order,
+    packed left. Returns (tokens, sampled, logp, entropy, lengths), [batch, ...]."""
+    fills = (pad_id, 1.0, 0.0, False, False)
+
+    def widen(rows, fields):
+        if rows is None:
+            return fields
+        return tuple(t.new_full((batch, t.shape[1]), f).index_copy_(0, rows, t) for t, f in zip(fields, fills,
+                                                                                                  strict=True))
+
+    toks, probs, ents, emit, smp = (torch.cat(x, dim=1) for x in zip(*(widen(e[0], e[1:]) for e in events),
+                                                                        strict=True))
     n = emit.sum(1)
     width = int(n.max()) if n.numel() else 0
     cols = torch.where(emit, emit.long().cumsum(1) - 1, width)           # column ``width`` = discarded
@@ -99,6 +114,50 @@ def _pack(events, pad_id: int):
     sampled = sampled[:, :width]
     return (out[:, :width], sampled, torch.where(sampled, logp[:, :width], 0.0),
             torch.where(sampled, ent[:, :width], 0.0), n)
+
+
+def _forwards(model: PreTrainedModel, head, batch: int, capacity: int):
+    """``engine.forwards`` (same callables, same backends) plus ``select(rows)``: keep only batch rows ``rows``
+    in every cache, so finished rows leave the batch."""
+    lean = lean_decoder(model) if engine.USE_LEAN else None
+    caches: list = []
+    if lean is not None:
+        tcache = lean.new_cache(batch, capacity)
+
+        def target(ids, pos, valid, start):
+            return lean(ids, pos, valid, tcache, start)
+    else:
+        tcache = DynamicCache(config=model.config)
+
+        def target(ids, pos, valid, start):
+            _crop_to(tcache, start)
+            return target_forward(model, ids, valid.long(), pos, tcache)
+    caches.append(tcache)
+    drafter = None
+    if head is not None:
+        lhead = lean_head(head, model, lean) if lean is not None else None
+        if lhead is not None:
+            mcache = lhead.new_cache(batch, capacity)
+
+            def drafter(ids, hidden, pos, valid, start):
+                return lhead(ids, hidden, pos, valid, mcache, start)
+        else:
+            mcache = head.new_cache()
+
+            def drafter(ids, hidden, pos, valid, start):
+                _crop_to(mcache, start)
+                return head(ids, hidden, pos, valid.long(), mcache)
+        caches.append(mcache)
+
+    def select(rows: torch.Tensor) -> None:
+        for c in caches:
+            if isinstance(c, StaticKV):
+                c.k, c.v = c.k[:, rows], c.v[:, rows]
+                c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
+            else:
+                c.batch_select_indices(rows)
+
+    return target, drafter, _lm_head(model, lean), select
 
 
 @torch.inference_mode()
@@ -133,10 +192,13 @@ def generate_turns(
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
-    valid = torch.zeros((B, P + 4 * (max_new_tokens + G + 1)), dtype=torch.bool, device=device)  # both caches
+    valid = torch.zeros((B, P + (2 if G else 1) * (max_new_tokens + G + 1)), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    target, drafter, lm_head = forwards(model, head, B, valid.shape[1])
+    target, drafter, lm_head, select = _forwards(model, head, B, valid.shape[1])
+    B0 = B
+    orig: torch.Tensor | None = None                              # batch row -> original row (None = identity)
+    orig_host = list(range(B))
     rs_fast = rule == "rejection" and not params.greedy
     turn_cap = turn_tokens if turn_tokens is not None else max_new_tokens
     rows = torch.arange(B, device=device)
@@ -144,6 +206,20 @@ def generate_turns(
     metrics = DecodeMetrics(gamma=G)
     events: list[tuple[torch.Tensor, ...]] = []
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    metrics.reached, metrics.accepted_k, metrics.expected_k = ([0.0] * G for _ in range(3))
+
+    def flush() -> None:
+        """Add the acceptance counters of the steps since the last flush (one batch layout) to ``metrics``."""
+        nonlocal history
+        if history:
+            part = DecodeMetrics(gamma=G)
+            _count_acceptance(part, history)
+            metrics.steps += part.steps
+            metrics.accepted += part.accepted
+            for name in ("reached", "accepted_k", "expected_k"):
+                setattr(metrics, name, [a + b for a, b in zip(getattr(metrics, name), getattr(part, name),
+                                                              strict=True)])
+        history = []
     ones = torch.ones((B, 1), dtype=torch.bool, device=device)
     smp_all = torch.ones((B, G + 1), dtype=torch.bool, device=device)
     a_zero = torch.zeros(B, dtype=torch.long, device=device)
@@ -180,7 +256,7 @@ def generate_turns(
     p0 = _probs(lm_head(hid[:, -1]), params)
     x = sample(p0, generator)
     pt, h = _emitted(p0, x)
-    events.append((x[:, None], pt[:, None], h[:, None], ones, ones))
+    events.append((orig, x[:, None], pt[:, None], h[:, None], ones, ones))
     g = None
     if G:
         g = drafter(torch.cat([ids[:, 1:], x[:, None]], dim=1), hid, positions, valid[:, :P], 0)[:, -1]
@@ -236,7 +312,7 @@ def generate_turns(
             else:                                                      # one token per step: nothing to cut
                 a_eff, kept, last = a, live.unsqueeze(1), toks[:, 0]
             pt, h = _emitted(p_t, toks)
-            events.append((toks, pt, h, kept, smp_all))
+            events.append((orig, toks, pt, h, kept, smp_all))
             valid.narrow(1, s, G + 1).copy_(kept)                      # holes: rejected, cut, or not live
             if G:
                 gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
@@ -249,74 +325,78 @@ def generate_turns(
             continue
         if not any_paused:
             break
-        # ---- (b) environment: replies for every paused row, one batched prefill, then resume
-        out, _, _, _, n = _pack(events, pad_id)
-        idx = paused.nonzero().squeeze(1).tolist()
-        n_host = n.tolist()                                           # transcript lengths so far
-        texts = dict(zip(idx, out[idx].tolist(), strict=True))
+        # ---- (b) environment: replies for every paused row; the rows that go on form the new (compacted)
+        #      batch; one batched prefill of the replies, then resume
+        out, _, _, _, n = _pack(events, pad_id, B0)
+        idx = paused.nonzero().squeeze(1).tolist()                    # batch rows
+        n_host = n.tolist()                                           # transcript lengths so far, original rows
+        texts = dict(zip(idx, out[[orig_host[c] for c in idx]].tolist(), strict=True))
         replies: dict[int, list[int]] = {}
         resume: list[int] = []
-        for r in idx:
+        for c in idx:
+            r = orig_host[c]
             if max_turns is not None and turns[r] >= max_turns:
                 continue
-            reply = env(r, texts[r][: n_host[r]])
+            reply = env(r, texts[c][: n_host[r]])
             if reply is None:
                 continue
-            replies[r] = list(reply)
+            replies[c] = list(reply)
             turns[r] += 1
             if n_host[r] + len(reply) < max_new_tokens:
-                resume.append(r)
+                resume.append(c)
         paused = torch.zeros_like(paused)
         if not replies:
             continue
-        m_host = [len(replies.get(r, ())) for r in range(B)]
-        W = max(m_host[r] for r in replies)
+        W = max(len(v) for v in replies.values())
         env_tok = torch.full((B, W + 1), pad_id, dtype=torch.long)
-        for r, reply in replies.items():
-            if reply:
-                env_tok[r, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-        env_tok = env_tok.to(device)
-        m = torch.tensor(m_host, dtype=torch.long, device=device)
-        jw = torch.arange(W + 1, device=device)
+        m = torch.zeros(B, dtype=torch.long)
         got = torch.zeros(B, dtype=torch.bool)
-        got[list(replies)] = True
-        got = got.to(device)
-        events.append((env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
-                       (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool,
-                                                                                 device=device)))
+        for c, reply in replies.items():
+            env_tok[c, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+            m[c], got[c] = len(reply), True
+        env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
+        jw = torch.arange(W + 1, device=device)
+        events.append((orig, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
+                       (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1),
+                       torch.zeros((B, W), dtype=torch.bool, device=device)))
         if not resume:
             continue
-        R = torch.zeros(B, dtype=torch.bool)
-        R[resume] = True
-        R = R.to(device)
+        room = torch.tensor([min(max_new_tokens - n_host[orig_host[c]] - len(replies[c]), turn_cap) for c in resume],
+                            dtype=torch.long, device=device)
+        if len(resume) < B:                                           # compact: keep the resumed rows only
+            flush()
+            keep = torch.tensor(resume, dtype=torch.long, device=device)
+            select(keep)
+            valid, x, pos_x, env_tok, m = valid[keep], x[keep], pos_x[keep], env_tok[keep], m[keep]
+            g = g[keep] if G else g
+            orig = keep if orig is None else orig[keep]
+            orig_host = [orig_host[c] for c in resume]
+            B = len(resume)
+            rows = torch.arange(B, device=device)
+            ones, smp_all, a_zero, zero_q = ones[:B], smp_all[:B], a_zero[:B], zero_q[:B]
         s = length
         ensure(s + W + 1)
         vin = torch.cat([x.unsqueeze(1), env_tok[:, :W]], dim=1)       # [x, e_1..e_m, pad...]
         vpos = pos_x.unsqueeze(1) + jw
-        valid.narrow(1, s, W + 1).copy_((jw <= m.unsqueeze(1)) & R.unsqueeze(1))
+        valid.narrow(1, s, W + 1).copy_(jw <= m.unsqueeze(1))
         hid = target(vin, vpos, valid.narrow(1, 0, s + W + 1), s)
         metrics.target_forwards += 1
         p = _probs(lm_head(hid[rows, m]), params)
-        x_new = sample(p, generator)
-        pt, h = _emitted(p, x_new)
-        events.append((x_new[:, None], pt[:, None], h[:, None], R[:, None], ones))
+        x = sample(p, generator)
+        pt, h = _emitted(p, x)
+        events.append((orig, x[:, None], pt[:, None], h[:, None], ones, ones))
         if G:
-            htoks = env_tok.scatter(1, m.unsqueeze(1), x_new.unsqueeze(1))   # [e_1..e_m, x', pad...]
-            gh = drafter(htoks, hid, vpos, valid.narrow(1, 0, s + W + 1), s)
+            htoks = env_tok.scatter(1, m.unsqueeze(1), x.unsqueeze(1))       # [e_1..e_m, x', pad...]
+            g = drafter(htoks, hid, vpos, valid.narrow(1, 0, s + W + 1), s)[rows, m]
             metrics.draft_forwards += 1
-            g = torch.where(R.unsqueeze(1), gh[rows, m], g)
-        x = torch.where(R, x_new, x)
-        pos_x = torch.where(R, pos_x + m + 1, pos_x)
+        pos_x = pos_x + m + 1
         length = s + W + 1
-        live = R
-        back = set(resume)
-        room_new = [min(max_new_tokens - n_host[r] - m_host[r], turn_cap) if r in back else 0 for r in range(B)]
-        room = torch.where(R, torch.tensor(room_new, device=device), room)
-        advance(torch.ones_like(pos_x), x_new, R)
+        live = torch.ones(B, dtype=torch.bool, device=device)
+        paused = torch.zeros(B, dtype=torch.bool, device=device)
+        advance(torch.ones_like(pos_x), x, live)
 
-    out, sampled, logp, ent, n = _pack(events, pad_id)
+    out, sampled, logp, ent, n = _pack(events, pad_id, B0)
     metrics.tokens = int(sampled.sum())
     metrics.seconds = time.perf_counter() - t0
-    if G:
-        _count_acceptance(metrics, history)
+    flush()
     return TurnRollout(out, sampled, n, logp, ent, torch.tensor(turns, dtype=torch.long), metrics)
