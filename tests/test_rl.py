@@ -276,7 +276,6 @@ def test_ray_backend_matches_local(policy_dirs, tmp_path):
     ({"reward": "no_such_module:fn"}, "cannot load reward 'no_such_module:fn'"),
     ({"reward": "rl_rewards:nope"}, "cannot load reward 'rl_rewards:nope'"),
     ({"task": "chess"}, "chess"),
-    ({"task": "agent"}, "multi-turn task 'agent' is not supported yet"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"mtp": None}, "needs a trained head"),
     ({"backend": "slurm"}, "unknown backend 'slurm'"),
@@ -338,3 +337,38 @@ def test_bench_rl_config_flags_override_the_shared_rl_settings():
     assert cfg.rl.mtp_strategy == "none"                # the factory's own defaults are kept
     with pytest.raises(BebopError, match="group_size must be >= 2"):
         make_config(RLBenchConfig, None, **{"rl.group_size": 1})
+
+
+@pytest.fixture(scope="module")
+def tool_caller_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny policy that often emits the agent task's terminator ``}``, so rollouts get environment replies."""
+    from conftest import build_tiny_policy
+
+    model = build_tiny_policy(tiny_tokenizer, seed=0)
+    emb = model.get_input_embeddings().weight
+    newline = tiny_tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        emb[tiny_tokenizer.convert_tokens_to_ids("}")] = 1.03 * emb[newline]
+    root = tmp_path_factory.mktemp("agent")
+    save_policy(model, tiny_tokenizer, root / "policy")
+    save_head(MTPHead.from_base(model), root / "mtp", model.config)
+    return root / "policy", root / "mtp"
+
+
+def test_multi_turn_rl_masks_environment_tokens(tool_caller_dir, tmp_path):
+    """Agent-task rollouts: environment replies are in the transcript but not in the loss mask, and the
+    behaviour log-probs of the model's tokens equal the trainer's forward over the whole transcript."""
+    cfg = small_config(tool_caller_dir, tmp_path / "run", task="agent", temperature=0.7, max_new_tokens=24)
+    batch = RolloutWorker(cfg).rollout(0, 0)
+    assert batch.sampled is not None and any(0 in m for m in batch.sampled)
+    assert batch.num_tokens == sum(sum(m) for m in batch.sampled) < sum(len(c) for c in batch.completions)
+    model, tok = load_policy(cfg.model)
+    ids, mask, comp, blp = training_batch(batch, tok.pad_token_id, "cpu")
+    assert int(comp.sum()) == batch.num_tokens
+    with torch.no_grad():
+        lp = completion_logprobs(model, ids, mask, comp, temperature=0.7)
+    m = comp[:, 1:].bool()
+    assert torch.allclose(lp[m], blp[m], atol=1e-4)
+    train_rl(replace(cfg, steps=2))
+    rows = read_log(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-3)

@@ -61,6 +61,16 @@ def rollout_multi_turn_reprefill(model, tokenizer, task: Task, problems: list[Pr
     return texts, ent_sum, n_tok
 
 
+def task_env(task: Task, tokenizer, problems: list[Problem]):
+    """The engine's environment callback for ``task``: row index + transcript ids → reply ids or None (done)."""
+
+    def env(row: int, transcript: list[int]) -> list[int] | None:
+        response = task.step(problems[row], tokenizer.decode(transcript, skip_special_tokens=True))
+        return None if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
+
+    return env
+
+
 def rollout_multi_turn(model, tokenizer, task: Task, problems: list[Problem], params: SamplingParams,
                        max_new_tokens: int, generator: torch.Generator | None = None,
                        turn_tokens: int = 32, head=None, gamma: int = 3,
@@ -68,13 +78,9 @@ def rollout_multi_turn(model, tokenizer, task: Task, problems: list[Problem], pa
     """As ``rollout_multi_turn_reprefill`` (same stopping rules, same outputs at τ = 0, same law at τ > 0),
     natively: one prefill per environment reply, of the reply only. ``head`` switches on MTP drafting."""
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-
-    def env(row: int, transcript: list[int]) -> list[int] | None:
-        response = task.step(problems[row], tokenizer.decode(transcript, skip_special_tokens=True))
-        return None if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
-
     r = generate_turns(model, head, prompts, params, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.convert_tokens_to_ids(task.terminator), env, gamma=gamma, rule=rule,
-                       pad_id=tokenizer.pad_token_id, generator=generator, turn_tokens=turn_tokens)
+                       tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, problems),
+                       gamma=gamma, rule=rule, pad_id=tokenizer.pad_token_id, generator=generator,
+                       turn_tokens=turn_tokens)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in r.completions()]
     return texts, float((r.entropy * r.sampled).sum()), int(r.sampled.sum())

@@ -31,7 +31,6 @@ from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.losses import mtp_loss_from_hidden
 from bebop.model import load_policy, save_policy
 from bebop.mtp import MTPHead, load_head, save_head
-from bebop.multiturn import is_multi_turn
 from bebop.rollout import (
     RULES_RL,
     STRATEGIES,
@@ -90,8 +89,6 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         load_reward(self.task, self.reward)
-        if is_multi_turn(get_task(self.task)):
-            raise BebopError(f"RL on the multi-turn task {self.task!r} is not supported yet: rollouts are single-turn")
         if self.mtp_strategy not in STRATEGIES:
             raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if self.rule not in RULES_RL:
@@ -154,11 +151,15 @@ def load_checkpoint(out: Path) -> dict:
 # ---------------------------------------------------------------- one RL step's pieces
 
 def training_batch(batch: RolloutBatch, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``ids``, ``mask``, completion mask and behaviour log-probs aligned with ``ids[:, 1:]``."""
+    """Right-padded ``ids``, ``mask``, completion mask (policy-sampled tokens only) and behaviour log-probs
+    aligned with ``ids[:, 1:]``."""
     rows = [(p + c, len(p)) for p, c in zip(batch.prompts, batch.completions, strict=True)]
     ids, mask, prompt_lens = pad_batch(rows, pad_id, device)
     pos = torch.arange(ids.shape[1], device=device)
     comp = ((pos[None, :] >= prompt_lens[:, None]) & (mask == 1)).long()
+    if batch.sampled is not None:             # environment tokens: context for the policy, never a loss term
+        for i, (m, (_, n_prompt)) in enumerate(zip(batch.sampled, rows, strict=True)):
+            comp[i, n_prompt : n_prompt + len(m)] = torch.tensor(m, device=device)
     blp = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
     for i, (lp, (_, n_prompt)) in enumerate(zip(batch.logprobs, rows, strict=True)):
         blp[i, n_prompt - 1 : n_prompt - 1 + len(lp)] = torch.tensor(lp, device=device)

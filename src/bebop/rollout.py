@@ -23,8 +23,10 @@ from bebop.engine import DecodeMetrics, generate, generate_mtp
 from bebop.errors import BebopError
 from bebop.model import load_policy
 from bebop.mtp import MTPHead, load_head
+from bebop.multiturn import is_multi_turn, task_env
 from bebop.sampling import SamplingParams
 from bebop.tasks import Problem, get_task, sample_problems
+from bebop.turns import generate_turns
 
 if TYPE_CHECKING:
     from bebop.rl import RLConfig
@@ -46,9 +48,13 @@ class RolloutBatch:
     entropy_sum: float                 # Σ per-token target entropy over completion tokens
     metrics: DecodeMetrics = field(default_factory=DecodeMetrics)
     seconds: float = 0.0               # wall time of the slowest worker
+    sampled: list[list[int]] | None = None   # multi-turn: 1 = model token, 0 = environment token (no loss)
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the policy sampled (environment tokens excluded)."""
+        if self.sampled is not None:
+            return sum(sum(m) for m in self.sampled)
         return sum(len(c) for c in self.completions)
 
 
@@ -90,6 +96,8 @@ class RolloutWorker:
             self.head = load_head(cfg.mtp, self.model) if cfg.mtp else MTPHead.from_base(self.model)
             self.head = self.head.to(cfg.device).eval()
         self.params = SamplingParams(temperature=cfg.temperature)
+        self.multi_turn = is_multi_turn(self.task)
+        self.stop_id = self.tokenizer.convert_tokens_to_ids(self.task.terminator) if self.multi_turn else None
 
     def set_weights(self, policy_state: dict, head_state: dict | None = None) -> None:
         """Copy pushed weights in place (the head stays bound to this worker's embedding and LM head)."""
@@ -110,25 +118,33 @@ class RolloutWorker:
         tok = self.tokenizer
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
+        sampled: list[list[int]] | None = [] if self.multi_turn else None
         entropy_sum = 0.0
         metrics = DecodeMetrics()
         chunk = s.rollout_batch or len(prompts)
         for i in range(0, len(prompts), chunk):     # engine calls of at most `rollout_batch` rows
             rows = prompts[i : i + chunk]
-            if self.head is None:
+            if sampled is not None:                 # multi-turn: environment replies prefilled, not sampled
+                row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
+                r = generate_turns(self.model, self.head, rows, self.params, s.max_new_tokens, tok.eos_token_id,
+                                   self.stop_id, task_env(self.task, tok, row_problems), gamma=s.gamma,
+                                   rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
+                sampled += [m[:n].tolist() for m, n in zip(r.sampled.cpu(), r.lengths.tolist(), strict=True)]
+            elif self.head is None:
                 r = generate(self.model, rows, self.params, s.max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen)
             else:
                 r = generate_mtp(self.model, self.head, rows, self.params, s.max_new_tokens, tok.eos_token_id,
                                  gamma=s.gamma, rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
             completions += r.completions()
             logprobs += [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
-            entropy_sum += float((r.entropy * r.mask).sum())
+            entropy_sum += float((r.entropy * (r.sampled if sampled is not None else r.mask)).sum())
             metrics.merge(r.metrics)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = [float(self.reward(problems[i // s.group_size], t)) for i, t in enumerate(texts)]
         return RolloutBatch(
             step=step, version=version, prompts=prompts, completions=completions, logprobs=logprobs,
             rewards=rewards, entropy_sum=entropy_sum, metrics=metrics, seconds=time.perf_counter() - t0,
+            sampled=sampled,
         )
 
     def run(self, step: int, version: int, weights: tuple, offset: int = 0, count: int | None = None) -> RolloutBatch:
