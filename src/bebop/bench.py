@@ -53,7 +53,7 @@ def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats:
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
-    target, drafter, _ = forwards(model, head, B, P + gamma + 1)
+    target, drafter, _, _ = forwards(model, head, B, P + gamma + 1)
     hid = target(ids, pos, valid[:, :P], 0)
     drafter(ids, hid, pos, valid[:, :P], 0)
 

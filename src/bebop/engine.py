@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from bebop.errors import BebopError
-from bebop.lean import lean_decoder, lean_head
+from bebop.lean import StaticKV, lean_decoder, lean_head
 from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
 
 USE_LEAN = True
@@ -130,13 +130,14 @@ def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch
 
 
 def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
-    """``(target, drafter, lm_head)`` callables over explicit cache slots, lean when supported (module doc):
+    """``(target, drafter, lm_head, select)`` callables over explicit cache slots, lean when supported (module doc):
 
     ``target(ids [B, T], pos [B, T], valid [B, start+T] bool, start) -> hidden [B, T, H]`` and
     ``drafter(ids, hidden, pos, valid, start) -> h^k [B, T, H]`` (None without a head) write slots
     ``start..start+T-1`` of their own cache (anything at or after ``start`` is overwritten/dropped) and attend
-    to the slots marked valid; ``lm_head(hidden) -> logits``. ``capacity`` is a first allocation; lean caches
-    grow on demand."""
+    to the slots marked valid; ``lm_head(hidden) -> logits``; ``select(rows)`` keeps only batch rows ``rows`` in
+    every cache (so finished rows can leave the batch). ``capacity`` is a first allocation; lean caches grow on
+    demand."""
     lean = lean_decoder(model) if USE_LEAN else None
     if lean is not None:
         tcache = lean.new_cache(batch, capacity)
@@ -150,23 +151,32 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
             _crop_to(tcache, start)
             return target_forward(model, ids, valid.long(), pos, tcache)
 
-    lm_head = _lm_head(model, lean)
-    if head is None:
-        return target, None, lm_head
-    lhead = lean_head(head, model, lean) if lean is not None else None
-    if lhead is not None:
-        mcache = lhead.new_cache(batch, capacity)
+    caches = [tcache]
+    drafter = None
+    if head is not None:
+        lhead = lean_head(head, model, lean) if lean is not None else None
+        if lhead is not None:
+            mcache = lhead.new_cache(batch, capacity)
 
-        def drafter(ids, hidden, pos, valid, start):
-            return lhead(ids, hidden, pos, valid, mcache, start)
-    else:
-        mcache = head.new_cache()
+            def drafter(ids, hidden, pos, valid, start):
+                return lhead(ids, hidden, pos, valid, mcache, start)
+        else:
+            mcache = head.new_cache()
 
-        def drafter(ids, hidden, pos, valid, start):
-            _crop_to(mcache, start)
-            return head(ids, hidden, pos, valid.long(), mcache)
+            def drafter(ids, hidden, pos, valid, start):
+                _crop_to(mcache, start)
+                return head(ids, hidden, pos, valid.long(), mcache)
+        caches.append(mcache)
 
-    return target, drafter, lm_head
+    def select(rows: torch.Tensor) -> None:
+        for c in caches:
+            if isinstance(c, StaticKV):
+                c.k, c.v = c.k[:, rows], c.v[:, rows]
+                c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
+            else:
+                c.batch_select_indices(rows)
+
+    return target, drafter, _lm_head(model, lean), select
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:
@@ -233,7 +243,7 @@ def generate(
     valid = torch.ones((B, P + max_new_tokens), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    target, _, lm_head = forwards(model, None, B, P + max_new_tokens)
+    target, _, lm_head, _ = forwards(model, None, B, P + max_new_tokens)
     hidden = target(ids, positions, valid[:, :P], 0)[:, -1]
     pos = positions[:, -1:]
     toks, probs, ents = [], [], []
@@ -380,7 +390,7 @@ def generate_mtp(
     valid = torch.zeros((B, P + (max_new_tokens + 1) * (G + 1)), dtype=torch.bool, device=device)  # both caches
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    target, drafter, lm_head = forwards(model, head, B, P + 2 * (max_new_tokens + G + 1))
+    target, drafter, lm_head, _ = forwards(model, head, B, P + 2 * (max_new_tokens + G + 1))
     rs_fast = rule == "rejection" and not params.greedy
 
     # Prefill: target over the prompt, first token from p_0, then the head over the prompt.

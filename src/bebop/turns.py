@@ -40,24 +40,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from bebop import engine
 from bebop.engine import (
     DecodeMetrics,
+    Rollout,
     _count_acceptance,
-    _crop_to,
     _emitted,
-    _lm_head,
     _noise,
     _probs,
     _race,
     _verify_rs,
     left_pad,
-    target_forward,
 )
 from bebop.errors import BebopError
-from bebop.lean import StaticKV, lean_decoder, lean_head
 from bebop.sampling import RULES, SamplingParams, draft_tokens, sample, verify
 
 Env = Callable[[int, list[int]], "list[int] | None"]
@@ -66,27 +63,14 @@ prompt so far (model and environment), ending with the terminator."""
 
 
 @dataclass
-class TurnRollout:
+class TurnRollout(Rollout):
     """Multi-turn transcripts. ``tokens[b, :lengths[b]]`` is row b's transcript after the prompt;
     ``sampled`` marks model-sampled tokens (False on environment tokens and padding); ``logprobs`` /
     ``entropy`` are the target's log p(token) and H(p) on sampled tokens, 0 elsewhere; ``turns`` counts the
     environment replies appended per row."""
 
-    tokens: torch.Tensor
-    sampled: torch.Tensor
-    lengths: torch.Tensor
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-    turns: torch.Tensor
-    metrics: DecodeMetrics
-
-    def completions(self) -> list[list[int]]:
-        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist(), strict=True)]
-
-    @property
-    def mask(self) -> torch.Tensor:
-        steps = torch.arange(self.tokens.shape[1], device=self.tokens.device)
-        return steps[None, :] < self.lengths[:, None]
+    sampled: torch.Tensor | None = None
+    turns: torch.Tensor | None = None
 
 
 def _pack(events, pad_id: int, batch: int):
@@ -114,50 +98,6 @@ def _pack(events, pad_id: int, batch: int):
     sampled = sampled[:, :width]
     return (out[:, :width], sampled, torch.where(sampled, logp[:, :width], 0.0),
             torch.where(sampled, ent[:, :width], 0.0), n)
-
-
-def _forwards(model: PreTrainedModel, head, batch: int, capacity: int):
-    """``engine.forwards`` (same callables, same backends) plus ``select(rows)``: keep only batch rows ``rows``
-    in every cache, so finished rows leave the batch."""
-    lean = lean_decoder(model) if engine.USE_LEAN else None
-    caches: list = []
-    if lean is not None:
-        tcache = lean.new_cache(batch, capacity)
-
-        def target(ids, pos, valid, start):
-            return lean(ids, pos, valid, tcache, start)
-    else:
-        tcache = DynamicCache(config=model.config)
-
-        def target(ids, pos, valid, start):
-            _crop_to(tcache, start)
-            return target_forward(model, ids, valid.long(), pos, tcache)
-    caches.append(tcache)
-    drafter = None
-    if head is not None:
-        lhead = lean_head(head, model, lean) if lean is not None else None
-        if lhead is not None:
-            mcache = lhead.new_cache(batch, capacity)
-
-            def drafter(ids, hidden, pos, valid, start):
-                return lhead(ids, hidden, pos, valid, mcache, start)
-        else:
-            mcache = head.new_cache()
-
-            def drafter(ids, hidden, pos, valid, start):
-                _crop_to(mcache, start)
-                return head(ids, hidden, pos, valid.long(), mcache)
-        caches.append(mcache)
-
-    def select(rows: torch.Tensor) -> None:
-        for c in caches:
-            if isinstance(c, StaticKV):
-                c.k, c.v = c.k[:, rows], c.v[:, rows]
-                c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
-            else:
-                c.batch_select_indices(rows)
-
-    return target, drafter, _lm_head(model, lean), select
 
 
 @torch.inference_mode()
@@ -195,7 +135,7 @@ def generate_turns(
     valid = torch.zeros((B, P + (2 if G else 1) * (max_new_tokens + G + 1)), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    target, drafter, lm_head, select = _forwards(model, head, B, valid.shape[1])
+    target, drafter, lm_head, select = engine.forwards(model, head, B, valid.shape[1])
     B0 = B
     orig: torch.Tensor | None = None                              # batch row -> original row (None = identity)
     orig_host = list(range(B))
@@ -399,4 +339,4 @@ def generate_turns(
     metrics.tokens = int(sampled.sum())
     metrics.seconds = time.perf_counter() - t0
     flush()
-    return TurnRollout(out, sampled, n, logp, ent, torch.tensor(turns, dtype=torch.long), metrics)
+    return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(turns, dtype=torch.long))
