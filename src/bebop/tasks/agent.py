@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from bebop.tasks.arith import check_format_reward
 from bebop.tasks.base import Problem
-from bebop.tasks.grammar import evaluate, final_answer, parse_int
+from bebop.tasks.grammar import evaluate, integer_answer_reward
 
 ITEMS = ("apple", "pear", "plum", "lemon", "melon", "grape", "peach", "mango")
 MIN_PRICE, MAX_PRICE = 2, 9
@@ -205,8 +205,4 @@ class AgentTask:
         return "".join(parts) + f"A: {problem.answer}"
 
     def reward(self, problem: Problem, completion: str) -> float:
-        text = final_answer(completion)
-        value = None if text is None else parse_int(text)
-        if value is None:
-            return 0.0
-        return 1.0 if value == int(problem.answer) else self.format_reward
+        return integer_answer_reward(completion, problem.answer, self.format_reward)

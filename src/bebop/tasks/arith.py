@@ -16,7 +16,7 @@ import random
 
 from bebop.errors import BebopError
 from bebop.tasks.base import Problem
-from bebop.tasks.grammar import final_answer, parse_int
+from bebop.tasks.grammar import integer_answer_reward
 
 OPERATORS = ("+", "-", "*")
 MAX_OPERAND = 12
@@ -118,8 +118,4 @@ class ArithTask:
         return "\n".join(lines)
 
     def reward(self, problem: Problem, completion: str) -> float:
-        text = final_answer(completion)
-        value = None if text is None else parse_int(text)
-        if value is None:
-            return 0.0
-        return 1.0 if value == int(problem.answer) else self.format_reward
+        return integer_answer_reward(completion, problem.answer, self.format_reward)

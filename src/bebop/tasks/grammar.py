@@ -176,3 +176,12 @@ def final_answer(completion: str) -> str | None:
         if line.startswith("A:"):
             return line[2:].strip(" \t\r")
     return None
+
+
+def integer_answer_reward(completion: str, answer: str, format_reward: float) -> float:
+    """1.0 if the final ``A:`` line is the integer ``answer``; ``format_reward`` for another integer; else 0.0."""
+    text = final_answer(completion)
+    value = None if text is None else parse_int(text)
+    if value is None:
+        return 0.0
+    return 1.0 if value == int(answer) else format_reward
