@@ -37,7 +37,7 @@ def print_dict(title: str, values: dict) -> None:
 
 @app.command()
 def sft(
-    task: Annotated[str | None, typer.Option(help="Task: arith, countdown.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
     out: Annotated[str | None, typer.Option(help="Output directory for model + tokenizer.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
@@ -337,7 +337,7 @@ def bench_rl_cmd(
 
 @app.command("rl")
 def rl_cmd(
-    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, ...")] = None,
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
     model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
     mtp: Annotated[str | None, typer.Option(help="MTP head directory (needed by --mtp-strategy frozen).")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint.pt, policy/, mtp/.")] = None,
