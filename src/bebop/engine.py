@@ -179,6 +179,35 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
     return target, drafter, _lm_head(model, lean), select
 
 
+def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics):
+    """γ recursive head steps from head state ``g`` (q_1 comes from ``g``; γ − 1 head forwards write the
+    temporary slots s..s+γ−2). ``noise`` (given only on the RS fast path: rule ``rejection``, τ > 0) drives the
+    drafts' exponential races, else ``draft_tokens``. Returns (the head state after drafting,
+    ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ])."""
+    qs, drafts = [], [x]
+    for k in range(G):
+        q = _probs(lm_head(g), params)
+        d = _race(q, noise[k]) if noise is not None else draft_tokens(q, rule, generator)
+        qs.append(q)
+        drafts.append(d)
+        if k < G - 1:
+            g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
+                        s + k).squeeze(1)
+            metrics.draft_forwards += 1
+    return g, torch.stack(drafts, dim=1), qs
+
+
+def _accept(p_t, qs, vin, rule: str, noise, zero_q, j, rows, pad_id: int, generator):
+    """The rule's verdict on drafts ``vin[:, 1:]`` against ``p_t`` [B, γ+1, V] (``_verify_rs`` with the RS
+    fast path's ``noise``, else ``sampling.verify``): (accepted a [B], kept slots
+    [B, γ+1], emitted tokens (pad after the correction/bonus token), expected α [B, γ])."""
+    if noise is not None:
+        return _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id, noise[len(qs)], generator)
+    res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
+    kept = j <= res.accepted.unsqueeze(1)                              # [B, γ+1] emitted slots
+    return res.accepted, kept, torch.where(kept, res.tokens, pad_id), res.expected_alpha
+
+
 def _crop_to(cache: DynamicCache, length: int) -> None:
     n = cache.get_seq_length()
     if n > length:
@@ -420,31 +449,14 @@ def generate_mtp(
         s = length
         vpos = pos_x.unsqueeze(1) + j                                  # positions of [x, d_1..d_γ]
         # ---- draft: γ recursive head steps (γ-1 forwards; q_1 comes from the previous catch-up call)
-        qs, drafts = [], [x]
         noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
         valid.narrow(1, s, G + 1).fill_(True)
-        for k in range(G):
-            q = _probs(lm_head(g), params)
-            d = _race(q, noise[k]) if rs_fast else draft_tokens(q, rule, generator)
-            qs.append(q)
-            drafts.append(d)
-            if k < G - 1:
-                g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
-                            s + k).squeeze(1)
-                metrics.draft_forwards += 1
-        vin = torch.stack(drafts, dim=1)                               # [x, d_1..d_γ]  [B, γ+1]
+        g, vin, qs = _draft(g, x, vpos, valid, s, G, lm_head, drafter, params, rule, noise, generator, metrics)
         # ---- verify: one target forward over [x, d_1..d_γ]
         vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
         metrics.target_forwards += 1
         p_t = _probs(lm_head(vhid), params)                            # [B, γ+1, V]
-        if rs_fast:
-            a, kept, toks, exp_alpha = _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id,
-                                                  noise[G], generator)
-        else:
-            res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
-            a, exp_alpha = res.accepted, res.expected_alpha
-            kept = j <= a.unsqueeze(1)                                 # [B, γ+1] emitted slots
-            toks = torch.where(kept, res.tokens, pad_id)
+        a, kept, toks, exp_alpha = _accept(p_t, qs, vin, rule, noise, zero_q, j, rows, pad_id, generator)
         # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))

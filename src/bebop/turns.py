@@ -46,16 +46,17 @@ from bebop import engine
 from bebop.engine import (
     DecodeMetrics,
     Rollout,
+    _accept,
     _count_acceptance,
+    _draft,
     _emitted,
     _noise,
     _probs,
     _race,
-    _verify_rs,
     left_pad,
 )
 from bebop.errors import BebopError
-from bebop.sampling import RULES, SamplingParams, draft_tokens, sample, verify
+from bebop.sampling import RULES, SamplingParams, sample
 
 Env = Callable[[int, list[int]], "list[int] | None"]
 """``env(row, transcript) -> reply tokens`` (None ends the row); ``transcript`` = the row's tokens after its
@@ -215,17 +216,8 @@ def generate_turns(
             vpos = pos_x.unsqueeze(1) + j
             valid.narrow(1, s, G + 1).fill_(True)
             noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast or not (G or params.greedy) else None
-            qs, drafts = [], [x]
-            for k in range(G):
-                q = _probs(lm_head(g), params)
-                d = _race(q, noise[k]) if rs_fast else draft_tokens(q, rule, generator)
-                qs.append(q)
-                drafts.append(d)
-                if k < G - 1:
-                    g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
-                                s + k).squeeze(1)
-                    metrics.draft_forwards += 1
-            vin = torch.stack(drafts, dim=1)                           # [x, d_1..d_γ]
+            fast = noise if rs_fast else None
+            g, vin, qs = _draft(g, x, vpos, valid, s, G, lm_head, drafter, params, rule, fast, generator, metrics)
             vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
             metrics.target_forwards += 1
             p_t = _probs(lm_head(vhid), params)                        # [B, γ+1, V]
@@ -233,13 +225,8 @@ def generate_turns(
                 p1 = p_t[:, 0]
                 toks = (p1.argmax(-1) if params.greedy else _race(p1, noise[0])).unsqueeze(1)
                 a = a_zero
-            elif rs_fast:
-                a, _, toks, exp_alpha = _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id,
-                                                   noise[G], generator)
             else:
-                res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
-                a, exp_alpha = res.accepted, res.expected_alpha
-                toks = torch.where(j <= a.unsqueeze(1), res.tokens, pad_id)
+                a, _, toks, exp_alpha = _accept(p_t, qs, vin, rule, fast, zero_q, j, rows, pad_id, generator)
             if G:
                 history.append((a, ~live, exp_alpha))
                 # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
