@@ -90,8 +90,9 @@ def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
     counts = np.bincount(observed_codes, minlength=len(law)).astype(float)
     expected = law * n
     big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
+    obs, exp = counts[big], expected[big]
+    if not big.all():
+        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
     exp *= obs.sum() / exp.sum()
     return float(chisquare(obs, exp).pvalue)
 

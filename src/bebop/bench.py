@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bebop.adaptive import AUTO, calibrate
 from bebop.engine import DecodeMetrics, forwards, generate, generate_mtp, left_pad
 from bebop.sampling import SamplingParams
 from bebop.tasks import get_task, sample_problems
@@ -22,8 +23,9 @@ from bebop.tasks import get_task, sample_problems
 @dataclass
 class DecodeBenchConfig:
     task: str = "arith"
-    gamma: int = 3
-    rule: str = "rejection"
+    gamma: int | str = 3            # "auto": adaptive γ against every fixed γ = 1..gamma_max (``bench_adaptive``)
+    rule: str = "rejection"         # with gamma "auto" also "auto" (RS or TO per row)
+    gamma_max: int = 5
     temperature: float = 1.0
     batch_sizes: tuple[int, ...] = (1, 8)
     max_new_tokens: int = 64
@@ -114,23 +116,81 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
+        if cfg.gamma == AUTO:
+            return _bench_adaptive(model, tokenizer, head, cfg)
         return _bench_decode(model, tokenizer, head, cfg)
     finally:
         torch.set_num_threads(threads)
 
 
+def _decode_batches(tokenizer, cfg: DecodeBenchConfig, bs: int, seed: int) -> list[list[list[int]]]:
+    """``cfg.num_prompts`` task prompts (rounded to whole batches) drawn with ``seed``, in batches of ``bs``."""
+    n_prompts = max(bs, cfg.num_prompts // bs * bs)
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in sample_problems(get_task(cfg.task), n_prompts, seed)]
+    return [prompts[i : i + bs] for i in range(0, n_prompts, bs)]
+
+
+def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
+    """``bench decode --gamma auto``: per batch size, plain decoding, MTP at every fixed γ = 1..γ_max (per rule:
+    ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``bebop.adaptive``), all on the same prompts,
+    seeds and lengths, interleaved in each timed repeat. Each repeat samples with new seeds and a run's
+    tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a batch lasts
+    as long as its longest row, so one fixed sample would favour whichever run happened to draw short tails.
+    The adaptive run is calibrated (step costs, α prior, confidence table) on other prompts at the same batch
+    size first; that one-off cost is reported, not timed."""
+    params = SamplingParams(temperature=cfg.temperature)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
+    results: dict[str, dict] = {}
+    for bs in cfg.batch_sizes:
+        t0 = time.perf_counter()
+        calib = _decode_batches(tokenizer, cfg, bs, cfg.seed + 7919)
+        adaptive = calibrate(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad, cfg.seed)
+        calib_s = time.perf_counter() - t0
+        runs = {"plain": (None, None)} | {f"{r}/{g}": (g, r) for r in rules for g in range(1, cfg.gamma_max + 1)}
+        runs["auto"] = (adaptive, cfg.rule)
+        batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
+        totals = {name: DecodeMetrics() for name in runs}
+        for rep in range(cfg.repeats + 1):  # repeat 0 warms up
+            for name, (gamma, rule) in runs.items():
+                for bi, prompts in enumerate(batches):
+                    gen = torch.Generator(device=model.device).manual_seed((cfg.seed * 1000 + rep) * 1000 + bi)
+                    if gamma is None:
+                        r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen)
+                    else:
+                        r = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, gamma, rule, pad, gen)
+                    if rep > 0:
+                        totals[name].merge(r.metrics)
+        plain = totals["plain"].tokens_per_s
+        res: dict = {"plain_tokens_per_s": plain, "calibration_seconds": calib_s,
+                     "step_seconds": list(adaptive.step_seconds), "prior_alpha": list(adaptive.prior), "fixed": {}}
+        for name, (gamma, _) in runs.items():
+            if gamma is None:
+                continue
+            m = totals[name]
+            row = {"tokens_per_s": m.tokens_per_s, "accept_length": m.accept_length,
+                   "step_seconds": m.decode_seconds / max(m.target_forwards, 1),
+                   "alpha": m.alpha, "mean_gamma": m.mean_gamma, "target_only_fraction": m.target_only_fraction}
+            row["speedup"] = row["tokens_per_s"] / plain
+            if name == "auto":
+                res["auto"] = row
+            else:
+                res["fixed"][name] = row
+        best = max(res["fixed"], key=lambda k: res["fixed"][k]["tokens_per_s"])
+        res["best_fixed"] = best
+        res["auto_vs_best_fixed"] = res["auto"]["tokens_per_s"] / res["fixed"][best]["tokens_per_s"]
+        results[str(bs)] = res
+    return results
+
+
 def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     from bebop.mtp import hf_mtp_generate
 
-    task = get_task(cfg.task)
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results: dict[str, dict] = {}
     for bs in cfg.batch_sizes:
-        n_prompts = max(bs, cfg.num_prompts // bs * bs)
-        problems = sample_problems(task, n_prompts, cfg.seed)
-        all_prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-        batches = [all_prompts[i : i + bs] for i in range(0, n_prompts, bs)]
+        batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
         plain_rates, mtp_rates = [], []
         mtp_all = DecodeMetrics()
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up

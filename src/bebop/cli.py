@@ -148,8 +148,10 @@ def generate_cmd(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
     top_k: Annotated[int | None, typer.Option(help="Top-k (off by default).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Top-p in (0, 1] (off by default).")] = None,
-    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 3,
-    rule: Annotated[str, typer.Option(help="rejection, target_only or greedy.")] = "rejection",
+    gamma: Annotated[str, typer.Option(help="Draft tokens per verification, or 'auto' (adaptive γ ≤ 5, "
+                                            "calibrated on these prompts first).")] = "3",
+    rule: Annotated[str, typer.Option(help="rejection, target_only, greedy or auto (RS or TO per row).")] =
+        "rejection",
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 96,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
@@ -161,8 +163,7 @@ def generate_cmd(
     from bebop.tasks import get_task, sample_problems
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    if gamma < 1:
-        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    g = _parse_gamma(gamma)
     the_model, tokenizer, head = _load_model_and_head(model, mtp)
     texts = prompt or [p.prompt for p in sample_problems(get_task(task), n, seed)]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
@@ -171,7 +172,11 @@ def generate_cmd(
     if head is None:
         r = generate(the_model, prompts, params, max_new_tokens, eos, pad, gen)
     else:
-        r = generate_mtp(the_model, head, prompts, params, max_new_tokens, eos, gamma, rule, pad, gen)
+        if g == "auto":
+            from bebop.adaptive import calibrate
+
+            g = calibrate(the_model, head, [prompts], params, 5, max_new_tokens, eos, pad, seed, repeats=1)
+        r = generate_mtp(the_model, head, prompts, params, max_new_tokens, eos, g, rule, pad, gen)
     for t, c in zip(texts, tokenizer.batch_decode(r.completions(), skip_special_tokens=True), strict=True):
         console.print(f"[bold]{t.strip()}[/]\n{c}\n", highlight=False)
     print_dict("decode metrics", r.metrics.to_dict())
@@ -186,8 +191,11 @@ def bench_decode_cmd(
     model: Annotated[Path, typer.Option(help="Policy directory.")],
     mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors).")],
     task: Annotated[str, typer.Option(help="Task whose prompts are decoded.")] = "arith",
-    rule: Annotated[str, typer.Option(help="rejection or target_only.")] = "rejection",
-    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 3,
+    rule: Annotated[str, typer.Option(help="rejection or target_only; with --gamma auto also auto (RS or TO per "
+                                            "row).")] = "rejection",
+    gamma: Annotated[str, typer.Option(help="Draft tokens per verification, or 'auto': adaptive γ against every "
+                                            "fixed γ = 1..--gamma-max.")] = "3",
+    gamma_max: Annotated[int, typer.Option(help="Largest γ with --gamma auto.")] = 5,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 64,
@@ -196,7 +204,9 @@ def bench_decode_cmd(
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:
-    """Plain vs MTP decoding vs transformers' generate(), measured side by side in one run."""
+    """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
+    γ — measured side by side in one run."""
+    from bebop.adaptive import AUTO
     from bebop.bench import DecodeBenchConfig, bench_decode
     from bebop.config import positive
     from bebop.sampling import RULES, SamplingParams
@@ -204,10 +214,12 @@ def bench_decode_cmd(
 
     get_task(task)
     SamplingParams(temperature=temperature)
-    if rule not in RULES:
-        raise BebopError(f"unknown rule {rule!r}; choose one of: {', '.join(RULES)}")
-    if gamma < 1:
-        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    g = _parse_gamma(gamma)
+    rules = (*RULES, AUTO) if g == AUTO else RULES
+    if rule not in rules:
+        raise BebopError(f"unknown rule {rule!r}; choose one of: {', '.join(rules)}")
+    if gamma_max < 1:
+        raise BebopError(f"gamma-max must be >= 1, got {gamma_max}")
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
@@ -217,10 +229,36 @@ def bench_decode_cmd(
     if any(b < 1 for b in sizes):
         raise BebopError(f"batch sizes must be >= 1, got {batch_sizes!r}")
     the_model, tokenizer, head = _load_model_and_head(model, mtp)
-    cfg = DecodeBenchConfig(task=task, gamma=gamma, rule=rule, temperature=temperature, batch_sizes=sizes,
-                            max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed)
+    cfg = DecodeBenchConfig(task=task, gamma=g, rule=rule, gamma_max=gamma_max, temperature=temperature,
+                            batch_sizes=sizes, max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts,
+                            seed=seed)
     results = bench_decode(the_model, tokenizer, head, cfg)
-    table = Table(title=f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}")
+    if g == AUTO:
+        console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
+    else:
+        console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"))
+    if json_path is not None:
+        from dataclasses import asdict
+
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+
+
+def _parse_gamma(gamma: str) -> int | str:
+    if gamma == "auto":
+        return gamma
+    try:
+        g = int(gamma)
+    except ValueError:
+        raise BebopError(f"gamma must be a positive integer or 'auto', got {gamma!r}") from None
+    if g < 1:
+        raise BebopError(f"gamma must be >= 1, got {g}")
+    return g
+
+
+def decode_table(results: dict, title: str) -> Table:
+    """The table of ``bench decode`` (fixed γ) from its JSON results."""
+    table = Table(title=title)
     cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "limit", "hf tok/s", "hf mtp tok/s", "accept len",
             "alpha"]
     for c in cols:
@@ -231,12 +269,23 @@ def bench_decode_cmd(
                       f"{r['speedup_limit']:.2f}x", f"{r['hf_tokens_per_s']:.0f}",
                       "-" if hf_mtp is None else f"{hf_mtp:.0f}", f"{r['accept_length']:.2f}",
                       " ".join(f"{a:.2f}" for a in r["alpha"]))
-    console.print(table)
-    if json_path is not None:
-        from dataclasses import asdict
+    return table
 
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+
+def adaptive_table(results: dict, title: str) -> Table:
+    """The table of ``bench decode --gamma auto`` from its JSON results: one row per (batch, run)."""
+    table = Table(title=title)
+    for c in ["batch", "run", "tok/s", "vs plain", "accept len", "mean γ", "TO rows", "vs best fixed"]:
+        table.add_column(c, justify="right")
+    for bs, r in results.items():
+        best = r["fixed"][r["best_fixed"]]["tokens_per_s"]
+        table.add_row(bs, "plain", f"{r['plain_tokens_per_s']:.0f}", "1.00x", "", "", "", "")
+        for name, row in [*r["fixed"].items(), ("auto", r["auto"])]:
+            mark = " *" if name == r["best_fixed"] else ""
+            table.add_row(bs, name + mark, f"{row['tokens_per_s']:.0f}", f"{row['speedup']:.2f}x",
+                          f"{row['accept_length']:.2f}", f"{row['mean_gamma']:.2f}",
+                          f"{row['target_only_fraction']:.0%}", f"{row['tokens_per_s'] / best:.2f}")
+    return table
 
 
 @bench_app.command("losses")

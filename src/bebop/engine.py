@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax
 from bebop.errors import BebopError
 from bebop.lean import StaticKV, lean_decoder, lean_head
 from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
@@ -38,16 +39,21 @@ class DecodeMetrics:
     ``accept_length`` = tokens emitted per target verify forward = 1 + mean accepted drafts, i.e. it COUNTS
     the correction/bonus token. ``alpha`` is the empirical per-step acceptance α_k = P(draft k accepted |
     drafts 1..k-1 accepted); ``expected_alpha`` the rule's α_k computed from p and q (Σ min(p, q) for RS),
-    averaged over the rows that reached step k.
+    averaged over the rows that reached step k. ``mean_gamma`` = drafts per row-step (γ unless adaptive),
+    ``target_only_fraction`` = share of those drafts verified with TO (``rule="auto"``), ``decode_seconds`` =
+    ``seconds`` without prefill.
     """
 
     gamma: int = 0
     tokens: int = 0                 # tokens emitted (sampled), all rows
     seconds: float = 0.0
+    decode_seconds: float = 0.0     # seconds after prefill
     target_forwards: int = 0        # batched target forwards after prefill
     draft_forwards: int = 0         # batched MTP-head forwards
     steps: int = 0                  # row-steps of draft→verify (one per active row per verify)
     accepted: int = 0               # accepted drafts, summed over row-steps
+    drafted: int = 0                # drafts verified, summed over row-steps
+    target_only_drafts: int = 0     # drafts verified with TO (rule "auto")
     reached: list[float] = field(default_factory=list)    # per step k: row-steps where draft k was judged
     accepted_k: list[float] = field(default_factory=list)  # per step k: row-steps where draft k was accepted
     expected_k: list[float] = field(default_factory=list)  # per step k: Σ of expected α_k over reached rows
@@ -57,7 +63,8 @@ class DecodeMetrics:
         if not self.reached:
             self.gamma = other.gamma
             self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
-        for name in ("tokens", "seconds", "target_forwards", "draft_forwards", "steps", "accepted"):
+        for name in ("tokens", "seconds", "decode_seconds", "target_forwards", "draft_forwards", "steps", "accepted",
+                     "drafted", "target_only_drafts"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("reached", "accepted_k", "expected_k"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
@@ -80,9 +87,18 @@ class DecodeMetrics:
         """Mean tokens emitted per verify step per row (accepted drafts + 1 correction/bonus token)."""
         return 1.0 + self.accepted / self.steps if self.steps else 1.0
 
+    @property
+    def mean_gamma(self) -> float:
+        return self.drafted / self.steps if self.steps else 0.0
+
+    @property
+    def target_only_fraction(self) -> float:
+        return self.target_only_drafts / self.drafted if self.drafted else 0.0
+
     def to_dict(self) -> dict:
         return {
-            "gamma": self.gamma, "tokens": self.tokens, "seconds": self.seconds,
+            "gamma": self.gamma, "mean_gamma": self.mean_gamma, "target_only_fraction": self.target_only_fraction,
+            "tokens": self.tokens, "seconds": self.seconds, "decode_seconds": self.decode_seconds,
             "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards, "alpha": self.alpha, "expected_alpha": self.expected_alpha,
             "accept_length": self.accept_length, "accept_length_counts_bonus": True,
@@ -179,14 +195,21 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
     return target, drafter, _lm_head(model, lean), select
 
 
-def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics):
+def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics,
+           pick_to=None, raw=None, q1=None):
     """γ recursive head steps from head state ``g`` (q_1 comes from ``g``; γ − 1 head forwards write the
     temporary slots s..s+γ−2). ``noise`` (given only on the RS fast path: rule ``rejection``, τ > 0) drives the
-    drafts' exponential races, else ``draft_tokens``. Returns (the head state after drafting,
-    ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ])."""
+    drafts' exponential races, else ``draft_tokens``. Rows where ``pick_to(q)`` [B] is True draft and verify
+    that step with TO (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's own q's go
+    to ``raw``. ``q1``: q_1 when already computed from ``g``.
+    Returns (the head state after drafting, ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ] as verified)."""
     qs, drafts = [], [x]
     for k in range(G):
-        q = _probs(lm_head(g), params)
+        q = q1 if k == 0 and q1 is not None else _probs(lm_head(g), params)
+        if raw is not None:
+            raw.append(q)
+        if pick_to is not None:
+            q = torch.where(pick_to(q).unsqueeze(1), one_hot_argmax(q), q)
         d = _race(q, noise[k]) if noise is not None else draft_tokens(q, rule, generator)
         qs.append(q)
         drafts.append(d)
@@ -275,6 +298,7 @@ def generate(
     target, _, lm_head, _ = forwards(model, None, B, P + max_new_tokens)
     hidden = target(ids, positions, valid[:, :P], 0)[:, -1]
     pos = positions[:, -1:]
+    t_decode = time.perf_counter()
     toks, probs, ents = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     metrics = DecodeMetrics()
@@ -308,22 +332,30 @@ def generate(
     logp = torch.where(keep, logp, 0.0)
     ent = torch.where(keep, ent, 0.0)
     metrics.tokens = int(lengths.sum())
-    metrics.seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     return Rollout(out, lengths, logp, ent, metrics)
 
 
-def _count_acceptance(metrics: DecodeMetrics, history: list[tuple[torch.Tensor, ...]]) -> None:
+def _count_acceptance(metrics: DecodeMetrics, history: list[tuple]) -> None:
     """Fill the acceptance counters of ``metrics`` from per-step (accepted [B], done before the step [B],
-    expected α [B, γ]), over rows live at that step (drafter quality, before EOS/max-token truncation)."""
+    expected α [B, γ_t], γ_t, TO drafts per row [B] or None), over rows live at that step (drafter quality, before
+    EOS/max-token truncation); γ_t ≤ ``metrics.gamma``."""
     if not history:
         metrics.reached = metrics.accepted_k = metrics.expected_k = [0.0] * metrics.gamma
         return
-    a, done, exp = (torch.stack(x) for x in zip(*history, strict=True))     # [S, B], [S, B], [S, B, γ]
+    G = metrics.gamma
+    a, done = torch.stack([h[0] for h in history]), torch.stack([h[1] for h in history])   # [S, B]
+    exp = torch.stack([F.pad(h[2], (0, G - h[3])) for h in history])                        # [S, B, γ]
+    gam = torch.tensor([h[3] for h in history], device=a.device)                            # [S]
+    to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
     live = ~done
-    k = torch.arange(metrics.gamma, device=a.device)
-    reached = (a[..., None] >= k) & live[..., None]                          # draft k+1 was judged
+    k = torch.arange(G, device=a.device)
+    reached = (a[..., None] >= k) & (k < gam[:, None, None]) & live[..., None]  # draft k+1 was judged
     metrics.steps = int(live.sum())
     metrics.accepted = int((a * live).sum())
+    metrics.drafted = int((gam[:, None] * live).sum())
+    metrics.target_only_drafts = int((to * live).sum())
     metrics.reached = reached.sum((0, 1)).float().tolist()
     metrics.accepted_k = ((a[..., None] > k) & live[..., None]).sum((0, 1)).float().tolist()
     metrics.expected_k = (exp * reached).sum((0, 1)).tolist()
@@ -390,13 +422,17 @@ def generate_mtp(
     params: SamplingParams,
     max_new_tokens: int,
     eos_id: int | None,
-    gamma: int = 3,
+    gamma: int | AdaptiveDraft = 3,
     rule: str = "rejection",
     pad_id: int = 0,
     generator: torch.Generator | None = None,
 ) -> Rollout:
     """MTP speculative sampling (DESIGN §3). Emitted tokens are distributed exactly as ``generate``
-    (for ``rejection`` and ``target_only``; ``greedy`` equals plain τ = 0 decoding).
+    (for ``rejection``, ``target_only`` and ``auto``; ``greedy`` equals plain τ = 0 decoding).
+
+    ``gamma``: a fixed draft length, or an ``AdaptiveDraft`` choosing γ_t ∈ 1..γ_max per step; ``rule="auto"``
+    verifies each row with RS or TO, whichever its predicted accept length favours (``bebop.adaptive``; at
+    τ = 0 it is ``greedy``).
 
     Per step, with x the last emitted token at position t+1 (cache slot s) and g the head's output at t:
       draft:   q_1 = probs(LMHead(g)); d_1 ~ q_1; for k = 2..γ the head consumes (d_{k-1}, g_{k-1}) at
@@ -407,15 +443,19 @@ def generate_mtp(
                slots s..s+γ, re-reading positions t+1..t+a+1 with the TRUE target hiddens of [x, d_1..d_a] and
                the tokens [d_1..d_a, e] (e = correction/bonus token); its output at slot s+a is the next g.
     """
-    if gamma < 1:
+    adaptive = gamma if isinstance(gamma, AdaptiveDraft) else None
+    G = adaptive.gamma_max if adaptive is not None else gamma
+    if G < 1:
         raise BebopError(f"gamma must be >= 1, got {gamma}")
-    if rule not in RULES:
-        raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join(RULES)}")
+    if rule not in RULES and rule != AUTO:
+        raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join((*RULES, AUTO))}")
+    auto_rule = rule == AUTO and not params.greedy
+    if rule == AUTO:
+        rule = "greedy" if params.greedy else "rejection"
     device = model.device
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
-    G = gamma
     valid = torch.zeros((B, P + (max_new_tokens + 1) * (G + 1)), dtype=torch.bool, device=device)  # both caches
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -438,29 +478,39 @@ def generate_mtp(
     j = torch.arange(G + 1, device=device)
     rows = torch.arange(B, device=device)
     zero_q = torch.zeros((B, p0.shape[-1]), device=device)
-    # per step: (accepted a [B], done [B], expected α [B, γ]) for the metrics; (tokens, p(token), H(p), kept, done)
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # per step: (accepted a [B], done [B], expected α [B, γ_t], γ_t, TO rows) for the metrics;
+    # (tokens, p(token), H(p), kept, done) for the output
+    history: list[tuple] = []
     blocks: list[tuple[torch.Tensor, ...]] = []
     metrics = DecodeMetrics(gamma=G)
     metrics.draft_forwards = 1
+    planner = DraftPlanner(adaptive, G, B, auto_rule, device) if adaptive is not None or auto_rule else None
 
-    all_done = bool(done.all())
+    pick_to = planner.pick_target_only if auto_rule else None
+    q1 = _probs(lm_head(g), params) if adaptive is not None else None   # the planner reads max q_1
+    all_done, Gt = planner.step(done, q1) if planner is not None else (bool(done.all()), G)
+    t_decode = time.perf_counter()
     while not all_done:
         s = length
-        vpos = pos_x.unsqueeze(1) + j                                  # positions of [x, d_1..d_γ]
+        jt = j.narrow(0, 0, Gt + 1)
+        vpos = pos_x.unsqueeze(1) + jt                                 # positions of [x, d_1..d_γ]
         # ---- draft: γ recursive head steps (γ-1 forwards; q_1 comes from the previous catch-up call)
-        noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
-        valid.narrow(1, s, G + 1).fill_(True)
-        g, vin, qs = _draft(g, x, vpos, valid, s, G, lm_head, drafter, params, rule, noise, generator, metrics)
+        noise = _noise((Gt + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
+        valid.narrow(1, s, Gt + 1).fill_(True)
+        raw = [] if auto_rule else None
+        g, vin, qs = _draft(g, x, vpos, valid, s, Gt, lm_head, drafter, params, rule, noise, generator, metrics,
+                            pick_to, raw, q1)
         # ---- verify: one target forward over [x, d_1..d_γ]
-        vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
+        vhid = target(vin, vpos, valid.narrow(1, 0, s + Gt + 1), s)
         metrics.target_forwards += 1
         p_t = _probs(lm_head(vhid), params)                            # [B, γ+1, V]
-        a, kept, toks, exp_alpha = _accept(p_t, qs, vin, rule, noise, zero_q, j, rows, pad_id, generator)
+        a, kept, toks, exp_alpha = _accept(p_t, qs, vin, rule, noise, zero_q, jt, rows, pad_id, generator)
         # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))
-        history.append((a, done, exp_alpha))
+        live = ~done
+        to_count = planner.observe_rule(p_t, raw, live) if auto_rule else None
+        history.append((a, done, exp_alpha, Gt, to_count))
         a1 = a + 1
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
@@ -468,17 +518,22 @@ def generate_mtp(
         n = n + a1
         done = done | (n >= max_new_tokens)
         # ---- roll back: holes in both caches; the head re-reads the accepted positions with true hiddens
-        valid.narrow(1, s, G + 1).copy_(kept)
-        gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
+        valid.narrow(1, s, Gt + 1).copy_(kept)
+        gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + Gt + 1), s)
         metrics.draft_forwards += 1
         g = gh[rows, a]
         x = toks[rows, a]                                              # the correction/bonus token
         pos_x = pos_x + a1
-        length = s + G + 1
-        all_done = bool(done.all())                                    # the step's one host sync
+        length = s + Gt + 1
+        if planner is not None:                                        # the step's one host sync
+            q1 = _probs(lm_head(g), params) if adaptive is not None else None
+            all_done, Gt = planner.step(done, q1, a, exp_alpha)
+        else:
+            all_done = bool(done.all())
 
     out, logp, ent, n = _assemble(x0, first_p, first_h, blocks, max_new_tokens, eos_id, pad_id)
     metrics.tokens = int(n.sum())
-    metrics.seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     _count_acceptance(metrics, history)
     return Rollout(out, n, logp, ent, metrics)

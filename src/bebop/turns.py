@@ -155,8 +155,8 @@ def generate_turns(
         if history:
             part = DecodeMetrics(gamma=G)
             _count_acceptance(part, history)
-            metrics.steps += part.steps
-            metrics.accepted += part.accepted
+            for name in ("steps", "accepted", "drafted", "target_only_drafts"):
+                setattr(metrics, name, getattr(metrics, name) + getattr(part, name))
             for name in ("reached", "accepted_k", "expected_k"):
                 setattr(metrics, name, [a + b for a, b in zip(getattr(metrics, name), getattr(part, name),
                                                               strict=True)])
@@ -228,7 +228,7 @@ def generate_turns(
             else:
                 a, _, toks, exp_alpha = _accept(p_t, qs, vin, rule, fast, zero_q, j, rows, pad_id, generator)
             if G:
-                history.append((a, ~live, exp_alpha))
+                history.append((a, ~live, exp_alpha, G, None))
                 # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
                 hit = (toks == stop_id) if eos_id is None else (toks == stop_id) | (toks == eos_id)
                 hit &= j <= a.unsqueeze(1)

@@ -1,0 +1,205 @@
+"""Adaptive drafting: the planner's pure pieces, its choices on a known table, and — the part RL depends on —
+adaptive γ and per-draft RS/TO keep the engine exact (statistically, greedy token for token, exact log-probs)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_bench import cli, dirs  # noqa: F401  (module fixture: a tiny saved policy + head)
+from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prompts_for, sequence_law  # noqa: F401
+
+from bebop.adaptive import BINS, AdaptiveDraft, DraftPlanner, accept_lengths, choose_gamma, one_hot_argmax, step_alphas
+from bebop.engine import _verify_rs, generate, generate_mtp
+from bebop.errors import BebopError
+from bebop.sampling import SamplingParams
+
+
+def test_accept_lengths_is_one_plus_expected_accepted_drafts():
+    assert accept_lengths([0.5, 0.5, 1.0]) == pytest.approx([1.5, 1.75, 2.0])
+    assert accept_lengths([0.0, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_choose_gamma_keeps_the_current_gamma_on_near_ties():
+    assert choose_gamma([1.0, 1.02, 0.5], current=1, margin=0.03) == 1
+    assert choose_gamma([1.0, 1.05, 0.5], current=1, margin=0.03) == 2
+    assert choose_gamma([1.0, 1.05, 0.5], current=2, margin=0.03) == 2
+
+
+def test_step_alphas_are_the_rs_and_to_acceptance_of_design_3():
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    q = torch.tensor([[0.2, 0.7, 0.1]])
+    rs, to = step_alphas(p, q)
+    assert rs.item() == pytest.approx(0.2 + 0.3 + 0.1)          # Σ min(p, q)
+    assert to.item() == pytest.approx(0.3)                       # p(argmax q)
+
+
+def table_for(alpha_by_bin: dict[int, float], gamma_max: int, costs: list[float]) -> AdaptiveDraft:
+    ad = AdaptiveDraft(costs, prior=0.5)
+    for b, a in alpha_by_bin.items():
+        ad.table[0][b] = [a * 1000.0] * gamma_max
+        ad.table[1][b] = [1000.0] * gamma_max
+    return ad
+
+
+def test_planner_drafts_long_for_confident_rows_and_short_for_unsure_ones():
+    costs = [1.0 + 0.2 * g for g in range(1, 6)]                 # each draft adds 20 % to a step
+    ad = table_for({BINS - 1: 0.95, 2: 0.2}, 5, costs)
+    sure = one_hot_argmax(torch.rand(1, 7)) * 0.97 + 0.03 / 7     # max q ≈ 0.97 → last bin
+    unsure = torch.full((1, 7), 1 / 7)
+    unsure[0, 0] = 0.25
+    unsure /= unsure.sum()                                        # max q ≈ 0.23 → bin 2
+    done = torch.zeros(1, dtype=torch.bool)
+    assert DraftPlanner(ad, 5, 1, False, "cpu").step(done, sure) == (False, 5)
+    assert DraftPlanner(ad, 5, 1, False, "cpu").step(done, unsure) == (False, 1)
+    assert DraftPlanner(ad, 5, 1, False, "cpu").step(torch.ones(1, dtype=torch.bool), sure)[0] is True
+
+
+def test_planner_learns_only_the_steps_each_live_row_reached():
+    ad = AdaptiveDraft([1.0, 1.2, 1.4], prior=0.5, prior_weight=2.0)
+    planner = DraftPlanner(ad, 3, 2, False, "cpu")
+    q1 = torch.tensor([[0.95, 0.05], [0.55, 0.45]])               # bins 9 and 5
+    planner.step(torch.zeros(2, dtype=torch.bool), q1)
+    exp = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]])
+    planner.step(torch.tensor([False, True]), q1, torch.tensor([1, 0]), exp)
+    sums, counts = ad.table
+    assert counts[9] == [3.0, 3.0, 2.0] and sums[9] == pytest.approx([1.0 + 0.9, 1.0 + 0.8, 1.0])  # reached 1, 2
+    assert counts[5] == [3.0, 2.0, 2.0] and sums[5] == pytest.approx([1.0 + 0.6, 1.0, 1.0])        # reached 1
+    planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), exp)                        # row 1 was done
+    assert counts[5] == [3.0, 2.0, 2.0] and counts[9] == [4.0, 4.0, 3.0]
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"step_seconds": []}, "step_seconds"),
+    ({"step_seconds": [1.0, -1.0]}, "-1.0"),
+    ({"step_seconds": [1.0, 2.0], "prior": [0.5]}, "prior"),
+    ({"step_seconds": [1.0], "prior": 1.5}, "1.5"),
+    ({"step_seconds": [1.0], "prior_weight": 0.0}, "prior_weight"),
+    ({"step_seconds": [1.0], "switch_margin": -0.1}, "-0.1"),
+])
+def test_adaptive_draft_rejects_bad_configuration(kwargs, needle):
+    with pytest.raises(BebopError) as e:
+        AdaptiveDraft(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_target_only_is_rejection_sampling_against_a_one_hot_draft():
+    """One verify step with q = one-hot(argmax q): acceptance rate p(d) and emitted token ~ p (10^5 draws)."""
+    torch.manual_seed(0)
+    n, V = 100_000, 6
+    p = torch.softmax(torch.randn(V) * 1.5, -1)
+    q = one_hot_argmax(torch.softmax(torch.randn(V), -1)).expand(n, V)
+    d = q.argmax(-1)
+    p_t = p.expand(n, 2, V).contiguous()
+    q_pad = torch.stack([q, torch.zeros(n, V)], dim=1)
+    vin = torch.stack([torch.zeros(n, dtype=torch.long), d], dim=1)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.empty(n, V).exponential_(generator=gen)
+    a, _, toks, exp_alpha = _verify_rs(p_t, q_pad, vin, torch.arange(2), torch.arange(n), -1, noise, gen)
+    pd = p[d[0]].item()
+    assert exp_alpha[0, 0].item() == pytest.approx(pd)
+    assert abs(a.float().mean().item() - pd) < 5 * (pd * (1 - pd) / n) ** 0.5
+    first = toks[:, 0].numpy()
+    assert chisq_pvalue(first, p.double().numpy()) > P_FALSE_ALARM
+
+
+def test_a_draft_goes_to_target_only_when_its_confidence_bin_favours_it():
+    planner = DraftPlanner(None, 3, 2, True, "cpu")
+    q = torch.tensor([[0.95, 0.05], [0.55, 0.45]])                # bins 9 and 5
+    assert not planner.pick_target_only(q).any()                   # no observations yet: RS
+    planner.rule_stats[:, 9] = torch.tensor([50.0, 60.0, 100.0])   # mean α_TO 0.6 > α_RS 0.5
+    planner.rule_stats[:, 5] = torch.tensor([60.0, 50.0, 100.0])
+    assert planner.pick_target_only(q).tolist() == [True, False]
+
+
+def forcing() -> AdaptiveDraft:
+    """An AdaptiveDraft that starts at γ = 3 and, learning fast, moves γ with the confidence bins' acceptance."""
+    return AdaptiveDraft([1.0, 1.3, 1.6], prior=0.9, prior_weight=1.0, switch_margin=0.0)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "auto"])
+def test_adaptive_logprobs_match_a_full_forward(peaky, tiny_tokenizer, rule):  # noqa: F811
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 6)
+    params = SamplingParams(temperature=1.0, top_k=20)
+    r = generate_mtp(model, head, prompts, params, 24, eos_id=None, gamma=forcing(), rule=rule,
+                     generator=torch.Generator().manual_seed(0))
+    assert (r.lengths == 24).all() and 1.0 < r.metrics.mean_gamma < 3.0    # γ really varied
+    for b, comp in enumerate(r.completions()):
+        torch.testing.assert_close(r.logprobs[b], exact_logprobs(model, prompts[b], comp, params), atol=2e-4, rtol=0)
+
+
+def test_adaptive_greedy_equals_plain_greedy(peaky, tiny_tokenizer):  # noqa: F811
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 4)
+    params = SamplingParams(temperature=0.0)
+    plain = generate(model, prompts, params, 30, eos_id=None)
+    mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=forcing(), rule="auto")
+    assert torch.equal(plain.tokens, mtp.tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("gamma", "rule", "temperature"), [("cycle", "rejection", 1.0), ("cycle", "auto", 1.0),
+                                                            (2, "auto", 0.7)])
+def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, monkeypatch, gamma, rule,  # noqa: F811
+                                                        temperature):
+    """10^5 sequences of 3 tokens against their exact law under p, with γ changing every step (1, 3, 2, 1, …:
+    in one batch of 10^5 rows the planner's own choice hardly moves, so a cycle stands in for it) and/or
+    per-row, per-draft RS/TO picked from each draft's confidence (TO iff max q > 0.5: the learned bins need
+    more than two steps to fill)."""
+    model, head = peaky
+    n, length = 100_000, 3
+    prompts, (pa, pb) = prompts_for(tiny_tokenizer, n)
+    params = SamplingParams(temperature=temperature)
+    if gamma == "cycle":
+        cycle = itertools.cycle([1, 3, 2])
+        monkeypatch.setattr("bebop.adaptive.choose_gamma", lambda rate, current, margin: next(cycle))
+    if rule == "auto":
+        def by_confidence(self, q):
+            to = q.amax(-1) > 0.5
+            self._to.append(to)
+            return to
+
+        monkeypatch.setattr(DraftPlanner, "pick_target_only", by_confidence)
+    g = forcing() if gamma == "cycle" else gamma
+    r = generate_mtp(model, head, prompts, params, length, eos_id=None, gamma=g, rule=rule,
+                     generator=torch.Generator().manual_seed(11))
+    if rule == "auto":
+        assert 0.0 < r.metrics.target_only_fraction < 1.0             # both rules were used
+    if gamma == "cycle":
+        assert 1.0 < r.metrics.mean_gamma < 3.0
+    V = model.config.vocab_size
+    codes = (r.tokens[:, 0] * V * V + r.tokens[:, 1] * V + r.tokens[:, 2]).numpy()
+    for parity, prompt in ((0, pa), (1, pb)):
+        law = sequence_law(model, prompt, params, length)
+        assert chisq_pvalue(codes[parity::2], law) > P_FALSE_ALARM
+
+
+def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_path):  # noqa: F811
+    out = tmp_path / "auto.json"
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--gamma", "auto",
+            "--gamma-max", "3", "--rule", "auto", "--batch-sizes", "1,2", "--max-new-tokens", "8", "--repeats", "1",
+            "--prompts", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "vs best fixed" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"1", "2"}
+    for row in res.values():
+        assert set(row["fixed"]) == {f"{rule}/{g}" for rule in ("rejection", "target_only") for g in (1, 2, 3)}
+        assert len(row["step_seconds"]) == 3 and len(row["prior_alpha"]) == 3
+        best = max(v["tokens_per_s"] for v in row["fixed"].values())
+        assert row["fixed"][row["best_fixed"]]["tokens_per_s"] == best
+        assert row["auto_vs_best_fixed"] == pytest.approx(row["auto"]["tokens_per_s"] / best)
+        assert 1.0 <= row["auto"]["mean_gamma"] <= 3.0
+        assert np.isfinite(row["plain_tokens_per_s"])
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["--gamma", "five"], "'five'"), (["--gamma", "auto", "--gamma-max",
+                                                                                 "0"], "gamma-max"),
+                                               (["--rule", "auto"], "'auto'")])
+def test_bench_decode_rejects_bad_gamma(dirs, args, needle):  # noqa: F811
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
