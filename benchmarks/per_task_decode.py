@@ -4,8 +4,8 @@ batch sizes, plus the policy's SFT accuracy and entropy from its ``sft_summary.j
 
     python benchmarks/per_task_decode.py --tasks arith,countdown,code,agent --json runs/bench_per_task.json
 
-The agent task is decoded single-turn here (the policy writes its own tool results instead of getting them
-from the environment), so its figures describe the policy's text, not a real multi-turn episode.
+The agent task runs real multi-turn episodes (``turns.generate_turns`` with the task's environment, plain
+and MTP alike); its tokens/s counts the model's sampled tokens, not the environment's.
 """
 
 from __future__ import annotations

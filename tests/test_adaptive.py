@@ -40,8 +40,8 @@ def test_step_alphas_are_the_rs_and_to_acceptance_of_design_3():
 def table_for(alpha_by_bin: dict[int, float], gamma_max: int, costs: list[float]) -> AdaptiveDraft:
     ad = AdaptiveDraft(costs, prior=0.5)
     for b, a in alpha_by_bin.items():
-        ad.table[0][b] = [a * 1000.0] * gamma_max
-        ad.table[1][b] = [1000.0] * gamma_max
+        ad.table("rejection")[0][b] = [a * 1000.0] * gamma_max
+        ad.table("rejection")[1][b] = [1000.0] * gamma_max
     return ad
 
 
@@ -53,19 +53,19 @@ def test_planner_drafts_long_for_confident_rows_and_short_for_unsure_ones():
     unsure[0, 0] = 0.25
     unsure /= unsure.sum()                                        # max q ≈ 0.23 → bin 2
     done = torch.zeros(1, dtype=torch.bool)
-    assert DraftPlanner(ad, 5, 1, False, "cpu").step(done, sure) == (False, 5)
-    assert DraftPlanner(ad, 5, 1, False, "cpu").step(done, unsure) == (False, 1)
-    assert DraftPlanner(ad, 5, 1, False, "cpu").step(torch.ones(1, dtype=torch.bool), sure)[0] is True
+    assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(done, sure) == (False, 5, None)
+    assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(done, unsure) == (False, 1, None)
+    assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(torch.ones(1, dtype=torch.bool), sure)[0] is True
 
 
 def test_planner_learns_only_the_steps_each_live_row_reached():
     ad = AdaptiveDraft([1.0, 1.2, 1.4], prior=0.5, prior_weight=2.0)
-    planner = DraftPlanner(ad, 3, 2, False, "cpu")
+    planner = DraftPlanner(ad, 3, 2, "rejection", False, "cpu")
     q1 = torch.tensor([[0.95, 0.05], [0.55, 0.45]])               # bins 9 and 5
     planner.step(torch.zeros(2, dtype=torch.bool), q1)
     exp = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]])
     planner.step(torch.tensor([False, True]), q1, torch.tensor([1, 0]), exp)
-    sums, counts = ad.table
+    sums, counts = ad.table("rejection")
     assert counts[9] == [3.0, 3.0, 2.0] and sums[9] == pytest.approx([1.0 + 0.9, 1.0 + 0.8, 1.0])  # reached 1, 2
     assert counts[5] == [3.0, 2.0, 2.0] and sums[5] == pytest.approx([1.0 + 0.6, 1.0, 1.0])        # reached 1
     planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), exp)                        # row 1 was done
@@ -106,13 +106,16 @@ def test_target_only_is_rejection_sampling_against_a_one_hot_draft():
     assert chisq_pvalue(first, p.double().numpy()) > P_FALSE_ALARM
 
 
-def test_a_draft_goes_to_target_only_when_its_confidence_bin_favours_it():
-    planner = DraftPlanner(None, 3, 2, True, "cpu")
-    q = torch.tensor([[0.95, 0.05], [0.55, 0.45]])                # bins 9 and 5
-    assert not planner.pick_target_only(q).any()                   # no observations yet: RS
-    planner.rule_stats[:, 9] = torch.tensor([50.0, 60.0, 100.0])   # mean α_TO 0.6 > α_RS 0.5
-    planner.rule_stats[:, 5] = torch.tensor([60.0, 50.0, 100.0])
-    assert planner.pick_target_only(q).tolist() == [True, False]
+def test_a_row_goes_to_target_only_when_its_confidence_bin_favours_it():
+    """Rule auto, fixed γ = 2: the tables say TO wins in bin 9 and RS in bin 5; the other rows stay RS."""
+    planner = DraftPlanner(None, 2, 2, "rejection", True, "cpu")
+    q1 = torch.tensor([[0.95, 0.05], [0.55, 0.45]])                # bins 9 and 5
+    assert planner.step(torch.zeros(2, dtype=torch.bool), q1) == (False, 2, None)   # prior: tie → RS
+    for rule, a9, a5 in (("rejection", 0.5, 0.9), ("target_only", 0.8, 0.3)):
+        sums, counts = planner.adaptive.table(rule)
+        sums[9], counts[9], sums[5], counts[5] = [a9 * 100] * 2, [100.0] * 2, [a5 * 100] * 2, [100.0] * 2
+    all_done, gamma, to = planner.step(torch.zeros(2, dtype=torch.bool), q1)
+    assert (all_done, gamma, to.tolist()) == (False, 2, [True, False])
 
 
 def forcing() -> AdaptiveDraft:
@@ -148,8 +151,8 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
                                                         temperature):
     """10^5 sequences of 3 tokens against their exact law under p, with γ changing every step (1, 3, 2, 1, …:
     in one batch of 10^5 rows the planner's own choice hardly moves, so a cycle stands in for it) and/or
-    per-row, per-draft RS/TO picked from each draft's confidence (TO iff max q > 0.5: the learned bins need
-    more than two steps to fill)."""
+    per-row RS/TO picked from each row's draft confidence (TO iff max q_1 ≥ 0.5: the learned tables need
+    more than two steps to move)."""
     model, head = peaky
     n, length = 100_000, 3
     prompts, (pa, pb) = prompts_for(tiny_tokenizer, n)
@@ -158,12 +161,13 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
         cycle = itertools.cycle([1, 3, 2])
         monkeypatch.setattr("bebop.adaptive.choose_gamma", lambda rate, current, margin: next(cycle))
     if rule == "auto":
-        def by_confidence(self, q):
-            to = q.amax(-1) > 0.5
-            self._to.append(to)
-            return to
+        plan = DraftPlanner.step
 
-        monkeypatch.setattr(DraftPlanner, "pick_target_only", by_confidence)
+        def by_confidence(self, *args):
+            all_done, g, _ = plan(self, *args)
+            return all_done, g, torch.tensor([b >= 5 for b in self.bins])
+
+        monkeypatch.setattr(DraftPlanner, "step", by_confidence)
     g = forcing() if gamma == "cycle" else gamma
     r = generate_mtp(model, head, prompts, params, length, eos_id=None, gamma=g, rule=rule,
                      generator=torch.Generator().manual_seed(11))

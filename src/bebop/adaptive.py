@@ -23,12 +23,12 @@ numbers per row done on the host in plain Python: the step's one host sync (the 
 confidences, accepted counts and expected α with it.
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
-is unknown while drafting, so the planner predicts both sides from what it does know, the draft's confidence
-``max q_k``: running means of the observed ``α_RS`` and ``α_TO`` per confidence bin, filled from every
-verified draft; a draft goes to TO when its bin's mean ``α_TO`` is larger (after ``MIN_COUNT`` observations;
-RS until then). TO is run as RS against a one-hot q at ``argmax q``: accept with prob. ``min(1, p(d)/1) =
-p(d)`` and residual ``max(0, p − 1_d) = p with d zeroed`` — exactly the TO row of DESIGN §3 — so rules can
-differ per row and per draft step.
+is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
+``α_RS`` and ``α_TO`` from p and the head's own q, and the table keeps one set of means per rule; a row is
+verified with TO for the coming step when its predicted ``1 + E[A_γt]`` under TO is larger (ties go to RS).
+TO is run as RS against a one-hot q at ``argmax q``: accept with prob. ``min(1, p(d)/1) = p(d)`` and residual
+``max(0, p − 1_d) = p with d zeroed`` — exactly the TO row of DESIGN §3 — so rows can use different rules in
+one batch, and while every row uses RS nothing extra runs on the device.
 
 Exactness. Every choice depends only on tokens already emitted and on the draft head — never on the verify
 outcome it governs — so the emitted tokens keep the law of plain sampling whatever γ_t and rules are chosen
@@ -46,22 +46,21 @@ from torch import Tensor
 from bebop.errors import BebopError
 
 AUTO = "auto"
-BINS = 10          # confidence bins of max q
-MIN_COUNT = 16     # observations a bin needs before it may choose TO
+BINS = 10          # confidence bins of max q_1
 
 
 @dataclass
 class AdaptiveDraft:
-    """Adaptive γ (module doc): ``step_seconds[γ-1]`` = the cost c(γ) of one draft→verify step at γ (γ = 1..γ_max;
-    relative values matter) and ``prior[k-1]`` = the head's mean α_k, both from ``calibrate`` (a float prior
-    applies to every step). ``table`` (per confidence bin of q_1: Σ α_k and counts, prior included) is learned
-    by every decoding call that uses this object."""
+    """Adaptive γ (module doc): ``step_seconds[γ-1]`` = the cost c(γ) of one draft→verify step at γ (γ =
+    1..γ_max; relative values matter) and ``prior[k-1]`` = the head's mean α_k, both from ``calibrate`` (a
+    float prior applies to every step). ``tables[rule]`` (per confidence bin of q_1: Σ α_k and counts, prior
+    included) are learned by every decoding call that uses this object."""
 
     step_seconds: Sequence[float]
     prior: float | Sequence[float] = 0.8
     prior_weight: float = 4.0
     switch_margin: float = 0.03
-    table: tuple[list[list[float]], list[list[float]]] = field(default=None, repr=False)  # type: ignore[assignment]
+    tables: dict[str, tuple[list[list[float]], list[list[float]]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.step_seconds or any(not (c > 0) for c in self.step_seconds):
@@ -74,17 +73,22 @@ class AdaptiveDraft:
         if len(prior) != self.gamma_max or any(not 0 <= a <= 1 for a in prior):
             raise BebopError(f"prior must be in [0, 1], a float or one per γ = 1..{self.gamma_max}, got {self.prior}")
         self.prior = prior
-        if self.table is None:
-            w = self.prior_weight
-            self.table = ([[a * w for a in prior] for _ in range(BINS)], [[w] * self.gamma_max for _ in range(BINS)])
 
     @property
     def gamma_max(self) -> int:
         return len(self.step_seconds)
 
-    def predicted_alpha(self, conf_bin: int) -> list[float]:
-        """α̂_1..α̂_γmax for a row whose q_1 falls in ``conf_bin``."""
-        sums, counts = self.table
+    def table(self, rule: str) -> tuple[list[list[float]], list[list[float]]]:
+        """(Σ α_k, counts) per confidence bin for ``rule``, created from the prior on first use."""
+        if rule not in self.tables:
+            w = self.prior_weight
+            self.tables[rule] = ([[a * w for a in self.prior] for _ in range(BINS)],
+                                 [[w] * self.gamma_max for _ in range(BINS)])
+        return self.tables[rule]
+
+    def predicted_alpha(self, rule: str, conf_bin: int) -> list[float]:
+        """α̂_1..α̂_γmax under ``rule`` for a row whose q_1 falls in ``conf_bin``."""
+        sums, counts = self.table(rule)
         return [s / n for s, n in zip(sums[conf_bin], counts[conf_bin], strict=True)]
 
 
@@ -120,94 +124,83 @@ def one_hot_argmax(q: Tensor) -> Tensor:
 
 
 class DraftPlanner:
-    """Per-call state of adaptive drafting for a batch of ``batch`` rows (module doc). ``adaptive`` None keeps
-    γ fixed at ``gamma`` (only the rule adapts); ``auto_rule`` False keeps the engine's rule (only γ adapts)."""
+    """Per-call state of adaptive drafting for a batch of ``batch`` rows verified with ``rule`` (module doc).
+    ``adaptive`` None keeps γ fixed at ``gamma`` (and keeps the tables for ``auto_rule`` to itself);
+    ``auto_rule`` picks RS or TO per row and step, else every row uses ``rule``."""
 
-    def __init__(self, adaptive: AdaptiveDraft | None, gamma: int, batch: int, auto_rule: bool,
+    def __init__(self, adaptive: AdaptiveDraft | None, gamma: int, batch: int, rule: str, auto_rule: bool,
                  device: torch.device | str) -> None:
-        self.adaptive = adaptive
-        self.gamma = adaptive.gamma_max if adaptive is not None else gamma               # current γ_t
+        self.fixed = adaptive is None
+        self.adaptive = adaptive if adaptive is not None else AdaptiveDraft([1.0] * gamma)
+        self.rules = ("rejection", "target_only") if auto_rule else (rule,)
+        self.gamma = self.adaptive.gamma_max                      # current γ_t
+        self.device = device
         self.bins = [0] * batch                                   # conf bin of each row's q_1 this step
         self.done = [False] * batch                               # rows done at the last sync
-        self.rule_stats = torch.zeros((3, BINS), device=device) if auto_rule else None  # Σα_RS, Σα_TO, n
-        self._to: list[Tensor] = []
+        self.use_to = [False] * batch                             # rows verified with TO this step
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None,
-             expected_alpha: Tensor | None = None) -> tuple[bool, int]:
-        """(all rows done, γ of the next step, whose first draft distribution is ``q1 [B, V]``) — the step's
-        one host sync. After a verify, pass its ``accepted`` drafts ``[B]`` and the used rule's
-        ``expected_alpha [B, γ_t]`` to learn from (rows done before it are skipped)."""
-        if self.adaptive is None:
-            return bool(done.all()), self.gamma
+             alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
+        """(all rows done, γ of the next step, its TO rows ``[B]`` bool or None if none) for the step whose
+        first draft distributions are ``q1 [B, V]`` — the step's one host sync. After a verify, pass its
+        ``accepted`` drafts ``[B]`` and ``alphas`` [B, γ_t · len(rules)]: each rule's expected α per step (rows
+        done before it are skipped)."""
         cols = [done.unsqueeze(1), q1.amax(-1, keepdim=True)]
         if accepted is not None:
-            cols += [accepted.unsqueeze(1), expected_alpha]
-        rows = torch.cat(cols, dim=1).tolist()                   # [done, max q_1, (A, α_1..α_γt)] per row
+            cols += [accepted.unsqueeze(1), alphas]
+        rows = torch.cat(cols, dim=1).tolist()                   # [done, max q_1, (A, α...)] per row
         ad = self.adaptive
-        sums, counts = ad.table
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
         if accepted is not None:                                 # learn: α_k at the steps each row reached
-            for row, b, skip in zip(rows, self.bins, was_done, strict=True):
-                if not skip:
-                    s, n = sums[b], counts[b]
-                    for k, a in enumerate(row[3 : 3 + min(int(row[2]) + 1, len(row) - 3)]):
-                        s[k] += a
-                        n[k] += 1
+            G = (len(rows[0]) - 3) // len(self.rules)
+            for rule_i, rule in enumerate(self.rules):
+                sums, counts = ad.table(rule)
+                lo = 3 + rule_i * G
+                for row, b, skip in zip(rows, self.bins, was_done, strict=True):
+                    if not skip:
+                        s, n = sums[b], counts[b]
+                        for k, a in enumerate(row[lo : lo + min(int(row[2]) + 1, G)]):
+                            s[k] += a
+                            n[k] += 1
         self.bins = [min(int(row[1] * BINS), BINS - 1) for row in rows]
-        live_bins: dict[int, int] = {}
+        live: dict[int, int] = {}                                # live rows per confidence bin
         for b, end in zip(self.bins, self.done, strict=True):
             if not end:
-                live_bins[b] = live_bins.get(b, 0) + 1
-        if not live_bins:
-            return True, self.gamma
-        tokens = [0.0] * ad.gamma_max                            # Σ over live rows of 1 + E_b[A_γ]
-        for b, n in live_bins.items():
-            for k, al in enumerate(accept_lengths(ad.predicted_alpha(b))):
-                tokens[k] += n * al
-        rate = [t / c for t, c in zip(tokens, ad.step_seconds, strict=True)]
-        self.gamma = choose_gamma(rate, self.gamma, ad.switch_margin)
-        return False, self.gamma
-
-    def pick_target_only(self, q: Tensor) -> Tensor | None:
-        """Rows ``[B]`` whose draft from ``q [B, V]`` goes to TO (None when the rule is fixed); recorded."""
-        if self.rule_stats is None:
-            return None
-        s = self.rule_stats[:, _bin(q)]
-        to = (s[1] > s[0]) & (s[2] >= MIN_COUNT)
-        self._to.append(to)
-        return to
-
-    def observe_rule(self, p: Tensor, raw_q: list[Tensor], live: Tensor) -> Tensor:
-        """Add one verify's ``α_RS`` and ``α_TO`` per confidence bin (target ``p [B, ≥γ_t, V]``, the head's own
-        ``q_1..q_γt`` before any one-hot, rows ``live``); returns the TO drafts per row of this step."""
-        q = torch.stack(raw_q, dim=1)                                       # [B, γ_t, V]
-        rs, to = step_alphas(p[:, : q.shape[1]], q)
-        w = live.unsqueeze(1).float().expand_as(rs)
-        self.rule_stats.index_add_(1, _bin(q).reshape(-1), torch.stack([rs * w, to * w, w]).reshape(3, -1))
-        count = torch.stack(self._to, dim=1).sum(1)
-        self._to = []
-        return count
-
-
-def _bin(q: Tensor) -> Tensor:
-    """Confidence bin of each draft distribution: ``floor(BINS · max q)`` clamped to ``BINS − 1``."""
-    return (q.amax(-1) * BINS).long().clamp_(max=BINS - 1)
+                live[b] = live.get(b, 0) + 1
+        if not live:
+            return True, self.gamma, None
+        curves = {b: [accept_lengths(ad.predicted_alpha(r, b)) for r in self.rules] for b in live}
+        if not self.fixed:
+            tokens = [0.0] * ad.gamma_max                        # Σ over live rows of 1 + E_b[A_γ], best rule
+            for b, n in live.items():
+                for k, al in enumerate(map(max, *curves[b]) if len(self.rules) > 1 else curves[b][0]):
+                    tokens[k] += n * al
+            rate = [t / c for t, c in zip(tokens, ad.step_seconds, strict=True)]
+            self.gamma = choose_gamma(rate, self.gamma, ad.switch_margin)
+        if len(self.rules) == 1:
+            return False, self.gamma, None
+        k = self.gamma - 1
+        self.use_to = [curves[b][1][k] > curves[b][0][k] if b in curves else False for b in self.bins]
+        if not any(self.use_to):
+            return False, self.gamma, None
+        return False, self.gamma, torch.tensor(self.use_to, device=self.device)
 
 
 def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: int, max_new_tokens: int,
               eos_id: int | None, pad_id: int = 0, seed: int = 0, repeats: int = 2, rule: str = "rejection",
-              **adaptive_kw) -> AdaptiveDraft:
+              warm_rule: str | None = None, **adaptive_kw) -> AdaptiveDraft:
     """An ``AdaptiveDraft`` for ``head`` at the batch size of ``batches`` (prompt batches, all of one size: the
     costs depend on it): ``c(γ) = AL(γ) / tps(γ)`` from decoding ``batches`` ``repeats`` times (new seeds each
     time, after one warm-up) at every fixed γ = 1..``gamma_max`` — AL its accept length, tps its tokens after
     the first per second of decoding after prefill —, the prior = the head's mean α_k at γ_max (over the rows
-    that reached step k), and the confidence table warmed by one adaptive pass over ``batches``."""
+    that reached step k), and the confidence tables warmed by one adaptive pass over ``batches`` (with
+    ``warm_rule``, default ``rule``; ``"auto"`` warms the RS and the TO table)."""
     from bebop.engine import DecodeMetrics, generate_mtp
 
     if gamma_max < 1:
         raise BebopError(f"gamma_max must be >= 1, got {gamma_max}")
 
-    def run(g, rep: int) -> DecodeMetrics:
+    def run(g, rep: int, rule: str = rule) -> DecodeMetrics:
         m = DecodeMetrics()
         for i, prompts in enumerate(batches):
             gen = torch.Generator(device=model.device).manual_seed(seed + 1000 * rep + i)
@@ -230,5 +223,5 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
                              f"(got {max_new_tokens}) or prompts whose answers do not end at once")
         costs.append(m.accept_length * m.decode_seconds / kept)
     adaptive = AdaptiveDraft(step_seconds=costs, prior=prior.expected_alpha, **adaptive_kw)
-    run(adaptive, repeats + 1)                                          # fills the confidence table
+    run(adaptive, repeats + 1, warm_rule or rule)                       # fills the confidence tables
     return adaptive

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bebop.adaptive import AUTO, calibrate
+from bebop.adaptive import AUTO, AdaptiveDraft, calibrate
 from bebop.engine import DecodeMetrics, forwards, generate, generate_mtp, left_pad
+from bebop.errors import BebopError
+from bebop.multiturn import is_multi_turn
 from bebop.sampling import SamplingParams
 from bebop.tasks import get_task, sample_problems
 
@@ -123,17 +125,41 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         torch.set_num_threads(threads)
 
 
-def _decode_batches(tokenizer, cfg: DecodeBenchConfig, bs: int, seed: int) -> list[list[list[int]]]:
-    """``cfg.num_prompts`` task prompts (rounded to whole batches) drawn with ``seed``, in batches of ``bs``."""
+def _decode_batches(tokenizer, cfg: DecodeBenchConfig, bs: int, seed: int) -> list[tuple[list, list[list[int]]]]:
+    """``cfg.num_prompts`` task problems (rounded to whole batches) drawn with ``seed``, in batches of ``bs``:
+    (problems, prompt ids) per batch."""
     n_prompts = max(bs, cfg.num_prompts // bs * bs)
-    prompts = [tokenizer(p.prompt)["input_ids"] for p in sample_problems(get_task(cfg.task), n_prompts, seed)]
-    return [prompts[i : i + bs] for i in range(0, n_prompts, bs)]
+    problems = sample_problems(get_task(cfg.task), n_prompts, seed)
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    return [(problems[i : i + bs], prompts[i : i + bs]) for i in range(0, n_prompts, bs)]
+
+
+def _decode(model, tokenizer, head, task_name: str, batch: tuple[list, list[list[int]]], params: SamplingParams,
+            max_new_tokens: int, gamma, rule: str, seed: int) -> DecodeMetrics:
+    """One engine call on ``batch``: plain (``head`` None) or MTP; multi-turn tasks (agent) run their episodes
+    through ``turns.generate_turns`` with the task's environment (tokens/s then counts sampled tokens only)."""
+    from bebop.multiturn import task_env
+    from bebop.turns import generate_turns
+
+    problems, prompts = batch
+    task = get_task(task_name)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if is_multi_turn(task):
+        if isinstance(gamma, AdaptiveDraft):
+            raise BebopError(f"adaptive gamma is not supported for the multi-turn task {task_name!r} yet")
+        return generate_turns(model, head, prompts, params, max_new_tokens, eos,
+                              tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, problems),
+                              gamma=gamma, rule=rule, pad_id=pad, generator=gen).metrics
+    if head is None:
+        return generate(model, prompts, params, max_new_tokens, eos, pad, gen).metrics
+    return generate_mtp(model, head, prompts, params, max_new_tokens, eos, gamma, rule, pad, gen).metrics
 
 
 def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     """``bench decode --gamma auto``: per batch size, plain decoding, MTP at every fixed γ = 1..γ_max (per rule:
     ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``bebop.adaptive``), all on the same prompts,
-    seeds and lengths, interleaved in each timed repeat. Each repeat samples with new seeds and a run's
+    seeds and lengths, run back to back batch by batch. Each repeat samples with new seeds and a run's
     tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a batch lasts
     as long as its longest row, so one fixed sample would favour whichever run happened to draw short tails.
     The adaptive run is calibrated (step costs, α prior, confidence table) on other prompts at the same batch
@@ -144,16 +170,19 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     results: dict[str, dict] = {}
     for bs in cfg.batch_sizes:
         t0 = time.perf_counter()
-        calib = _decode_batches(tokenizer, cfg, bs, cfg.seed + 7919)
-        adaptive = calibrate(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad, cfg.seed)
+        if is_multi_turn(get_task(cfg.task)):
+            raise BebopError(f"--gamma auto is not supported for the multi-turn task {cfg.task!r} yet")
+        calib = [prompts for _, prompts in _decode_batches(tokenizer, cfg, bs, cfg.seed + 7919)]
+        adaptive = calibrate(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad, cfg.seed,
+                             warm_rule=cfg.rule if cfg.rule == AUTO else None)
         calib_s = time.perf_counter() - t0
         runs = {"plain": (None, None)} | {f"{r}/{g}": (g, r) for r in rules for g in range(1, cfg.gamma_max + 1)}
         runs["auto"] = (adaptive, cfg.rule)
         batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
         totals = {name: DecodeMetrics() for name in runs}
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
-            for name, (gamma, rule) in runs.items():
-                for bi, prompts in enumerate(batches):
+            for bi, (_, prompts) in enumerate(batches):
+                for name, (gamma, rule) in runs.items():     # back to back, so load swings hit every run alike
                     gen = torch.Generator(device=model.device).manual_seed((cfg.seed * 1000 + rep) * 1000 + bi)
                     if gamma is None:
                         r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen)
@@ -188,6 +217,7 @@ def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
 
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    multi_turn = is_multi_turn(get_task(cfg.task))
     results: dict[str, dict] = {}
     for bs in cfg.batch_sizes:
         batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
@@ -195,12 +225,12 @@ def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         mtp_all = DecodeMetrics()
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
             plain, mtp = DecodeMetrics(), DecodeMetrics()
-            for bi, prompts in enumerate(batches):
+            for bi, batch in enumerate(batches):
                 seed = cfg.seed * 1000 + bi
-                plain.merge(generate(model, prompts, params, cfg.max_new_tokens, eos, pad,
-                                     torch.Generator(device=model.device).manual_seed(seed)).metrics)
-                mtp.merge(generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, cfg.gamma, cfg.rule,
-                                       pad, torch.Generator(device=model.device).manual_seed(seed)).metrics)
+                plain.merge(_decode(model, tokenizer, None, cfg.task, batch, params, cfg.max_new_tokens, cfg.gamma,
+                                    cfg.rule, seed))
+                mtp.merge(_decode(model, tokenizer, head, cfg.task, batch, params, cfg.max_new_tokens, cfg.gamma,
+                                  cfg.rule, seed))
             if rep > 0:
                 plain_rates.append(plain.tokens_per_s)
                 mtp_rates.append(mtp.tokens_per_s)
@@ -215,20 +245,25 @@ def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
             "threads": cfg.threads,
         }
         res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
-        hf_tps = [hf_generate_tokens_per_s(model, tokenizer, p, params, cfg.max_new_tokens, cfg.seed, cfg.repeats)
-                  for p in batches]
-        res["hf_tokens_per_s"] = statistics.mean(hf_tps)
-        res["plain_vs_hf"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
-        costs = forward_costs(model, head, batches[0], cfg.gamma)
+        costs = forward_costs(model, head, batches[0][1], cfg.gamma)
         res.update(costs)
         e_a = res["accept_length"] - 1
         cost_ratio = (costs["c_verify"] + cfg.gamma * costs["c_draft"]) / costs["c_1"]
         res["speedup_limit"] = (1 + e_a) / cost_ratio
         res["fraction_of_limit"] = res["speedup"] / res["speedup_limit"]
+        if multi_turn:
+            res["hf_tokens_per_s"] = res["plain_vs_hf"] = res["hf_mtp_tokens_per_s"] = None
+            res["hf_error"] = res["hf_mtp_error"] = "multi-turn task: transformers' generate() has no environment loop"
+            results[str(bs)] = res
+            continue
+        hf_tps = [hf_generate_tokens_per_s(model, tokenizer, p, params, cfg.max_new_tokens, cfg.seed, cfg.repeats)
+                  for _, p in batches]
+        res["hf_tokens_per_s"] = statistics.mean(hf_tps)
+        res["plain_vs_hf"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
         if bs == 1:
             try:
                 tok_count, secs = 0, 0.0
-                for p in batches:
+                for _, p in batches:
                     ids = torch.tensor([p[0]], device=model.device)
                     kw = dict(do_sample=params.temperature > 0, pad_token_id=pad, eos_token_id=eos)
                     if params.temperature > 0:

@@ -265,8 +265,9 @@ def decode_table(results: dict, title: str) -> Table:
         table.add_column(c, justify="right")
     for bs, r in results.items():
         hf_mtp = r.get("hf_mtp_tokens_per_s")
+        hf = r.get("hf_tokens_per_s")
         table.add_row(bs, f"{r['plain_tokens_per_s']:.0f}", f"{r['mtp_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
-                      f"{r['speedup_limit']:.2f}x", f"{r['hf_tokens_per_s']:.0f}",
+                      f"{r['speedup_limit']:.2f}x", "-" if hf is None else f"{hf:.0f}",
                       "-" if hf_mtp is None else f"{hf_mtp:.0f}", f"{r['accept_length']:.2f}",
                       " ".join(f"{a:.2f}" for a in r["alpha"]))
     return table

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax
+from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax, step_alphas
 from bebop.errors import BebopError
 from bebop.lean import StaticKV, lean_decoder, lean_head
 from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
@@ -196,20 +196,20 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
 
 
 def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics,
-           pick_to=None, raw=None, q1=None):
+           to_rows=None, raw=None, q1=None):
     """γ recursive head steps from head state ``g`` (q_1 comes from ``g``; γ − 1 head forwards write the
     temporary slots s..s+γ−2). ``noise`` (given only on the RS fast path: rule ``rejection``, τ > 0) drives the
-    drafts' exponential races, else ``draft_tokens``. Rows where ``pick_to(q)`` [B] is True draft and verify
-    that step with TO (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's own q's go
-    to ``raw``. ``q1``: q_1 when already computed from ``g``.
+    drafts' exponential races, else ``draft_tokens``. Rows in ``to_rows`` [B] bool draft and verify with TO
+    (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's own q's go to ``raw``.
+    ``q1``: q_1 when already computed from ``g``.
     Returns (the head state after drafting, ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ] as verified)."""
     qs, drafts = [], [x]
     for k in range(G):
         q = q1 if k == 0 and q1 is not None else _probs(lm_head(g), params)
         if raw is not None:
             raw.append(q)
-        if pick_to is not None:
-            q = torch.where(pick_to(q).unsqueeze(1), one_hot_argmax(q), q)
+        if to_rows is not None:
+            q = torch.where(to_rows.unsqueeze(1), one_hot_argmax(q), q)
         d = _race(q, noise[k]) if noise is not None else draft_tokens(q, rule, generator)
         qs.append(q)
         drafts.append(d)
@@ -484,11 +484,13 @@ def generate_mtp(
     blocks: list[tuple[torch.Tensor, ...]] = []
     metrics = DecodeMetrics(gamma=G)
     metrics.draft_forwards = 1
-    planner = DraftPlanner(adaptive, G, B, auto_rule, device) if adaptive is not None or auto_rule else None
-
-    pick_to = planner.pick_target_only if auto_rule else None
-    q1 = _probs(lm_head(g), params) if adaptive is not None else None   # the planner reads max q_1
-    all_done, Gt = planner.step(done, q1) if planner is not None else (bool(done.all()), G)
+    planner = DraftPlanner(adaptive, G, B, rule, auto_rule, device) if adaptive is not None or auto_rule else None
+    to_rows, q1 = None, None
+    if planner is None:
+        all_done, Gt = bool(done.all()), G
+    else:
+        q1 = _probs(lm_head(g), params)                                 # the planner reads max q_1
+        all_done, Gt, to_rows = planner.step(done, q1)
     t_decode = time.perf_counter()
     while not all_done:
         s = length
@@ -499,7 +501,7 @@ def generate_mtp(
         valid.narrow(1, s, Gt + 1).fill_(True)
         raw = [] if auto_rule else None
         g, vin, qs = _draft(g, x, vpos, valid, s, Gt, lm_head, drafter, params, rule, noise, generator, metrics,
-                            pick_to, raw, q1)
+                            to_rows, raw, q1)
         # ---- verify: one target forward over [x, d_1..d_γ]
         vhid = target(vin, vpos, valid.narrow(1, 0, s + Gt + 1), s)
         metrics.target_forwards += 1
@@ -508,9 +510,7 @@ def generate_mtp(
         # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))
-        live = ~done
-        to_count = planner.observe_rule(p_t, raw, live) if auto_rule else None
-        history.append((a, done, exp_alpha, Gt, to_count))
+        history.append((a, done, exp_alpha, Gt, None if to_rows is None else to_rows * Gt))
         a1 = a + 1
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
@@ -526,8 +526,9 @@ def generate_mtp(
         pos_x = pos_x + a1
         length = s + Gt + 1
         if planner is not None:                                        # the step's one host sync
-            q1 = _probs(lm_head(g), params) if adaptive is not None else None
-            all_done, Gt = planner.step(done, q1, a, exp_alpha)
+            alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) if auto_rule else exp_alpha
+            q1 = _probs(lm_head(g), params)
+            all_done, Gt, to_rows = planner.step(done, q1, a, alphas)
         else:
             all_done = bool(done.all())
 
