@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bebop.errors import BebopError
-from bebop.tasks import TASKS, ArithTask, CountdownTask, Problem, get_task, sample_problems
+from bebop.tasks import TASKS, AgentTask, ArithTask, CodeTask, CountdownTask, Problem, get_task, sample_problems
 from bebop.tasks.grammar import (
     MAX_COMPLETION_CHARS,
     evaluate,
@@ -69,14 +69,16 @@ def test_unknown_task_names_the_value() -> None:
         get_task("nope")
 
 
-@pytest.mark.parametrize("cls", [ArithTask, CountdownTask])
+@pytest.mark.parametrize("cls", [ArithTask, CountdownTask, CodeTask, AgentTask])
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0, float("nan")])
 def test_bad_format_reward(cls: type, bad: float) -> None:
     with pytest.raises(BebopError, match="format_reward"):
         cls(format_reward=bad)
 
 
-def test_deterministic_by_seed(task) -> None:
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_deterministic_by_seed(name: str) -> None:
+    task = get_task(name)
     a, b, c = (sample_problems(task, 50, seed) for seed in (7, 7, 8))
     assert a == b
     assert a != c
