@@ -85,3 +85,17 @@ def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_p
         assert "accept_length_rs_t0.7" in row
     r = cli("bench", "losses", "--model", str(dirs / "base"), "--losses", "ce,l2")
     assert r.returncode == 2 and "'l2'" in r.stderr
+
+
+def test_bench_decode_runs_agent_episodes_with_the_environment(dirs, tmp_path):
+    """Multi-turn task: plain and MTP both decode real episodes (turns.generate_turns); no HF baseline."""
+    out = tmp_path / "agent.json"
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--task", "agent",
+            "--batch-sizes", "2", "--max-new-tokens", "12", "--repeats", "1", "--prompts", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["results"]["2"]
+    assert row["plain_tokens_per_s"] > 0 and row["mtp_tokens_per_s"] > 0 and len(row["alpha"]) == 3
+    assert row["hf_tokens_per_s"] is None and "multi-turn" in row["hf_error"]
+    r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--task", "agent",
+            "--gamma", "auto")
+    assert r.returncode == 2 and "multi-turn" in r.stderr and "Traceback" not in r.stderr
