@@ -214,3 +214,12 @@ def test_rows_finish_independently(peaky, tiny_tokenizer, strategy):
         sampled = [True] + [False] * len(replies[b]) if b != 0 else [True, False, False] * 3 + [True]
         assert batch.sampled[b, : len(sampled)].tolist() == sampled
     assert batch.metrics.tokens == int(batch.sampled.sum()) == 4 + 2 + 2 + 13 + 5
+
+
+def test_mtp_training_data_for_the_agent_task_holds_real_environment_replies(tool_caller, tiny_tokenizer):
+    """train_mtp's policy samples on a multi-turn task are real episodes: the environment answered every call."""
+    from bebop.train_mtp import policy_samples
+
+    rows = policy_samples(tool_caller[0], tiny_tokenizer, AgentTask(), 4, 0.0, 40, seed=0)
+    for ids, n_prompt in rows:
+        assert tiny_tokenizer.decode(ids[n_prompt:], skip_special_tokens=True).count("\nerror: bad json\n") >= 2

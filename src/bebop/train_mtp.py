@@ -21,9 +21,11 @@ from bebop.errors import BebopError
 from bebop.losses import LOSSES, mtp_loss_from_hidden
 from bebop.model import load_policy
 from bebop.mtp import MTPHead, export_head, load_head, save_head
+from bebop.multiturn import is_multi_turn, task_env
 from bebop.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.sft import warmup_cosine
 from bebop.tasks import get_task, sample_problems
+from bebop.turns import generate_turns
 
 
 @dataclass
@@ -61,14 +63,22 @@ class TrainMTPConfig:
 
 def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_tokens: int, seed: int,
                    batch_size: int = 128) -> list[tuple[list[int], int]]:
-    """``n`` sequences (prompt ids + sampled completion ids) from the policy, with their prompt lengths."""
+    """``n`` sequences (prompt ids + sampled completion ids) from the policy, with their prompt lengths.
+    Multi-turn tasks (agent) run real episodes, so the completions hold the environment's replies (as
+    context the head drafts after, exactly as in rollouts) instead of replies the policy made up."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out = []
     problems = sample_problems(task, n, seed)
+    params = SamplingParams(temperature=temperature)
     for i in range(0, n, batch_size):
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[i : i + batch_size]]
-        r = generate(model, prompts, SamplingParams(temperature=temperature), max_new_tokens,
-                     tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
+        chunk = problems[i : i + batch_size]
+        prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
+        if is_multi_turn(task):
+            r = generate_turns(model, None, prompts, params, max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, chunk),
+                               pad_id=tokenizer.pad_token_id, generator=gen)
+        else:
+            r = generate(model, prompts, params, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
         out += [(pr + c, len(pr)) for pr, c in zip(prompts, r.completions(), strict=True)]
     return out
 
