@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bebop.adaptive import AUTO, AdaptiveDraft, calibrate
-from bebop.engine import DecodeMetrics, forwards, generate, generate_mtp, left_pad
+from bebop.engine import DecodeMetrics, Rollout, forwards, generate, generate_mtp, left_pad
 from bebop.errors import BebopError
 from bebop.multiturn import is_multi_turn
 from bebop.sampling import SamplingParams
@@ -134,26 +134,29 @@ def _decode_batches(tokenizer, cfg: DecodeBenchConfig, bs: int, seed: int) -> li
     return [(problems[i : i + bs], prompts[i : i + bs]) for i in range(0, n_prompts, bs)]
 
 
-def _decode(model, tokenizer, head, task_name: str, batch: tuple[list, list[list[int]]], params: SamplingParams,
-            max_new_tokens: int, gamma, rule: str, seed: int) -> DecodeMetrics:
-    """One engine call on ``batch``: plain (``head`` None) or MTP; multi-turn tasks (agent) run their episodes
-    through ``turns.generate_turns`` with the task's environment (tokens/s then counts sampled tokens only)."""
+def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[list[int]]], params: SamplingParams,
+                max_new_tokens: int, gamma, rule: str, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
+    """One engine call on ``batch`` (problems, prompt ids): plain (``head`` None) or MTP; multi-turn tasks (agent)
+    run their episodes through ``turns.generate_turns`` with the task's environment. Returns the rollout and
+    its mask of sampled tokens (environment tokens are not sampled; ``metrics.tokens`` counts sampled ones)."""
     from bebop.multiturn import task_env
     from bebop.turns import generate_turns
 
     problems, prompts = batch
     task = get_task(task_name)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if is_multi_turn(task):
         if isinstance(gamma, AdaptiveDraft):
             raise BebopError(f"adaptive gamma is not supported for the multi-turn task {task_name!r} yet")
-        return generate_turns(model, head, prompts, params, max_new_tokens, eos,
-                              tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, problems),
-                              gamma=gamma, rule=rule, pad_id=pad, generator=gen).metrics
+        r = generate_turns(model, head, prompts, params, max_new_tokens, eos,
+                           tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, problems),
+                           gamma=gamma, rule=rule, pad_id=pad, generator=generator)
+        return r, r.sampled
     if head is None:
-        return generate(model, prompts, params, max_new_tokens, eos, pad, gen).metrics
-    return generate_mtp(model, head, prompts, params, max_new_tokens, eos, gamma, rule, pad, gen).metrics
+        r = generate(model, prompts, params, max_new_tokens, eos, pad, generator)
+    else:
+        r = generate_mtp(model, head, prompts, params, max_new_tokens, eos, gamma, rule, pad, generator)
+    return r, r.mask
 
 
 def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
@@ -226,11 +229,10 @@ def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
             plain, mtp = DecodeMetrics(), DecodeMetrics()
             for bi, batch in enumerate(batches):
-                seed = cfg.seed * 1000 + bi
-                plain.merge(_decode(model, tokenizer, None, cfg.task, batch, params, cfg.max_new_tokens, cfg.gamma,
-                                    cfg.rule, seed))
-                mtp.merge(_decode(model, tokenizer, head, cfg.task, batch, params, cfg.max_new_tokens, cfg.gamma,
-                                  cfg.rule, seed))
+                for h, m in ((None, plain), (head, mtp)):
+                    gen = torch.Generator(device=model.device).manual_seed(cfg.seed * 1000 + bi)
+                    m.merge(decode_task(model, tokenizer, h, cfg.task, batch, params, cfg.max_new_tokens, cfg.gamma,
+                                        cfg.rule, gen)[0].metrics)
             if rep > 0:
                 plain_rates.append(plain.tokens_per_s)
                 mtp_rates.append(mtp.tokens_per_s)
@@ -302,18 +304,20 @@ class LossBenchConfig:
 def measure_acceptance(model, tokenizer, head, task_name: str, rule: str, temperature: float, gamma: int,
                        n_prompts: int, batch_size: int, max_new_tokens: int, seed: int) -> dict:
     """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts, and the
-    policy's mean per-token entropy H(p) (at τ) over the emitted tokens."""
+    policy's mean per-token entropy H(p) (at τ) over the emitted tokens (the sampled ones: multi-turn tasks run
+    real episodes, whose environment tokens are neither drafted nor counted)."""
     problems = sample_problems(get_task(task_name), n_prompts, seed)
+    params = SamplingParams(temperature=temperature)
     total = DecodeMetrics()
     gen = torch.Generator(device=model.device).manual_seed(seed)
     ent_sum, n_tok = 0.0, 0
     for i in range(0, n_prompts, batch_size):
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[i : i + batch_size]]
-        r = generate_mtp(model, head, prompts, SamplingParams(temperature=temperature), max_new_tokens,
-                         tokenizer.eos_token_id, gamma, rule, tokenizer.pad_token_id, gen)
+        chunk = problems[i : i + batch_size]
+        batch = (chunk, [tokenizer(p.prompt)["input_ids"] for p in chunk])
+        r, sampled = decode_task(model, tokenizer, head, task_name, batch, params, max_new_tokens, gamma, rule, gen)
         total.merge(r.metrics)
-        ent_sum += float((r.entropy * r.mask).sum())
-        n_tok += int(r.lengths.sum())
+        ent_sum += float((r.entropy * sampled).sum())
+        n_tok += int(sampled.sum())
     return {"alpha": total.alpha, "expected_alpha": total.expected_alpha, "accept_length": total.accept_length,
             "entropy": ent_sum / max(n_tok, 1)}
 
