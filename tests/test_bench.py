@@ -99,3 +99,10 @@ def test_bench_decode_runs_agent_episodes_with_the_environment(dirs, tmp_path):
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--task", "agent",
             "--gamma", "auto")
     assert r.returncode == 2 and "multi-turn" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_with_adaptive_gamma_and_auto_rule(dirs):
+    r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--n", "2",
+            "--max-new-tokens", "8", "--gamma", "auto", "--rule", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "mean_gamma" in r.stdout and "target_only_fraction" in r.stdout
