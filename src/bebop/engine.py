@@ -478,7 +478,7 @@ def generate_mtp(
     j = torch.arange(G + 1, device=device)
     rows = torch.arange(B, device=device)
     zero_q = torch.zeros((B, p0.shape[-1]), device=device)
-    # per step: (accepted a [B], done [B], expected α [B, γ_t], γ_t, TO rows) for the metrics;
+    # per step: (accepted a [B], done [B], expected α [B, γ_t], γ_t, TO drafts per row) for the metrics;
     # (tokens, p(token), H(p), kept, done) for the output
     history: list[tuple] = []
     blocks: list[tuple[torch.Tensor, ...]] = []
