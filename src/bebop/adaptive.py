@@ -137,7 +137,6 @@ class DraftPlanner:
         self.device = device
         self.bins = [0] * batch                                   # conf bin of each row's q_1 this step
         self.done = [False] * batch                               # rows done at the last sync
-        self.use_to = [False] * batch                             # rows verified with TO this step
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None,
              alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
@@ -180,10 +179,10 @@ class DraftPlanner:
         if len(self.rules) == 1:
             return False, self.gamma, None
         k = self.gamma - 1
-        self.use_to = [curves[b][1][k] > curves[b][0][k] if b in curves else False for b in self.bins]
-        if not any(self.use_to):
+        use_to = [b in curves and curves[b][1][k] > curves[b][0][k] for b in self.bins]
+        if not any(use_to):
             return False, self.gamma, None
-        return False, self.gamma, torch.tensor(self.use_to, device=self.device)
+        return False, self.gamma, torch.tensor(use_to, device=self.device)
 
 
 def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: int, max_new_tokens: int,
