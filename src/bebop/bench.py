@@ -17,9 +17,10 @@ import torch
 from bebop.adaptive import AUTO, AdaptiveDraft, calibrate
 from bebop.engine import DecodeMetrics, Rollout, forwards, generate, generate_mtp, left_pad
 from bebop.errors import BebopError
-from bebop.multiturn import is_multi_turn
+from bebop.multiturn import is_multi_turn, task_env
 from bebop.sampling import SamplingParams
 from bebop.tasks import get_task, sample_problems
+from bebop.turns import generate_turns
 
 
 @dataclass
@@ -139,9 +140,6 @@ def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[
     """One engine call on ``batch`` (problems, prompt ids): plain (``head`` None) or MTP; multi-turn tasks (agent)
     run their episodes through ``turns.generate_turns`` with the task's environment. Returns the rollout and
     its mask of sampled tokens (environment tokens are not sampled; ``metrics.tokens`` counts sampled ones)."""
-    from bebop.multiturn import task_env
-    from bebop.turns import generate_turns
-
     problems, prompts = batch
     task = get_task(task_name)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -184,13 +182,11 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
         totals = {name: DecodeMetrics() for name in runs}
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
-            for bi, (_, prompts) in enumerate(batches):
+            for bi, batch in enumerate(batches):
                 for name, (gamma, rule) in runs.items():     # back to back, so load swings hit every run alike
                     gen = torch.Generator(device=model.device).manual_seed((cfg.seed * 1000 + rep) * 1000 + bi)
-                    if gamma is None:
-                        r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen)
-                    else:
-                        r = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, gamma, rule, pad, gen)
+                    r, _ = decode_task(model, tokenizer, None if gamma is None else head, cfg.task, batch, params,
+                                       cfg.max_new_tokens, gamma, rule, gen)
                     if rep > 0:
                         totals[name].merge(r.metrics)
         plain = totals["plain"].tokens_per_s
