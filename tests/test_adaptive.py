@@ -12,7 +12,16 @@ import torch
 from test_bench import cli, dirs  # noqa: F401  (module fixture: a tiny saved policy + head)
 from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prompts_for, sequence_law  # noqa: F401
 
-from bebop.adaptive import BINS, AdaptiveDraft, DraftPlanner, accept_lengths, choose_gamma, one_hot_argmax, step_alphas
+from bebop.adaptive import (
+    BINS,
+    AdaptiveDraft,
+    DraftPlanner,
+    accept_lengths,
+    affine_fit,
+    one_hot_argmax,
+    plan_gamma,
+    step_alphas,
+)
 from bebop.engine import _verify_rs, generate, generate_mtp
 from bebop.errors import BebopError
 from bebop.sampling import SamplingParams
@@ -23,10 +32,23 @@ def test_accept_lengths_is_one_plus_expected_accepted_drafts():
     assert accept_lengths([0.0, 0.9]) == pytest.approx([1.0, 1.0])
 
 
-def test_choose_gamma_keeps_the_current_gamma_on_near_ties():
-    assert choose_gamma([1.0, 1.02, 0.5], current=1, margin=0.03) == 1
-    assert choose_gamma([1.0, 1.05, 0.5], current=1, margin=0.03) == 2
-    assert choose_gamma([1.0, 1.05, 0.5], current=2, margin=0.03) == 2
+def test_plan_gamma_weighs_the_tokens_a_longer_draft_adds_against_its_cost():
+    costs = [1.0, 1.5, 2.0]                                       # each draft adds 0.5 s to a step
+    # rate 1 token/s: a draft is worth drawing iff the tokens it adds exceed 0.5
+    assert plan_gamma(0.9, [0.9, 0.9, 0.9], costs, 1.0, 1) == 3   # adds 0.9, 0.81: draft all three
+    assert plan_gamma(0.9, [0.9, 0.4, 0.4], costs, 1.0, 1) == 1   # the 2nd draft would add 0.36 < 0.5
+    assert plan_gamma(0.9, [0.9, 0.4, 0.9], costs, 1.0, 1) == 1   # 0.36 + 0.32 < 1.0: not worth two more
+    # at step 2 the head forward that gave q_2 is paid either way (sunk): stopping costs c(1) + sunk
+    assert plan_gamma(0.3, [0.9, 0.9, 0.9], costs, 1.0, 2) == 1   # 0.3 + 0.27 < 1.0 for two more drafts
+    assert plan_gamma(0.3, [0.9, 0.9, 0.9], costs, 1.0, 2, sunk=0.4) == 2   # d_2 adds 0.3 > 0.5 − 0.4
+    assert plan_gamma(0.8, [0.9, 0.9, 0.2], costs, 1.0, 3) == 3   # q_3 is sure: draw d_3
+
+
+def test_affine_fit_smooths_measured_costs_and_keeps_them_increasing():
+    assert affine_fit([1.0, 2.1, 2.9, 4.0]) == pytest.approx([1.03, 2.01, 2.99, 3.97])
+    assert affine_fit([2.0, 1.9, 2.0]) == pytest.approx([1.9667] * 3, abs=1e-4)
+    assert affine_fit([3.0, 2.0, 1.0]) == pytest.approx([2.0] * 3)          # never decreasing
+    assert affine_fit([1.5]) == [1.5]
 
 
 def test_step_alphas_are_the_rs_and_to_acceptance_of_design_3():
@@ -37,39 +59,61 @@ def test_step_alphas_are_the_rs_and_to_acceptance_of_design_3():
     assert to.item() == pytest.approx(0.3)                       # p(argmax q)
 
 
-def table_for(alpha_by_bin: dict[int, float], gamma_max: int, costs: list[float]) -> AdaptiveDraft:
+def table_for(alpha_by_bin: dict[int, tuple[float, float]], gamma_max: int, costs: list[float]) -> AdaptiveDraft:
+    """An AdaptiveDraft whose RS tables (every step k) hold (α, observations) = ``alpha_by_bin[bin]``."""
     ad = AdaptiveDraft(costs, prior=0.5)
-    for b, a in alpha_by_bin.items():
-        ad.table("rejection")[0][b] = [a * 1000.0] * gamma_max
-        ad.table("rejection")[1][b] = [1000.0] * gamma_max
+    sums, counts = ad.table("rejection")
+    for k in range(gamma_max):
+        for b, (a, n) in alpha_by_bin.items():
+            sums[k][b], counts[k][b] = a * n, n
     return ad
 
 
-def test_planner_drafts_long_for_confident_rows_and_short_for_unsure_ones():
+def test_planner_drafts_while_the_draft_distributions_are_sure_and_stops_at_an_unsure_one():
     costs = [1.0 + 0.2 * g for g in range(1, 6)]                 # each draft adds 20 % to a step
-    ad = table_for({BINS - 1: 0.95, 2: 0.2}, 5, costs)
+    ad = table_for({BINS - 1: (0.95, 1000.0), 2: (0.2, 100.0)}, 5, costs)   # most drafts are sure
     sure = one_hot_argmax(torch.rand(1, 7)) * 0.97 + 0.03 / 7     # max q ≈ 0.97 → last bin
     unsure = torch.full((1, 7), 1 / 7)
     unsure[0, 0] = 0.25
     unsure /= unsure.sum()                                        # max q ≈ 0.23 → bin 2
     done = torch.zeros(1, dtype=torch.bool)
-    assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(done, sure) == (False, 5, None)
-    assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(done, unsure) == (False, 1, None)
+    planner = DraftPlanner(ad, 5, 1, "rejection", False, "cpu")
+    assert planner.step(done, sure) == (False, 5, None)
+    assert planner.extend(2, sure) == 5 and planner.extend(3, sure) == 5
+    assert planner.extend(4, unsure) == 3                         # stop before drawing d_4
+    assert planner.bins == [[BINS - 1], [BINS - 1], [BINS - 1], [2]]
+    planner = DraftPlanner(ad, 5, 1, "rejection", False, "cpu")
+    assert planner.step(done, unsure) == (False, 1, None)         # q_1 unsure: one draft, no head forward
     assert DraftPlanner(ad, 5, 1, "rejection", False, "cpu").step(torch.ones(1, dtype=torch.bool), sure)[0] is True
 
 
-def test_planner_learns_only_the_steps_each_live_row_reached():
+def test_a_fixed_planner_records_confidences_but_keeps_gamma():
+    planner = DraftPlanner(None, 3, 1, "rejection", True, "cpu")
+    q = torch.tensor([[0.05, 0.95]])
+    assert planner.step(torch.zeros(1, dtype=torch.bool), q)[1] == 3
+    assert planner.extend(2, torch.tensor([[0.5, 0.5]])) == 3
+    assert planner.bins == [[BINS - 1], [5]]
+
+
+def test_planner_learns_only_the_steps_each_live_row_reached_in_the_bins_of_their_own_q():
     ad = AdaptiveDraft([1.0, 1.2, 1.4], prior=0.5, prior_weight=2.0)
     planner = DraftPlanner(ad, 3, 2, "rejection", False, "cpu")
     q1 = torch.tensor([[0.95, 0.05], [0.55, 0.45]])               # bins 9 and 5
     planner.step(torch.zeros(2, dtype=torch.bool), q1)
+    planner.extend(2, torch.tensor([[0.75, 0.25], [0.65, 0.35]]))  # bins 7 and 6
+    planner.extend(3, torch.tensor([[0.85, 0.15], [0.15, 0.85]]))  # bins 8 and 8
     exp = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]])
     planner.step(torch.tensor([False, True]), q1, torch.tensor([1, 0]), exp)
     sums, counts = ad.table("rejection")
-    assert counts[9] == [3.0, 3.0, 2.0] and sums[9] == pytest.approx([1.0 + 0.9, 1.0 + 0.8, 1.0])  # reached 1, 2
-    assert counts[5] == [3.0, 2.0, 2.0] and sums[5] == pytest.approx([1.0 + 0.6, 1.0, 1.0])        # reached 1
-    planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), exp)                        # row 1 was done
-    assert counts[5] == [3.0, 2.0, 2.0] and counts[9] == [4.0, 4.0, 3.0]
+    assert (counts[0][9], sums[0][9]) == pytest.approx((3.0, 1.0 + 0.9))      # row 0 reached steps 1 and 2
+    assert (counts[1][7], sums[1][7]) == pytest.approx((3.0, 1.0 + 0.8))
+    assert (counts[2][8], sums[2][8]) == pytest.approx((2.0, 1.0))            # not step 3
+    assert (counts[0][5], sums[0][5]) == pytest.approx((3.0, 1.0 + 0.6))      # row 1 reached step 1 only
+    assert (counts[1][6], sums[1][6]) == pytest.approx((2.0, 1.0))
+    planner.extend(2, torch.tensor([[0.75, 0.25], [0.65, 0.35]]))
+    planner.extend(3, torch.tensor([[0.85, 0.15], [0.15, 0.85]]))
+    planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), exp)   # row 1 was done: only row 0 learns
+    assert counts[0][5] == 3.0 and counts[0][9] == 4.0
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
@@ -78,7 +122,7 @@ def test_planner_learns_only_the_steps_each_live_row_reached():
     ({"step_seconds": [1.0, 2.0], "prior": [0.5]}, "prior"),
     ({"step_seconds": [1.0], "prior": 1.5}, "1.5"),
     ({"step_seconds": [1.0], "prior_weight": 0.0}, "prior_weight"),
-    ({"step_seconds": [1.0], "switch_margin": -0.1}, "-0.1"),
+    ({"step_seconds": [1.0], "draft_seconds": -0.1}, "-0.1"),
 ])
 def test_adaptive_draft_rejects_bad_configuration(kwargs, needle):
     with pytest.raises(BebopError) as e:
@@ -113,14 +157,15 @@ def test_a_row_goes_to_target_only_when_its_confidence_bin_favours_it():
     assert planner.step(torch.zeros(2, dtype=torch.bool), q1) == (False, 2, None)   # prior: tie → RS
     for rule, a9, a5 in (("rejection", 0.5, 0.9), ("target_only", 0.8, 0.3)):
         sums, counts = planner.adaptive.table(rule)
-        sums[9], counts[9], sums[5], counts[5] = [a9 * 100] * 2, [100.0] * 2, [a5 * 100] * 2, [100.0] * 2
+        for k in range(2):
+            sums[k][9], counts[k][9], sums[k][5], counts[k][5] = a9 * 100, 100.0, a5 * 100, 100.0
     all_done, gamma, to = planner.step(torch.zeros(2, dtype=torch.bool), q1)
     assert (all_done, gamma, to.tolist()) == (False, 2, [True, False])
 
 
 def forcing() -> AdaptiveDraft:
     """An AdaptiveDraft that starts at γ = 3 and, learning fast, moves γ with the confidence bins' acceptance."""
-    return AdaptiveDraft([1.0, 1.3, 1.6], prior=0.9, prior_weight=1.0, switch_margin=0.0)
+    return AdaptiveDraft([1.0, 1.3, 1.6], prior=0.9, prior_weight=1.0)
 
 
 @pytest.mark.parametrize("rule", ["rejection", "auto"])
@@ -149,7 +194,8 @@ def test_adaptive_greedy_equals_plain_greedy(peaky, tiny_tokenizer):  # noqa: F8
                                                             (2, "auto", 0.7)])
 def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, monkeypatch, gamma, rule,  # noqa: F811
                                                         temperature):
-    """10^5 sequences of 3 tokens against their exact law under p, with γ changing every step (1, 3, 2, 1, …:
+    """10^5 sequences of 3 tokens against their exact law under p, with the draft length re-planned at every
+    draft step — stopping before d_k is drawn, after it, or running the head on (a cycle 1, 3, 2, … of plans:
     in one batch of 10^5 rows the planner's own choice hardly moves, so a cycle stands in for it) and/or
     per-row RS/TO picked from each row's draft confidence (TO iff max q_1 ≥ 0.5: the learned tables need
     more than two steps to move)."""
@@ -159,13 +205,14 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
     params = SamplingParams(temperature=temperature)
     if gamma == "cycle":
         cycle = itertools.cycle([1, 3, 2])
-        monkeypatch.setattr("bebop.adaptive.choose_gamma", lambda rate, current, margin: next(cycle))
+        monkeypatch.setattr("bebop.adaptive.plan_gamma",
+                            lambda mass, means, costs, rate, k, sunk=0.0: max(k - 1, 1, next(cycle)))
     if rule == "auto":
         plan = DraftPlanner.step
 
         def by_confidence(self, *args):
             all_done, g, _ = plan(self, *args)
-            return all_done, g, torch.tensor([b >= 5 for b in self.bins])
+            return all_done, g, torch.tensor([b >= 5 for b in self.bins[0]])
 
         monkeypatch.setattr(DraftPlanner, "step", by_confidence)
     g = forcing() if gamma == "cycle" else gamma

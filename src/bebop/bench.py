@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bebop.adaptive import AUTO, AdaptiveDraft, calibrate
-from bebop.engine import DecodeMetrics, Rollout, forwards, generate, generate_mtp, left_pad
+from bebop.engine import DecodeMetrics, Rollout, forward_costs, generate, generate_mtp, left_pad, median_seconds
 from bebop.errors import BebopError
 from bebop.multiturn import is_multi_turn, task_env
 from bebop.sampling import SamplingParams
@@ -38,50 +38,6 @@ class DecodeBenchConfig:
     threads: int = 1                # torch intra-op threads for the whole benchmark (restored afterwards)
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20) -> dict[str, float]:
-    """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
-    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt — through the same
-    forwards the engine uses (``engine.forwards``: lean when supported)."""
-    device = model.device
-    ids, mask = left_pad(prompt_ids, 0, device)
-    B, P = ids.shape
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
-    valid[:, :P] = mask.bool()
-    target, drafter, _, _ = forwards(model, head, B, P + gamma + 1)
-    hid = target(ids, pos, valid[:, :P], 0)
-    drafter(ids, hid, pos, valid[:, :P], 0)
-
-    def run_target(n_tok: int) -> float:
-        x = ids[:, -1:].repeat(1, n_tok)
-        p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
-
-        def once():
-            target(x, p, valid[:, : P + n_tok], P)   # writes slots P.., which the next call overwrites
-
-        once()
-        return _median_time(once, repeats)
-
-    c1, cv = run_target(1), run_target(gamma + 1)
-
-    def draft_once():
-        drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
-
-    draft_once()
-    cd = _median_time(draft_once, repeats)
-    return {"c_1": c1, "c_verify": cv, "c_draft": cd}
-
-
 def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
                              repeats: int) -> float:
     """transformers' ``generate()`` on the same weights and prompts: generated (non-pad) tokens / s."""
@@ -100,7 +56,7 @@ def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, 
 
     once()
     counts.clear()
-    sec = _median_time(once, repeats)
+    sec = median_seconds(once, repeats)
     return statistics.median(counts) / sec
 
 

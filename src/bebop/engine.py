@@ -16,6 +16,7 @@ one validity mask serves both.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -195,17 +196,69 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int):
     return target, drafter, _lm_head(model, lean), select
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20) -> dict[str, float]:
+    """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
+    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt — through the same
+    forwards the engine uses (``engine.forwards``: lean when supported)."""
+    device = model.device
+    ids, mask = left_pad(prompt_ids, 0, device)
+    B, P = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
+    target, drafter, _, _ = forwards(model, head, B, P + gamma + 1)
+    hid = target(ids, pos, valid[:, :P], 0)
+    drafter(ids, hid, pos, valid[:, :P], 0)
+
+    def run_target(n_tok: int) -> float:
+        x = ids[:, -1:].repeat(1, n_tok)
+        p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
+
+        def once():
+            target(x, p, valid[:, : P + n_tok], P)   # writes slots P.., which the next call overwrites
+
+        once()
+        return median_seconds(once, repeats)
+
+    c1, cv = run_target(1), run_target(gamma + 1)
+
+    def draft_once():
+        drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
+
+    draft_once()
+    cd = median_seconds(draft_once, repeats)
+    return {"c_1": c1, "c_verify": cv, "c_draft": cd}
+
+
 def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics,
-           to_rows=None, raw=None, q1=None):
-    """γ recursive head steps from head state ``g`` (q_1 comes from ``g``; γ − 1 head forwards write the
-    temporary slots s..s+γ−2). ``noise`` (given only on the RS fast path: rule ``rejection``, τ > 0) drives the
-    drafts' exponential races, else ``draft_tokens``. Rows in ``to_rows`` [B] bool draft and verify with TO
-    (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's own q's go to ``raw``.
-    ``q1``: q_1 when already computed from ``g``.
+           to_rows=None, raw=None, q1=None, planner=None):
+    """Up to ``G`` recursive head steps from head state ``g`` (q_1 comes from ``g``; each further draft costs one
+    head forward, writing the temporary slots s..s+γ−2). ``noise`` (given only on the RS fast path: rule
+    ``rejection``, τ > 0) drives the drafts' exponential races, else ``draft_tokens``. Rows in ``to_rows`` [B]
+    bool draft and verify with TO (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's
+    own q's go to ``raw``. ``q1``: q_1 when already computed from ``g``. ``planner`` (adaptive drafting) sees
+    every new q_k (k ≥ 2) before d_k is drawn and re-plans the draft length (``DraftPlanner.extend``); ``G``
+    is then its first plan, and ``vpos``, ``noise`` and the valid slots must cover γ_max.
     Returns (the head state after drafting, ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ] as verified)."""
     qs, drafts = [], [x]
-    for k in range(G):
+    k = 0
+    while k < G:
         q = q1 if k == 0 and q1 is not None else _probs(lm_head(g), params)
+        if planner is not None and k > 0:
+            G = planner.extend(k + 1, q)                      # from q_{k+1} alone, before d_{k+1} is drawn
+            if G <= k:
+                break
         if raw is not None:
             raw.append(q)
         if to_rows is not None:
@@ -213,9 +266,10 @@ def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: st
         d = _race(q, noise[k]) if noise is not None else draft_tokens(q, rule, generator)
         qs.append(q)
         drafts.append(d)
-        if k < G - 1:
-            g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k, 1), valid.narrow(1, 0, s + k + 1),
-                        s + k).squeeze(1)
+        k += 1
+        if k < G:
+            g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k - 1, 1), valid.narrow(1, 0, s + k),
+                        s + k - 1).squeeze(1)
             metrics.draft_forwards += 1
     return g, torch.stack(drafts, dim=1), qs
 
@@ -494,14 +548,17 @@ def generate_mtp(
     t_decode = time.perf_counter()
     while not all_done:
         s = length
-        jt = j.narrow(0, 0, Gt + 1)
-        vpos = pos_x.unsqueeze(1) + jt                                 # positions of [x, d_1..d_γ]
+        Gm = G if planner is not None else Gt                          # drafting may run up to γ_max
+        vpos = pos_x.unsqueeze(1) + j.narrow(0, 0, Gm + 1)             # positions of [x, d_1..d_γ]
         # ---- draft: γ recursive head steps (γ-1 forwards; q_1 comes from the previous catch-up call)
-        noise = _noise((Gt + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
-        valid.narrow(1, s, Gt + 1).fill_(True)
+        noise = _noise((Gm + 1, *zero_q.shape), zero_q, generator) if rs_fast else None  # γ drafts + final
+        valid.narrow(1, s, Gm + 1).fill_(True)
         raw = [] if auto_rule else None
         g, vin, qs = _draft(g, x, vpos, valid, s, Gt, lm_head, drafter, params, rule, noise, generator, metrics,
-                            to_rows, raw, q1)
+                            to_rows, raw, q1, planner)
+        Gt = len(qs)
+        jt = j.narrow(0, 0, Gt + 1)
+        vpos = vpos.narrow(1, 0, Gt + 1)
         # ---- verify: one target forward over [x, d_1..d_γ]
         vhid = target(vin, vpos, valid.narrow(1, 0, s + Gt + 1), s)
         metrics.target_forwards += 1
