@@ -20,6 +20,7 @@ from bebop.adaptive import (
     affine_fit,
     one_hot_argmax,
     plan_gamma,
+    replay,
     step_alphas,
 )
 from bebop.engine import _verify_rs, generate, generate_mtp
@@ -114,6 +115,27 @@ def test_planner_learns_only_the_steps_each_live_row_reached_in_the_bins_of_thei
     planner.extend(3, torch.tensor([[0.85, 0.15], [0.15, 0.85]]))
     planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), exp)   # row 1 was done: only row 0 learns
     assert counts[0][5] == 3.0 and counts[0][9] == 4.0
+
+
+def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_positions():
+    """Two kinds of positions: drafts that stay sure (α 0.95 at every step) and ones whose second draft is
+    visibly unsure (max q_2 = 0.15, α_2 = 0.05). Fixed γ = 3 is the best fixed length; the planner drafts three
+    on the first kind and stops before d_2 on the second (paying the sunk head forward), ~10 % faster."""
+    sure, unsure = ([0.95] * 3, [0.95] * 3), ([0.95, 0.15, 0.95], [0.95, 0.05, 0.9])
+    rows = [sure if i % 2 else unsure for i in range(400)]
+    conf, alpha = [c for c, _ in rows], [a for _, a in rows]
+    ad = AdaptiveDraft([1.0, 1.2, 1.4], prior=0.8, draft_seconds=0.1)
+    r = replay(conf, alpha, ad)
+    t_sure, t_unsure = accept_lengths([0.95] * 3), accept_lengths([0.95, 0.05, 0.9])
+    assert r["fixed"] == pytest.approx([(a + b) / 2 / c for a, b, c in zip(t_sure, t_unsure, [1.0, 1.2, 1.4],
+                                                                                strict=True)])
+    assert r["best_fixed_gamma"] == 3 and r["planner_mean_gamma"] == pytest.approx(2.0)
+    assert r["planner"] == pytest.approx((t_sure[2] + t_unsure[0]) / (1.4 + 1.0 + 0.1))
+    assert r["planner_vs_best_fixed"] == pytest.approx(r["planner"] / r["fixed"][2]) > 1.05
+    assert r["oracle_vs_best_fixed"] >= r["planner_vs_best_fixed"]
+    assert ad.tables == {}                                        # the caller's tables are left alone
+    with pytest.raises(BebopError, match="same N positions"):
+        replay(conf, alpha[:-1], ad)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
@@ -246,6 +268,10 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
         assert row["auto_vs_best_fixed"] == pytest.approx(row["auto"]["tokens_per_s"] / best)
         assert 1.0 <= row["auto"]["mean_gamma"] <= 3.0
         assert np.isfinite(row["plain_tokens_per_s"])
+        rp = row["replay"]                                        # decisions scored without timing noise
+        assert len(rp["fixed"]) == 3 and rp["best_fixed_gamma"] == 1 + int(np.argmax(rp["fixed"]))
+        assert 1.0 <= rp["planner_mean_gamma"] <= 3.0 and rp["positions"] > 0
+        assert rp["planner_vs_best_fixed"] == pytest.approx(rp["planner"] / max(rp["fixed"]))
 
 
 @pytest.mark.parametrize(("args", "needle"), [(["--gamma", "five"], "'five'"), (["--gamma", "auto", "--gamma-max",

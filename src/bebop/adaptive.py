@@ -224,8 +224,16 @@ class DraftPlanner:
                             counts[k][self.bins[k][b]] += 1
         if all(self.done):
             return True, self.gamma, None
-        self.bins, self.mass = [], [1.0] * len(rows)
-        conf = [row[1] for row in rows]
+        self.begin([row[1] for row in rows])
+        if not any(self.row_rule):
+            return False, self.gamma, None
+        return False, self.gamma, torch.tensor([r == 1 for r in self.row_rule], device=self.device)
+
+    def begin(self, conf: list[float]) -> int:
+        """Start a step from the rows' q_1 confidences ``max q_1``: pick each row's rule (rule auto) and return
+        the draft length planned from q_1."""
+        ad = self.adaptive
+        self.bins, self.mass = [], [1.0] * len(conf)
         means = [ad.step_means(rule) for rule in self.rules]
         self.means = means[0]
         self.rate = max(t / c for t, c in zip(accept_lengths(self.means), ad.step_seconds, strict=True))
@@ -240,19 +248,73 @@ class DraftPlanner:
         mass = self._observe(1, conf)
         if not self.fixed:
             self.gamma = plan_gamma(mass, self.means, ad.step_seconds, self.rate, 1)
-        if not any(self.row_rule):
-            return False, self.gamma, None
-        return False, self.gamma, torch.tensor([r == 1 for r in self.row_rule], device=self.device)
+        return self.gamma
 
     def extend(self, k: int, q: Tensor) -> int:
         """The draft length planned now that the rows' raw q_k ``[B, V]`` (k ≥ 2) is known: ``k − 1`` = stop
         before drawing d_k, ``k`` = draw d_k and stop, more = run the head again. Reads q_k only, never d_k.
         A fixed planner (rule auto at a fixed γ) only records q_k's confidence for its tables."""
-        mass = self._observe(k, q.amax(-1).tolist())
+        return self.decide(k, q.amax(-1).tolist())
+
+    def decide(self, k: int, conf: list[float]) -> int:
+        """``extend`` from the rows' confidences ``max q_k``."""
+        mass = self._observe(k, conf)
         if not self.fixed:
             ad = self.adaptive
             self.gamma = plan_gamma(mass, self.means, ad.step_seconds, self.rate, k, ad.draft_seconds)
         return self.gamma
+
+
+def replay(confidence, alpha, adaptive: AdaptiveDraft, train_fraction: float = 0.5) -> dict:
+    """Noise-free decision quality of adaptive drafting: replay drafting decisions over per-position data instead
+    of timing them. ``confidence`` / ``alpha`` [N, K] = ``max q_k`` and the exact expected α_k of draft k at N
+    positions of the policy's own samples, teacher-forced (``analysis.token_acceptance``) — by exactness the
+    accepted drafts are distributed as the policy's samples, so these are the α_k of the steps a decode reaches.
+    The first ``train_fraction`` of the positions fill fresh tables (``adaptive``'s prior, costs and head-forward
+    cost; its own tables are left alone); on the rest every fixed γ, the planner (one row at a time, as at batch
+    1) and an oracle that knows each position's α (best ``T(γ) − R·c(γ)``) are scored in predicted tokens per
+    second under the costs ``adaptive.step_seconds`` — the same cost model for all, so only the decisions differ.
+    Returns rates (tokens per modelled second), the planner's mean γ, and both ratios to the best fixed γ."""
+    conf, alpha = [list(map(float, r)) for r in confidence], [list(map(float, r)) for r in alpha]
+    K = adaptive.gamma_max
+    if len(conf) != len(alpha) or any(len(r) < K for r in (*conf, *alpha)):
+        raise BebopError(f"replay needs confidence and alpha of the same N positions with ≥ {K} steps each")
+    n_train = int(len(conf) * train_fraction)
+    if not 0 < n_train < len(conf):
+        raise BebopError(f"replay needs positions on both sides of train_fraction={train_fraction}, got {len(conf)}")
+    ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight, adaptive.draft_seconds)
+    sums, counts = ad.table("rejection")
+    for c_row, a_row in zip(conf[:n_train], alpha[:n_train], strict=True):
+        for k in range(K):
+            b = confidence_bin(c_row[k])
+            sums[k][b] += a_row[k]
+            counts[k][b] += 1
+    test = list(zip(conf[n_train:], alpha[n_train:], strict=True))
+    costs, sunk = ad.step_seconds, ad.draft_seconds
+    fixed = [sum(accept_lengths(a[:g])[-1] for _, a in test) / (len(test) * costs[g - 1]) for g in range(1, K + 1)]
+    planner = DraftPlanner(ad, K, 1, "rejection", False, "cpu")
+    tokens = seconds = drafted = 0.0
+    for c_row, a_row in test:
+        g, k, extra = planner.begin([c_row[0]]), 1, 0.0
+        while g > k:
+            k += 1
+            g = planner.decide(k, [c_row[k - 1]])
+            extra = sunk if g < k else 0.0
+        tokens += accept_lengths(a_row[:g])[-1]
+        seconds += costs[g - 1] + extra
+        drafted += g
+    rate = max(fixed)
+    oracle_t = oracle_s = 0.0
+    for _, a_row in test:
+        curve = accept_lengths(a_row[:K])
+        g = max(range(K), key=lambda i: curve[i] - rate * costs[i])
+        oracle_t += curve[g]
+        oracle_s += costs[g]
+    best = max(range(K), key=fixed.__getitem__)
+    return {"positions": len(test), "train_positions": n_train, "fixed": fixed, "best_fixed_gamma": best + 1,
+            "planner": tokens / seconds, "planner_mean_gamma": drafted / len(test), "oracle": oracle_t / oracle_s,
+            "planner_vs_best_fixed": tokens / seconds / fixed[best], "oracle_vs_best_fixed": oracle_t / oracle_s
+            / fixed[best]}
 
 
 def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: int, max_new_tokens: int,
