@@ -18,6 +18,7 @@ from bebop.adaptive import (
     DraftPlanner,
     accept_lengths,
     affine_fit,
+    decode_trace,
     one_hot_argmax,
     plan_gamma,
     replay,
@@ -117,8 +118,8 @@ def test_planner_learns_only_the_steps_each_live_row_reached_in_the_bins_of_thei
     assert counts[0][5] == 3.0 and counts[0][9] == 4.0
 
 
-def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_positions():
-    """Two kinds of positions: drafts that stay sure (α 0.95 at every step) and ones whose second draft is
+def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_steps():
+    """Two kinds of decode steps: drafts that stay sure (α 0.95 at every step) and ones whose second draft is
     visibly unsure (max q_2 = 0.15, α_2 = 0.05). Fixed γ = 3 is the best fixed length; the planner drafts three
     on the first kind and stops before d_2 on the second (paying the sunk head forward), ~10 % faster."""
     sure, unsure = ([0.95] * 3, [0.95] * 3), ([0.95, 0.15, 0.95], [0.95, 0.05, 0.9])
@@ -135,8 +136,25 @@ def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_positions
     assert r["planner_vs_best_fixed"] > 1.05
     assert r["oracle_vs_best_fixed"] >= r["planner_vs_best_fixed"]
     assert ad.tables == {}                                        # the caller's tables are left alone
-    with pytest.raises(BebopError, match="same N positions"):
+    with pytest.raises(BebopError, match="same N steps"):
         replay(conf, alpha[:-1], ad)
+
+
+def test_decode_trace_holds_the_draft_confidence_and_exact_alpha_of_every_live_row_step(peaky, tiny_tokenizer):  # noqa: F811
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 4)
+    params = SamplingParams(temperature=1.0)
+    steps: list = []
+    r = generate_mtp(model, head, prompts, params, 12, eos_id=None, gamma=3,
+                     generator=torch.Generator().manual_seed(0), trace=steps)
+    assert len(steps) == r.metrics.target_forwards
+    conf = torch.cat([c[live] for c, _, live in steps])
+    alpha = torch.cat([a[live] for _, a, live in steps])
+    assert conf.shape == alpha.shape == (r.metrics.steps, 3)
+    assert ((conf > 0) & (conf <= 1)).all() and ((alpha >= 0) & (alpha <= 1 + 1e-6)).all()
+    assert alpha[:, 0].sum().item() == pytest.approx(r.metrics.expected_k[0], rel=1e-5)   # every row judges d_1
+    c2, a2 = decode_trace(model, head, [prompts], params, 3, 12, None)
+    assert len(c2) == len(a2) and all(len(row) == 3 for row in (*c2, *a2))
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
@@ -271,7 +289,7 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
         assert np.isfinite(row["plain_tokens_per_s"])
         rp = row["replay"]                                        # decisions scored without timing noise
         assert len(rp["fixed"]) == 3 and rp["best_fixed_gamma"] == 1 + int(np.argmax(rp["fixed"]))
-        assert 1.0 <= rp["planner_mean_gamma"] <= 3.0 and rp["positions"] > 0
+        assert 1.0 <= rp["planner_mean_gamma"] <= 3.0 and rp["steps"] > 0
         assert rp["planner_vs_best_fixed"] == pytest.approx(rp["planner"] / max(rp["fixed"]))
 
 

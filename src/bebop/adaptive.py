@@ -265,23 +265,42 @@ class DraftPlanner:
         return self.gamma
 
 
+def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
+                 eos_id: int | None, pad_id: int = 0, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """(``max q_k``, exact expected α_k) [S, γ] of every live row-step of decoding ``batches`` at the fixed draft
+    length ``gamma`` with RS — real decode steps, so they start where decoding starts them (often right after a
+    correction token, where the head is weakest), unlike teacher-forced positions."""
+    from bebop.engine import generate_mtp
+
+    conf: list[list[float]] = []
+    alpha: list[list[float]] = []
+    for i, prompts in enumerate(batches):
+        steps: list = []
+        gen = torch.Generator(device=model.device).manual_seed(seed + i)
+        generate_mtp(model, head, prompts, params, max_new_tokens, eos_id, gamma, "rejection", pad_id, gen, steps)
+        for c, a, live in steps:
+            conf += c[live].tolist()
+            alpha += a[live].tolist()
+    return conf, alpha
+
+
 def replay(confidence, alpha, adaptive: AdaptiveDraft, train_fraction: float = 0.5) -> dict:
-    """Noise-free decision quality of adaptive drafting: replay drafting decisions over per-position data instead
-    of timing them. ``confidence`` / ``alpha`` [N, K] = ``max q_k`` and the exact expected α_k of draft k at N
-    positions of the policy's own samples, teacher-forced (``analysis.token_acceptance``) — by exactness the
-    accepted drafts are distributed as the policy's samples, so these are the α_k of the steps a decode reaches.
-    The first ``train_fraction`` of the positions fill fresh tables (``adaptive``'s prior, costs and head-forward
-    cost; its own tables are left alone); on the rest every fixed γ, the planner (one row at a time, as at batch
-    1) and an oracle that knows each position's α (best ``T(γ) − R·c(γ)``) are scored in predicted tokens per
-    second under the costs ``adaptive.step_seconds`` — the same cost model for all, so only the decisions differ.
-    Returns rates (tokens per modelled second), the planner's mean γ, and both ratios to the best fixed γ."""
+    """Noise-free decision quality of adaptive drafting: replay drafting decisions over recorded draft steps
+    instead of timing them. ``confidence`` / ``alpha`` [N, K] = ``max q_k`` and the exact expected α_k of draft k
+    at N decode steps (``decode_trace``; Π_{i≤j} α_i along a step's drafts is the chance its first j drafts are
+    all accepted). The first ``train_fraction`` of the steps fill fresh tables (``adaptive``'s prior, costs and
+    head-forward cost; its own tables are left alone); on the rest every fixed γ, the planner (one row at a time,
+    as at batch 1) and an oracle that knows each step's α (best ``T(γ) − R·c(γ)``) are scored in predicted
+    tokens per second under the costs ``adaptive.step_seconds`` — the same cost model for all, so only the
+    decisions differ. Returns rates (tokens per modelled second), the planner's mean γ, and both ratios to the
+    best fixed γ."""
     conf, alpha = [list(map(float, r)) for r in confidence], [list(map(float, r)) for r in alpha]
     K = adaptive.gamma_max
     if len(conf) != len(alpha) or any(len(r) < K for r in (*conf, *alpha)):
-        raise BebopError(f"replay needs confidence and alpha of the same N positions with ≥ {K} steps each")
+        raise BebopError(f"replay needs confidence and alpha of the same N steps with ≥ {K} drafts each")
     n_train = int(len(conf) * train_fraction)
     if not 0 < n_train < len(conf):
-        raise BebopError(f"replay needs positions on both sides of train_fraction={train_fraction}, got {len(conf)}")
+        raise BebopError(f"replay needs steps on both sides of train_fraction={train_fraction}, got {len(conf)}")
     ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight, adaptive.draft_seconds)
     sums, counts = ad.table("rejection")
     for c_row, a_row in zip(conf[:n_train], alpha[:n_train], strict=True):
@@ -311,7 +330,7 @@ def replay(confidence, alpha, adaptive: AdaptiveDraft, train_fraction: float = 0
         oracle_t += curve[g]
         oracle_s += costs[g]
     best = max(range(K), key=fixed.__getitem__)
-    return {"positions": len(test), "train_positions": n_train, "fixed": fixed, "best_fixed_gamma": best + 1,
+    return {"steps": len(test), "train_steps": n_train, "fixed": fixed, "best_fixed_gamma": best + 1,
             "planner": tokens / seconds, "planner_mean_gamma": drafted / len(test), "oracle": oracle_t / oracle_s,
             "planner_vs_best_fixed": tokens / seconds / fixed[best], "oracle_vs_best_fixed": oracle_t / oracle_s
             / fixed[best]}

@@ -149,18 +149,17 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
     ``train_mtp.policy_samples``), teacher-forced through ``train_mtp.teacher_forced``:
 
     ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
-    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`), ``confidence`` [N, γ] =
-    max q_k(t) (what adaptive drafting sees before drawing d_k)."""
+    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`)."""
     if gamma < 1:
         raise BebopError(f"gamma must be >= 1, got {gamma}")
     lm_head = model.get_output_embeddings()
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy_k", "alpha_rs", "alpha_to", "tv", "confidence")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy_k", "alpha_rs", "alpha_to", "tv")}
     for i in range(0, len(data), batch_size):
         ids, mask, prompt_lens = pad_batch(list(data[i : i + batch_size]), pad_id, model.device)
         hq, hp, _ = teacher_forced(model, head, ids, mask, prompt_lens, gamma)
         p, q = probs_from_logits(lm_head(hp), params), probs_from_logits(lm_head(hq), params)
         alpha_rs, alpha_to, tv = acceptance(p, q)
-        for key, val in zip(parts, (entropy(p), alpha_rs, alpha_to, tv, q.amax(-1)), strict=True):
+        for key, val in zip(parts, (entropy(p), alpha_rs, alpha_to, tv), strict=True):
             parts[key].append(val.cpu())
     out = {k: torch.cat(v).double().numpy() if v else np.zeros((0, gamma)) for k, v in parts.items()}
     out["entropy"] = out["entropy_k"][:, 0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bebop.adaptive import AUTO, AdaptiveDraft, calibrate, replay
+from bebop.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
 from bebop.engine import DecodeMetrics, Rollout, forward_costs, generate, generate_mtp, left_pad, median_seconds
 from bebop.errors import BebopError
 from bebop.multiturn import is_multi_turn, task_env
@@ -36,7 +36,6 @@ class DecodeBenchConfig:
     num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
     threads: int = 1                # torch intra-op threads for the whole benchmark (restored afterwards)
-    replay_samples: int = 256       # policy samples for ``adaptive.replay`` (gamma "auto", RS tables)
 
 
 def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
@@ -122,22 +121,15 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     as long as its longest row, so one fixed sample would favour whichever run happened to draw short tails.
     The adaptive run is calibrated (step costs, α prior, confidence table) on other prompts at the same batch
     size first; that one-off cost is reported, not timed. Per batch size, ``replay`` also scores the RS
-    planner's decisions against every fixed γ without timing noise: ``adaptive.replay`` over ``replay_samples``
-    teacher-forced policy samples, under that batch size's calibrated costs."""
-    from bebop.analysis import token_acceptance
-    from bebop.train_mtp import policy_samples
-
+    planner's per-row decisions against every fixed γ without timing noise: ``adaptive.replay`` over the decode
+    steps of the calibration prompts decoded at γ_max (``adaptive.decode_trace``), under that batch size's
+    calibrated costs."""
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
     results: dict[str, dict] = {}
     if is_multi_turn(get_task(cfg.task)):
         raise BebopError(f"--gamma auto is not supported for the multi-turn task {cfg.task!r} yet")
-    stats = None
-    if "rejection" in rules and cfg.replay_samples > 0:
-        data = policy_samples(model, tokenizer, get_task(cfg.task), cfg.replay_samples, cfg.temperature,
-                              cfg.max_new_tokens, cfg.seed + 104_729)
-        stats = token_acceptance(model, head, data, cfg.gamma_max, params, pad)
     for bs in cfg.batch_sizes:
         t0 = time.perf_counter()
         calib = [prompts for _, prompts in _decode_batches(tokenizer, cfg, bs, cfg.seed + 7919)]
@@ -174,9 +166,10 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         best = max(res["fixed"], key=lambda k: res["fixed"][k]["tokens_per_s"])
         res["best_fixed"] = best
         res["auto_vs_best_fixed"] = res["auto"]["tokens_per_s"] / res["fixed"][best]["tokens_per_s"]
-        if stats is not None:
-            res["replay"] = {"rule": "rejection", "samples": cfg.replay_samples,
-                             **replay(stats["confidence"], stats["alpha_rs"], adaptive)}
+        if "rejection" in rules:
+            conf, alpha = decode_trace(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
+                                       cfg.seed + 104_729)
+            res["replay"] = {"rule": "rejection", **replay(conf, alpha, adaptive)}
         results[str(bs)] = res
     return results
 

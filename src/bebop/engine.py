@@ -480,9 +480,13 @@ def generate_mtp(
     rule: str = "rejection",
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    trace: list | None = None,
 ) -> Rollout:
     """MTP speculative sampling (DESIGN §3). Emitted tokens are distributed exactly as ``generate``
     (for ``rejection``, ``target_only`` and ``auto``; ``greedy`` equals plain τ = 0 decoding).
+
+    ``trace``: a list that receives, per step, (``max q_k`` [B, γ_t] of the raw drafts, expected α_k [B, γ_t],
+    rows live at the step [B]) as device tensors — the data ``adaptive.replay`` scores drafting decisions on.
 
     ``gamma``: a fixed draft length, or an ``AdaptiveDraft`` choosing γ_t ∈ 1..γ_max per step; ``rule="auto"``
     verifies each row with RS or TO, whichever its predicted accept length favours (``bebop.adaptive``; at
@@ -568,6 +572,8 @@ def generate_mtp(
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))
         history.append((a, done, exp_alpha, Gt, None if to_rows is None else to_rows * Gt))
+        if trace is not None:
+            trace.append((torch.stack([q.amax(-1) for q in (raw or qs)], dim=1), exp_alpha, ~done))
         a1 = a + 1
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
