@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -122,8 +122,8 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     The adaptive run is calibrated (step costs, α prior, confidence table) on other prompts at the same batch
     size first; that one-off cost is reported, not timed. Per batch size, ``replay`` also scores the RS
     planner's per-row decisions against every fixed γ without timing noise: ``adaptive.replay`` over the decode
-    steps of the calibration prompts decoded at γ_max (``adaptive.decode_trace``), under that batch size's
-    calibrated costs."""
+    steps of 4× ``num_prompts`` other prompts decoded at γ_max (``adaptive.decode_trace``), under that batch
+    size's calibrated costs."""
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
@@ -166,9 +166,11 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         best = max(res["fixed"], key=lambda k: res["fixed"][k]["tokens_per_s"])
         res["best_fixed"] = best
         res["auto_vs_best_fixed"] = res["auto"]["tokens_per_s"] / res["fixed"][best]["tokens_per_s"]
-        if "rejection" in rules:
-            conf, alpha = decode_trace(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
-                                       cfg.seed + 104_729)
+        if "rejection" in rules:             # 4× the bench's prompts, other ones: a few thousand draft steps
+            trace = [p for _, p in _decode_batches(tokenizer, replace(cfg, num_prompts=4 * cfg.num_prompts), bs,
+                                                   cfg.seed + 104_729)]
+            conf, alpha = decode_trace(model, head, trace, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
+                                       cfg.seed)
             res["replay"] = {"rule": "rejection", **replay(conf, alpha, adaptive)}
         results[str(bs)] = res
     return results
