@@ -135,6 +135,8 @@ def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_steps():
     assert r["planner_vs_best_fixed"] == pytest.approx(r["planner"] / r["fixed"][2])
     assert r["planner_vs_best_fixed"] > 1.05
     assert r["oracle_vs_best_fixed"] >= r["planner_vs_best_fixed"]
+    assert r["corr_own_confidence"][0] is None                     # max q_1 is the same everywhere
+    assert r["corr_own_confidence"][1] == pytest.approx(1.0) and r["alpha_mean"][1] == pytest.approx(0.5)
     assert ad.tables == {}                                        # the caller's tables are left alone
     with pytest.raises(BebopError, match="same N steps"):
         replay(conf, alpha[:-1], ad)
@@ -290,6 +292,7 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
         rp = row["replay"]                                        # decisions scored without timing noise
         assert len(rp["fixed"]) == 3 and rp["best_fixed_gamma"] == 1 + int(np.argmax(rp["fixed"]))
         assert 1.0 <= rp["planner_mean_gamma"] <= 3.0 and rp["steps"] > 0
+        assert len(rp["corr_own_confidence"]) == len(rp["corr_first_confidence"]) == len(rp["alpha_mean"]) == 3
         assert rp["planner_vs_best_fixed"] == pytest.approx(rp["planner"] / max(rp["fixed"]))
 
 

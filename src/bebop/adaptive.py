@@ -2,9 +2,9 @@
 from the confidence of each new draft distribution — and RS vs TO per row from the decision boundary of DESIGN §3.
 
 Signal. Drafting is sequential: q_k is known before d_k is drawn, and its confidence ``max q_k`` is a free, local
-predictor of the acceptance α_k of that very draft (measured on arith with an e2e-TV head, γ = 5: correlation
-0.40–0.57 at every step k; ``max q_1`` predicts α_1 as well but says almost nothing about α_2..α_5, correlation
-0.11 down to −0.05 — so the length is decided as the draft goes, not once per step from q_1).
+predictor of the acceptance α_k of that very draft (arith, e2e-TV head, 1,323 decode steps at γ = 5, batch 1:
+correlation 0.43–0.55 at every step k; ``max q_1`` predicts α_1 as well but nothing about α_2..α_5, correlation
+−0.05 to −0.01 — so the length is decided as the draft goes, not once per step from q_1; ``replay`` reports both).
 ``AdaptiveDraft`` keeps, per rule and per draft step k, a table of the mean EXACT expected acceptance of draft k
 given the confidence bin of its own q_k (``BINS`` equal bins of [0, 1]): ``Σ min(p_k, q_k)`` for RS,
 ``p_k(argmax q_k)`` for TO, measured by every verify at the steps it reached (k ≤ A + 1, so the table holds
@@ -268,8 +268,8 @@ class DraftPlanner:
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
                  eos_id: int | None, pad_id: int = 0, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
     """(``max q_k``, exact expected α_k) [S, γ] of every live row-step of decoding ``batches`` at the fixed draft
-    length ``gamma`` with RS — real decode steps, so they start where decoding starts them (often right after a
-    correction token, where the head is weakest), unlike teacher-forced positions."""
+    length ``gamma`` with RS — real decode steps, starting where the accept process starts them, as the planner
+    meets them (teacher-forced positions would weight every position alike)."""
     from bebop.engine import generate_mtp
 
     conf: list[list[float]] = []
@@ -292,8 +292,8 @@ def replay(confidence, alpha, adaptive: AdaptiveDraft, train_fraction: float = 0
     head-forward cost; its own tables are left alone); on the rest every fixed γ, the planner (one row at a time,
     as at batch 1) and an oracle that knows each step's α (best ``T(γ) − R·c(γ)``) are scored in predicted
     tokens per second under the costs ``adaptive.step_seconds`` — the same cost model for all, so only the
-    decisions differ. Returns rates (tokens per modelled second), the planner's mean γ, and both ratios to the
-    best fixed γ."""
+    decisions differ. Returns rates (tokens per modelled second), the planner's mean γ, both ratios to the best
+    fixed γ, and over all steps the mean α_k and its correlation with ``max q_k`` and with ``max q_1``."""
     conf, alpha = [list(map(float, r)) for r in confidence], [list(map(float, r)) for r in alpha]
     K = adaptive.gamma_max
     if len(conf) != len(alpha) or any(len(r) < K for r in (*conf, *alpha)):
@@ -330,7 +330,17 @@ def replay(confidence, alpha, adaptive: AdaptiveDraft, train_fraction: float = 0
         oracle_t += curve[g]
         oracle_s += costs[g]
     best = max(range(K), key=fixed.__getitem__)
-    return {"steps": len(test), "train_steps": n_train, "fixed": fixed, "best_fixed_gamma": best + 1,
+    c_all, a_all = torch.tensor(conf, dtype=torch.float64)[:, :K], torch.tensor(alpha, dtype=torch.float64)[:, :K]
+
+    def corr(x: Tensor, y: Tensor) -> float | None:
+        if len(x) < 2 or min(float(x.std()), float(y.std())) < 1e-9:   # a constant column has no correlation
+            return None
+        return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+    signal = {"alpha_mean": a_all.mean(0).tolist(),
+              "corr_own_confidence": [corr(c_all[:, k], a_all[:, k]) for k in range(K)],
+              "corr_first_confidence": [corr(c_all[:, 0], a_all[:, k]) for k in range(K)]}
+    return {"steps": len(test), "train_steps": n_train, **signal, "fixed": fixed, "best_fixed_gamma": best + 1,
             "planner": tokens / seconds, "planner_mean_gamma": drafted / len(test), "oracle": oracle_t / oracle_s,
             "planner_vs_best_fixed": tokens / seconds / fixed[best], "oracle_vs_best_fixed": oracle_t / oracle_s
             / fixed[best]}
