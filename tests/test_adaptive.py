@@ -298,7 +298,7 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
 
 @pytest.mark.parametrize(("args", "needle"), [(["--gamma", "five"], "'five'"), (["--gamma", "auto", "--gamma-max",
                                                                                  "0"], "gamma-max"),
-                                               (["--rule", "auto"], "'auto'")])
+                                               (["--rule", "auto"], "'auto'"), (["--threads", "0"], "threads")])
 def test_bench_decode_rejects_bad_gamma(dirs, args, needle):  # noqa: F811
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), *args)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr

@@ -202,6 +202,8 @@ def bench_decode_cmd(
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
     prompts: Annotated[int, typer.Option(help="Prompts per batch size (consecutive batches).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads for the benchmark (1: steadiest on a shared "
+                                              "machine).")] = 1,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:
     """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
@@ -226,12 +228,13 @@ def bench_decode_cmd(
         raise BebopError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     positive("prompts", prompts)
     positive("repeats", repeats)
+    positive("threads", threads)
     if any(b < 1 for b in sizes):
         raise BebopError(f"batch sizes must be >= 1, got {batch_sizes!r}")
     the_model, tokenizer, head = _load_model_and_head(model, mtp)
     cfg = DecodeBenchConfig(task=task, gamma=g, rule=rule, gamma_max=gamma_max, temperature=temperature,
                             batch_sizes=sizes, max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts,
-                            seed=seed)
+                            seed=seed, threads=threads)
     results = bench_decode(the_model, tokenizer, head, cfg)
     if g == AUTO:
         console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
