@@ -353,10 +353,10 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     costs depend on it): ``c(γ) = AL(γ) / tps(γ)`` from decoding ``batches`` ``repeats`` times (new seeds each
     time, after one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat — AL its
     accept length, tps its tokens after the first per second of decoding after prefill —, smoothed by
-    ``affine_fit``; ``draft_seconds`` = one
-    measured head forward (``engine.forward_costs``); the prior = the head's mean α_k at γ_max (over the rows
-    that reached step k), and the confidence tables warmed by ``warm_passes`` adaptive passes over ``batches``
-    (with ``warm_rule``, default ``rule``; ``"auto"`` warms the RS and the TO table)."""
+    ``affine_fit``; ``draft_seconds`` = one measured head forward (``engine.forward_costs``); the prior = the
+    head's mean α_k at γ_max (over the rows that reached step k), and the confidence tables warmed by
+    ``warm_passes`` adaptive passes over ``batches`` (with ``warm_rule``, default ``rule``; ``"auto"`` warms the RS
+    and the TO table)."""
     from bebop.engine import DecodeMetrics, forward_costs, generate_mtp
 
     if gamma_max < 1:

@@ -290,7 +290,7 @@ def adaptive_table(results: dict, title: str) -> Table:
                           f"{row['accept_length']:.2f}", f"{row['mean_gamma']:.2f}",
                           f"{row['target_only_fraction']:.0%}", f"{row['tokens_per_s'] / best:.2f}")
         rp = r.get("replay")
-        if rp is not None:       # decisions scored on teacher-forced data under the calibrated costs (no timing)
+        if rp is not None:       # decisions replayed on recorded decode steps under the calibrated costs (no clock)
             table.add_row(bs, f"replay: auto (best fixed γ = {rp['best_fixed_gamma']})", "", "", "",
                           f"{rp['planner_mean_gamma']:.2f}", "", f"{rp['planner_vs_best_fixed']:.2f}")
             table.add_row(bs, "replay: oracle", "", "", "", "", "", f"{rp['oracle_vs_best_fixed']:.2f}")
