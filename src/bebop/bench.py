@@ -169,9 +169,9 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         if "rejection" in rules:             # 4× the bench's prompts, other ones: a few thousand draft steps
             trace = [p for _, p in _decode_batches(tokenizer, replace(cfg, num_prompts=4 * cfg.num_prompts), bs,
                                                    cfg.seed + 104_729)]
-            conf, alpha = decode_trace(model, head, trace, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
+            conf, accept = decode_trace(model, head, trace, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
                                        cfg.seed)
-            res["replay"] = {"rule": "rejection", **replay(conf, alpha, adaptive)}
+            res["replay"] = {"rule": "rejection", **replay(conf, accept, adaptive)}
         results[str(bs)] = res
     return results
 

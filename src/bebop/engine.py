@@ -27,7 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax, step_alphas
 from bebop.errors import BebopError
 from bebop.lean import StaticKV, lean_decoder, lean_head
-from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
+from bebop.sampling import RULES, SamplingParams, accept_probs, draft_tokens, probs_from_logits, sample, verify
 
 USE_LEAN = True
 """Run supported models through ``bebop.lean``; False forces transformers' forwards (tests compare both)."""
@@ -248,25 +248,22 @@ def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: st
     ``rejection``, τ > 0) drives the drafts' exponential races, else ``draft_tokens``. Rows in ``to_rows`` [B]
     bool draft and verify with TO (q replaced by the one-hot at argmax q, ``adaptive`` module doc); the head's
     own q's go to ``raw``. ``q1``: q_1 when already computed from ``g``. ``planner`` (adaptive drafting) sees
-    every new q_k (k ≥ 2) before d_k is drawn and re-plans the draft length (``DraftPlanner.extend``); ``G``
-    is then its first plan, and ``vpos``, ``noise`` and the valid slots must cover γ_max.
+    every drawn d_k with its raw q_k and re-plans the draft length (``DraftPlanner.extend``): whether the head
+    runs again; ``G`` is then its first plan, and ``vpos``, ``noise`` and the valid slots must cover γ_max.
     Returns (the head state after drafting, ``[x, d_1..d_γ]`` [B, γ+1], [q_1..q_γ] as verified)."""
     qs, drafts = [], [x]
     k = 0
     while k < G:
         q = q1 if k == 0 and q1 is not None else _probs(lm_head(g), params)
-        if planner is not None and k > 0:
-            G = planner.extend(k + 1, q)                      # from q_{k+1} alone, before d_{k+1} is drawn
-            if G <= k:
-                break
         if raw is not None:
             raw.append(q)
-        if to_rows is not None:
-            q = torch.where(to_rows.unsqueeze(1), one_hot_argmax(q), q)
-        d = _race(q, noise[k]) if noise is not None else draft_tokens(q, rule, generator)
-        qs.append(q)
+        qv = q if to_rows is None else torch.where(to_rows.unsqueeze(1), one_hot_argmax(q), q)
+        d = _race(qv, noise[k]) if noise is not None else draft_tokens(qv, rule, generator)
+        qs.append(qv)
         drafts.append(d)
         k += 1
+        if planner is not None:
+            G = planner.extend(k, q, d)                       # after d_k is drawn: run the head again?
         if k < G:
             g = drafter(d.unsqueeze(1), g.unsqueeze(1), vpos.narrow(1, k - 1, 1), valid.narrow(1, 0, s + k),
                         s + k - 1).squeeze(1)
@@ -485,8 +482,9 @@ def generate_mtp(
     """MTP speculative sampling (DESIGN §3). Emitted tokens are distributed exactly as ``generate``
     (for ``rejection``, ``target_only`` and ``auto``; ``greedy`` equals plain τ = 0 decoding).
 
-    ``trace``: a list that receives, per step, (``max q_k`` [B, γ_t] of the raw drafts, expected α_k [B, γ_t],
-    rows live at the step [B]) as device tensors — the data ``adaptive.replay`` scores drafting decisions on.
+    ``trace``: a list that receives, per step, (each draft's own probability ``q_k(d_k)`` under the head's raw
+    q_k [B, γ_t], its acceptance chance r_k given d_k [B, γ_t], rows live at the step [B]) as device tensors — the
+    data ``adaptive.replay`` scores drafting decisions on.
 
     ``gamma``: a fixed draft length, or an ``AdaptiveDraft`` choosing γ_t ∈ 1..γ_max per step; ``rule="auto"``
     verifies each row with RS or TO, whichever its predicted accept length favours (``bebop.adaptive``; at
@@ -572,8 +570,11 @@ def generate_mtp(
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))
         history.append((a, done, exp_alpha, Gt, None if to_rows is None else to_rows * Gt))
+        if planner is not None or trace is not None:                   # each draft's chance r_k, given d_k
+            r = accept_probs(p_t.narrow(1, 0, Gt), torch.stack(qs, dim=1), vin.narrow(1, 1, Gt), rule)[0]
         if trace is not None:
-            trace.append((torch.stack([q.amax(-1) for q in (raw or qs)], dim=1), exp_alpha, ~done))
+            conf = torch.stack(raw or qs, dim=1).gather(-1, vin.narrow(1, 1, Gt).unsqueeze(-1)).squeeze(-1)
+            trace.append((conf, r, ~done))
         a1 = a + 1
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
@@ -589,9 +590,9 @@ def generate_mtp(
         pos_x = pos_x + a1
         length = s + Gt + 1
         if planner is not None:                                        # the step's one host sync
-            alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) if auto_rule else exp_alpha
+            alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) if auto_rule else None
             q1 = _probs(lm_head(g), params)
-            all_done, Gt, to_rows = planner.step(done, q1, a, alphas)
+            all_done, Gt, to_rows = planner.step(done, q1, a, r, alphas)
         else:
             all_done = bool(done.all())
 
