@@ -20,9 +20,9 @@ from bebop.adaptive import (
     affine_fit,
     decode_trace,
     one_hot_argmax,
-    plan_gamma,
     replay,
     step_alphas,
+    stop_thresholds,
 )
 from bebop.engine import _verify_rs, generate, generate_mtp
 from bebop.errors import BebopError
@@ -34,15 +34,18 @@ def test_accept_lengths_is_one_plus_expected_accepted_drafts():
     assert accept_lengths([0.0, 0.9]) == pytest.approx([1.0, 1.0])
 
 
-def test_plan_gamma_weighs_the_tokens_a_longer_draft_adds_against_its_cost():
+def test_stop_thresholds_weigh_the_tokens_a_longer_draft_adds_against_its_cost():
     costs = [1.0, 1.5, 2.0]                                       # each draft adds 0.5 s to a step
-    # rate 1 token/s: a further draft is worth drawing iff the tokens it adds exceed 0.5
-    assert plan_gamma(0.9, [0.9, 0.9, 0.9], costs, 1.0, 1) == 3   # adds 0.81, 0.73: draft all three
-    assert plan_gamma(0.9, [0.9, 0.4, 0.4], costs, 1.0, 1) == 1   # the 2nd draft would add 0.36 < 0.5
-    assert plan_gamma(0.9, [0.9, 0.4, 0.9], costs, 1.0, 1) == 1   # 0.36 + 0.32 < 1.0: not worth two more
-    assert plan_gamma(0.3, [0.9, 0.9, 0.9], costs, 1.0, 2) == 2   # d_1, d_2 drawn, unlikely both accepted: stop
-    assert plan_gamma(0.8, [0.9, 0.9, 0.9], costs, 1.0, 2) == 3   # likely: d_3 adds 0.72
-    assert plan_gamma(1.0, [0.9, 0.9, 0.9], costs, 1.0, 3) == 3   # γ_max reached
+    # rate 1 token/s: drafting on pays iff the tokens it adds exceed 0.5 per further draft
+    theta = stop_thresholds([0.9, 0.9, 0.9], costs, 1.0)
+    assert theta == pytest.approx([0.5 / 0.9, 0.5 / 0.9, float("inf")])
+    assert 0.9 > theta[0]                                         # d_2 adds 0.81 > 0.5: draft on
+    assert not 0.3 > theta[1]                                     # d_1, d_2 unlikely both accepted: stop
+    theta = stop_thresholds([0.9, 0.4, 0.4], costs, 1.0)          # a weak 2nd step: 0.36 < 0.5 from m = 0.9
+    assert theta[0] == pytest.approx(min(0.5 / 0.4, 1.0 / (0.4 + 0.16))) and not 0.9 > theta[0]
+    theta = stop_thresholds([0.9, 0.5, 1.0], [1.0, 1.5, 1.8], 1.0)   # d_2 alone pays from m > 0.5 / 0.5, …
+    assert theta[0] == pytest.approx(0.8 / (0.5 + 0.5))              # … d_2 and d_3 from m > 0.8 / 1.0
+    assert stop_thresholds([0.9], [1.0], 1.0) == [float("inf")]
 
 
 def test_affine_fit_smooths_measured_costs_and_keeps_them_increasing():
@@ -211,7 +214,7 @@ def test_target_only_is_rejection_sampling_against_a_one_hot_draft():
     vin = torch.stack([torch.zeros(n, dtype=torch.long), d], dim=1)
     gen = torch.Generator().manual_seed(1)
     noise = torch.empty(n, V).exponential_(generator=gen)
-    a, _, toks, exp_alpha = _verify_rs(p_t, q_pad, vin, torch.arange(2), torch.arange(n), -1, noise, gen)
+    a, _, toks, exp_alpha, _ = _verify_rs(p_t, q_pad, vin, torch.arange(2), torch.arange(n), -1, noise, gen)
     pd = p[d[0]].item()
     assert exp_alpha[0, 0].item() == pytest.approx(pd)
     assert abs(a.float().mean().item() - pd) < 5 * (pd * (1 - pd) / n) ** 0.5
@@ -260,10 +263,11 @@ def test_adaptive_greedy_equals_plain_greedy(peaky, tiny_tokenizer):  # noqa: F8
 
 def test_stopping_on_the_drawn_drafts_own_probability_keeps_the_law():
     """The planner decides per row, after drawing d_1, whether to draft d_2 — here iff q_1(d_1) > 0.47, which
-    depends on d_1 itself (under TO d_1 = argmax q_1 is fixed, so only RS has something to test). Two positions, context-dependent p_2(·|x_1) and q_2(·|d_1), deliberately bad drafts
-    (zeros where p > 0): 2·10^5 rows verified with ``sampling.verify`` (γ = 2 where it continues, γ = 1 where it
-    stops; a row that emits one token draws the second from p_2, as the next step would) give the pairs
-    (x_1, x_2) exactly the law p_1(x_1)·p_2(x_2|x_1) (χ² over 16 cells)."""
+    depends on d_1 itself (under TO d_1 = argmax q_1 is fixed, so only RS has something to test). Two positions,
+    context-dependent p_2(·|x_1) and q_2(·|d_1), deliberately bad drafts (zeros where p > 0): 2·10^5 rows
+    verified with ``sampling.verify`` (γ = 2 where it continues, γ = 1 where it stops; a row that emits one token
+    draws the second from p_2, as the next step would) give the pairs (x_1, x_2) exactly the law
+    p_1(x_1)·p_2(x_2|x_1) (χ² over 16 cells)."""
     g = torch.Generator().manual_seed(3)
     V, n = 4, 200_000
     p1 = torch.tensor([0.1, 0.4, 0.2, 0.3])
@@ -307,8 +311,7 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
     params = SamplingParams(temperature=temperature)
     if gamma == "cycle":
         cycle = itertools.cycle([1, 3, 2])
-        monkeypatch.setattr("bebop.adaptive.plan_gamma",
-                            lambda mass, means, costs, rate, k: max(k, next(cycle)))
+        monkeypatch.setattr(DraftPlanner, "decide", lambda self, k, conf: max(k, next(cycle)))
     if rule == "auto":
         plan = DraftPlanner.step
 

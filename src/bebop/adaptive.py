@@ -144,21 +144,23 @@ def accept_lengths(alpha: Sequence[float]) -> list[float]:
     return out
 
 
-def plan_gamma(mass: float, means: Sequence[float], costs: Sequence[float], rate: float, k: int) -> int:
-    """The draft length γ ∈ [k, K] maximising ``T(γ) − rate·c(γ)`` (module doc) once drafts 1..k are drawn, given
-    ``mass`` = the live rows' mean predicted chance that drafts 1..k are all accepted, ``means`` = ᾱ_1..ᾱ_K for
-    the drafts not drawn yet and ``costs`` = c(1..K): drafting on to γ adds ``mass · (ᾱ_{k+1} + ᾱ_{k+1}ᾱ_{k+2} +
-    …)`` tokens over stopping at k. Ties go to the shorter γ."""
+def stop_thresholds(means: Sequence[float], costs: Sequence[float], rate: float) -> list[float]:
+    """θ_1..θ_K: with drafts 1..k drawn, drafting on pays iff the live rows' mean predicted chance m that all k
+    are accepted exceeds θ_k (θ_K = ∞: γ_max is reached). Drafting on to γ > k adds ``m · S_γ`` expected tokens,
+    ``S_γ = ᾱ_{k+1} + ᾱ_{k+1}ᾱ_{k+2} + … + ᾱ_{k+1}⋯ᾱ_γ`` (``means`` = ᾱ_1..ᾱ_K for drafts not drawn yet), for
+    ``c(γ) − c(k)`` more seconds (``costs`` = c(1..K)); at the rate R (module doc) the step's ``T − R·c`` grows iff
+    ``m · S_γ > R·(c(γ) − c(k))`` for some γ > k, i.e. iff ``m > θ_k = min_γ R·(c(γ) − c(k)) / S_γ``. Ties stop."""
     K = len(costs)
-    best, best_value = k, -rate * costs[k - 1]
-    gain, run = 0.0, mass
-    for g in range(k + 1, K + 1):
-        run *= means[g - 1]
-        gain += run
-        value = gain - rate * costs[g - 1]
-        if value > best_value:
-            best, best_value = g, value
-    return best
+    out = []
+    for k in range(1, K):
+        best, gain, run = float("inf"), 0.0, 1.0
+        for g in range(k + 1, K + 1):
+            run *= means[g - 1]
+            gain += run
+            if gain > 0:
+                best = min(best, rate * (costs[g - 1] - costs[k - 1]) / gain)
+        out.append(best)
+    return [*out, float("inf")]
 
 
 def step_alphas(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,105 +176,127 @@ def one_hot_argmax(q: Tensor) -> Tensor:
     return torch.zeros_like(q).scatter_(-1, q.argmax(-1, keepdim=True), 1.0)
 
 
+def host_rows(cols: list[Tensor]) -> list[list[float]]:
+    """Columns ``[B, n_i]`` (any dtypes, one device) as B host lists, in one transfer: one ``cat`` and ``tolist``
+    on an accelerator (one sync); on the CPU the ``cat`` would cost more than the copies it saves."""
+    if cols[0].device.type != "cpu":
+        return torch.cat([c.float() for c in cols], dim=1).tolist()
+    parts = [c.tolist() for c in cols]
+    return [sum(row, []) for row in zip(*parts, strict=True)]
+
+
 class DraftPlanner:
     """Per-call state of adaptive drafting for a batch of ``batch`` rows verified with ``rule`` (module doc).
     ``adaptive`` None keeps γ fixed at ``gamma`` (and keeps the rule-choice tables for ``auto_rule`` to itself);
     ``auto_rule`` picks RS or TO per row and step, else every row uses ``rule``.
 
     Per decoding step the engine calls ``step`` once (at its host sync, with q_1 and the last verify's
-    outcome) and, while drafting, ``extend`` once per drawn draft d_k (an adaptive planner only)."""
+    outcome) and, while drafting, ``extend`` once per drawn draft d_k (an adaptive planner only). The table
+    means and stop thresholds it decides with are refreshed from the learned tables every ``REFRESH`` steps."""
+
+    REFRESH = 8
 
     def __init__(self, adaptive: AdaptiveDraft | None, gamma: int, batch: int, rule: str, auto_rule: bool,
                  device: torch.device | str) -> None:
         self.fixed = adaptive is None
         self.adaptive = adaptive if adaptive is not None else AdaptiveDraft([1.0] * gamma)
         self.rules = ("rejection", "target_only") if auto_rule else (rule,)
-        self.gamma = self.adaptive.gamma_max                      # the draft length planned for this step
+        self.gamma = self.adaptive.gamma_max                      # γ_max, or the fixed γ: the engine's first plan
         self.device = device
         self.bins: list[list[int]] = []                           # per drawn draft k: bin of each row's q_k(d_k)
-        self.first: list[int] = [0] * batch                       # bin of each row's max q_1, this step
+        self.first: list[int] = [0] * batch                       # bin of each row's max q_1, this step (rule auto)
         self.row_rule = [0] * batch                               # index into rules, per row, this step
         self.done = [False] * batch                               # rows done at the last sync
         self.mass = [1.0] * batch                                 # predicted Π_{i≤k} r_i per row
-        self.means: list[float] = []                              # ᾱ_1..ᾱ_γmax (first rule), this step
-        self.rate = 0.0
+        self.steps = 0
+        self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
+        self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
+        self.horizon = self.gamma                                 # the step's expected γ, for the RS/TO choice
+
+    def refresh(self) -> None:
+        """Table means, stop thresholds and the best fixed γ from the tables as learned so far."""
+        ad = self.adaptive
+        self.means = [[[x / n for x, n in zip(*kb, strict=True)] for kb in zip(*ad.table(rule), strict=True)]
+                      for rule in self.rules]
+        horizon, rate = ad.best_fixed(self.rules[0])
+        self.theta = stop_thresholds(ad.step_means(self.rules[0]), ad.step_seconds, rate)
+        self.horizon = self.gamma if self.fixed else horizon
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None, accept: Tensor | None = None,
              alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
-        """(all rows done, the step's first plan of γ — ``extend`` revises it —, TO rows ``[B]`` bool or None if
+        """(all rows done, the step's first plan of γ — ``extend`` cuts it —, TO rows ``[B]`` bool or None if
         none) for the step whose first draft distributions are ``q1 [B, V]`` — the step's one host sync. After a
         verify, pass its ``accepted`` drafts ``[B]``, the drafts' acceptance chances ``accept`` [B, γ_t] (r_k,
         learned by an adaptive planner) and, for rule auto, ``alphas`` [B, 2·γ_t] (each rule's expected α per
         step); rows done before the verify are skipped."""
-        cols = [done.unsqueeze(1), q1.amax(-1, keepdim=True)]
+        auto = len(self.rules) > 1
+        cols = [done.unsqueeze(1)] + ([q1.amax(-1, keepdim=True)] if auto else [])
         if accepted is not None:
-            cols += [accepted.unsqueeze(1), accept] + ([alphas] if len(self.rules) > 1 else [])
-        rows = torch.cat(cols, dim=1).tolist()                   # [done, max q_1, (A, r..., α...)] per row
-        ad = self.adaptive
+            cols += [accepted.unsqueeze(1), accept] + ([alphas] if auto else [])
+        rows = host_rows(cols)                                   # [done, (max q_1), (A, r..., α...)] per row
+        ad, off = self.adaptive, 1 + auto
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
         if accepted is not None:                                 # learn at the steps each row reached
             G = accept.shape[1]
             tables = [ad.table(rule) for rule in self.rules]
-            choice = [ad.choice_table(rule) for rule in self.rules] if len(self.rules) > 1 else []
+            choice = [ad.choice_table(rule) for rule in self.rules] if auto else []
             for b, (row, skip) in enumerate(zip(rows, was_done, strict=True)):
                 if skip:
                     continue
-                reached = min(int(row[2]) + 1, G)
+                reached = min(int(row[off]) + 1, G)
                 if not self.fixed:
                     sums, counts = tables[self.row_rule[b]]
-                    for k, r in enumerate(row[3 : 3 + reached]):
-                        sums[k][self.bins[k][b]] += r
+                    for k, r in enumerate(row[off + 1 : off + 1 + reached]):
+                        sums[k][self.bins[k][b]] += min(r, 1.0)         # RS passes the raw ratio p(d)/q(d)
                         counts[k][self.bins[k][b]] += 1
                 for rule_i, (sums, counts) in enumerate(choice):
-                    lo = 3 + G * (1 + rule_i)
+                    lo = off + 1 + G * (1 + rule_i)
                     for k, a in enumerate(row[lo : lo + reached]):
                         sums[k][self.first[b]] += a
                         counts[k][self.first[b]] += 1
         if all(self.done):
             return True, self.gamma, None
-        self.begin([row[1] for row in rows])
+        self.begin([row[1] for row in rows] if auto else None)
         if not any(self.row_rule):
             return False, self.gamma, None
         return False, self.gamma, torch.tensor([r == 1 for r in self.row_rule], device=self.device)
 
-    def begin(self, conf: list[float]) -> int:
-        """Start a step from the rows' confidences ``max q_1``: pick each row's rule (rule auto) and return the
-        step's first plan of γ (γ_max for an adaptive planner: ``extend`` cuts it as the drafts come)."""
-        ad = self.adaptive
-        self.bins, self.mass = [], [1.0] * len(conf)
-        self.first = [confidence_bin(c) for c in conf]
-        self.means = ad.step_means(self.rules[0])
-        horizon, self.rate = ad.best_fixed(self.rules[0])
-        if self.fixed:
-            horizon = self.gamma
-        if len(self.rules) > 1:                                  # TO where its predicted T(γ) is larger
-            choice = [ad.choice_table(rule) for rule in self.rules]
+    def begin(self, conf: list[float] | None = None) -> int:
+        """Start a step; with rule auto, pick each row's rule from its confidence ``max q_1`` (``conf``). Returns
+        the step's first plan of γ (γ_max for an adaptive planner: ``extend`` cuts it as the drafts come)."""
+        if self.steps % self.REFRESH == 0:
+            self.refresh()
+        self.steps += 1
+        self.bins, self.mass = [], [1.0] * len(self.mass)
+        if conf is not None and len(self.rules) > 1:             # TO where its predicted T(γ) is larger
+            self.first = [confidence_bin(c) for c in conf]
+            choice = [self.adaptive.choice_table(rule) for rule in self.rules]
             for b, (i, end) in enumerate(zip(self.first, self.done, strict=True)):
-                t = [accept_lengths([s[i] / n[i] for s, n in zip(*c, strict=True)])[horizon - 1] for c in choice]
+                t = [accept_lengths([s[i] / n[i] for s, n in zip(*c, strict=True)])[self.horizon - 1]
+                     for c in choice]
                 self.row_rule[b] = int(not end and t[1] > t[0])
         return self.gamma
 
     def extend(self, k: int, q: Tensor, d: Tensor) -> int:
         """The draft length planned now that the rows' draft d_k ``[B]`` is drawn from their raw q_k ``[B, V]``:
-        k = stop drafting, more = run the head again. A fixed planner keeps γ and reads nothing."""
+        k = stop drafting, γ_max = run the head again (and decide again after d_{k+1}). A fixed planner keeps γ
+        and reads nothing."""
         if self.fixed:
             return self.gamma
-        return self.decide(k, q.gather(-1, d.unsqueeze(-1)).squeeze(-1).tolist())
+        return self.decide(k, q.gather(-1, d.view(-1, 1)).view(-1).tolist())
 
     def decide(self, k: int, conf: list[float]) -> int:
-        """``extend`` from the rows' confidences ``q_k(d_k)``."""
-        bins = [confidence_bin(c) for c in conf]
+        """``extend`` from the rows' confidences ``q_k(d_k)``: stop iff the live rows' mean predicted chance that
+        d_1..d_k are all accepted is at most θ_k (``stop_thresholds``)."""
+        bins = [min(int(c * BINS), BINS - 1) for c in conf]      # confidence_bin, inline: once per draft
         self.bins.append(bins)
-        tables = [self.adaptive.table(rule) for rule in self.rules]
         total, live = 0.0, 0
         for b, end in enumerate(self.done):
             if not end:
-                sums, counts = tables[self.row_rule[b]]
-                self.mass[b] *= sums[k - 1][bins[b]] / counts[k - 1][bins[b]]
+                self.mass[b] *= self.means[self.row_rule[b]][k - 1][bins[b]]
                 total += self.mass[b]
                 live += 1
-        self.gamma = plan_gamma(total / max(live, 1), self.means, self.adaptive.step_seconds, self.rate, k)
-        return self.gamma
+        return k if total <= self.theta[k - 1] * max(live, 1) else self.gamma
 
 
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
@@ -325,7 +349,7 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
     planner = DraftPlanner(ad, K, 1, "rejection", False, "cpu")
     tokens = seconds = drafted = 0.0
     for c_row, a_row in test:
-        planner.begin([1.0])
+        planner.begin()
         k, g = 1, planner.decide(1, [c_row[0]])
         while g > k:
             k += 1

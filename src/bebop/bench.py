@@ -116,10 +116,10 @@ def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[
 def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     """``bench decode --gamma auto``: per batch size, plain decoding, MTP at every fixed γ = 1..γ_max (per rule:
     ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``bebop.adaptive``), all on the same prompts,
-    seeds and lengths, run back to back batch by batch. Each repeat samples with new seeds and a run's
-    tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a batch lasts
-    as long as its longest row, so one fixed sample would favour whichever run happened to draw short tails.
-    The adaptive run is calibrated (step costs, α prior, confidence table) on other prompts at the same batch
+    seeds and lengths, run back to back batch by batch in a rotating order. Each repeat samples with new seeds
+    and a run's tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a
+    batch lasts as long as its longest row, so one fixed sample would favour whichever run happened to draw short
+    tails. The adaptive run is calibrated (step costs, α prior, confidence tables) on other prompts at the same batch
     size first; that one-off cost is reported, not timed. Per batch size, ``replay`` also scores the RS
     planner's per-row decisions against every fixed γ without timing noise: ``adaptive.replay`` over the decode
     steps of 4× ``num_prompts`` other prompts decoded at γ_max (``adaptive.decode_trace``), under that batch
@@ -140,9 +140,12 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         runs["auto"] = (adaptive, cfg.rule)
         batches = _decode_batches(tokenizer, cfg, bs, cfg.seed)
         totals = {name: DecodeMetrics() for name in runs}
+        names = list(runs)
         for rep in range(cfg.repeats + 1):  # repeat 0 warms up
             for bi, batch in enumerate(batches):
-                for name, (gamma, rule) in runs.items():     # back to back, so load swings hit every run alike
+                turn = (rep * len(batches) + bi) % len(names)     # back to back, so load swings hit every run alike,
+                for name in names[turn:] + names[:turn]:          # and in a rotating order: none always runs last
+                    gamma, rule = runs[name]
                     gen = torch.Generator(device=model.device).manual_seed((cfg.seed * 1000 + rep) * 1000 + bi)
                     r, _ = decode_task(model, tokenizer, None if gamma is None else head, cfg.task, batch, params,
                                        cfg.max_new_tokens, gamma, rule, gen)

@@ -27,7 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax, step_alphas
 from bebop.errors import BebopError
 from bebop.lean import StaticKV, lean_decoder, lean_head
-from bebop.sampling import RULES, SamplingParams, accept_probs, draft_tokens, probs_from_logits, sample, verify
+from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
 
 USE_LEAN = True
 """Run supported models through ``bebop.lean``; False forces transformers' forwards (tests compare both)."""
@@ -274,12 +274,13 @@ def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: st
 def _accept(p_t, qs, vin, rule: str, noise, zero_q, j, rows, pad_id: int, generator):
     """The rule's verdict on drafts ``vin[:, 1:]`` against ``p_t`` [B, γ+1, V] (``_verify_rs`` with the RS
     fast path's ``noise``, else ``sampling.verify``): (accepted a [B], kept slots
-    [B, γ+1], emitted tokens (pad after the correction/bonus token), expected α [B, γ])."""
+    [B, γ+1], emitted tokens (pad after the correction/bonus token), expected α [B, γ], each draft's acceptance
+    chance [B, γ] — for RS the raw ratio ``p(d)/q(d)``, which may exceed 1)."""
     if noise is not None:
         return _verify_rs(p_t, torch.stack([*qs, zero_q], dim=1), vin, j, rows, pad_id, noise[len(qs)], generator)
     res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], rule, generator)
     kept = j <= res.accepted.unsqueeze(1)                              # [B, γ+1] emitted slots
-    return res.accepted, kept, torch.where(kept, res.tokens, pad_id), res.expected_alpha
+    return res.accepted, kept, torch.where(kept, res.tokens, pad_id), res.expected_alpha, res.accept_prob
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:
@@ -423,7 +424,7 @@ def _verify_rs(p_t: torch.Tensor, q_pad: torch.Tensor, vin: torch.Tensor, j: tor
     ``p_{γ+1}`` itself thanks to the zero row (the bonus token); a residual without mass (a float-rounding
     event) falls back to ``p_{A+1}``, as in ``sampling.verify``. Sampling uses the exponential race, which does
     not need the residual normalised. Returns (A [B], emitted slots [B, γ+1] = (j ≤ A), tokens [B, γ+1] =
-    [d_1..d_A, token, pad...], expected α [B, γ] = Σ min(p_k, q_k))."""
+    [d_1..d_A, token, pad...], expected α [B, γ] = Σ min(p_k, q_k), the ratios p_k(d_k)/q_k(d_k) [B, γ])."""
     G = q_pad.shape[1] - 1
     drafts = vin.narrow(1, 1, G)
     idx = drafts.unsqueeze(-1)
@@ -439,7 +440,7 @@ def _verify_rs(p_t: torch.Tensor, q_pad: torch.Tensor, vin: torch.Tensor, j: tor
     a_col = a.unsqueeze(1)
     toks = torch.cat([drafts, final], dim=1).scatter_(1, a_col, final)
     kept = j <= a_col
-    return a, kept, torch.where(kept, toks, pad_id), exp_alpha
+    return a, kept, torch.where(kept, toks, pad_id), exp_alpha, ratio.squeeze(-1)
 
 
 def _assemble(x0, first_p, first_h, blocks, max_new_tokens: int, eos_id: int | None, pad_id: int):
@@ -565,16 +566,14 @@ def generate_mtp(
         vhid = target(vin, vpos, valid.narrow(1, 0, s + Gt + 1), s)
         metrics.target_forwards += 1
         p_t = _probs(lm_head(vhid), params)                            # [B, γ+1, V]
-        a, kept, toks, exp_alpha = _accept(p_t, qs, vin, rule, noise, zero_q, jt, rows, pad_id, generator)
+        a, kept, toks, exp_alpha, ratio = _accept(p_t, qs, vin, rule, noise, zero_q, jt, rows, pad_id, generator)
         # ---- emit: keep the block; per-row EOS / max-token truncation is resolved once at the end
         pt, h = _emitted(p_t, toks)
         blocks.append((toks, pt, h, kept, done))
         history.append((a, done, exp_alpha, Gt, None if to_rows is None else to_rows * Gt))
-        if planner is not None or trace is not None:                   # each draft's chance r_k, given d_k
-            r = accept_probs(p_t.narrow(1, 0, Gt), torch.stack(qs, dim=1), vin.narrow(1, 1, Gt), rule)[0]
-        if trace is not None:
+        if trace is not None:                                          # each draft's q_k(d_k) and chance r_k
             conf = torch.stack(raw or qs, dim=1).gather(-1, vin.narrow(1, 1, Gt).unsqueeze(-1)).squeeze(-1)
-            trace.append((conf, r, ~done))
+            trace.append((conf, ratio.clamp(max=1.0), ~done))
         a1 = a + 1
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = toks == eos_id if pad_id != eos_id else (toks == eos_id) & kept
@@ -592,7 +591,7 @@ def generate_mtp(
         if planner is not None:                                        # the step's one host sync
             alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) if auto_rule else None
             q1 = _probs(lm_head(g), params)
-            all_done, Gt, to_rows = planner.step(done, q1, a, r, alphas)
+            all_done, Gt, to_rows = planner.step(done, q1, a, ratio, alphas)
         else:
             all_done = bool(done.all())
 

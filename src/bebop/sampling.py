@@ -220,7 +220,7 @@ def _check_verify_inputs(p: Tensor, q: Tensor, drafts: Tensor) -> None:
         raise BebopError(f"vocabulary size mismatch between p and q: {shapes}")
 
 
-def accept_probs(p_steps: Tensor, q: Tensor, drafts: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+def _accept_probs(p_steps: Tensor, q: Tensor, drafts: Tensor, rule: str) -> tuple[Tensor, Tensor]:
     """Per-step acceptance probability of the given drafts and the rule's α, both ``[B, γ]`` (DESIGN §3).
 
     RS: ``min(1, p(d)/q(d))`` with ``q(d)`` clamped away from 0 (a draft with ``q(d) = 0`` cannot be drawn
@@ -291,7 +291,7 @@ def verify(p: Tensor, q: Tensor, drafts: Tensor, rule: str, generator: torch.Gen
     drafts = drafts.long()
     batch, gamma = drafts.shape
 
-    accept_prob, expected_alpha = accept_probs(p[:, :gamma], q, drafts, rule)
+    accept_prob, expected_alpha = _accept_probs(p[:, :gamma], q, drafts, rule)
     if rule == "greedy":
         ok = accept_prob > 0.5
     else:

@@ -226,7 +226,7 @@ def generate_turns(
                 toks = (p1.argmax(-1) if params.greedy else _race(p1, noise[0])).unsqueeze(1)
                 a = a_zero
             else:
-                a, _, toks, exp_alpha = _accept(p_t, qs, vin, rule, fast, zero_q, j, rows, pad_id, generator)
+                a, _, toks, exp_alpha, _ = _accept(p_t, qs, vin, rule, fast, zero_q, j, rows, pad_id, generator)
             if G:
                 history.append((a, ~live, exp_alpha, G, None))
                 # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
