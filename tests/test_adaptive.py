@@ -22,6 +22,7 @@ from bebop.adaptive import (
     one_hot_argmax,
     replay,
     step_alphas,
+    step_tokens,
     stop_thresholds,
 )
 from bebop.engine import _verify_rs, generate, generate_mtp
@@ -46,6 +47,25 @@ def test_stop_thresholds_weigh_the_tokens_a_longer_draft_adds_against_its_cost()
     theta = stop_thresholds([0.9, 0.5, 1.0], [1.0, 1.5, 1.8], 1.0)   # d_2 alone pays from m > 0.5 / 0.5, …
     assert theta[0] == pytest.approx(0.8 / (0.5 + 0.5))              # … d_2 and d_3 from m > 0.8 / 1.0
     assert stop_thresholds([0.9], [1.0], 1.0) == [float("inf")]
+
+
+def test_step_tokens_cut_at_an_accepted_eos_draft():
+    assert step_tokens([0.5, 0.5, 1.0], 3) == pytest.approx(accept_lengths([0.5, 0.5, 1.0])[-1])
+    # EOS at draft 2: drafts after it are lost, and an accepted EOS ends the row without a bonus token
+    assert step_tokens([0.5, 0.5, 1.0], 3, eos=2) == pytest.approx(1 + 0.5 + 0.25 - 0.25)
+    assert step_tokens([0.5, 0.5, 1.0], 1, eos=2) == pytest.approx(1.5)         # stopped before the EOS draft
+    assert step_tokens([1.0, 1.0], 2, eos=1) == pytest.approx(1.0)              # just the EOS
+
+
+def test_the_planner_stops_after_an_eos_draft():
+    ad = table_for({BINS - 1: (0.95, 1000.0)}, 4, [1.0, 1.1, 1.2, 1.3])     # sure drafts: drafting on pays …
+    sure, eos = torch.tensor([0.98, 0.01, 0.01]), torch.tensor([0.01, 0.01, 0.98])   # EOS is token 2
+    planner = DraftPlanner(ad, 4, 2, "rejection", False, "cpu", eos_id=2)
+    planner.step(torch.zeros(2, dtype=torch.bool), torch.stack([sure, sure]))
+    assert planner.extend(1, torch.stack([sure, sure]), torch.tensor([0, 0])) == 4
+    assert planner.extend(2, torch.stack([eos, sure]), torch.tensor([2, 0])) == 4   # one row drafted EOS: the
+    assert planner.mass[0] == 0.0 and planner.bins[-1] == [BINS - 1] * 2           # other still pays for more …
+    assert planner.extend(3, torch.stack([eos, eos]), torch.tensor([2, 2])) == 3   # … until every row has ended
 
 
 def test_affine_fit_smooths_measured_costs_and_keeps_them_increasing():
@@ -168,6 +188,14 @@ def test_replay_scores_fixed_gammas_the_planner_and_an_oracle_on_known_steps():
     assert ad.tables == {}                                        # the caller's tables are left alone
     with pytest.raises(BebopError, match="same N steps"):
         replay(conf, accept[:-1], ad)
+
+
+def test_replay_counts_tokens_up_to_an_eos_draft_and_the_planner_stops_there():
+    conf, accept = [[0.95, -0.95, 0.95]] * 100, [[0.95] * 3] * 100   # every step drafts EOS second
+    r = replay(conf, accept, AdaptiveDraft([1.0, 1.2, 1.4], prior=0.9))
+    assert r["fixed"] == pytest.approx([1.95 / 1.0, 1.95 / 1.2, 1.95 / 1.4])  # nothing gained past the EOS
+    assert r["planner_mean_gamma"] == 2.0 and r["planner"] == pytest.approx(1.95 / 1.2)
+    assert r["corr_own_confidence"] == [None] * 3                           # |q(d)| is constant
 
 
 def test_decode_trace_holds_each_drafts_own_probability_and_acceptance_chance(peaky, tiny_tokenizer):  # noqa: F811
@@ -311,7 +339,13 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
     params = SamplingParams(temperature=temperature)
     if gamma == "cycle":
         cycle = itertools.cycle([1, 3, 2])
-        monkeypatch.setattr(DraftPlanner, "decide", lambda self, k, conf: max(k, next(cycle)))
+        decide = DraftPlanner.decide
+
+        def cycled(self, k, conf):
+            decide(self, k, conf)                                    # records the bins the tables learn from
+            return max(k, next(cycle))
+
+        monkeypatch.setattr(DraftPlanner, "decide", cycled)
     if rule == "auto":
         plan = DraftPlanner.step
 

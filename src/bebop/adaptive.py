@@ -144,6 +144,18 @@ def accept_lengths(alpha: Sequence[float]) -> list[float]:
     return out
 
 
+def step_tokens(accept: Sequence[float], gamma: int, eos: int = 0) -> float:
+    """Expected tokens a step of ``gamma`` drafts emits, given each draft's acceptance chance ``accept`` (r_1..)
+    and ``eos`` = the 1-based index of the first draft that is EOS (0: none): ``accept_lengths``, cut at an
+    accepted EOS draft (it ends the row: no correction or bonus token after it, and later drafts are lost)."""
+    g = min(gamma, eos) if eos else gamma
+    total, run = 1.0, 1.0
+    for a in accept[:g]:
+        run *= a
+        total += run
+    return total - run if eos and eos <= gamma else total
+
+
 def stop_thresholds(means: Sequence[float], costs: Sequence[float], rate: float) -> list[float]:
     """θ_1..θ_K: with drafts 1..k drawn, drafting on pays iff the live rows' mean predicted chance m that all k
     are accepted exceeds θ_k (θ_K = ∞: γ_max is reached). Drafting on to γ > k adds ``m · S_γ`` expected tokens,
@@ -197,8 +209,9 @@ class DraftPlanner:
     REFRESH = 8
 
     def __init__(self, adaptive: AdaptiveDraft | None, gamma: int, batch: int, rule: str, auto_rule: bool,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, eos_id: int | None = None) -> None:
         self.fixed = adaptive is None
+        self.eos_id = eos_id
         self.adaptive = adaptive if adaptive is not None else AdaptiveDraft([1.0] * gamma)
         self.rules = ("rejection", "target_only") if auto_rule else (rule,)
         self.gamma = self.adaptive.gamma_max                      # γ_max, or the fixed γ: the engine's first plan
@@ -227,8 +240,8 @@ class DraftPlanner:
         """(all rows done, the step's first plan of γ — ``extend`` cuts it —, TO rows ``[B]`` bool or None if
         none) for the step whose first draft distributions are ``q1 [B, V]`` — the step's one host sync. After a
         verify, pass its ``accepted`` drafts ``[B]``, the drafts' acceptance chances ``accept`` [B, γ_t] (r_k,
-        learned by an adaptive planner) and, for rule auto, ``alphas`` [B, 2·γ_t] (each rule's expected α per
-        step); rows done before the verify are skipped."""
+        learned by an adaptive planner; RS may pass the raw ratio p(d)/q(d), counted as at most 1) and, for rule
+        auto, ``alphas`` [B, 2·γ_t] (each rule's expected α per step); rows done before the verify are skipped."""
         auto = len(self.rules) > 1
         cols = [done.unsqueeze(1)] + ([q1.amax(-1, keepdim=True)] if auto else [])
         if accepted is not None:
@@ -283,27 +296,34 @@ class DraftPlanner:
         and reads nothing."""
         if self.fixed:
             return self.gamma
-        return self.decide(k, q.gather(-1, d.view(-1, 1)).view(-1).tolist())
+        conf = q.gather(-1, d.view(-1, 1)).view(-1)
+        if self.eos_id is not None:
+            conf = torch.where(d == self.eos_id, -conf, conf)
+        return self.decide(k, conf.tolist())
 
     def decide(self, k: int, conf: list[float]) -> int:
-        """``extend`` from the rows' confidences ``q_k(d_k)``: stop iff the live rows' mean predicted chance that
-        d_1..d_k are all accepted is at most θ_k (``stop_thresholds``)."""
-        bins = [min(int(c * BINS), BINS - 1) for c in conf]      # confidence_bin, inline: once per draft
+        """``extend`` from the rows' confidences ``q_k(d_k)``, negated where d_k is EOS (drafts after an EOS are
+        worth nothing, so that row's chance of gaining from more drafts drops to 0): stop iff the live rows'
+        mean predicted chance that d_1..d_k are all accepted and worth extending is at most θ_k
+        (``stop_thresholds``)."""
+        bins = [min(int(abs(c) * BINS), BINS - 1) for c in conf]  # confidence_bin, inline: once per draft
         self.bins.append(bins)
         total, live = 0.0, 0
         for b, end in enumerate(self.done):
             if not end:
-                self.mass[b] *= self.means[self.row_rule[b]][k - 1][bins[b]]
-                total += self.mass[b]
+                m = self.mass[b] * self.means[self.row_rule[b]][k - 1][bins[b]] if conf[b] >= 0 else 0.0
+                self.mass[b] = m
+                total += m
                 live += 1
         return k if total <= self.theta[k - 1] * max(live, 1) else self.gamma
 
 
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
                  eos_id: int | None, pad_id: int = 0, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
-    """(``q_k(d_k)``, the acceptance chance r_k of d_k) [S, γ] of every live row-step of decoding ``batches`` at the
-    fixed draft length ``gamma`` with RS — real decode steps, starting where the accept process starts them, as
-    the planner meets them (teacher-forced positions would weight every position alike)."""
+    """(``q_k(d_k)``, negated where d_k is EOS, and the acceptance chance r_k of d_k) [S, γ] of every live row-step
+    of decoding ``batches`` at the fixed draft length ``gamma`` with RS — real decode steps, starting where the
+    accept process starts them, as the planner meets them (teacher-forced positions would weight every position
+    alike)."""
     from bebop.engine import generate_mtp
 
     conf: list[list[float]] = []
@@ -320,9 +340,10 @@ def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int
 
 def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 0.5) -> dict:
     """Noise-free decision quality of adaptive drafting: replay drafting decisions over recorded draft steps
-    instead of timing them. ``confidence`` / ``accept`` [N, K] = ``q_k(d_k)`` and the acceptance chance r_k of
-    draft k at N decode steps (``decode_trace``; Π_{i≤j} r_i is the chance that a step's first j drafts are all
-    accepted, and drafts are drawn the same whatever is decided later, so any γ ≤ K can be scored on them). The
+    instead of timing them. ``confidence`` / ``accept`` [N, K] = ``q_k(d_k)`` (negative where d_k is EOS) and the
+    acceptance chance r_k of draft k at N decode steps (``decode_trace``; Π_{i≤j} r_i is the chance that a step's
+    first j drafts are all accepted, and drafts are drawn the same whatever is decided later, so any γ ≤ K can be
+    scored on them, in tokens cut at an accepted EOS: ``step_tokens``). The
     first ``train_fraction`` of the steps fill fresh tables (``adaptive``'s prior and costs; its own tables are
     left alone); on the rest every fixed γ, the planner (one row at a time, as at batch 1) and an oracle that
     knows each step's r (best ``T(γ) − R·c(γ)``) are scored in expected tokens per second under the costs
@@ -343,29 +364,31 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
             b = confidence_bin(c_row[k])
             sums[k][b] += a_row[k]
             counts[k][b] += 1
-    test = list(zip(conf[n_train:], acc[n_train:], strict=True))
+    test = [(c, a, next((k + 1 for k, x in enumerate(c[:K]) if x < 0), 0))
+            for c, a in zip(conf[n_train:], acc[n_train:], strict=True)]       # (conf, r, first EOS draft)
     costs = ad.step_seconds
-    fixed = [sum(accept_lengths(a[:g])[-1] for _, a in test) / (len(test) * costs[g - 1]) for g in range(1, K + 1)]
+    fixed = [sum(step_tokens(a, g, e) for _, a, e in test) / (len(test) * costs[g - 1]) for g in range(1, K + 1)]
     planner = DraftPlanner(ad, K, 1, "rejection", False, "cpu")
     tokens = seconds = drafted = 0.0
-    for c_row, a_row in test:
+    for c_row, a_row, eos in test:
         planner.begin()
         k, g = 1, planner.decide(1, [c_row[0]])
         while g > k:
             k += 1
             g = planner.decide(k, [c_row[k - 1]])
-        tokens += accept_lengths(a_row[:g])[-1]
+        tokens += step_tokens(a_row, g, eos)
         seconds += costs[g - 1]
         drafted += g
     rate = max(fixed)
     oracle_t = oracle_s = 0.0
-    for _, a_row in test:
-        curve = accept_lengths(a_row[:K])
+    for _, a_row, eos in test:
+        curve = [step_tokens(a_row, g, eos) for g in range(1, K + 1)]
         g = max(range(K), key=lambda i: curve[i] - rate * costs[i])
         oracle_t += curve[g]
         oracle_s += costs[g]
     best = max(range(K), key=fixed.__getitem__)
-    c_all, a_all = torch.tensor(conf, dtype=torch.float64)[:, :K], torch.tensor(acc, dtype=torch.float64)[:, :K]
+    c_all = torch.tensor(conf, dtype=torch.float64)[:, :K].abs()
+    a_all = torch.tensor(acc, dtype=torch.float64)[:, :K]
 
     def corr(x: Tensor, y: Tensor) -> float | None:
         if len(x) < 2 or min(float(x.std()), float(y.std())) < 1e-9:   # a constant column has no correlation
