@@ -206,78 +206,39 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _timed_forwards(model, head, prompt_ids: list[list[int]], n_max: int):
-    """Timers of the engine's forwards (``engine.forwards``: lean when supported) at the batch size of
-    ``prompt_ids``, with KV caches holding the prompt: (``target(n)``: a target forward over n tokens,
-    ``step(n)``: the device work of a draft→verify step verifying n tokens apart from its n − 2 single head
-    forwards — target forward, LM head and softmax over the n tokens, and the head's catch-up forward over them
-    —, ``draft()``: one single-token head forward), each a zero-argument callable (later calls overwrite the
-    slots the earlier ones wrote)."""
-    device = model.device
-    ids, mask = left_pad(prompt_ids, 0, device)
-    B, P = ids.shape
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    valid = torch.ones((B, P + n_max), dtype=torch.bool, device=device)
-    valid[:, :P] = mask.bool()
-    target, drafter, lm_head, _ = forwards(model, head, B, P + n_max)
-    hid = target(ids, pos, valid[:, :P], 0)
-    drafter(ids, hid, pos, valid[:, :P], 0)
-
-    def inputs(n: int):
-        return ids[:, -1:].repeat(1, n), pos[:, -1:] + 1 + torch.arange(n, device=device), valid[:, : P + n]
-
-    def target_n(n: int):
-        x, p, v = inputs(n)
-        return lambda: target(x, p, v, P)
-
-    def step_n(n: int):
-        x, p, v = inputs(n)
-
-        def once():
-            h = target(x, p, v, P)
-            torch.softmax(lm_head(h), dim=-1)
-            drafter(x, h, p, v, P)
-        return once
-
-    def draft():
-        drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
-
-    return target_n, step_n, draft
-
-
 @torch.inference_mode()
 def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20) -> dict[str, float]:
     """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
     (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt — through the same
     forwards the engine uses (``engine.forwards``: lean when supported)."""
-    target_n, _, draft = _timed_forwards(model, head, prompt_ids, gamma + 1)
-    costs = {}
-    for name, fn in (("c_1", target_n(1)), ("c_verify", target_n(gamma + 1)), ("c_draft", draft)):
-        fn()
-        costs[name] = median_seconds(fn, repeats)
-    return costs
+    device = model.device
+    ids, mask = left_pad(prompt_ids, 0, device)
+    B, P = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
+    target, drafter, _, _ = forwards(model, head, B, P + gamma + 1)
+    hid = target(ids, pos, valid[:, :P], 0)
+    drafter(ids, hid, pos, valid[:, :P], 0)
 
+    def run_target(n_tok: int) -> float:
+        x = ids[:, -1:].repeat(1, n_tok)
+        p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
 
-@torch.inference_mode()
-def step_costs(model, head, prompt_ids: list[list[int]], gamma_max: int, repeats: int = 30,
-               rounds: int = 3) -> list[float]:
-    """Measured device seconds of a draft→verify step at γ = 1..``gamma_max`` at the batch size of
-    ``prompt_ids``: the step's forwards over γ + 1 tokens (target, LM head, the head's catch-up) plus γ − 1
-    single head forwards — medians over ``repeats`` calls, the γ's interleaved over ``rounds`` rounds. Small
-    matrix products are not affine in their row count (one thread, AVX-512: 8 rows can cost less than 7), and
-    these timings show that shape where end-to-end decoding is too noisy to."""
-    _, step_n, draft = _timed_forwards(model, head, prompt_ids, gamma_max + 1)
-    steps = [step_n(g + 1) for g in range(1, gamma_max + 1)]
-    times: list[list[float]] = [[] for _ in steps]
-    d = []
-    for _ in range(rounds):
-        draft()
-        d.append(median_seconds(draft, repeats))
-        for fn, out in zip(steps, times, strict=True):
-            fn()
-            out.append(median_seconds(fn, repeats))
-    c_draft = statistics.median(d)
-    return [statistics.median(t) + (g - 1) * c_draft for g, t in enumerate(times, start=1)]
+        def once():
+            target(x, p, valid[:, : P + n_tok], P)   # writes slots P.., which the next call overwrites
+
+        once()
+        return median_seconds(once, repeats)
+
+    c1, cv = run_target(1), run_target(gamma + 1)
+
+    def draft_once():
+        drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
+
+    draft_once()
+    cd = median_seconds(draft_once, repeats)
+    return {"c_1": c1, "c_verify": cv, "c_draft": cd}
 
 
 def _draft(g, x, vpos, valid, s: int, G: int, lm_head, drafter, params, rule: str, noise, generator, metrics,
