@@ -49,23 +49,6 @@ def test_stop_thresholds_weigh_the_tokens_a_longer_draft_adds_against_its_cost()
     assert stop_thresholds([0.9], [1.0], 1.0) == [float("inf")]
 
 
-def test_in_a_batchs_tail_drafting_on_must_earn_the_whole_steps_cost():
-    """Costs calibrated at 2 live rows per step: once one row is done, the other alone must clear θ_k · 2."""
-    costs = [1.0 + 0.2 * g for g in range(1, 5)]
-    q = torch.tensor([[0.65, 0.35], [0.65, 0.35]])                # q(d = 0) in bin 6
-    d = torch.zeros(2, dtype=torch.long)
-    decisions = []
-    for live_rows in (1.0, 2.0):
-        ad = table_for({6: (0.6, 1000.0)}, 4, costs)
-        ad.live_rows = live_rows
-        planner = DraftPlanner(ad, 4, 2, "rejection", False, "cpu")
-        planner.step(torch.tensor([True, False]), q)              # row 0 is done
-        theta = planner.theta[0]
-        decisions.append(planner.extend(1, q, d))
-    assert theta < 0.6 < 2 * theta                                # one row's m = 0.6 clears θ_1 but not 2·θ_1
-    assert decisions == [4, 1]
-
-
 def test_step_tokens_cut_at_an_accepted_eos_draft():
     assert step_tokens([0.5, 0.5, 1.0], 3) == pytest.approx(accept_lengths([0.5, 0.5, 1.0])[-1])
     # EOS at draft 2: drafts after it are lost, and an accepted EOS ends the row without a bonus token
@@ -240,7 +223,6 @@ def test_decode_trace_holds_each_drafts_own_probability_and_acceptance_chance(pe
     ({"step_seconds": [1.0, 2.0], "prior": [0.5]}, "prior"),
     ({"step_seconds": [1.0], "prior": 1.5}, "1.5"),
     ({"step_seconds": [1.0], "prior_weight": 0.0}, "prior_weight"),
-    ({"step_seconds": [1.0], "live_rows": 0.0}, "live_rows"),
 ])
 def test_adaptive_draft_rejects_bad_configuration(kwargs, needle):
     with pytest.raises(BebopError) as e:

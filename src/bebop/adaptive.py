@@ -13,21 +13,19 @@ head's mean α_k (``prior``, worth ``prior_weight`` observations per bin) and ke
 call that uses them.
 
 Choice. With d_1..d_k drawn, row b's chance of having all k accepted is predicted as ``m_b = Π_{i≤k}
-table[i][bin(q_i(d_i))]`` (0 once d_k is EOS: later drafts would be cut off); each further draft j adds ``m_b ·
-ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; ``T_b(γ) = 1 + Σ_{j≤γ}
-Π_{i≤j} α_i``, DESIGN §3). Tokens per second are maximised in the long run by the policy that maximises, step by
-step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would have earned at the
-rate R), with ``c(γ)`` the measured cost of a step of γ drafts and ``R = max_γ T̄(γ)/c(γ)`` the rate of the best
-fixed γ for average rows (so on average rows the choice IS the best fixed γ). After each draft k the planner
-picks the best ``γ ∈ [k, γ_max]`` — k stops drafting, more runs the head again —, which reduces to a threshold
-on the live rows' ``Σ m_b`` (``stop_thresholds``, ``DraftPlanner.decide``). A drawn q_k always gets its draft:
-stopping before d_k would waste the head forward that gave q_k, and the replay found that it lost more than it
-saved. ``c(γ)`` is anchored to measured throughput: ``calibrate`` decodes at every fixed γ and sets ``c(γ) =
-AL(γ) / tps(γ)`` (seconds per row-step at that γ, at its mean number of live rows) — folding in what a
-per-forward cost model misses: drafts past EOS or the token budget, finished rows still in the batch, per-step
-overheads. All rows of a batch share one verify forward, so γ_t is per step (per sequence at batch 1). The
-bookkeeping is a few numbers per row on the host: one ``.tolist()`` per draft (at batch 1 on a CPU a few µs;
-the step's EOS sync carries the verify's numbers).
+table[i][bin(q_i(d_i))]``; each further draft j adds ``m_b · ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means
+over bins, for drafts not drawn yet; ``T_b(γ) = 1 + Σ_{j≤γ} Π_{i≤j} α_i``, DESIGN §3). Tokens per second are
+maximised in the long run by the policy that maximises, step by step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is
+worth its tokens less what its time would have earned at the rate R), with ``T`` over the live rows' mean ``m``,
+``c(γ)`` the measured cost of a step of γ drafts and ``R = max_γ T̄(γ)/c(γ)`` the rate of the best fixed γ for
+average rows (so on average rows the choice IS the best fixed γ). After each draft k the planner picks the best
+``γ ∈ [k, γ_max]``: k stops drafting, more runs the head again. A drawn q_k always gets its draft: stopping before
+d_k would waste the head forward that gave q_k, and the replay found that it lost more than it saved. ``c(γ)`` is
+anchored to measured throughput: ``calibrate`` decodes at every fixed γ and sets ``c(γ) = AL(γ) / tps(γ)``
+(seconds per row-step at that γ) — folding in what a per-forward cost model misses: drafts past EOS or the token
+budget, finished rows still in the batch, per-step overheads. All rows of a batch share one verify forward, so γ_t
+is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one ``.tolist()`` per
+draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's numbers).
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
@@ -64,8 +62,7 @@ BINS = 10          # confidence bins of q_k(d_k) (drafting) and max q_1 (rule ch
 class AdaptiveDraft:
     """Adaptive γ (module doc): ``step_seconds[γ-1]`` = the cost c(γ) of one draft→verify step at γ (γ =
     1..γ_max; relative values matter) and ``prior[k-1]`` = the head's mean α_k, both from ``calibrate`` (a float
-    prior applies to every step); ``live_rows`` = the mean number of live rows per step behind those costs (1 at
-    batch 1). ``tables[rule]`` = (Σ r_k, counts) per draft step k and confidence bin of
+    prior applies to every step). ``tables[rule]`` = (Σ r_k, counts) per draft step k and confidence bin of
     ``q_k(d_k)`` — the drafting decisions; ``choice[rule]`` = (Σ α_k, counts) per step k and confidence bin of
     ``max q_1`` — the per-row RS/TO choice of rule auto; both start from the prior and are learned by every
     decoding call that uses this object."""
@@ -73,7 +70,6 @@ class AdaptiveDraft:
     step_seconds: Sequence[float]
     prior: float | Sequence[float] = 0.8
     prior_weight: float = 2.0
-    live_rows: float = 1.0
     tables: dict[str, tuple[list[list[float]], list[list[float]]]] = field(default_factory=dict, repr=False)
     choice: dict[str, tuple[list[list[float]], list[list[float]]]] = field(default_factory=dict, repr=False)
 
@@ -82,8 +78,6 @@ class AdaptiveDraft:
             raise BebopError(f"step_seconds must be positive, one per γ = 1..γ_max, got {list(self.step_seconds)}")
         if not self.prior_weight > 0:
             raise BebopError(f"prior_weight must be > 0, got {self.prior_weight}")
-        if not self.live_rows > 0:
-            raise BebopError(f"live_rows must be > 0, got {self.live_rows}")
         prior = [self.prior] * self.gamma_max if isinstance(self.prior, int | float) else list(self.prior)
         if len(prior) != self.gamma_max or any(not 0 <= a <= 1 for a in prior):
             raise BebopError(f"prior must be in [0, 1], a float or one per γ = 1..{self.gamma_max}, got {self.prior}")
@@ -309,20 +303,19 @@ class DraftPlanner:
 
     def decide(self, k: int, conf: list[float]) -> int:
         """``extend`` from the rows' confidences ``q_k(d_k)``, negated where d_k is EOS (drafts after an EOS are
-        worth nothing, so that row's chance m of gaining from more drafts drops to 0). Stop iff ``Σ m`` over the
-        live rows is at most ``θ_k · L̄`` (``stop_thresholds``; L̄ = ``live_rows``): the costs are per row-step at
-        the calibrated mean of L̄ live rows, while a step costs the same however many rows are live — in a
-        batch's tail, with few rows left, drafting on must earn what the whole step costs. At batch 1 this is
-        ``m > θ_k``."""
+        worth nothing, so that row's chance of gaining from more drafts drops to 0): stop iff the live rows'
+        mean predicted chance that d_1..d_k are all accepted and worth extending is at most θ_k
+        (``stop_thresholds``)."""
         bins = [min(int(abs(c) * BINS), BINS - 1) for c in conf]  # confidence_bin, inline: once per draft
         self.bins.append(bins)
-        total = 0.0
+        total, live = 0.0, 0
         for b, end in enumerate(self.done):
             if not end:
                 m = self.mass[b] * self.means[self.row_rule[b]][k - 1][bins[b]] if conf[b] >= 0 else 0.0
                 self.mass[b] = m
                 total += m
-        return k if total <= self.theta[k - 1] * self.adaptive.live_rows else self.gamma
+                live += 1
+        return k if total <= self.theta[k - 1] * max(live, 1) else self.gamma
 
 
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
@@ -364,7 +357,7 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
     n_train = int(len(conf) * train_fraction)
     if not 0 < n_train < len(conf):
         raise BebopError(f"replay needs steps on both sides of train_fraction={train_fraction}, got {len(conf)}")
-    ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight)   # live_rows 1: batch 1
+    ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight)
     sums, counts = ad.table("rejection")
     for c_row, a_row in zip(conf[:n_train], acc[:n_train], strict=True):
         for k in range(K):
@@ -418,8 +411,7 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     costs depend on it): ``c(γ) = AL(γ) / tps(γ)`` from decoding ``batches`` ``repeats`` times (new seeds each
     time, after one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat — AL its
     accept length, tps its tokens after the first per second of decoding after prefill —, smoothed by
-    ``affine_fit``; ``live_rows`` = their mean live rows per step; the prior = the head's mean α_k at γ_max (over
-    the rows that reached step k), and the
+    ``affine_fit``; the prior = the head's mean α_k at γ_max (over the rows that reached step k), and the
     tables warmed by ``warm_passes`` adaptive passes over ``batches`` (with ``warm_rule``, default ``rule``;
     ``"auto"`` also warms the RS/TO choice)."""
     from bebop.engine import DecodeMetrics, generate_mtp
@@ -450,9 +442,7 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
             raise BebopError(f"calibration at gamma={g} decoded no draft→verify step: use more max_new_tokens "
                              f"(got {max_new_tokens}) or prompts whose answers do not end at once")
         costs.append(m.accept_length * m.decode_seconds / kept)
-    live = sum(m.steps for m in runs) / sum(m.target_forwards for m in runs)  # live rows per step
-    adaptive = AdaptiveDraft(step_seconds=affine_fit(costs), prior=prior.expected_alpha, live_rows=live,
-                             **adaptive_kw)
+    adaptive = AdaptiveDraft(step_seconds=affine_fit(costs), prior=prior.expected_alpha, **adaptive_kw)
     for rep in range(warm_passes):                                      # fills the confidence tables
         run(adaptive, repeats + 1 + rep, warm_rule or rule)
     return adaptive
