@@ -66,6 +66,18 @@ def test_the_planner_stops_after_an_eos_draft():
     assert planner.extend(2, torch.stack([eos, sure]), torch.tensor([2, 0])) == 4   # one row drafted EOS: the
     assert planner.mass[0] == 0.0 and planner.bins[-1] == [BINS - 1] * 2           # other still pays for more …
     assert planner.extend(3, torch.stack([eos, eos]), torch.tensor([2, 2])) == 3   # … until every row has ended
+    counts = ad.table("rejection")[1]
+    before = [counts[k][BINS - 1] for k in range(3)]
+    planner.step(torch.zeros(2, dtype=torch.bool), torch.stack([sure, sure]), torch.tensor([3, 3]),
+                 torch.ones(2, 3))
+    assert [counts[k][BINS - 1] - before[k] for k in range(3)] == [2, 2, 1]   # row 0 learns nothing past its EOS
+
+
+def test_the_rate_of_the_best_fixed_gamma_comes_from_measured_tokens_when_given():
+    ad = AdaptiveDraft([1.0, 2.0], prior=0.9)
+    assert ad.best_fixed("rejection") == (1, pytest.approx(1.9))              # predicted: T(1) = 1.9, T(2) = 2.71
+    ad = AdaptiveDraft([1.0, 2.0], prior=0.9, step_tokens=[1.5, 3.2])
+    assert ad.best_fixed("rejection") == (2, pytest.approx(1.6))              # measured: 1.5 / 1 < 3.2 / 2
 
 
 def test_affine_fit_smooths_measured_costs_and_keeps_them_increasing():
@@ -223,6 +235,7 @@ def test_decode_trace_holds_each_drafts_own_probability_and_acceptance_chance(pe
     ({"step_seconds": [1.0, 2.0], "prior": [0.5]}, "prior"),
     ({"step_seconds": [1.0], "prior": 1.5}, "1.5"),
     ({"step_seconds": [1.0], "prior_weight": 0.0}, "prior_weight"),
+    ({"step_seconds": [1.0, 2.0], "step_tokens": [1.5]}, "step_tokens"),
 ])
 def test_adaptive_draft_rejects_bad_configuration(kwargs, needle):
     with pytest.raises(BebopError) as e:

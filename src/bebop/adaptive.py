@@ -13,19 +13,22 @@ head's mean α_k (``prior``, worth ``prior_weight`` observations per bin) and ke
 call that uses them.
 
 Choice. With d_1..d_k drawn, row b's chance of having all k accepted is predicted as ``m_b = Π_{i≤k}
-table[i][bin(q_i(d_i))]``; each further draft j adds ``m_b · ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means
-over bins, for drafts not drawn yet; ``T_b(γ) = 1 + Σ_{j≤γ} Π_{i≤j} α_i``, DESIGN §3). Tokens per second are
-maximised in the long run by the policy that maximises, step by step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is
-worth its tokens less what its time would have earned at the rate R), with ``T`` over the live rows' mean ``m``,
-``c(γ)`` the measured cost of a step of γ drafts and ``R = max_γ T̄(γ)/c(γ)`` the rate of the best fixed γ for
-average rows (so on average rows the choice IS the best fixed γ). After each draft k the planner picks the best
-``γ ∈ [k, γ_max]``: k stops drafting, more runs the head again. A drawn q_k always gets its draft: stopping before
-d_k would waste the head forward that gave q_k, and the replay found that it lost more than it saved. ``c(γ)`` is
-anchored to measured throughput: ``calibrate`` decodes at every fixed γ and sets ``c(γ) = AL(γ) / tps(γ)``
-(seconds per row-step at that γ) — folding in what a per-forward cost model misses: drafts past EOS or the token
-budget, finished rows still in the batch, per-step overheads. All rows of a batch share one verify forward, so γ_t
-is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one ``.tolist()`` per
-draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's numbers).
+table[i][bin(q_i(d_i))]`` (0 once a d_i is EOS: later drafts would be cut off); each further draft j adds ``m_b ·
+ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; ``T_b(γ) = 1 +
+Σ_{j≤γ} Π_{i≤j} α_i``, DESIGN §3). Tokens per second are maximised in the long run by the policy that maximises,
+step by step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would have earned
+at the rate R), with ``c(γ)`` the cost of a step of γ drafts and R the rate of the best fixed γ (so on average
+rows the choice IS the best fixed γ). After each draft k the planner picks the best ``γ ∈ [k, γ_max]`` — k stops
+drafting, more runs the head again —, which reduces to a threshold on m (``stop_thresholds``). A drawn q_k always
+gets its draft: stopping before d_k would waste the head forward that gave q_k, and the replay found that it lost
+more than it saved. At batch > 1, m is the live rows' mean: a static batch ends with its last row, so what counts
+is the progress of whichever live row turns out the longest, and the mean is a random live row's (weighing the
+rows by their number instead, so that a batch's tail must earn its whole step, ran 5–7 % slower at batch 8 on
+arith). c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (smoothed
+by ``affine_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the token budget,
+which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share one verify
+forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one
+``.tolist()`` per draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's numbers).
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
@@ -61,8 +64,10 @@ BINS = 10          # confidence bins of q_k(d_k) (drafting) and max q_1 (rule ch
 @dataclass
 class AdaptiveDraft:
     """Adaptive γ (module doc): ``step_seconds[γ-1]`` = the cost c(γ) of one draft→verify step at γ (γ =
-    1..γ_max; relative values matter) and ``prior[k-1]`` = the head's mean α_k, both from ``calibrate`` (a float
-    prior applies to every step). ``tables[rule]`` = (Σ r_k, counts) per draft step k and confidence bin of
+    1..γ_max; relative values matter), ``prior[k-1]`` = the head's mean α_k and ``step_tokens[γ-1]`` = the tokens a
+    live row keeps per step at γ (cut at EOS and the token budget), all from ``calibrate`` (a float prior applies
+    to every step; without ``step_tokens`` the rate of the best fixed γ is predicted from the tables).
+    ``tables[rule]`` = (Σ r_k, counts) per draft step k and confidence bin of
     ``q_k(d_k)`` — the drafting decisions; ``choice[rule]`` = (Σ α_k, counts) per step k and confidence bin of
     ``max q_1`` — the per-row RS/TO choice of rule auto; both start from the prior and are learned by every
     decoding call that uses this object."""
@@ -70,6 +75,7 @@ class AdaptiveDraft:
     step_seconds: Sequence[float]
     prior: float | Sequence[float] = 0.8
     prior_weight: float = 2.0
+    step_tokens: Sequence[float] | None = None
     tables: dict[str, tuple[list[list[float]], list[list[float]]]] = field(default_factory=dict, repr=False)
     choice: dict[str, tuple[list[list[float]], list[list[float]]]] = field(default_factory=dict, repr=False)
 
@@ -82,6 +88,9 @@ class AdaptiveDraft:
         if len(prior) != self.gamma_max or any(not 0 <= a <= 1 for a in prior):
             raise BebopError(f"prior must be in [0, 1], a float or one per γ = 1..{self.gamma_max}, got {self.prior}")
         self.prior = prior
+        if self.step_tokens is not None and (len(self.step_tokens) != self.gamma_max
+                                             or any(not t > 0 for t in self.step_tokens)):
+            raise BebopError(f"step_tokens must be > 0, one per γ = 1..{self.gamma_max}, got {self.step_tokens}")
 
     @property
     def gamma_max(self) -> int:
@@ -107,8 +116,10 @@ class AdaptiveDraft:
         return [sum(s) / sum(n) for s, n in zip(sums, counts, strict=True)]
 
     def best_fixed(self, rule: str) -> tuple[int, float]:
-        """(γ, tokens per second) of the best fixed γ for average rows under ``rule``'s step means."""
-        rates = [t / c for t, c in zip(accept_lengths(self.step_means(rule)), self.step_seconds, strict=True)]
+        """(γ, a row's tokens per second) of the best fixed γ: from the measured ``step_tokens`` when given, else
+        predicted from ``rule``'s step means."""
+        tokens = self.step_tokens or accept_lengths(self.step_means(rule))
+        rates = [t / c for t, c in zip(tokens, self.step_seconds, strict=True)]
         best = max(range(len(rates)), key=rates.__getitem__)
         return best + 1, rates[best]
 
@@ -221,6 +232,7 @@ class DraftPlanner:
         self.row_rule = [0] * batch                               # index into rules, per row, this step
         self.done = [False] * batch                               # rows done at the last sync
         self.mass = [1.0] * batch                                 # predicted Π_{i≤k} r_i per row
+        self.ended = [gamma + 1] * batch                          # per row: its first EOS draft k, this step
         self.steps = 0
         self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
         self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
@@ -257,9 +269,9 @@ class DraftPlanner:
                 if skip:
                     continue
                 reached = min(int(row[off]) + 1, G)
-                if not self.fixed:
+                if not self.fixed:                                # drafts after an EOS draft teach nothing
                     sums, counts = tables[self.row_rule[b]]
-                    for k, r in enumerate(row[off + 1 : off + 1 + reached]):
+                    for k, r in enumerate(row[off + 1 : off + 1 + min(reached, self.ended[b])]):
                         sums[k][self.bins[k][b]] += min(r, 1.0)         # RS passes the raw ratio p(d)/q(d)
                         counts[k][self.bins[k][b]] += 1
                 for rule_i, (sums, counts) in enumerate(choice):
@@ -280,7 +292,7 @@ class DraftPlanner:
         if self.steps % self.REFRESH == 0:
             self.refresh()
         self.steps += 1
-        self.bins, self.mass = [], [1.0] * len(self.mass)
+        self.bins, self.mass, self.ended = [], [1.0] * len(self.mass), [self.gamma + 1] * len(self.mass)
         if conf is not None and len(self.rules) > 1:             # TO where its predicted T(γ) is larger
             self.first = [confidence_bin(c) for c in conf]
             choice = [self.adaptive.choice_table(rule) for rule in self.rules]
@@ -312,6 +324,8 @@ class DraftPlanner:
         for b, end in enumerate(self.done):
             if not end:
                 m = self.mass[b] * self.means[self.row_rule[b]][k - 1][bins[b]] if conf[b] >= 0 else 0.0
+                if conf[b] < 0:
+                    self.ended[b] = min(self.ended[b], k)
                 self.mass[b] = m
                 total += m
                 live += 1
@@ -357,10 +371,10 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
     n_train = int(len(conf) * train_fraction)
     if not 0 < n_train < len(conf):
         raise BebopError(f"replay needs steps on both sides of train_fraction={train_fraction}, got {len(conf)}")
-    ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight)
+    ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight, adaptive.step_tokens)
     sums, counts = ad.table("rejection")
     for c_row, a_row in zip(conf[:n_train], acc[:n_train], strict=True):
-        for k in range(K):
+        for k in range(next((k + 1 for k, x in enumerate(c_row[:K]) if x < 0), K)):   # up to the first EOS
             b = confidence_bin(c_row[k])
             sums[k][b] += a_row[k]
             counts[k][b] += 1
@@ -408,9 +422,9 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
               eos_id: int | None, pad_id: int = 0, seed: int = 0, repeats: int = 3, rule: str = "rejection",
               warm_rule: str | None = None, warm_passes: int = 3, **adaptive_kw) -> AdaptiveDraft:
     """An ``AdaptiveDraft`` for ``head`` at the batch size of ``batches`` (prompt batches, all of one size: the
-    costs depend on it): ``c(γ) = AL(γ) / tps(γ)`` from decoding ``batches`` ``repeats`` times (new seeds each
-    time, after one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat — AL its
-    accept length, tps its tokens after the first per second of decoding after prefill —, smoothed by
+    costs depend on it): c(γ) = seconds per step (after prefill) and the tokens a live row keeps per step (the
+    first token, from prefill, left out) from decoding ``batches`` ``repeats`` times (new seeds each time, after
+    one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat; c smoothed by
     ``affine_fit``; the prior = the head's mean α_k at γ_max (over the rows that reached step k), and the
     tables warmed by ``warm_passes`` adaptive passes over ``batches`` (with ``warm_rule``, default ``rule``;
     ``"auto"`` also warms the RS/TO choice)."""
@@ -435,14 +449,16 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
                 runs[g - 1].merge(mr)
             if g == gamma_max:
                 prior.merge(mr)
-    costs = []
+    costs, tokens = [], []
     for g, m in enumerate(runs, start=1):
         kept = m.tokens - rows * repeats                                # the first tokens come from prefill
         if not m.steps or kept <= 0:
             raise BebopError(f"calibration at gamma={g} decoded no draft→verify step: use more max_new_tokens "
                              f"(got {max_new_tokens}) or prompts whose answers do not end at once")
-        costs.append(m.accept_length * m.decode_seconds / kept)
-    adaptive = AdaptiveDraft(step_seconds=affine_fit(costs), prior=prior.expected_alpha, **adaptive_kw)
+        costs.append(m.decode_seconds / m.target_forwards)
+        tokens.append(kept / m.steps)
+    adaptive = AdaptiveDraft(step_seconds=affine_fit(costs), prior=prior.expected_alpha, step_tokens=tokens,
+                             **adaptive_kw)
     for rep in range(warm_passes):                                      # fills the confidence tables
         run(adaptive, repeats + 1 + rep, warm_rule or rule)
     return adaptive
