@@ -24,11 +24,12 @@ gets its draft: stopping before d_k would waste the head forward that gave q_k, 
 more than it saved. At batch > 1, m is the live rows' mean: a static batch ends with its last row, so what counts
 is the progress of whichever live row turns out the longest, and the mean is a random live row's (weighing the
 rows by their number instead, so that a batch's tail must earn its whole step, ran 5–7 % slower at batch 8 on
-arith). c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (smoothed
-by ``affine_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the token budget,
-which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share one verify
-forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one
-``.tolist()`` per draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's numbers).
+arith). c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (made
+non-decreasing by ``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the
+token budget, which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share
+one verify forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the
+host: one ``.tolist()`` per draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's
+numbers).
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
@@ -129,19 +130,20 @@ def confidence_bin(conf: float) -> int:
     return min(int(conf * BINS), BINS - 1)
 
 
-def affine_fit(costs: Sequence[float]) -> list[float]:
-    """Least-squares ``a + b·γ`` through measured step costs c(γ = 1..K), slope ≥ 0 and values > 0. A step at γ
-    is one verify over γ + 1 tokens and γ − 1 head forwards, close to affine in γ; on a shared machine single
-    measurements scatter by several percent, enough to reorder neighbouring γ's, and the fit keeps the planner
-    from chasing that noise."""
-    K = len(costs)
-    if K == 1:
-        return list(costs)
-    mx, my = (K + 1) / 2, sum(costs) / K
-    slope = max(0.0, sum((g + 1 - mx) * (c - my) for g, c in enumerate(costs)) / sum((g + 1 - mx) ** 2
-                                                                                         for g in range(K)))
-    fit = [my + slope * (g + 1 - mx) for g in range(K)]
-    return fit if min(fit) > 0 else list(costs)
+def monotone_fit(costs: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing fit of measured step costs c(γ = 1..K) (isotonic regression, pool adjacent
+    violators): a longer draft never costs less, and neighbouring γ's that noise has reordered are pooled. It keeps
+    the uneven steps a straight line would flatten: on one thread of an AVX-512 CPU a verify over an even number of
+    tokens costs relatively less (arith, batch 1: steps of 0.42, 0.22, 0.42, 0.23 ms from γ = 1 to 5), so the best
+    fixed γ sits on a cheap one and a planner that saw a line would pay the dear ones."""
+    blocks: list[list[float]] = []                           # [sum, count] per pooled block
+    for c in costs:
+        blocks.append([c, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s_, n_ = blocks.pop()
+            blocks[-1][0] += s_
+            blocks[-1][1] += n_
+    return [s_ / n_ for s_, n_ in blocks for _ in range(int(n_))]
 
 
 def accept_lengths(alpha: Sequence[float]) -> list[float]:
@@ -424,9 +426,9 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     """An ``AdaptiveDraft`` for ``head`` at the batch size of ``batches`` (prompt batches, all of one size: the
     costs depend on it): c(γ) = seconds per step (after prefill) and the tokens a live row keeps per step (the
     first token, from prefill, left out) from decoding ``batches`` ``repeats`` times (new seeds each time, after
-    one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat; c smoothed by
-    ``affine_fit``; the prior = the head's mean α_k at γ_max (over the rows that reached step k), and the
-    tables warmed by ``warm_passes`` adaptive passes over ``batches`` (with ``warm_rule``, default ``rule``;
+    one warm-up) at every fixed γ = 1..``gamma_max``, the γ's interleaved within each repeat; c made
+    non-decreasing by ``monotone_fit``; the prior = the head's mean α_k at γ_max (over the rows that reached step
+    k), and the tables warmed by ``warm_passes`` adaptive passes over ``batches`` (with ``warm_rule``, default ``rule``;
     ``"auto"`` also warms the RS/TO choice)."""
     from bebop.engine import DecodeMetrics, generate_mtp
 
@@ -457,7 +459,7 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
                              f"(got {max_new_tokens}) or prompts whose answers do not end at once")
         costs.append(m.decode_seconds / m.target_forwards)
         tokens.append(kept / m.steps)
-    adaptive = AdaptiveDraft(step_seconds=affine_fit(costs), prior=prior.expected_alpha, step_tokens=tokens,
+    adaptive = AdaptiveDraft(step_seconds=monotone_fit(costs), prior=prior.expected_alpha, step_tokens=tokens,
                              **adaptive_kw)
     for rep in range(warm_passes):                                      # fills the confidence tables
         run(adaptive, repeats + 1 + rep, warm_rule or rule)
