@@ -134,7 +134,7 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         t0 = time.perf_counter()
         calib = [prompts for _, prompts in _decode_batches(tokenizer, cfg, bs, cfg.seed + 7919)]
         adaptive = calibrate(model, head, calib, params, cfg.gamma_max, cfg.max_new_tokens, eos, pad, cfg.seed,
-                             warm_rule=cfg.rule if cfg.rule == AUTO else None)
+                             repeats=2 * cfg.repeats, warm_rule=cfg.rule if cfg.rule == AUTO else None)
         calib_s = time.perf_counter() - t0
         runs = {"plain": (None, None)} | {f"{r}/{g}": (g, r) for r in rules for g in range(1, cfg.gamma_max + 1)}
         runs["auto"] = (adaptive, cfg.rule)
