@@ -50,6 +50,7 @@ the emitted tokens keep the law of plain sampling whatever γ_t and rules are ch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -161,12 +162,14 @@ def step_tokens(accept: Sequence[float], gamma: int, eos: int = 0) -> float:
     """Expected tokens a step of ``gamma`` drafts emits, given each draft's acceptance chance ``accept`` (r_1..)
     and ``eos`` = the 1-based index of the first draft that is EOS (0: none): ``accept_lengths``, cut at an
     accepted EOS draft (it ends the row: no correction or bonus token after it, and later drafts are lost)."""
-    g = min(gamma, eos) if eos else gamma
-    total, run = 1.0, 1.0
-    for a in accept[:g]:
-        run *= a
-        total += run
-    return total - run if eos and eos <= gamma else total
+    if eos and eos <= gamma:
+        return accept_lengths(accept[:eos])[-1] - math.prod(accept[:eos])
+    return accept_lengths(accept[:gamma])[-1]
+
+
+def first_eos(confidence: Sequence[float]) -> int:
+    """The 1-based index of the first EOS draft in a trace row of ``q_k(d_k)`` (negative at EOS), 0 if none."""
+    return next((k + 1 for k, c in enumerate(confidence) if c < 0), 0)
 
 
 def stop_thresholds(means: Sequence[float], costs: Sequence[float], rate: float) -> list[float]:
@@ -376,12 +379,11 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
     ad = AdaptiveDraft(adaptive.step_seconds, adaptive.prior, adaptive.prior_weight, adaptive.step_tokens)
     sums, counts = ad.table("rejection")
     for c_row, a_row in zip(conf[:n_train], acc[:n_train], strict=True):
-        for k in range(next((k + 1 for k, x in enumerate(c_row[:K]) if x < 0), K)):   # up to the first EOS
+        for k in range(first_eos(c_row[:K]) or K):                      # up to the first EOS draft
             b = confidence_bin(c_row[k])
             sums[k][b] += a_row[k]
             counts[k][b] += 1
-    test = [(c, a, next((k + 1 for k, x in enumerate(c[:K]) if x < 0), 0))
-            for c, a in zip(conf[n_train:], acc[n_train:], strict=True)]       # (conf, r, first EOS draft)
+    test = [(c, a, first_eos(c[:K])) for c, a in zip(conf[n_train:], acc[n_train:], strict=True)]
     costs = ad.step_seconds
     fixed = [sum(step_tokens(a, g, e) for _, a, e in test) / (len(test) * costs[g - 1]) for g in range(1, K + 1)]
     planner = DraftPlanner(ad, K, 1, "rejection", False, "cpu")
