@@ -134,9 +134,10 @@ def confidence_bin(conf: float) -> int:
 def monotone_fit(costs: Sequence[float]) -> list[float]:
     """The least-squares non-decreasing fit of measured step costs c(γ = 1..K) (isotonic regression, pool adjacent
     violators): a longer draft never costs less, and neighbouring γ's that noise has reordered are pooled. It keeps
-    the uneven steps a straight line would flatten: on one thread of an AVX-512 CPU a verify over an even number of
-    tokens costs relatively less (arith, batch 1: steps of 0.42, 0.22, 0.42, 0.23 ms from γ = 1 to 5), so the best
-    fixed γ sits on a cheap one and a planner that saw a line would pay the dear ones."""
+    the uneven steps a straight line would flatten: on one thread of an AVX-512 CPU, going to an odd γ cost
+    relatively less in every timed run (arith, batch 1: steps of 0.54, 0.25, 0.46, 0.30 ms from γ = 1 to 5; which
+    part of the step causes it was not isolated), so the best fixed γ sits on a cheap one and a planner that saw a
+    line would pay the dear ones."""
     blocks: list[list[float]] = []                           # [sum, count] per pooled block
     for c in costs:
         blocks.append([c, 1.0])
@@ -237,20 +238,23 @@ class DraftPlanner:
         self.row_rule = [0] * batch                               # index into rules, per row, this step
         self.done = [False] * batch                               # rows done at the last sync
         self.mass = [1.0] * batch                                 # predicted Π_{i≤k} r_i per row
-        self.ended = [gamma + 1] * batch                          # per row: its first EOS draft k, this step
+        self.ended = [self.gamma + 1] * batch                     # per row: its first EOS draft k, this step
         self.steps = 0
         self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
         self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
         self.horizon = self.gamma                                 # the step's expected γ, for the RS/TO choice
 
     def refresh(self) -> None:
-        """Table means, stop thresholds and the best fixed γ from the tables as learned so far."""
+        """Table means, stop thresholds and the best fixed γ from the tables as learned so far (a fixed planner
+        decides no lengths and keeps its γ as the horizon)."""
+        if self.fixed:
+            return
         ad = self.adaptive
         self.means = [[[x / n for x, n in zip(*kb, strict=True)] for kb in zip(*ad.table(rule), strict=True)]
                       for rule in self.rules]
         horizon, rate = ad.best_fixed(self.rules[0])
         self.theta = stop_thresholds(ad.step_means(self.rules[0]), ad.step_seconds, rate)
-        self.horizon = self.gamma if self.fixed else horizon
+        self.horizon = horizon
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None, accept: Tensor | None = None,
              alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
@@ -268,7 +272,7 @@ class DraftPlanner:
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
         if accepted is not None:                                 # learn at the steps each row reached
             G = accept.shape[1]
-            tables = [ad.table(rule) for rule in self.rules]
+            tables = [ad.table(rule) for rule in self.rules] if not self.fixed else []
             choice = [ad.choice_table(rule) for rule in self.rules] if auto else []
             for b, (row, skip) in enumerate(zip(rows, was_done, strict=True)):
                 if skip:

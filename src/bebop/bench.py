@@ -119,12 +119,11 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     seeds and lengths, run back to back batch by batch in a rotating order. Each repeat samples with new seeds
     and a run's tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a
     batch lasts as long as its longest row, so one fixed sample would favour whichever run happened to draw short
-    tails. The adaptive run is calibrated (step costs, α prior, confidence tables) on other prompts at the same batch
-    size first, with twice the timed repeats (neighbouring γ's differ by a few percent); that one-off cost is
-    reported, not timed. Per batch size, ``replay`` also scores the RS
-    planner's per-row decisions against every fixed γ without timing noise: ``adaptive.replay`` over the decode
-    steps of 4× ``num_prompts`` other prompts decoded at γ_max (``adaptive.decode_trace``), under that batch
-    size's calibrated costs."""
+    tails. The adaptive run is calibrated (step costs, α prior, confidence tables) on other prompts at the same
+    batch size first, with twice the timed repeats (neighbouring γ's differ by a few percent); that one-off cost
+    is reported, not timed. Per batch size, ``replay`` also scores the RS planner's per-row decisions against
+    every fixed γ without timing noise: ``adaptive.replay`` over the decode steps of 4× ``num_prompts`` other
+    prompts decoded at γ_max (``adaptive.decode_trace``), under that batch size's calibrated costs."""
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
