@@ -18,6 +18,7 @@ from bebop.adaptive import (
     DraftPlanner,
     accept_lengths,
     decode_trace,
+    draft_confidence,
     monotone_fit,
     one_hot_argmax,
     replay,
@@ -71,6 +72,37 @@ def test_the_planner_stops_after_an_eos_draft():
     planner.step(torch.zeros(2, dtype=torch.bool), torch.stack([sure, sure]), torch.tensor([3, 3]),
                  torch.ones(2, 3))
     assert [counts[k][BINS - 1] - before[k] for k in range(3)] == [2, 2, 1]   # row 0 learns nothing past its EOS
+
+
+def test_a_row_that_drafted_eos_does_not_dilute_the_rows_still_running():
+    ad = table_for({BINS - 1: (0.95, 1000.0), 1: (0.1, 1000.0)}, 3, [1.0, 1.3, 1.6])
+    planner = DraftPlanner(ad, 3, 3, "rejection", False, "cpu", eos_id=2)
+    planner.step(torch.tensor([True, False, False]), torch.full((3, 3), 1 / 3))
+    # row 0 is done, row 1 drafts EOS, row 2 a sure draft: only row 2 counts, and it pays for more
+    assert planner.decide(1, [0.95, -0.95, 0.95]) == 3 and planner.mass == [1.0, 0.0, pytest.approx(0.95)]
+    assert planner.decide(2, [0.95, 0.95, 0.15]) == 2               # row 2 unsure now: stop (row 1 stays ended)
+    planner.begin()
+    assert planner.decide(1, [0.95, -0.95, -0.95]) == 1             # every live row drafted EOS: stop
+
+
+def test_the_planner_reads_no_draft_at_gamma_max_and_learns_that_step_pooled():
+    ad = table_for({BINS - 1: (0.95, 1000.0)}, 2, [1.0, 1.1])
+    planner = DraftPlanner(ad, 2, 1, "rejection", False, "cpu")
+    sure = torch.tensor([[0.97, 0.03]])
+    planner.step(torch.zeros(1, dtype=torch.bool), sure)
+    assert planner.extend(1, sure, torch.tensor([0])) == 2
+    assert planner.extend(2, None, None) == 2 and planner.bins == [[BINS - 1], [0]]   # q, d never touched
+    counts = ad.table("rejection")[1]
+    planner.step(torch.zeros(1, dtype=torch.bool), sure, torch.tensor([2]), torch.ones(1, 2))
+    assert counts[1][0] == pytest.approx(2.0 + 1) and counts[0][BINS - 1] == pytest.approx(1000.0 + 1)  # prior + 1
+
+
+def test_draft_confidence_reads_each_rows_own_draft_on_either_path():
+    q = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]])
+    d = torch.tensor([2, 0])
+    assert draft_confidence(q, d) == [(pytest.approx(0.3), 2), (pytest.approx(0.5), 0)]          # from memory
+    got = draft_confidence(q.to(torch.bfloat16), d)                                             # gather path
+    assert [t for _, t in got] == [2, 0] and [c for c, _ in got] == pytest.approx([0.3, 0.5], abs=1e-2)
 
 
 def test_the_rate_of_the_best_fixed_gamma_comes_from_measured_tokens_when_given():

@@ -14,22 +14,25 @@ call that uses them.
 
 Choice. With d_1..d_k drawn, row b's chance of having all k accepted is predicted as ``m_b = Π_{i≤k}
 table[i][bin(q_i(d_i))]`` (0 once a d_i is EOS: later drafts would be cut off); each further draft j adds ``m_b ·
-ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; ``T_b(γ) = 1 +
-Σ_{j≤γ} Π_{i≤j} α_i``, DESIGN §3). Tokens per second are maximised in the long run by the policy that maximises,
-step by step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would have earned
-at the rate R), with ``c(γ)`` the cost of a step of γ drafts and R the rate of the best fixed γ (so on average
-rows the choice IS the best fixed γ). After each draft k the planner picks the best ``γ ∈ [k, γ_max]`` — k stops
-drafting, more runs the head again —, which reduces to a threshold on m (``stop_thresholds``). A drawn q_k always
-gets its draft: stopping before d_k would waste the head forward that gave q_k, and the replay found that it lost
-more than it saved. At batch > 1, m is the live rows' mean: a static batch ends with its last row, so what counts
-is the progress of whichever live row turns out the longest, and the mean is a random live row's (weighing the
-rows by their number instead, so that a batch's tail must earn its whole step, ran 5–7 % slower at batch 8 on
-arith). c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (made
-non-decreasing by ``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the
-token budget, which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share
-one verify forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the
-host: one ``.tolist()`` per draft (at batch 1 on a CPU a few µs; the step's EOS sync carries the verify's
-numbers).
+ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; ``T_b(γ) = 1 + Σ_{j≤γ}
+Π_{i≤j} α_i``, DESIGN §3). Tokens per second are maximised in the long run by the policy that maximises, step by
+step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would have earned at the rate
+R), with ``c(γ)`` the cost of a step of γ drafts and R the rate of the best fixed γ (so on average rows the choice
+IS the best fixed γ). After each draft k the planner picks the best ``γ ∈ [k, γ_max]`` — k stops drafting, more runs
+the head again —, which reduces to a threshold on m (``stop_thresholds``). A drawn q_k always gets its draft:
+stopping before d_k would waste the head forward that gave q_k, and the replay found that it lost more than it
+saved. At batch > 1, m is the mean over the live rows that have not drafted EOS: a static batch ends with its last
+row, so what counts is the progress of whichever live row turns out the longest, and the mean is a random live row's
+— but not of a row that has just drafted its EOS, which is about to end (counting those rows as 0 cut the drafts of
+the rows still running: 15 % more verify steps per batch than fixed γ = 5 at batch 8 on arith, against none without
+them; weighing the rows by their number, so that a batch's tail must earn its whole step, ran 5–7 % slower). c(γ)
+and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (made non-decreasing by
+``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the token budget, which
+the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share one verify forward, so
+γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one read of
+(q_k(d_k), d_k) per draft but the last (``draft_confidence``; the step's EOS sync carries the verify's numbers). In
+the decode loop it costs more than it seems: at batch 1 on a CPU, reading four drafts per step slowed the step by 3
+% (a ``gather`` per draft by 5 %), about two thirds of it as slower model forwards after each read.
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
@@ -205,6 +208,16 @@ def one_hot_argmax(q: Tensor) -> Tensor:
     return torch.zeros_like(q).scatter_(-1, q.argmax(-1, keepdim=True), 1.0)
 
 
+def draft_confidence(q: Tensor, d: Tensor) -> list[tuple[float, int]]:
+    """(q(d), d) per row on the host for drafts ``d`` [B] drawn from ``q`` [B, V], read once per draft while
+    drafting: on the CPU straight from q's memory (a ``gather`` there costs more in the decode loop than the
+    read itself), on an accelerator in one transfer."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        qn = q.numpy()
+        return [(float(qn[b, t]), t) for b, t in enumerate(d.tolist())]
+    return [(c, int(t)) for c, t in host_rows([q.gather(1, d.unsqueeze(1)), d.unsqueeze(1)])]
+
+
 def host_rows(cols: list[Tensor]) -> list[list[float]]:
     """Columns ``[B, n_i]`` (any dtypes, one device) as B host lists, in one transfer: one ``cat`` and ``tolist``
     on an accelerator (one sync); on the CPU the ``cat`` would cost more than the copies it saves."""
@@ -239,6 +252,7 @@ class DraftPlanner:
         self.done = [False] * batch                               # rows done at the last sync
         self.mass = [1.0] * batch                                 # predicted Π_{i≤k} r_i per row
         self.ended = [self.gamma + 1] * batch                     # per row: its first EOS draft k, this step
+        self.pooled = [0] * batch                                 # the bins of draft γ_max (one pooled bin)
         self.steps = 0
         self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
         self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
@@ -314,31 +328,37 @@ class DraftPlanner:
     def extend(self, k: int, q: Tensor, d: Tensor) -> int:
         """The draft length planned now that the rows' draft d_k ``[B]`` is drawn from their raw q_k ``[B, V]``:
         k = stop drafting, γ_max = run the head again (and decide again after d_{k+1}). A fixed planner keeps γ
-        and reads nothing."""
+        and reads nothing; at γ_max nothing is left to decide, and the last table is learned in one pooled bin
+        (its mean is all the thresholds use), so d_γmax is not read either."""
         if self.fixed:
             return self.gamma
-        conf = q.gather(-1, d.view(-1, 1)).view(-1)
-        if self.eos_id is not None:
-            conf = torch.where(d == self.eos_id, -conf, conf)
-        return self.decide(k, conf.tolist())
+        if k == self.gamma:
+            self.bins.append(self.pooled)
+            return k
+        eos = self.eos_id
+        return self.decide(k, [-c if t == eos else c for c, t in draft_confidence(q, d)])
 
     def decide(self, k: int, conf: list[float]) -> int:
         """``extend`` from the rows' confidences ``q_k(d_k)``, negated where d_k is EOS (drafts after an EOS are
-        worth nothing, so that row's chance of gaining from more drafts drops to 0): stop iff the live rows'
-        mean predicted chance that d_1..d_k are all accepted and worth extending is at most θ_k
-        (``stop_thresholds``)."""
+        worth nothing: that row's chance of gaining from more drafts drops to 0, and a row about to end cannot
+        be the one its batch waits for): stop iff the mean, over the live rows that have not drafted EOS, of the
+        predicted chance that d_1..d_k are all accepted is at most θ_k (``stop_thresholds``); with none left,
+        stop."""
         bins = [min(int(abs(c) * BINS), BINS - 1) for c in conf]  # confidence_bin, inline: once per draft
         self.bins.append(bins)
         total, live = 0.0, 0
         for b, end in enumerate(self.done):
-            if not end:
-                m = self.mass[b] * self.means[self.row_rule[b]][k - 1][bins[b]] if conf[b] >= 0 else 0.0
-                if conf[b] < 0:
-                    self.ended[b] = min(self.ended[b], k)
-                self.mass[b] = m
-                total += m
-                live += 1
-        return k if total <= self.theta[k - 1] * max(live, 1) else self.gamma
+            if end:
+                continue
+            if conf[b] < 0:
+                self.ended[b] = min(self.ended[b], k)
+            if self.ended[b] <= k:
+                self.mass[b] = 0.0
+                continue
+            self.mass[b] *= self.means[self.row_rule[b]][k - 1][bins[b]]
+            total += self.mass[b]
+            live += 1
+        return k if total <= self.theta[k - 1] * live else self.gamma
 
 
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
