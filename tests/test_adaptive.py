@@ -112,6 +112,21 @@ def test_the_rate_of_the_best_fixed_gamma_comes_from_measured_tokens_when_given(
     assert ad.best_fixed("rejection") == (2, pytest.approx(1.6))              # measured: 1.5 / 1 < 3.2 / 2
 
 
+def test_at_batch_above_one_drafts_stop_at_the_fixed_gamma_with_the_best_batch_throughput():
+    ad = AdaptiveDraft([1.0, 1.1, 1.2, 1.3], prior=0.95, step_tokens=[1.9, 2.8, 3.7, 4.6], throughput=[5, 9, 8, 7])
+    assert ad.batch_cap(1) == 4 and ad.batch_cap(8) == 2
+    assert AdaptiveDraft([1.0, 1.1], prior=0.9).batch_cap(8) == 2                  # no throughput measured: γ_max
+    sure = torch.tensor([[0.98, 0.02]] * 2)
+    d = torch.zeros(2, dtype=torch.long)
+    planner = DraftPlanner(ad, 4, 2, "rejection", False, "cpu")
+    assert planner.step(torch.zeros(2, dtype=torch.bool), sure)[1] == 2          # first plan: the cap
+    assert planner.extend(1, sure, d) == 2 and planner.extend(2, sure, d) == 2    # sure drafts, stopped at the cap
+    assert len(planner.theta) == 2 and planner.theta[-1] == float("inf")
+    planner = DraftPlanner(ad, 4, 1, "rejection", False, "cpu")
+    planner.step(torch.zeros(1, dtype=torch.bool), sure[:1])
+    assert [planner.extend(k, sure[:1], d[:1]) for k in (1, 2, 3)] == [4, 4, 4]   # batch 1: up to γ_max
+
+
 def test_monotone_fit_keeps_uneven_steps_and_pools_reordered_neighbours():
     assert monotone_fit([1.0, 1.4, 1.5, 2.0]) == pytest.approx([1.0, 1.4, 1.5, 2.0])   # uneven steps kept
     assert monotone_fit([1.0, 2.1, 1.9, 3.0]) == pytest.approx([1.0, 2.0, 2.0, 3.0])   # a noisy swap pooled
@@ -268,6 +283,7 @@ def test_decode_trace_holds_each_drafts_own_probability_and_acceptance_chance(pe
     ({"step_seconds": [1.0], "prior": 1.5}, "1.5"),
     ({"step_seconds": [1.0], "prior_weight": 0.0}, "prior_weight"),
     ({"step_seconds": [1.0, 2.0], "step_tokens": [1.5]}, "step_tokens"),
+    ({"step_seconds": [1.0, 2.0], "throughput": [900.0, 0.0]}, "throughput"),
 ])
 def test_adaptive_draft_rejects_bad_configuration(kwargs, needle):
     with pytest.raises(BebopError) as e:

@@ -153,7 +153,9 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
                         totals[name].merge(r.metrics)
         plain = totals["plain"].tokens_per_s
         res: dict = {"plain_tokens_per_s": plain, "calibration_seconds": calib_s,
-                     "step_seconds": list(adaptive.step_seconds), "prior_alpha": list(adaptive.prior), "fixed": {}}
+                     "step_seconds": list(adaptive.step_seconds), "prior_alpha": list(adaptive.prior),
+                     "calibrated_tokens_per_s": list(adaptive.throughput or []), "gamma_cap": adaptive.batch_cap(bs),
+                     "fixed": {}}
         for name, (gamma, _) in runs.items():
             if gamma is None:
                 continue
