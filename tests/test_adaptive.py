@@ -444,6 +444,12 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
         best = max(v["tokens_per_s"] for v in row["fixed"].values())
         assert row["fixed"][row["best_fixed"]]["tokens_per_s"] == best
         assert row["auto_vs_best_fixed"] == pytest.approx(row["auto"]["tokens_per_s"] / best)
+        upto = row["auto_vs_best_fixed_upto"]                     # against the best fixed γ ≤ 1, 2, 3
+        assert len(upto) == 3 and upto[-1] == pytest.approx(row["auto_vs_best_fixed"])
+        assert upto[0] == pytest.approx(row["auto"]["tokens_per_s"] / max(
+            row["fixed"][f"{rule}/1"]["tokens_per_s"] for rule in ("rejection", "target_only")))
+        assert upto[0] >= upto[1] >= upto[2]
+        assert 1 <= row["gamma_cap"] <= 3 and len(row["calibrated_tokens_per_s"]) == 3
         assert 1.0 <= row["auto"]["mean_gamma"] <= 3.0
         assert np.isfinite(row["plain_tokens_per_s"])
         rp = row["replay"]                                        # decisions scored without timing noise

@@ -171,6 +171,9 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
         best = max(res["fixed"], key=lambda k: res["fixed"][k]["tokens_per_s"])
         res["best_fixed"] = best
         res["auto_vs_best_fixed"] = res["auto"]["tokens_per_s"] / res["fixed"][best]["tokens_per_s"]
+        res["auto_vs_best_fixed_upto"] = [      # [c-1]: against the best fixed γ ≤ c (adaptive may draft past c)
+            res["auto"]["tokens_per_s"] / max(row["tokens_per_s"] for name, row in res["fixed"].items()
+                                              if int(name.rsplit("/", 1)[1]) <= c) for c in range(1, cfg.gamma_max + 1)]
         if "rejection" in rules:             # 4× the bench's prompts, other ones: a few thousand draft steps
             trace = [p for _, p in _decode_batches(tokenizer, replace(cfg, num_prompts=4 * cfg.num_prompts), bs,
                                                    cfg.seed + 104_729)]

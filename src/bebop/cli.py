@@ -289,6 +289,9 @@ def adaptive_table(results: dict, title: str) -> Table:
             table.add_row(bs, name + mark, f"{row['tokens_per_s']:.0f}", f"{row['speedup']:.2f}x",
                           f"{row['accept_length']:.2f}", f"{row['mean_gamma']:.2f}",
                           f"{row['target_only_fraction']:.0%}", f"{row['tokens_per_s'] / best:.2f}")
+        upto = r.get("auto_vs_best_fixed_upto", [])
+        if len(upto) > 5:        # the usual fixed range, when adaptive may draft longer than γ = 5
+            table.add_row(bs, "auto vs best fixed γ ≤ 5", "", "", "", "", "", f"{upto[4]:.2f}")
         rp = r.get("replay")
         if rp is not None:       # decisions replayed on recorded decode steps under the calibrated costs (no clock)
             table.add_row(bs, f"replay: auto (best fixed γ = {rp['best_fixed_gamma']})", "", "", "",
