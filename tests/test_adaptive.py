@@ -115,6 +115,7 @@ def test_the_rate_of_the_best_fixed_gamma_comes_from_measured_tokens_when_given(
 def test_at_batch_above_one_drafts_stop_at_the_fixed_gamma_with_the_best_batch_throughput():
     ad = AdaptiveDraft([1.0, 1.1, 1.2, 1.3], prior=0.95, step_tokens=[1.9, 2.8, 3.7, 4.6], throughput=[5, 9, 8, 7])
     assert ad.batch_cap(1) == 4 and ad.batch_cap(8) == 2
+    assert AdaptiveDraft([1.0] * 4, throughput=[5, 8.6, 9, 7]).batch_cap(2) == 2    # within 5 %: the shorter one
     assert AdaptiveDraft([1.0, 1.1], prior=0.9).batch_cap(8) == 2                  # no throughput measured: γ_max
     sure = torch.tensor([[0.98, 0.02]] * 2)
     d = torch.zeros(2, dtype=torch.long)
