@@ -85,16 +85,17 @@ def test_a_row_that_drafted_eos_does_not_dilute_the_rows_still_running():
     assert planner.decide(1, [0.95, -0.95, -0.95]) == 1             # every live row drafted EOS: stop
 
 
-def test_the_planner_reads_no_draft_at_gamma_max_and_learns_that_step_pooled():
+def test_the_planner_neither_reads_nor_learns_its_last_draft():
     ad = table_for({BINS - 1: (0.95, 1000.0)}, 2, [1.0, 1.1])
     planner = DraftPlanner(ad, 2, 1, "rejection", False, "cpu")
     sure = torch.tensor([[0.97, 0.03]])
     planner.step(torch.zeros(1, dtype=torch.bool), sure)
     assert planner.extend(1, sure, torch.tensor([0])) == 2
-    assert planner.extend(2, None, None) == 2 and planner.bins == [[BINS - 1], [0]]   # q, d never touched
+    assert planner.extend(2, None, None) == 2 and planner.bins == [[BINS - 1]]      # q, d never touched
     counts = ad.table("rejection")[1]
+    before = [sum(c) for c in counts]
     planner.step(torch.zeros(1, dtype=torch.bool), sure, torch.tensor([2]), torch.ones(1, 2))
-    assert counts[1][0] == pytest.approx(2.0 + 1) and counts[0][BINS - 1] == pytest.approx(1000.0 + 1)  # prior + 1
+    assert [sum(c) - b for c, b in zip(counts, before, strict=True)] == [1, 0]       # d_1 learned, d_2 not
 
 
 def test_draft_confidence_reads_each_rows_own_draft_on_either_path():
@@ -115,7 +116,8 @@ def test_the_rate_of_the_best_fixed_gamma_comes_from_measured_tokens_when_given(
 def test_at_batch_above_one_drafts_stop_at_the_fixed_gamma_with_the_best_batch_throughput():
     ad = AdaptiveDraft([1.0, 1.1, 1.2, 1.3], prior=0.95, step_tokens=[1.9, 2.8, 3.7, 4.6], throughput=[5, 9, 8, 7])
     assert ad.batch_cap(1) == 4 and ad.batch_cap(8) == 2
-    assert AdaptiveDraft([1.0] * 4, throughput=[5, 8.6, 9, 7]).batch_cap(2) == 2    # within 5 %: the shorter one
+    assert AdaptiveDraft([1.0] * 4, throughput=[5, 8.9, 9, 7]).batch_cap(2) == 2    # within 2 %: the shorter one
+    assert AdaptiveDraft([1.0] * 4, throughput=[5, 8.7, 9, 7]).batch_cap(2) == 3
     assert AdaptiveDraft([1.0, 1.1], prior=0.9).batch_cap(8) == 2                  # no throughput measured: γ_max
     sure = torch.tensor([[0.98, 0.02]] * 2)
     d = torch.zeros(2, dtype=torch.long)
