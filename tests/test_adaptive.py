@@ -192,13 +192,14 @@ def test_a_fixed_planner_keeps_gamma_and_reads_no_draft():
 def test_planner_learns_only_the_steps_each_live_row_reached_in_the_bins_of_their_own_drafts():
     ad = AdaptiveDraft([1.0, 1.2, 1.4], prior=0.5, prior_weight=2.0)
     planner = DraftPlanner(ad, 3, 2, "rejection", False, "cpu")
+    planner.LEARN_EVERY = 1                                       # learn from every verify (cadence: next test)
     d = torch.zeros(2, dtype=torch.long)                          # q_k(d_k) = the first column
     q1 = torch.tensor([[0.95, 0.05], [0.55, 0.45]])               # bins 9 and 5
 
     def draft_three():
         planner.extend(1, q1, d)
         planner.extend(2, torch.tensor([[0.75, 0.25], [0.65, 0.35]]), d)  # bins 7 and 6
-        planner.extend(3, torch.tensor([[0.85, 0.15], [0.15, 0.85]]), d)  # bins 8 and 1
+        planner.extend(3, torch.tensor([[0.85, 0.15], [0.15, 0.85]]), d)  # the last draft: not read
 
     planner.step(torch.zeros(2, dtype=torch.bool), q1)
     draft_three()
@@ -214,6 +215,21 @@ def test_planner_learns_only_the_steps_each_live_row_reached_in_the_bins_of_thei
     planner.step(torch.tensor([True, True]), q1, torch.tensor([3, 3]), r)     # row 1 was done: only row 0 learns
     assert counts[0][5] == 3.0 and counts[0][9] == 4.0
     assert ad.choice == {}                                                    # one rule: no RS/TO choice
+
+
+def test_the_tables_learn_from_every_fourth_verify_only():
+    ad = AdaptiveDraft([1.0, 1.2], prior=0.5)
+    planner = DraftPlanner(ad, 2, 1, "rejection", False, "cpu")
+    q = torch.tensor([[0.95, 0.05]])
+    live, d = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+    planner.step(live, q)
+    learned = []
+    for _ in range(9):                                            # verifies of steps 1..9
+        planner.extend(1, q, d)
+        before = sum(ad.table("rejection")[1][0])
+        planner.step(live, q, torch.tensor([1]), torch.ones(1, 2))
+        learned.append(sum(ad.table("rejection")[1][0]) - before)
+    assert learned == [1, 0, 0, 0, 1, 0, 0, 0, 1]
 
 
 def test_rule_auto_learns_both_rules_alpha_by_the_bin_of_max_q1():

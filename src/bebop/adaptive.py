@@ -252,10 +252,13 @@ class DraftPlanner:
     ``auto_rule`` picks RS or TO per row and step, else every row uses ``rule``.
 
     Per decoding step the engine calls ``step`` once (at its host sync, with q_1 and the last verify's
-    outcome) and, while drafting, ``extend`` once per drawn draft d_k (an adaptive planner only). The table
-    means and stop thresholds it decides with are refreshed from the learned tables every ``REFRESH`` steps."""
+    outcome) and, while drafting, ``extend`` once per drawn draft d_k (an adaptive planner only). The tables
+    learn from the verify of every ``LEARN_EVERY``-th step (1st, 5th, …: the others read only which rows are
+    done, as a fixed γ does), and the table means and stop thresholds it decides with are refreshed from them
+    every ``REFRESH`` steps."""
 
     REFRESH = 8
+    LEARN_EVERY = 4
 
     def __init__(self, adaptive: AdaptiveDraft | None, gamma: int, batch: int, rule: str, auto_rule: bool,
                  device: torch.device | str, eos_id: int | None = None) -> None:
@@ -296,13 +299,14 @@ class DraftPlanner:
         learned by an adaptive planner; RS may pass the raw ratio p(d)/q(d), counted as at most 1) and, for rule
         auto, ``alphas`` [B, 2·γ_t] (each rule's expected α per step); rows done before the verify are skipped."""
         auto = len(self.rules) > 1
+        learn = accepted is not None and (self.steps - 1) % self.LEARN_EVERY == 0
         cols = [done.unsqueeze(1)] + ([q1.amax(-1, keepdim=True)] if auto else [])
-        if accepted is not None:
+        if learn:
             cols += [accepted.unsqueeze(1), accept] + ([alphas] if auto else [])
         rows = host_rows(cols)                                   # [done, (max q_1), (A, r..., α...)] per row
         ad, off = self.adaptive, 1 + auto
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
-        if accepted is not None:                                 # learn at the steps each row reached
+        if learn:                                                # learn at the steps each row reached
             G = accept.shape[1]
             tables = [ad.table(rule) for rule in self.rules] if not self.fixed else []
             choice = [ad.choice_table(rule) for rule in self.rules] if auto else []
