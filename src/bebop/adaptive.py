@@ -2,15 +2,15 @@
 from the head's own probability of each draft it has drawn — and RS vs TO per row from the decision boundary of
 DESIGN §3.
 
-Signal. Drafting is sequential, and after drawing d_k ~ q_k the head has to decide whether to run once more
-(for q_{k+1}, d_{k+1}) or stop and verify. The chance that d_k is accepted, given d_k, is ``r_k = min(1,
+Signal. Drafting is sequential, and after drawing d_k ~ q_k the head has to decide whether to run once more (for
+q_{k+1}, d_{k+1}) or stop and verify. The chance that d_k is accepted, given d_k, is ``r_k = min(1,
 p_k(d_k)/q_k(d_k))`` under RS (``p_k(d_k)`` under TO, where d_k = argmax q_k), and the draft's own probability
 ``q_k(d_k)`` is a free, local predictor of it (arith, e2e-TV head, 977 decode steps at γ = 8, batch 1: correlation
-0.45–0.63 at every k, against 0.32–0.57 for ``max q_k``). ``AdaptiveDraft.tables`` keep, per rule and draft step
-k, the mean r_k per confidence bin of ``q_k(d_k)`` (``BINS`` equal bins of [0, 1]), learned from every verify at
-the steps each row reached (k ≤ A + 1, so a table holds r_k given drafts 1..k−1 accepted). They start from the
-head's mean α_k (``prior``, worth ``prior_weight`` observations per bin) and keep learning from every decoding
-call that uses them.
+0.45–0.63 at every k, against 0.32–0.57 for ``max q_k``). ``AdaptiveDraft.tables`` keep, per rule and draft step k,
+the mean r_k per confidence bin of ``q_k(d_k)`` (``BINS`` equal bins of [0, 1]), learned from every 4th verify
+(``DraftPlanner.LEARN_EVERY``) at the steps each row reached (k ≤ A + 1, so a table holds r_k given drafts 1..k−1
+accepted). They start from the head's mean α_k (``prior``, worth ``prior_weight`` observations per bin) and keep
+learning from every decoding call that uses them.
 
 Choice. With d_1..d_k drawn, row b's chance of having all k accepted is predicted as ``m_b = Π_{i≤k}
 table[i][bin(q_i(d_i))]`` (0 once a d_i is EOS: later drafts would be cut off); each further draft j adds ``m_b ·
@@ -25,14 +25,16 @@ saved. At batch > 1, m is the mean over the live rows that have not drafted EOS:
 row, so what counts is the progress of whichever live row turns out the longest, and the mean is a random live row's
 — but not of a row that has just drafted its EOS, which is about to end (counting those rows as 0 cut the drafts of
 the rows still running: 15 % more verify steps per batch than fixed γ = 5 at batch 8 on arith, against none without
-them; weighing the rows by their number, so that a batch's tail must earn its whole step, ran 5–7 % slower). c(γ)
-and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per step (made non-decreasing by
-``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS and the token budget, which
-the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch share one verify forward, so
-γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on the host: one read of
-(q_k(d_k), d_k) per draft but the last (``draft_confidence``; the step's EOS sync carries the verify's numbers). In
-the decode loop it costs more than it seems: at batch 1 on a CPU, reading four drafts per step slowed the step by 3
-% (a ``gather`` per draft by 5 %), about two thirds of it as slower model forwards after each read.
+them; weighing the rows by their number, so that a batch's tail must earn its whole step, ran 5–7 % slower); and it
+never drafts past ``AdaptiveDraft.batch_cap``, because a static batch waits for its slowest row and longer drafts
+spread the rows' progress. c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per
+step (made non-decreasing by ``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS
+and the token budget, which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch
+share one verify forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on
+the host: one read of (q_k(d_k), d_k) per draft but the last (``draft_confidence``; the step's EOS sync carries the
+verify's numbers). In the decode loop it costs more than it seems: at batch 1 on a CPU, reading four drafts per step
+slowed the step by 3 % (a ``gather`` per draft by 5 %), about two thirds of it as slower model forwards after each
+read.
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
