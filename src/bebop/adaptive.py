@@ -301,7 +301,7 @@ class DraftPlanner:
         learned by an adaptive planner; RS may pass the raw ratio p(d)/q(d), counted as at most 1) and, for rule
         auto, ``alphas`` [B, 2·γ_t] (each rule's expected α per step); rows done before the verify are skipped."""
         auto = len(self.rules) > 1
-        learn = accepted is not None and (self.steps - 1) % self.LEARN_EVERY == 0
+        learn = accepted is not None and self.learning
         cols = [done.unsqueeze(1)] + ([q1.amax(-1, keepdim=True)] if auto else [])
         if learn:
             cols += [accepted.unsqueeze(1), accept] + ([alphas] if auto else [])
@@ -332,6 +332,12 @@ class DraftPlanner:
         if not any(self.row_rule):
             return False, self.gamma, None
         return False, self.gamma, torch.tensor([r == 1 for r in self.row_rule], device=self.device)
+
+    @property
+    def learning(self) -> bool:
+        """Whether the verify of the current step is learned from (every ``LEARN_EVERY``-th: 1st, 5th, …); the
+        engine skips what only learning reads (rule auto's per-rule α) on the other steps."""
+        return (self.steps - 1) % self.LEARN_EVERY == 0
 
     def begin(self, conf: list[float] | None = None) -> int:
         """Start a step; with rule auto, pick each row's rule from its confidence ``max q_1`` (``conf``). Returns

@@ -592,7 +592,8 @@ def generate_mtp(
         pos_x = pos_x + a1
         length = s + Gt + 1
         if planner is not None:                                        # the step's one host sync
-            alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) if auto_rule else None
+            alphas = torch.cat(step_alphas(p_t[:, :Gt], torch.stack(raw, dim=1)), dim=1) \
+                if auto_rule and planner.learning else None
             q1 = _probs(lm_head(g), params)
             all_done, Gt, to_rows = planner.step(done, q1, a, ratio, alphas)
         else:
