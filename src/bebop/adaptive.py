@@ -389,7 +389,7 @@ class DraftPlanner:
             self.mass[b] *= self.means[self.row_rule[b]][k - 1][bins[b]]
             total += self.mass[b]
             live += 1
-        return k if total <= self.theta[k - 1] * live else self.gamma
+        return k if not live or total <= self.theta[k - 1] * live else self.gamma   # θ_γmax = ∞: ∞·0 would be NaN
 
 
 def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
