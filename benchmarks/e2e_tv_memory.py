@@ -1,4 +1,4 @@
-"""Peak memory of e2e_tv forward+backward: chunked (bebop.losses.e2e_tv_loss_chunked) vs the naive
+"""Peak memory of e2e_tv forward+backward: chunked (bebop.core.losses.e2e_tv_loss_chunked) vs the naive
 full-softmax version, each in its own subprocess (peak RSS via getrusage), at Qwen's vocabulary.
 
     python benchmarks/e2e_tv_memory.py --positions 4096 --gamma 3 --vocab 151936 --json out.json
@@ -21,7 +21,7 @@ import sys
 def child(variant: str, positions: int, gamma: int, vocab: int, hidden: int, chunk: int) -> None:
     import torch
 
-    from bebop.losses import e2e_tv_loss_chunked, mtp_loss
+    from bebop.core.losses import e2e_tv_loss_chunked, mtp_loss
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

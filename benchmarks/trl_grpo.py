@@ -44,10 +44,11 @@ import transformers  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-import bebop.rl  # noqa: E402
-from bebop.model import load_policy  # noqa: E402
-from bebop.rl import RLConfig, train_rl  # noqa: E402
-from bebop.rollout import step_seed  # noqa: E402
+import bebop.rl.trainer  # noqa: E402
+from bebop.models.policy import load_policy  # noqa: E402
+from bebop.rl.config import RLConfig  # noqa: E402
+from bebop.rl.rollout import step_seed  # noqa: E402
+from bebop.rl.trainer import train_rl  # noqa: E402
 from bebop.tasks import get_task, sample_problems  # noqa: E402
 
 MICRO_BATCH = 64   # bebop's RLConfig.micro_batch default; TRL's per_device_train_batch_size
@@ -73,20 +74,20 @@ def run_bebop(args, strategy: str, out: Path) -> dict:
     # CPU seconds per step (robust to other jobs on the machine): process_time at the end of each step's
     # policy update; consecutive differences span one whole step (rollout n + update n), steps 1..N-1.
     marks: list[float] = []
-    policy_update = bebop.rl.policy_update
+    policy_update = bebop.rl.trainer.policy_update
 
     def marked_update(*a, **k):
         stats = policy_update(*a, **k)
         marks.append(time.process_time())
         return stats
 
-    bebop.rl.policy_update = marked_update
+    bebop.rl.trainer.policy_update = marked_update
     load = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         train_rl(cfg, console=Console(quiet=True))
     finally:
-        bebop.rl.policy_update = policy_update
+        bebop.rl.trainer.policy_update = policy_update
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     step_cpu = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     rows = [json.loads(ln) for ln in (out / "rl.jsonl").read_text().splitlines() if ln]

@@ -10,15 +10,15 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from bebop.sft import task_corpus
-    from bebop.tokenizer import build_tokenizer
+    from bebop.models.tokenizer import build_tokenizer
+    from bebop.training.sft import task_corpus
 
     return build_tokenizer(task_corpus(n_per_task=100))
 
 
 def build_tiny_policy(tokenizer, seed: int = 0, logit_scale: float = 1.0):
     """A 2-layer, 32-wide random Qwen3 policy; ``logit_scale`` > 1 sharpens its (tied) logits."""
-    from bebop.model import ModelConfig, build_policy
+    from bebop.models.policy import ModelConfig, build_policy
 
     torch.manual_seed(seed)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)

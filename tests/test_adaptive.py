@@ -12,7 +12,10 @@ import torch
 from test_bench import cli, dirs  # noqa: F401  (module fixture: a tiny saved policy + head)
 from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prompts_for, sequence_law  # noqa: F401
 
-from bebop.adaptive import (
+from bebop.core.sampling import SamplingParams, verify
+from bebop.engine.decode import _verify_rs, generate, generate_mtp
+from bebop.errors import BebopError
+from bebop.experimental.adaptive import (
     BINS,
     AdaptiveDraft,
     DraftPlanner,
@@ -26,9 +29,6 @@ from bebop.adaptive import (
     step_tokens,
     stop_thresholds,
 )
-from bebop.engine import _verify_rs, generate, generate_mtp
-from bebop.errors import BebopError
-from bebop.sampling import SamplingParams, verify
 
 
 def test_accept_lengths_is_one_plus_expected_accepted_drafts():

@@ -14,12 +14,12 @@ from conftest import build_tiny_policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bebop import analysis, plots
+from bebop.core.sampling import SamplingParams
 from bebop.errors import BebopError
-from bebop.model import save_policy
-from bebop.mtp import MTPHead, save_head
-from bebop.sampling import SamplingParams
-from bebop.train_mtp import expected_alpha, policy_samples
+from bebop.experiments import analysis, plots
+from bebop.models.mtp import MTPHead, save_head
+from bebop.models.policy import save_policy
+from bebop.training.train_mtp import expected_alpha, policy_samples
 
 # ------------------------------------------------------------------------------------------------ fits
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import build_tiny_policy
 
-from bebop.model import save_policy
-from bebop.mtp import MTPHead, save_head
+from bebop.models.mtp import MTPHead, save_head
+from bebop.models.policy import save_policy
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def render_help(args: list[str]) -> str:
     """``bebop ARGS --help`` at a fixed width, colours off, trailing spaces stripped."""
-    env = {"COLUMNS": "160", "TERMINAL_WIDTH": "160", "NO_COLOR": "1", "TERM": "dumb", "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
+    env = {"COLUMNS": "160", "TERMINAL_WIDTH": "160", "NO_COLOR": "1", "TERM": "dumb",
+           "_TYPER_FORCE_DISABLE_TERMINAL": "1"}
     result = CliRunner().invoke(app, [*args, "--help"], env=env, prog_name="bebop")
     assert result.exit_code == 0, result.output
     return "\n".join(line.rstrip() for line in _ANSI.sub("", result.output).splitlines()) + "\n"

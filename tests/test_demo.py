@@ -10,7 +10,7 @@ import sys
 import pytest
 from matplotlib.image import imread
 
-from bebop.demo import CLAIMS, PLOTS, evaluate_claims, quick_config, run_demo
+from bebop.experiments.demo import CLAIMS, PLOTS, evaluate_claims, quick_config, run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ("report.md", "summary.json", "losses.json", "sweep.json", "entropy.json", "rl/bench_rl.json",

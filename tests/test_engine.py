@@ -9,10 +9,10 @@ import torch
 from conftest import build_tiny_policy
 from scipy.stats import chisquare
 
-from bebop.engine import generate, generate_mtp
+from bebop.core.sampling import SamplingParams, probs_from_logits
+from bebop.engine.decode import generate, generate_mtp
 from bebop.errors import BebopError
-from bebop.mtp import MTPHead
-from bebop.sampling import SamplingParams, probs_from_logits
+from bebop.models.mtp import MTPHead
 
 P_FALSE_ALARM = 1e-4  # each chi-square test rejects a correct sampler with this probability
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from bebop.config import make_config
 from bebop.errors import BebopError
-from bebop.model import ModelConfig, load_policy, save_policy
-from bebop.sft import SFTConfig, encode_example, sft_batch
+from bebop.models.policy import ModelConfig, load_policy, save_policy
 from bebop.tasks import get_task, sample_problems
+from bebop.training.sft import SFTConfig, encode_example, sft_batch
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -118,7 +118,7 @@ def test_configs_validate_and_merge_toml(tmp_path):
 
 
 def test_evaluate_reports_accuracy_and_entropy(tiny_model, tiny_tokenizer):
-    from bebop.evaluate import evaluate
+    from bebop.training.evaluate import evaluate
 
     res = evaluate(tiny_model, tiny_tokenizer, get_task("arith"), samples=8, max_new_tokens=12, batch_size=4)
     assert set(res) >= {"accuracy", "greedy_accuracy", "entropy"}

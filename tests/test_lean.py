@@ -1,4 +1,4 @@
-"""bebop.lean computes what transformers computes: logits of the lean target and head forwards match the HF
+"""bebop.models.lean computes what transformers computes: logits of the lean target and head forwards match the HF
 modules on random prompts with left padding and holes, in one call and chunked through the static cache;
 fused weights follow in-place updates; the engine's transformers fallback gives the same log-probs."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import build_tiny_policy
 
-import bebop.engine as engine
-from bebop.lean import lean_decoder, lean_head
-from bebop.mtp import MTPHead
-from bebop.sampling import SamplingParams
+from bebop.core.sampling import SamplingParams
+from bebop.engine import decode as engine
+from bebop.models.lean import lean_decoder, lean_head
+from bebop.models.mtp import MTPHead
 
 
 @pytest.fixture(scope="module")

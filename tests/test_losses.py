@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bebop.core.losses import LOSSES, TotalVariation, e2e_tv_from_tvs, mtp_loss, step_losses
 from bebop.errors import BebopError
-from bebop.losses import LOSSES, TotalVariation, e2e_tv_from_tvs, mtp_loss, step_losses
 
 
 def _p(n, v, seed=0):
@@ -94,7 +94,7 @@ def test_chunked_e2e_tv_equals_full_logits_version(chunk):
     hp = torch.randn(n, gamma, h, dtype=torch.float64)
     hq = (hp + 0.5 * torch.randn(n, gamma, h, dtype=torch.float64)).requires_grad_()
     mask = torch.tensor([1.0, 1, 0, 1, 1, 1, 0])
-    from bebop.losses import e2e_tv_loss_chunked
+    from bebop.core.losses import e2e_tv_loss_chunked
 
     chunked = e2e_tv_loss_chunked(hq, hp, weight, tau, mask, chunk=chunk)
     chunked.backward()
@@ -108,7 +108,7 @@ def test_chunked_e2e_tv_equals_full_logits_version(chunk):
 
 
 def test_chunked_tv_gradcheck():
-    from bebop.losses import ChunkedTotalVariation
+    from bebop.core.losses import ChunkedTotalVariation
 
     weight = torch.randn(13, 4, dtype=torch.float64)
     hp = torch.randn(5, 4, dtype=torch.float64)
@@ -118,7 +118,7 @@ def test_chunked_tv_gradcheck():
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss_from_hidden_equals_loss_on_full_logits(name):
-    from bebop.losses import mtp_loss_from_hidden
+    from bebop.core.losses import mtp_loss_from_hidden
 
     torch.manual_seed(1)
     n, gamma, h, v, tau = 6, 2, 8, 30, 1.3

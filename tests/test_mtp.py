@@ -1,4 +1,4 @@
-"""Tests for bebop.mtp: the MTP head (DESIGN §2), its masks/caches, unroll, and checkpoint layouts."""
+"""Tests for bebop.models.mtp: the MTP head (DESIGN §2), its masks/caches, unroll, and checkpoint layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from bebop.errors import BebopError
-from bebop.mtp import MTPHead, export_head, hf_mtp_generate, load_head, save_head
+from bebop.models.mtp import MTPHead, export_head, hf_mtp_generate, load_head, save_head
 
 H, V, N_BASE = 64, 97, 2
 BLOCK = [

@@ -1,6 +1,6 @@
-"""Native multi-turn rollouts (``bebop.turns.generate_turns``): rows pause at the terminator, environment tokens
+"""Native multi-turn rollouts (``bebop.engine.turns.generate_turns``): rows pause at the terminator, environment tokens
 are prefilled into both caches, decoding resumes with MTP drafting. Checked against the exact law of the
-transcripts, a fresh full forward, the re-prefill reference (``bebop.multiturn.rollout_multi_turn_reprefill``)
+transcripts, a fresh full forward, the re-prefill reference (``bebop.training.multiturn.rollout_multi_turn_reprefill``)
 and single-row runs."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch
 from conftest import build_tiny_policy
 from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for
 
-from bebop import engine
-from bebop.mtp import MTPHead
-from bebop.multiturn import rollout_multi_turn, rollout_multi_turn_reprefill
-from bebop.sampling import SamplingParams, probs_from_logits
+from bebop.core.sampling import SamplingParams, probs_from_logits
+from bebop.engine import decode as engine
+from bebop.engine.turns import generate_turns
+from bebop.models.mtp import MTPHead
 from bebop.tasks import sample_problems
 from bebop.tasks.agent import AgentTask
-from bebop.turns import generate_turns
+from bebop.training.multiturn import rollout_multi_turn, rollout_multi_turn_reprefill
 
 STOP = 7      # the toy environment's terminator: the peaky policy's most likely first token (p ≈ 0.25)
 REPLY = [5, 6]  # what the toy environment appends after every terminator
@@ -218,7 +218,7 @@ def test_rows_finish_independently(peaky, tiny_tokenizer, strategy):
 
 def test_mtp_training_data_for_the_agent_task_holds_real_environment_replies(tool_caller, tiny_tokenizer):
     """train_mtp's policy samples on a multi-turn task are real episodes: the environment answered every call."""
-    from bebop.train_mtp import policy_samples
+    from bebop.training.train_mtp import policy_samples
 
     rows = policy_samples(tool_caller[0], tiny_tokenizer, AgentTask(), 4, 0.0, 40, seed=0)
     for ids, n_prompt in rows:

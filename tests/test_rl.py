@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.errors import BebopError
-from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
-from bebop.model import load_policy, save_policy
-from bebop.mtp import MTPHead, load_head, save_head
-from bebop.rl import CHECKPOINT, RLConfig, head_update, policy_update, save_checkpoint, train_rl, training_batch
-from bebop.rollout import RolloutWorker, check_ray_address, snapshot
+from bebop.models.mtp import MTPHead, load_head, save_head
+from bebop.models.policy import load_policy, save_policy
+from bebop.rl.config import RLConfig
+from bebop.rl.rollout import RolloutWorker, check_ray_address, snapshot
+from bebop.rl.trainer import CHECKPOINT, head_update, policy_update, save_checkpoint, train_rl, training_batch
 
 TESTS = Path(__file__).parent
 REWARD = "rl_rewards:digit_fraction"
@@ -299,7 +300,7 @@ def test_resume_without_checkpoint_is_a_clear_error(policy_dirs, tmp_path):
 
 
 def test_bench_rl_runs_methods_side_by_side(policy_dirs, tmp_path):
-    from bebop.bench_rl import RLBenchConfig, bench_rl
+    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
 
     policy, mtp = policy_dirs
     base = replace(small_config(policy_dirs, tmp_path), mtp_strategy="none")
@@ -329,8 +330,8 @@ def test_rollout_batch_splits_engine_calls(policy_dirs, tmp_path):
 
 
 def test_bench_rl_config_flags_override_the_shared_rl_settings():
-    from bebop.bench_rl import RLBenchConfig
     from bebop.config import make_config
+    from bebop.experiments.bench_rl import RLBenchConfig
 
     cfg = make_config(RLBenchConfig, None, **{"rl.lr": 1e-3, "rl.rollout_batch": 16, "rl.seed": None})
     assert cfg.rl.lr == 1e-3 and cfg.rl.rollout_batch == 16

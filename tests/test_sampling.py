@@ -1,4 +1,4 @@
-"""Tests for bebop.sampling: the logits -> p transforms and exact speculative verification (DESIGN §3).
+"""Tests for bebop.core.sampling: the logits -> p transforms and exact speculative verification (DESIGN §3).
 
 Statistical tests use fixed seeds, so they are deterministic. Each goodness-of-fit assertion rejects at
 p-value < 1e-4, i.e. a correct implementation would fail any single one of them for a fraction 1e-4 of
@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from bebop.errors import BebopError
-from bebop.sampling import (
+from bebop.core.sampling import (
     PAD_ID,
     SamplingParams,
     draft_tokens,
@@ -30,6 +29,7 @@ from bebop.sampling import (
     total_variation,
     verify,
 )
+from bebop.errors import BebopError
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bebop.sft import completion_loss_mask, sft_batch
 from bebop.tasks import TASKS, AgentTask, CodeTask, Problem, get_task, interp, sample_problems
 from bebop.tasks.agent import (
     ERRORS,
@@ -28,6 +27,7 @@ from bebop.tasks.agent import (
 )
 from bebop.tasks.code import program_value, split_program
 from bebop.tasks.interp import evaluate_expression, run
+from bebop.training.sft import completion_loss_mask, sft_batch
 
 FAST = 0.5  # seconds: every rejected program must come back at least this fast
 RESPONSE = re.compile(r"\n(?:result: -?\d+|error: (?:" + "|".join(ERRORS) + r"))\n")
@@ -439,7 +439,7 @@ def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> No
     """A scripted policy emitting the references' model segments (then junk after EOS, as ``generate`` would
     when it only stops at the terminator) gets the references back as transcripts, with full reward."""
     from bebop import multiturn
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
 
     task, rng = AgentTask(), random.Random(2)
     problems = sample_problems(task, 12, 3)
@@ -475,8 +475,8 @@ def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> No
 
 
 def test_multi_turn_rollouts_with_a_random_policy(tiny_model, tiny_tokenizer) -> None:
-    from bebop.multiturn import rollout_multi_turn
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
+    from bebop.training.multiturn import rollout_multi_turn
 
     task = AgentTask()
     problems = sample_problems(task, 4, 0)
@@ -488,7 +488,7 @@ def test_multi_turn_rollouts_with_a_random_policy(tiny_model, tiny_tokenizer) ->
 
 
 def test_evaluate_runs_agent_multi_turn(tiny_model, tiny_tokenizer) -> None:
-    from bebop.evaluate import evaluate
+    from bebop.training.evaluate import evaluate
 
     res = evaluate(tiny_model, tiny_tokenizer, AgentTask(), samples=4, max_new_tokens=12, batch_size=4)
     assert res["task"] == "agent" and 0.0 <= res["accuracy"] <= 1.0 and res["mean_tokens"] > 0

@@ -9,9 +9,9 @@ import torch
 from conftest import build_tiny_policy
 
 from bebop.errors import BebopError
-from bebop.model import load_policy, save_policy
-from bebop.mtp import load_head
-from bebop.train_mtp import TrainMTPConfig, train_mtp
+from bebop.models.mtp import load_head
+from bebop.models.policy import load_policy, save_policy
+from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
 
 @pytest.fixture(scope="module")

@@ -69,3 +69,12 @@ def positive(name: str, value: float) -> None:
     """Raise a BebopError unless ``value`` > 0."""
     if not value > 0:
         raise BebopError(f"{name} must be positive, got {value!r}")
+
+
+def check_gamma(value: int, name: str = "gamma") -> int:
+    """The one draft-length check: γ counts drafted tokens per verify step (DESIGN §3), so γ ≥ 1."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BebopError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise BebopError(f"{name} must be >= 1, got {value}")
+    return value

@@ -26,8 +26,8 @@ Reference transcripts are varied: lookups in random order, one calculator call o
 (``3*4+2*7``, operands and terms randomly commuted) or a calculator call after the first lookup whose
 result the second call reuses (``12+2*7``); a single item with quantity 1 may skip the calculator.
 
-Engine interface for multi-turn rollouts (implemented by ``bebop.turns.generate_turns``, driven by
-``bebop.multiturn.rollout_multi_turn`` for evaluation and by ``bebop.rollout`` for RL):
+Engine interface for multi-turn rollouts (implemented by ``bebop.engine.turns.generate_turns``, driven by
+``bebop.training.multiturn.rollout_multi_turn`` for evaluation and by ``bebop.rl.rollout`` for RL):
 
 1. Stop token: ``TERMINATOR`` (``"}"``) is a single token of the project tokenizer (punctuation is always
    split into single characters) and appears in model text only as the end of a tool call. Its id is

@@ -12,12 +12,10 @@ head trains, and the head is not in the policy loss).
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,98 +23,22 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from bebop.config import positive
+from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
+from bebop.core.losses import mtp_loss_from_hidden
 from bebop.errors import BebopError
-from bebop.grpo import completion_logprobs, group_advantages, grpo_loss
-from bebop.losses import mtp_loss_from_hidden
-from bebop.model import load_policy, save_policy
-from bebop.mtp import MTPHead, load_head, save_head
-from bebop.rollout import (
-    RULES_RL,
-    STRATEGIES,
+from bebop.io import atomic_write
+from bebop.models.mtp import MTPHead, load_head, save_head
+from bebop.models.policy import load_policy, save_policy
+from bebop.rl.config import ONLINE_LOSS, RLConfig
+from bebop.rl.rollout import (
     LocalBackend,
     RayBackend,
     RolloutBatch,
-    load_reward,
     snapshot,
 )
-from bebop.sft import warmup_cosine
 from bebop.tasks import get_task
-from bebop.train_mtp import pad_batch, teacher_forced
-
-ONLINE_LOSS = {"online-ce": "ce", "online-tv": "e2e_tv"}
-
-
-@dataclass
-class RLConfig:
-    task: str = "arith"
-    model: str = "runs/arith/base"
-    mtp: str | None = None              # head dir; needed for `frozen`, optional start for online strategies
-    out: str = "runs/arith/rl"
-    mtp_strategy: str = "frozen"        # none | frozen | online-ce | online-tv
-    rule: str = "rejection"             # rejection | target_only
-    gamma: int = 3
-    steps: int = 30
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 96
-    rollout_batch: int = 0              # rows per engine call (0 = all prompts × G at once)
-    lr: float = 2e-4
-    warmup: int = 3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0                # KL to the initial (reference) policy; 0 = off
-    micro_batch: int = 64               # rows per forward/backward (gradient accumulation)
-    async_rollouts: bool = False
-    max_staleness: int = 1              # async: rollouts may come from up to this many versions ago
-    online_every: int = 5               # online strategies: re-train the head every N steps
-    online_steps: int = 20              # head optimizer steps per re-training
-    online_lr: float = 1e-3
-    online_grad_clip: float = 1.0
-    online_gamma_train: int = 3
-    backend: str = "local"              # local | ray
-    ray_address: str | None = None
-    ray_workers: int = 1
-    rollout_threads: int = 0            # torch threads in each rollout worker (0 = default)
-    checkpoint_every: int = 5
-    eval_samples: int = 256             # held-out accuracy before and after RL (0 = skip)
-    reward: str | None = None           # "module:function" replacing the task's reward
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        load_reward(self.task, self.reward)
-        if self.mtp_strategy not in STRATEGIES:
-            raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if self.rule not in RULES_RL:
-            raise BebopError(f"unknown rule {self.rule!r} for RL rollouts; choose one of: {', '.join(RULES_RL)}")
-        if self.mtp_strategy == "frozen" and not self.mtp:
-            raise BebopError("mtp_strategy 'frozen' needs a trained head: pass --mtp DIR (or --mtp-strategy none)")
-        if self.group_size < 2:
-            raise BebopError(f"group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}")
-        if self.max_staleness < 0:
-            raise BebopError(f"max_staleness must be >= 0, got {self.max_staleness}")
-        if self.gamma < 1:
-            raise BebopError(f"gamma must be >= 1, got {self.gamma}")
-        if not self.temperature > 0:
-            raise BebopError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
-        if self.backend not in ("local", "ray"):
-            raise BebopError(f"unknown backend {self.backend!r}; choose local or ray")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "lr", "micro_batch", "online_every",
-                     "online_steps", "online_lr", "online_gamma_train", "checkpoint_every", "ray_workers"):
-            positive(name, getattr(self, name))
-
-    @property
-    def staleness_bound(self) -> int:
-        return self.max_staleness if self.async_rollouts else 0
-
-    @property
-    def use_mtp(self) -> bool:
-        return self.mtp_strategy != "none"
-
+from bebop.training.sft import warmup_cosine
+from bebop.training.train_mtp import pad_batch, teacher_forced
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -126,16 +48,7 @@ CHECKPOINT = "checkpoint.pt"
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``: a crash
     leaves either the previous checkpoint or the new one, never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(out: Path) -> dict:
@@ -259,7 +172,7 @@ def live_table(rows: list[dict], title: str) -> Table:
 def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None) -> dict:
     """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint.pt`` every ``checkpoint_every``
     steps, and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into ``cfg.out``."""
-    from bebop.evaluate import evaluate
+    from bebop.training.evaluate import evaluate
 
     console = console or Console()
     out = Path(cfg.out)

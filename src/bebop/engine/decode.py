@@ -7,7 +7,7 @@ Rows accept ragged counts; the caches stay rectangular, with a per-row validity 
 explicit per-row position ids, so no row's prefix is ever recomputed.
 
 Forwards: both ``generate`` and ``generate_mtp`` run the target (and the head) through the same backend —
-``bebop.lean`` (static KV slots written in place, fused projections over the model's own weights, same math
+``bebop.models.lean`` (static KV slots written in place, fused projections over the model's own weights, same math
 as transformers) when the model is a supported Qwen3 decoder, transformers' own modules with a
 ``DynamicCache`` otherwise (or when ``USE_LEAN`` is False). Plain and MTP decoding are thus always compared
 on equal forwards. Target and head caches share one slot layout (head slot s pairs with target slot s), so
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from bebop.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax, step_alphas
+from bebop.core.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
 from bebop.errors import BebopError
-from bebop.lean import StaticKV, lean_decoder, lean_head
-from bebop.sampling import RULES, SamplingParams, draft_tokens, probs_from_logits, sample, verify
+from bebop.experimental.adaptive import AUTO, AdaptiveDraft, DraftPlanner, one_hot_argmax, step_alphas
+from bebop.models.lean import StaticKV, lean_decoder, lean_head
 
 USE_LEAN = True
-"""Run supported models through ``bebop.lean``; False forces transformers' forwards (tests compare both)."""
+"""Run supported models through ``bebop.models.lean``; False forces transformers' forwards (tests compare both)."""
 
 
 @dataclass
@@ -488,7 +488,7 @@ def generate_mtp(
     [B]) as device tensors — the data ``adaptive.replay`` scores drafting decisions on.
 
     ``gamma``: a fixed draft length, or an ``AdaptiveDraft`` choosing γ_t ∈ 1..γ_max per step; ``rule="auto"``
-    verifies each row with RS or TO, whichever its predicted accept length favours (``bebop.adaptive``; at
+    verifies each row with RS or TO, whichever its predicted accept length favours (``bebop.experimental.adaptive``; at
     τ = 0 it is ``greedy``).
 
     Per step, with x the last emitted token at position t+1 (cache slot s) and g the head's output at t:

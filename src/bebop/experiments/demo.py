@@ -28,11 +28,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bebop.analysis import DEFAULT_TEMPERATURES, RULE_NAMES, entropy_series, step_series, sweep_series
-from bebop.bench_rl import METHODS
 from bebop.config import positive
 from bebop.errors import BebopError
-from bebop.model import ModelConfig
+from bebop.experiments.analysis import DEFAULT_TEMPERATURES, RULE_NAMES, entropy_series, step_series, sweep_series
+from bebop.experiments.bench_rl import METHODS
+from bebop.models.policy import ModelConfig
 from bebop.tasks import get_task
 
 __all__ = ["CLAIMS", "QUICK", "DemoConfig", "evaluate_claims", "quick_config", "run_demo"]
@@ -203,14 +203,14 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Run (or continue) the demo into ``cfg.out``; returns the summary written to ``summary.json``."""
     import torch
 
-    from bebop.analysis import entropy_analysis, temperature_sweep
-    from bebop.bench import measure_acceptance
-    from bebop.bench_rl import RLBenchConfig, bench_rl
-    from bebop.model import load_policy
-    from bebop.mtp import load_head
-    from bebop.rl import RLConfig
-    from bebop.sft import SFTConfig, train_sft
-    from bebop.train_mtp import TrainMTPConfig, train_mtp
+    from bebop.experiments.analysis import entropy_analysis, temperature_sweep
+    from bebop.experiments.bench import measure_acceptance
+    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
+    from bebop.models.mtp import load_head
+    from bebop.models.policy import load_policy
+    from bebop.rl.config import RLConfig
+    from bebop.training.sft import SFTConfig, train_sft
+    from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
     console = console or Console()
     t_start = time.perf_counter()
@@ -357,7 +357,7 @@ def _rl_runs(rl: Mapping) -> dict[str, list]:
 
 def write_plots(plot_dir: Path, losses: Mapping, sweep: Mapping, ent: Mapping, rl: Mapping,
                 cfg: DemoConfig) -> dict[str, Path]:
-    from bebop.plots import (
+    from bebop.experiments.plots import (
         plot_alpha_per_step,
         plot_entropy_accept,
         plot_rl_accept_length,

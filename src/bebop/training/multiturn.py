@@ -1,6 +1,6 @@
 """Multi-turn rollouts for tool-use tasks: the native engine path, and a re-prefill reference.
 
-``rollout_multi_turn`` runs ``bebop.turns.generate_turns``: each row pauses at the task's terminator token,
+``rollout_multi_turn`` runs ``bebop.engine.turns.generate_turns``: each row pauses at the task's terminator token,
 the environment's reply (``task.step``) is prefilled into the KV caches, and decoding resumes without
 recomputing the prefix (plain sampling, or MTP drafting with a head).
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from bebop.engine import generate
-from bebop.sampling import SamplingParams
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import generate
+from bebop.engine.turns import generate_turns
 from bebop.tasks import Problem, Task
-from bebop.turns import generate_turns
 
 
 def is_multi_turn(task: Task) -> bool:

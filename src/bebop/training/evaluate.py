@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from bebop.engine import generate
-from bebop.multiturn import is_multi_turn, rollout_multi_turn
-from bebop.sampling import SamplingParams
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import generate
 from bebop.tasks import Task, sample_problems
+from bebop.training.multiturn import is_multi_turn, rollout_multi_turn
 
 EVAL_SEED = 10_000  # seed of the evaluation problem stream (SFT uses its own seed)
 
@@ -20,7 +20,7 @@ def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingPara
     ent_sum, n_tok = 0.0, 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        if is_multi_turn(task):  # tool use: the environment answers each call (bebop.multiturn)
+        if is_multi_turn(task):  # tool use: the environment answers each call (bebop.training.multiturn)
             budget = max(max_new_tokens, getattr(task, "completion_tokens", 0))
             texts, ent, n = rollout_multi_turn(model, tokenizer, task, chunk, params, budget, gen)
             rewards += [task.reward(p, t) for p, t in zip(chunk, texts, strict=True)]

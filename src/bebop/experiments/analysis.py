@@ -16,17 +16,17 @@ is what :func:`temperature_sweep` reports.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from bebop.bench import measure_acceptance
+from bebop.core.fits import linear_fit
+from bebop.core.sampling import SamplingParams, entropy, probs_from_logits, total_variation
 from bebop.errors import BebopError
-from bebop.sampling import SamplingParams, entropy, probs_from_logits, total_variation
+from bebop.experiments.bench import measure_acceptance
 from bebop.tasks import get_task
-from bebop.train_mtp import pad_batch, policy_samples, teacher_forced
+from bebop.training.train_mtp import pad_batch, policy_samples, teacher_forced
 
 __all__ = [
     "DEFAULT_TEMPERATURES",
@@ -49,40 +49,9 @@ DEFAULT_TEMPERATURES: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
 RULE_NAMES: dict[str, str] = {"rejection": "RS", "target_only": "TO"}
 
 
-def _finite(v: float) -> float | None:
-    """``None`` for NaN/inf so results stay strict JSON."""
-    return float(v) if math.isfinite(v) else None
-
-
 # --------------------------------------------------------------------------------------------------
 # Fits and pure per-position formulas
 # --------------------------------------------------------------------------------------------------
-
-
-def linear_fit(x: Iterable[float], y: Iterable[float]) -> dict:
-    """Ordinary least squares ``y ≈ slope · x + intercept`` and Pearson ``r``.
-
-    Returns ``{"slope", "intercept", "r", "n"}``; a value that is undefined (fewer than 2 points, constant x,
-    or constant y for ``r``) is ``None``. NaN pairs are dropped."""
-    xa = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64).ravel()
-    ya = np.asarray(list(y) if not isinstance(y, np.ndarray) else y, dtype=np.float64).ravel()
-    if xa.shape != ya.shape:
-        raise BebopError(f"linear_fit needs x and y of the same length, got {xa.size} and {ya.size}")
-    keep = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[keep], ya[keep]
-    n = int(xa.size)
-    out: dict = {"slope": None, "intercept": None, "r": None, "n": n}
-    if n < 2:
-        return out
-    dx, dy = xa - xa.mean(), ya - ya.mean()
-    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
-    if sxx <= 0:
-        return out
-    slope = sxy / sxx
-    out["slope"] = _finite(slope)
-    out["intercept"] = _finite(float(ya.mean()) - slope * float(xa.mean()))
-    out["r"] = _finite(sxy / math.sqrt(sxx * syy)) if syy > 0 else None
-    return out
 
 
 def accept_length(alpha) -> np.ndarray:

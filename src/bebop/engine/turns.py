@@ -30,7 +30,7 @@ along (as done rows do in ``generate``/``generate_mtp``). Outputs are always ind
 Row ends (independently): EOS; ``max_new_tokens`` transcript tokens (model + environment; a reply that
 reaches it is still appended, then the row ends); a turn of ``turn_tokens`` model tokens without the
 terminator; ``env`` returning None; ``max_turns`` replies already given when the terminator comes. These are
-exactly the rules of the re-prefill reference ``bebop.multiturn.rollout_multi_turn_reprefill``.
+exactly the rules of the re-prefill reference ``bebop.training.multiturn.rollout_multi_turn_reprefill``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from bebop import engine
-from bebop.engine import (
+from bebop.core.sampling import RULES, SamplingParams, sample
+from bebop.engine import decode as engine
+from bebop.engine.decode import (
     DecodeMetrics,
     Rollout,
     _accept,
@@ -56,7 +57,6 @@ from bebop.engine import (
     left_pad,
 )
 from bebop.errors import BebopError
-from bebop.sampling import RULES, SamplingParams, sample
 
 Env = Callable[[int, list[int]], "list[int] | None"]
 """``env(row, transcript) -> reply tokens`` (None ends the row); ``transcript`` = the row's tokens after its

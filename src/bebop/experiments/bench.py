@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bebop.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
-from bebop.engine import DecodeMetrics, Rollout, forward_costs, generate, generate_mtp, left_pad, median_seconds
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import DecodeMetrics, Rollout, forward_costs, generate, generate_mtp, left_pad, median_seconds
+from bebop.engine.turns import generate_turns
 from bebop.errors import BebopError
-from bebop.multiturn import is_multi_turn, task_env
-from bebop.sampling import SamplingParams
+from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
 from bebop.tasks import get_task, sample_problems
-from bebop.turns import generate_turns
+from bebop.training.multiturn import is_multi_turn, task_env
 
 
 @dataclass
@@ -115,7 +115,7 @@ def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[
 
 def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     """``bench decode --gamma auto``: per batch size, plain decoding, MTP at every fixed γ = 1..γ_max (per rule:
-    ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``bebop.adaptive``), all on the same prompts,
+    ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``experimental.adaptive``), all on the same prompts,
     seeds and lengths, run back to back batch by batch in a rotating order. Each repeat samples with new seeds
     and a run's tokens/s is its total tokens over its total seconds across the timed repeats: at batch > 1 a
     batch lasts as long as its longest row, so one fixed sample would favour whichever run happened to draw short
@@ -185,7 +185,7 @@ def _bench_adaptive(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
 
 
 def _bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
-    from bebop.mtp import hf_mtp_generate
+    from bebop.models.mtp import hf_mtp_generate
 
     params = SamplingParams(temperature=cfg.temperature)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -296,9 +296,9 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     RS and TO at every temperature in ``cfg.temperatures`` on held-out prompts."""
     from pathlib import Path
 
-    from bebop.model import load_policy
-    from bebop.mtp import load_head
-    from bebop.train_mtp import TrainMTPConfig, train_mtp
+    from bebop.models.mtp import load_head
+    from bebop.models.policy import load_policy
+    from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
     model, tokenizer = load_policy(model_dir)
     results: dict[str, dict] = {}

@@ -9,30 +9,22 @@ run or a Ray worker reproduces a local run's rollouts.
 
 from __future__ import annotations
 
-import importlib
 import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from bebop.engine import DecodeMetrics, generate, generate_mtp
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import DecodeMetrics, generate, generate_mtp
+from bebop.engine.turns import generate_turns
 from bebop.errors import BebopError
-from bebop.model import load_policy
-from bebop.mtp import MTPHead, load_head
-from bebop.multiturn import is_multi_turn, task_env
-from bebop.sampling import SamplingParams
-from bebop.tasks import Problem, get_task, sample_problems
-from bebop.turns import generate_turns
-
-if TYPE_CHECKING:
-    from bebop.rl import RLConfig
-
-STRATEGIES = ("none", "frozen", "online-ce", "online-tv")
-RULES_RL = ("rejection", "target_only")
+from bebop.models.mtp import MTPHead, load_head
+from bebop.models.policy import load_policy
+from bebop.rl.config import RLConfig, load_reward
+from bebop.tasks import get_task, sample_problems
+from bebop.training.multiturn import is_multi_turn, task_env
 
 
 @dataclass
@@ -56,25 +48,6 @@ class RolloutBatch:
         if self.sampled is not None:
             return sum(sum(m) for m in self.sampled)
         return sum(len(c) for c in self.completions)
-
-
-def load_reward(task_name: str, reward: str | None) -> Callable[[Problem, str], float]:
-    """The reward function: ``reward`` = ``"package.module:function"`` taking (problem, completion text) and
-    returning a float, or the task's own reward when None."""
-    task = get_task(task_name)
-    if reward is None:
-        fn = getattr(task, "reward", None)
-        if not callable(fn):
-            raise BebopError(f"task {task_name!r} has no reward function; pass --reward module:function")
-        return fn
-    module, _, name = reward.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name) if name else None
-    except (ImportError, AttributeError) as e:
-        raise BebopError(f"cannot load reward {reward!r}: {e}") from None
-    if not callable(fn):
-        raise BebopError(f"reward {reward!r} is not a callable 'module:function'")
-    return fn
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -398,7 +398,7 @@ def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int
     of decoding ``batches`` at the fixed draft length ``gamma`` with RS — real decode steps, starting where the
     accept process starts them, as the planner meets them (teacher-forced positions would weight every position
     alike)."""
-    from bebop.engine import generate_mtp
+    from bebop.engine.decode import generate_mtp
 
     conf: list[list[float]] = []
     accept: list[list[float]] = []
@@ -487,8 +487,8 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     interleaved batch by batch; c made non-decreasing by ``monotone_fit``; the prior = the head's mean α_k at
     γ_max (over the rows that reached step k), and the tables warmed by ``warm_passes`` adaptive passes over
     ``batches`` (with ``warm_rule``, default ``rule``; ``"auto"`` also warms the RS/TO choice)."""
-    from bebop.analysis import linear_fit
-    from bebop.engine import DecodeMetrics, generate_mtp
+    from bebop.core.fits import linear_fit
+    from bebop.engine.decode import DecodeMetrics, generate_mtp
 
     if gamma_max < 1:
         raise BebopError(f"gamma_max must be >= 1, got {gamma_max}")

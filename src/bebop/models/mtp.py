@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import MtpLayer
 
 from bebop.errors import BebopError
+from bebop.io import atomic_write, atomic_write_json
 
 __all__ = [
     "LAYOUTS",
@@ -420,17 +419,6 @@ class MTPHead(nn.Module):
 # ==================================================================================================================
 # checkpoints
 # ==================================================================================================================
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _head_info(head: MTPHead, layout: str) -> dict:
     return {
         "layout": layout,
@@ -475,11 +463,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, info: dict)
     from safetensors.torch import save_file
 
     metadata = {"format": "pt", "bebop_mtp": json.dumps(info)}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _write_json(info: dict, path: Path) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_head(head: MTPHead, out_dir: str | Path, base_model_config: PretrainedConfig) -> None:
@@ -495,7 +479,7 @@ def save_head(head: MTPHead, out_dir: str | Path, base_model_config: PretrainedC
     info["model_type"] = getattr(base, "model_type", head.base_model_type)
     info["num_hidden_layers"] = int(base.num_hidden_layers)
     _write_safetensors(_to_layout(head, "bebop", 0, False), out_dir / WEIGHTS_NAME, info)
-    _write_json(info, out_dir / CONFIG_NAME)
+    atomic_write_json(out_dir / CONFIG_NAME, info)
 
 
 def export_head(
@@ -527,7 +511,7 @@ def export_head(
         _write_safetensors(tensors, path, info)
     else:
         _write_safetensors(tensors, path / WEIGHTS_NAME, info)
-        _write_json(info, path / CONFIG_NAME)
+        atomic_write_json(path / CONFIG_NAME, info)
 
 
 def _resolve(path: Path) -> tuple[Path, dict | None]:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bebop.errors import BebopError
-from bebop.rl import RLConfig, train_rl
+from bebop.rl.config import RLConfig
+from bebop.rl.trainer import train_rl
 
 METHODS = {  # name → (mtp_strategy, rule, which head)
     "none": ("none", "rejection", None),

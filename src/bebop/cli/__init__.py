@@ -54,7 +54,7 @@ def sft(
 ) -> None:
     """Train a tiny Qwen3 policy from scratch on a task's reference solutions (SFT)."""
     from bebop.config import make_config
-    from bebop.sft import SFTConfig, train_sft
+    from bebop.training.sft import SFTConfig, train_sft
 
     cfg = make_config(
         SFTConfig, config, task=task, out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -82,10 +82,10 @@ def eval_cmd(
 ) -> None:
     """Accuracy (sampled and greedy) and mean per-token entropy of a policy on a task."""
     from bebop.config import positive
-    from bebop.evaluate import evaluate
-    from bebop.model import load_policy
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
+    from bebop.models.policy import load_policy
     from bebop.tasks import get_task
+    from bebop.training.evaluate import evaluate
 
     the_task = get_task(task)
     positive("samples", samples)
@@ -119,7 +119,7 @@ def train_mtp_cmd(
 ) -> None:
     """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
     from bebop.config import make_config
-    from bebop.train_mtp import TrainMTPConfig, train_mtp
+    from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
     cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
                       steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
@@ -130,8 +130,8 @@ def train_mtp_cmd(
 
 
 def _load_model_and_head(model_dir: Path, mtp_dir: Path | None):
-    from bebop.model import load_policy
-    from bebop.mtp import load_head
+    from bebop.models.mtp import load_head
+    from bebop.models.policy import load_policy
 
     model, tokenizer = load_policy(model_dir)
     head = load_head(mtp_dir, model).eval() if mtp_dir is not None else None
@@ -158,8 +158,8 @@ def generate_cmd(
     """Sample completions (plain, or MTP draft→verify with --mtp) and print them with decode metrics."""
     import torch
 
-    from bebop.engine import generate, generate_mtp
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
+    from bebop.engine.decode import generate, generate_mtp
     from bebop.tasks import get_task, sample_problems
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -173,7 +173,7 @@ def generate_cmd(
         r = generate(the_model, prompts, params, max_new_tokens, eos, pad, gen)
     else:
         if g == "auto":
-            from bebop.adaptive import calibrate
+            from bebop.experimental.adaptive import calibrate
 
             g = calibrate(the_model, head, [prompts], params, 5, max_new_tokens, eos, pad, seed, repeats=1)
         r = generate_mtp(the_model, head, prompts, params, max_new_tokens, eos, g, rule, pad, gen)
@@ -208,10 +208,10 @@ def bench_decode_cmd(
 ) -> None:
     """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
     γ — measured side by side in one run."""
-    from bebop.adaptive import AUTO
-    from bebop.bench import DecodeBenchConfig, bench_decode
     from bebop.config import positive
-    from bebop.sampling import RULES, SamplingParams
+    from bebop.core.sampling import RULES, SamplingParams
+    from bebop.experimental.adaptive import AUTO
+    from bebop.experiments.bench import DecodeBenchConfig, bench_decode
     from bebop.tasks import get_task
 
     get_task(task)
@@ -319,8 +319,8 @@ def bench_losses_cmd(
     """Train one head per loss on identical data/steps/seeds, then measure RS and TO acceptance."""
     from dataclasses import asdict
 
-    from bebop.bench import LossBenchConfig, bench_losses
-    from bebop.losses import LOSSES
+    from bebop.core.losses import LOSSES
+    from bebop.experiments.bench import LossBenchConfig, bench_losses
     from bebop.tasks import get_task
 
     get_task(task)
@@ -369,8 +369,8 @@ def bench_rl_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Short GRPO runs per rollout method, side by side: step time, rollout time, accept-length drift, accuracy."""
-    from bebop.bench_rl import RLBenchConfig, bench_rl
     from bebop.config import make_config
+    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
 
     cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
                       methods=methods, steps=steps, eval_samples=eval_samples, async_rollouts=async_rollouts,
@@ -432,7 +432,8 @@ def rl_cmd(
 ) -> None:
     """GRPO on a task with MTP-accelerated rollouts (DESIGN §5); resumable with --resume DIR."""
     from bebop.config import from_dict, make_config
-    from bebop.rl import RLConfig, train_rl
+    from bebop.rl.config import RLConfig
+    from bebop.rl.trainer import train_rl
 
     if resume is not None:
         saved = resume / "rl_config.json"
@@ -468,7 +469,7 @@ def demo_cmd(
     """SFT policy → MTP heads (CE, e2e TV) → τ sweep → entropy analysis → short RL runs → report.md, plots and
     summary.json with a held / not-held verdict for each claim of DESIGN §6."""
     from bebop.config import make_config, read_toml
-    from bebop.demo import QUICK, DemoConfig, run_demo
+    from bebop.experiments.demo import QUICK, DemoConfig, run_demo
 
     file_keys = set(read_toml(config)) if config is not None else set()
     preset = {k: v for k, v in QUICK.items() if k not in file_keys} if quick else {}  # the file wins over --quick
@@ -484,7 +485,7 @@ MtpListOpt = Annotated[list[Path], typer.Option("--mtp", help="MTP head (dir or 
 
 def _load_heads(model_dir: Path, mtp_dirs: list[Path]):
     """Policy, tokenizer and ``{name: head}`` (name = the head's directory/file name, or its path if ambiguous)."""
-    from bebop.mtp import load_head
+    from bebop.models.mtp import load_head
 
     if not mtp_dirs:
         raise BebopError("give at least one --mtp head")
@@ -519,9 +520,9 @@ def analyze_sweep_cmd(
 ) -> None:
     """RS vs TO acceptance of each head over a temperature sweep, measured through the engine; accept length
     is fitted against the policy's mean entropy over τ."""
-    from bebop.analysis import RULE_NAMES, temperature_sweep
     from bebop.config import positive
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
+    from bebop.experiments.analysis import RULE_NAMES, temperature_sweep
     from bebop.tasks import get_task
 
     get_task(task)
@@ -560,12 +561,12 @@ def analyze_sweep_cmd(
         print_dict("accept length vs mean entropy over τ", fits)
     _write_json(json_path, res)
     if plot is not None:
-        from bebop.plots import plot_temperature_sweep
+        from bebop.experiments.plots import plot_temperature_sweep
 
         console.print(f"wrote [bold]{plot_temperature_sweep(res, plot)}[/]")
     if entropy_plot is not None:
-        from bebop.analysis import sweep_series
-        from bebop.plots import plot_entropy_accept
+        from bebop.experiments.analysis import sweep_series
+        from bebop.experiments.plots import plot_entropy_accept
 
         path = plot_entropy_accept(sweep_series(res), entropy_plot,
                                    title=f"Accept length vs entropy (τ = {', '.join(f'{t:g}' for t in temps)})")
@@ -588,9 +589,9 @@ def analyze_entropy_cmd(
 ) -> None:
     """Per-token entropy buckets: RS/TO acceptance and accept length vs H(p), fitted slopes, and the
     RS-vs-TO decision-boundary check TV(p,q) < 1 − p(argmax q)."""
-    from bebop.analysis import entropy_analysis, entropy_series
     from bebop.config import positive
-    from bebop.sampling import SamplingParams
+    from bebop.core.sampling import SamplingParams
+    from bebop.experiments.analysis import entropy_analysis, entropy_series
     from bebop.tasks import get_task
 
     get_task(task)
@@ -621,7 +622,7 @@ def analyze_entropy_cmd(
     console.print(table)
     _write_json(json_path, res)
     if plot is not None:
-        from bebop.plots import plot_entropy_accept
+        from bebop.experiments.plots import plot_entropy_accept
 
         path = plot_entropy_accept(entropy_series(res), plot,
                                    title=f"Accept length vs entropy (token buckets, τ = {temperature:g})")

@@ -16,16 +16,16 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bebop.config import positive
-from bebop.engine import generate
+from bebop.core.losses import LOSSES, mtp_loss_from_hidden
+from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
+from bebop.engine.decode import generate
+from bebop.engine.turns import generate_turns
 from bebop.errors import BebopError
-from bebop.losses import LOSSES, mtp_loss_from_hidden
-from bebop.model import load_policy
-from bebop.mtp import MTPHead, export_head, load_head, save_head
-from bebop.multiturn import is_multi_turn, task_env
-from bebop.sampling import SamplingParams, probs_from_logits, total_variation
-from bebop.sft import warmup_cosine
+from bebop.models.mtp import MTPHead, export_head, load_head, save_head
+from bebop.models.policy import load_policy
 from bebop.tasks import get_task, sample_problems
-from bebop.turns import generate_turns
+from bebop.training.multiturn import is_multi_turn, task_env
+from bebop.training.sft import warmup_cosine
 
 
 @dataclass

@@ -7,9 +7,6 @@ Saving goes through a temporary directory and a rename, so a crash never leaves 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Q
 
 from bebop.config import positive
 from bebop.errors import BebopError
+from bebop.io import atomic_dir
 
 
 @dataclass
@@ -92,18 +90,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 def save_policy(model: PreTrainedModel, tokenizer, out: str | Path) -> None:
     """``save_pretrained`` (safetensors) + tokenizer into ``out`` atomically: write a sibling temp dir,
     then swap it in with renames, so readers see either the old or the new checkpoint."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,9 +13,9 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bebop.config import positive
-from bebop.model import ModelConfig, build_policy, save_policy
+from bebop.models.policy import ModelConfig, build_policy, save_policy
+from bebop.models.tokenizer import build_tokenizer
 from bebop.tasks import TASKS, Problem, Task, get_task
-from bebop.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -105,7 +105,7 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float 
 
 def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
     """Train a fresh policy on ``cfg.task``; saves model + tokenizer to ``cfg.out``; returns a summary."""
-    from bebop.evaluate import evaluate
+    from bebop.training.evaluate import evaluate
 
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from bebop.analysis import RULE_NAMES, linear_fit
+from bebop.core.fits import linear_fit
 from bebop.errors import BebopError
+from bebop.experiments.analysis import RULE_NAMES
 
 __all__ = [
     "STEP_TIME_KEYS",
