@@ -20,7 +20,7 @@ from bebop.errors import BebopError
 from bebop.models.mtp import MTPHead, load_head, save_head
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import RLConfig
-from bebop.rl.rollout import RolloutWorker, check_ray_address, snapshot
+from bebop.rl.rollout import RolloutBatch, RolloutWorker, check_ray_address, merge_batches, snapshot
 from bebop.rl.trainer import CHECKPOINT, head_update, policy_update, save_checkpoint, train_rl, training_batch
 
 TESTS = Path(__file__).parent
@@ -373,3 +373,62 @@ def test_multi_turn_rl_masks_environment_tokens(tool_caller_dir, tmp_path):
     train_rl(replace(cfg, steps=2))
     rows = read_log(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1] and rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def _part(n_rows: int, sampled: bool, seconds: float) -> RolloutBatch:
+    """A hand-made worker shard of ``n_rows`` rows; multi-turn shards mark their last completion token as an
+    environment token."""
+    comps = [[10 + i, 20 + i, 30 + i] for i in range(n_rows)]
+    return RolloutBatch(step=0, version=0, prompts=[[1, 2]] * n_rows, completions=comps,
+                        logprobs=[[-0.5, -0.5, -0.5]] * n_rows, rewards=[float(i) for i in range(n_rows)],
+                        entropy_sum=1.0, seconds=seconds, sampled=[[1, 1, 0]] * n_rows if sampled else None)
+
+
+def test_merge_batches_keeps_the_multi_turn_sampled_mask():
+    """Merging workers' multi-turn shards keeps each row's sampled mask, so environment tokens stay out of
+    the loss and out of the token count."""
+    merged = merge_batches([_part(2, True, 1.0), _part(3, True, 2.0)], step=4, version=3)
+    assert merged.sampled == [[1, 1, 0]] * 5
+    assert merged.num_tokens == 10 and len(merged.completions) == 5
+    assert (merged.step, merged.version, merged.seconds, merged.entropy_sum) == (4, 3, 2.0, 2.0)
+    plain = merge_batches([_part(2, False, 1.0), _part(1, False, 1.0)], step=0, version=0)
+    assert plain.sampled is None and plain.num_tokens == 9
+    with pytest.raises(BebopError, match="multi-turn"):
+        merge_batches([_part(1, True, 1.0), _part(1, False, 1.0)], step=0, version=0)
+
+
+@pytest.mark.slow
+def test_ray_backend_masks_environment_tokens_like_local(tool_caller_dir, tmp_path, monkeypatch):
+    """An agent-task RL step on two Ray workers trains on the same loss mask as the workers' rollouts taken
+    in-process: environment replies stay context, never loss terms, after the shards are merged."""
+    ray = pytest.importorskip("ray")
+    from bebop.rl import trainer
+
+    cfg = small_config(tool_caller_dir, tmp_path / "ray", task="agent", temperature=0.7, max_new_tokens=24, steps=1,
+                       backend="ray", ray_workers=2, rollout_threads=1)
+    trained: list[RolloutBatch] = []
+    real_update = trainer.policy_update
+
+    def spy(model, ref_model, opt, batch, *args):
+        trained.append(batch)
+        return real_update(model, ref_model, opt, batch, *args)
+
+    monkeypatch.setattr(trainer, "policy_update", spy)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}})
+    try:
+        train_rl(cfg)
+    finally:
+        ray.shutdown()
+    (batch,) = trained
+    worker = RolloutWorker(replace(cfg, backend="local"))
+    per = cfg.prompts_per_step // 2
+    shards = [worker.rollout(0, 0, i * per, per) for i in range(2)]
+    masks = [m for s in shards for m in s.sampled]
+    assert batch.completions == [c for s in shards for c in s.completions]
+    assert any(0 in m for m in masks)                                     # environment replies happened
+    _, tok = load_policy(cfg.model)
+    _, _, comp, _ = training_batch(batch, tok.pad_token_id, "cpu")
+    for row, prompt, m in zip(comp, batch.prompts, masks, strict=True):
+        assert row[len(prompt) : len(prompt) + len(m)].tolist() == m and int(row.sum()) == sum(m)
+    assert read_log(tmp_path / "ray")[0]["rollout_tokens"] == sum(map(sum, masks))

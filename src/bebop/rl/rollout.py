@@ -165,9 +165,14 @@ class _RayFuture:
 
 
 def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> RolloutBatch:
-    """Concatenate workers' shards of one step (in worker order); decode counters are summed."""
+    """Concatenate workers' shards of one step (in worker order); decode counters are summed. Multi-turn
+    shards keep their per-row ``sampled`` masks, so environment tokens stay out of the loss after merging."""
+    multi_turn = {p.sampled is not None for p in parts}
+    if len(multi_turn) > 1:
+        raise BebopError("cannot merge multi-turn rollout shards with single-turn ones")
     out = RolloutBatch(step=step, version=version, prompts=[], completions=[], logprobs=[], rewards=[],
-                       entropy_sum=0.0, seconds=max(p.seconds for p in parts))
+                       entropy_sum=0.0, seconds=max(p.seconds for p in parts),
+                       sampled=[] if multi_turn == {True} else None)
     for p in parts:
         out.prompts += p.prompts
         out.completions += p.completions
@@ -175,6 +180,8 @@ def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> Rollout
         out.rewards += p.rewards
         out.entropy_sum += p.entropy_sum
         out.metrics.merge(p.metrics)
+        if out.sampled is not None:
+            out.sampled += p.sampled
     return out
 
 
