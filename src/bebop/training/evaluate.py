@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from bebop.config import positive
 from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import generate
-from bebop.tasks import Task, sample_problems
+from bebop.tasks import Task, get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn, rollout_multi_turn
 
 EVAL_SEED = 10_000  # seed of the evaluation problem stream (SFT uses its own seed)
@@ -35,8 +38,26 @@ def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingPara
     return rewards, ent_sum, n_tok
 
 
-def evaluate(model, tokenizer, task: Task, samples: int = 256, temperature: float = 1.0,
-             max_new_tokens: int = 96, batch_size: int = 128, seed: int = EVAL_SEED) -> dict:
+@dataclass
+class EvalConfig:
+    """Options of ``bebop eval`` (and the defaults of :func:`evaluate`)."""
+
+    task: str = "arith"
+    samples: int = 256
+    temperature: float = 1.0          # of ``accuracy``; ``greedy_accuracy`` is always τ = 0
+    max_new_tokens: int = 96
+    seed: int = EVAL_SEED
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        positive("samples", self.samples)
+        positive("max_new_tokens", self.max_new_tokens)
+        SamplingParams(temperature=self.temperature)
+
+
+def evaluate(model, tokenizer, task: Task, samples: int = EvalConfig.samples,
+             temperature: float = EvalConfig.temperature, max_new_tokens: int = EvalConfig.max_new_tokens,
+             batch_size: int = 128, seed: int = EvalConfig.seed) -> dict:
     """``accuracy`` at ``temperature``, ``greedy_accuracy`` at τ = 0, and ``entropy``: mean per-token
     entropy H(p) (nats) of the policy at ``temperature`` over the sampled completions."""
     problems = sample_problems(task, samples, seed)
