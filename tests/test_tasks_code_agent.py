@@ -438,7 +438,7 @@ class ScriptedRollout:
 def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> None:
     """A scripted policy emitting the references' model segments (then junk after EOS, as ``generate`` would
     when it only stops at the terminator) gets the references back as transcripts, with full reward."""
-    from bebop import multiturn
+    from bebop.training import multiturn
     from bebop.core.sampling import SamplingParams
 
     task, rng = AgentTask(), random.Random(2)
