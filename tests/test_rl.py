@@ -280,6 +280,8 @@ def test_ray_backend_matches_local(policy_dirs, tmp_path):
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"mtp": None}, "needs a trained head"),
     ({"backend": "slurm"}, "unknown backend 'slurm'"),
+    ({"gamma": 0}, "gamma must be >= 1, got 0"),
+    ({"gamma": 2.5}, "gamma must be an integer, got 2.5"),
 ])
 def test_bad_config(policy_dirs, tmp_path, kw, match):
     with pytest.raises(BebopError, match=match):
@@ -432,3 +434,22 @@ def test_ray_backend_masks_environment_tokens_like_local(tool_caller_dir, tmp_pa
     for row, prompt, m in zip(comp, batch.prompts, masks, strict=True):
         assert row[len(prompt) : len(prompt) + len(m)].tolist() == m and int(row.sum()) == sum(m)
     assert read_log(tmp_path / "ray")[0]["rollout_tokens"] == sum(map(sum, masks))
+
+
+def test_crash_right_after_a_checkpoint_loses_no_log_line(policy_dirs, tmp_path, monkeypatch):
+    """A run killed just after writing a checkpoint resumes with every step logged exactly once."""
+    from bebop.rl import trainer
+
+    cfg = small_config(policy_dirs, tmp_path / "run", steps=3, checkpoint_every=2)
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(cfg)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    train_rl(cfg, resume=True)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [0, 1, 2]

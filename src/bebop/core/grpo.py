@@ -87,8 +87,3 @@ def completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, completion
     lp = token_logprobs(logits, ids[:, 1:], temperature)
     return lp * completion_mask[:, 1:].to(lp.dtype)
 
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
-

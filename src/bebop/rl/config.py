@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bebop.config import positive
+from bebop.config import check_gamma, positive
 from bebop.errors import BebopError
 from bebop.tasks import Problem, get_task
 
@@ -39,6 +39,8 @@ ONLINE_LOSS = {"online-ce": "ce", "online-tv": "e2e_tv"}
 
 @dataclass
 class RLConfig:
+    """Every ``bebop rl`` setting; invalid combinations fail at construction, before any model is loaded."""
+
     task: str = "arith"
     model: str = "runs/arith/base"
     mtp: str | None = None              # head dir; needed for `frozen`, optional start for online strategies
@@ -89,8 +91,7 @@ class RLConfig:
             raise BebopError(f"group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}")
         if self.max_staleness < 0:
             raise BebopError(f"max_staleness must be >= 0, got {self.max_staleness}")
-        if self.gamma < 1:
-            raise BebopError(f"gamma must be >= 1, got {self.gamma}")
+        check_gamma(self.gamma)
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
         if self.backend not in ("local", "ray"):
@@ -101,8 +102,10 @@ class RLConfig:
 
     @property
     def staleness_bound(self) -> int:
+        """How many policy versions old a step's rollouts may be (0 unless rollouts are asynchronous)."""
         return self.max_staleness if self.async_rollouts else 0
 
     @property
     def use_mtp(self) -> bool:
+        """Whether rollouts draft with an MTP head (every strategy but ``none``)."""
         return self.mtp_strategy != "none"

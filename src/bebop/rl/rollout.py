@@ -3,8 +3,9 @@ completions per prompt through the engine, grades them, and hands back plain CPU
 that run workers in-process (synchronously or on a background thread) or as Ray actors.
 
 A rollout for RL step ``s`` is fully determined by (config, s, the pushed weights): its prompts come from
-the problem stream seeded by (seed, s) and its sampling generator is seeded by (seed, s), so a resumed
-run or a Ray worker reproduces a local run's rollouts.
+the problem stream seeded by (seed, s) and its sampling generator is seeded by (seed, s) plus the offset of
+the worker's first prompt, so a resumed run, and a Ray run with one worker, reproduce a local run's rollouts
+(W > 1 workers sample their shards with W different generators).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RolloutBatch:
 
 
 def step_seed(seed: int, step: int) -> int:
+    """The seed of RL step ``step``'s prompts and sampling generator: a pure function of (run seed, step)."""
     return seed * 1_000_003 + step
 
 
@@ -142,6 +144,7 @@ class LocalBackend:
         self.pool = ThreadPoolExecutor(max_workers=1) if threaded else None
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> Future:
+        """Step ``step``'s rollouts sampled by these weights (policy ``version``), as a future."""
         if self.pool is not None:
             return self.pool.submit(self.worker.run, step, version, (policy_state, head_state))
         fut: Future = Future()
@@ -149,11 +152,14 @@ class LocalBackend:
         return fut
 
     def close(self) -> None:
+        """Wait for the background rollout, if any, and stop its thread."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
 
 class _RayFuture:
+    """The Ray workers' shards of one step, merged into one batch on ``result()``."""
+
     def __init__(self, refs: list, step: int, version: int) -> None:
         self.refs, self.step, self.version = refs, step, version
 
@@ -224,11 +230,13 @@ class RayBackend:
         self.actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(cfg) for _ in range(workers)]
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> _RayFuture:
+        """Push the weights once, then ask every worker for its share of step ``step``'s prompts."""
         ref = self.ray.put((policy_state, head_state))
         refs = [a.run.remote(step, version, ref, i * self.per, self.per) for i, a in enumerate(self.actors)]
         return _RayFuture(refs, step, version)
 
     def close(self) -> None:
+        """Stop the worker actors (a Ray started by this process stays up for the next run)."""
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []

@@ -15,13 +15,14 @@ import json
 import random
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.core.losses import mtp_loss_from_hidden
@@ -37,6 +38,7 @@ from bebop.rl.rollout import (
     snapshot,
 )
 from bebop.tasks import get_task
+from bebop.training.evaluate import evaluate
 from bebop.training.sft import warmup_cosine
 from bebop.training.train_mtp import pad_batch, teacher_forced
 
@@ -52,6 +54,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(out: Path) -> dict:
+    """The checkpoint in run directory ``out``; a missing or unreadable one is a BebopError naming it."""
     path = out / CHECKPOINT
     if not path.is_file():
         raise BebopError(f"cannot resume: no {CHECKPOINT} in {out}")
@@ -63,7 +66,7 @@ def load_checkpoint(out: Path) -> dict:
 
 # ---------------------------------------------------------------- one RL step's pieces
 
-def training_batch(batch: RolloutBatch, pad_id: int, device) -> tuple[torch.Tensor, ...]:
+def training_batch(batch: RolloutBatch, pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """Right-padded ``ids``, ``mask``, completion mask (policy-sampled tokens only) and behaviour log-probs
     aligned with ``ids[:, 1:]``."""
     rows = [(p + c, len(p)) for p, c in zip(batch.prompts, batch.completions, strict=True)]
@@ -79,7 +82,8 @@ def training_batch(batch: RolloutBatch, pad_id: int, device) -> tuple[torch.Tens
     return ids, mask, comp, blp
 
 
-def policy_update(model, ref_model, opt, batch: RolloutBatch, adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> dict:
+def policy_update(model: PreTrainedModel, ref_model: PreTrainedModel | None, opt: torch.optim.Optimizer,
+                  batch: RolloutBatch, adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> dict:
     """One optimizer step of the GRPO loss over the whole batch, accumulated over micro-batches."""
     device = next(model.parameters()).device
     ids, mask, comp, blp = training_batch(batch, pad_id, device)
@@ -104,8 +108,8 @@ def policy_update(model, ref_model, opt, batch: RolloutBatch, adv: torch.Tensor,
     return stats
 
 
-def head_update(model, head: MTPHead, opt, batch: RolloutBatch, cfg: RLConfig, pad_id: int,
-                gen: torch.Generator) -> float:
+def head_update(model: PreTrainedModel, head: MTPHead, opt: torch.optim.Optimizer, batch: RolloutBatch,
+                cfg: RLConfig, pad_id: int, gen: torch.Generator) -> float:
     """Re-train the head on fresh rollouts towards the current policy (online strategies). The policy is
     frozen meanwhile, so no head gradient reaches it; returns the last loss."""
     device = next(model.parameters()).device
@@ -159,6 +163,7 @@ LIVE_COLUMNS = ("step", "reward", "accuracy", "entropy", "accept_length", "rollo
 
 
 def live_table(rows: list[dict], title: str) -> Table:
+    """The last dozen step records as the live terminal table."""
     table = Table(title=title)
     for c in LIVE_COLUMNS:
         table.add_column(c, justify="right")
@@ -167,112 +172,180 @@ def live_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+# ---------------------------------------------------------------- the run's state
+
+@dataclass
+class Learner:
+    """The trainer's side of an RL run: the policy being optimised, its frozen reference (KL term, optional),
+    the MTP head with its own optimizer (online strategies only) and the generator of head-training batches.
+    The two optimizers are separate so that policy and head gradients never mix."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    opt: torch.optim.Optimizer
+    head: MTPHead | None = None
+    head_opt: torch.optim.Optimizer | None = None
+    ref_model: PreTrainedModel | None = None
+    head_gen: torch.Generator = field(default_factory=torch.Generator)
+
+    @classmethod
+    def build(cls, cfg: RLConfig) -> Learner:
+        """Fresh state from ``cfg.model`` (and ``cfg.mtp``), torch and Python RNGs seeded by ``cfg.seed``."""
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model, tokenizer = load_policy(cfg.model, cfg.device)
+        head = None
+        if cfg.use_mtp:
+            head = (load_head(cfg.mtp, model) if cfg.mtp else MTPHead.from_base(model)).to(cfg.device).eval()
+        ref_model = load_policy(cfg.model, cfg.device)[0].requires_grad_(False) if cfg.kl_coef else None
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.online_lr) if cfg.mtp_strategy in ONLINE_LOSS \
+            else None
+        return cls(model, tokenizer, opt, head, head_opt, ref_model, torch.Generator().manual_seed(cfg.seed + 17))
+
+    def checkpoint(self, step: int, summary: dict) -> dict:
+        """Everything a resumed run needs to continue at ``step`` exactly as the uninterrupted run would."""
+        return {
+            "step": step, "policy": snapshot(self.model), "opt": self.opt.state_dict(),
+            "head": snapshot(self.head), "head_opt": self.head_opt.state_dict() if self.head_opt else None,
+            "head_gen": self.head_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "py_rng": random.getstate(), "summary": summary,
+        }
+
+    def restore(self, ck: dict) -> None:
+        """Load a ``checkpoint`` dict back into this state and the global RNGs."""
+        self.model.load_state_dict(ck["policy"])
+        self.opt.load_state_dict(ck["opt"])
+        if self.head is not None and ck.get("head") is not None:
+            self.head.load_state_dict(ck["head"])
+        if self.head_opt is not None and ck.get("head_opt") is not None:
+            self.head_opt.load_state_dict(ck["head_opt"])
+        self.head_gen.set_state(ck["head_gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        random.setstate(ck["py_rng"])
+
+
+def resume_from(out: Path, learner: Learner) -> tuple[int, dict]:
+    """Restore ``learner`` from ``out``'s checkpoint and drop log lines of steps after it (a crash between a
+    step's log line and the next checkpoint would otherwise repeat them); returns (next step, summary)."""
+    ck = load_checkpoint(out)
+    learner.restore(ck)
+    start = ck["step"]
+    log_path = out / "rl.jsonl"
+    if log_path.exists():
+        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+        log_path.write_text("".join(ln + "\n" for ln in keep))
+    return start, ck["summary"]
+
+
+def make_backend(cfg: RLConfig) -> LocalBackend | RayBackend:
+    """Ray actors for ``--backend ray``; otherwise in-process, on a background thread when asynchronous."""
+    if cfg.backend == "ray":
+        return RayBackend(cfg, workers=cfg.ray_workers, address=cfg.ray_address)
+    return LocalBackend(cfg, threaded=cfg.async_rollouts)
+
+
 # ---------------------------------------------------------------- the loop
+
+def train_step(cfg: RLConfig, learner: Learner, step: int, batch: RolloutBatch) -> dict:
+    """The learning side of RL step ``step``: warmup-cosine learning rate, group-normalised advantages, one
+    GRPO policy step, then (online strategies, every ``online_every`` steps) a head re-training on the same
+    rollouts. Returns the step's training metrics."""
+    t_train = time.perf_counter()
+    lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=1.0)
+    for g in learner.opt.param_groups:
+        g["lr"] = lr
+    adv = group_advantages(torch.tensor(batch.rewards), cfg.group_size)
+    pad_id = learner.tokenizer.pad_token_id
+    rec = {**policy_update(learner.model, learner.ref_model, learner.opt, batch, adv, cfg, pad_id), "lr": lr}
+    rec["train_s"] = time.perf_counter() - t_train
+    if learner.head_opt is not None and (step + 1) % cfg.online_every == 0:
+        t_head = time.perf_counter()
+        rec["head_loss"] = head_update(learner.model, learner.head, learner.head_opt, batch, cfg, pad_id,
+                                       learner.head_gen)
+        rec["head_update_s"] = time.perf_counter() - t_head
+    return rec
+
+
+class RolloutQueue:
+    """Rollouts in flight, oldest first. Before step n trains, rollouts for every step up to n + bound are
+    submitted, each sampled by the weights current at submission (policy version n), so step n's rollouts
+    come from a version at most ``bound`` steps old."""
+
+    def __init__(self, cfg: RLConfig, backend: LocalBackend | RayBackend, start: int) -> None:
+        self.cfg, self.backend, self.next_step = cfg, backend, start
+        self.inflight: deque = deque()
+
+    def take(self, step: int, learner: Learner) -> tuple[RolloutBatch, float]:
+        """Top up the queue with the current weights, then wait for step ``step``'s rollouts: (batch, wait s)."""
+        while self.next_step <= min(step + self.cfg.staleness_bound, self.cfg.steps - 1):
+            self.inflight.append(self.backend.submit(self.next_step, step, snapshot(learner.model),
+                                                     snapshot(learner.head)))
+            self.next_step += 1
+        t_wait = time.perf_counter()
+        batch = self.inflight.popleft().result()
+        return batch, time.perf_counter() - t_wait
+
+
+def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, console: Console) -> list[dict]:
+    """RL steps ``start``..``cfg.steps - 1``: each takes its rollouts, trains, checkpoints every
+    ``checkpoint_every`` steps (and after the last) and appends its record to ``rl.jsonl``. The record is
+    written before the checkpoint: a crash between the two leaves a line that resuming drops and redoes,
+    never a checkpointed step without its line. Returns the records of the whole run."""
+    out = Path(cfg.out)
+    log_path = out / "rl.jsonl"
+    rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
+    title = f"bebop rl {cfg.task} · {cfg.mtp_strategy}"
+    backend = make_backend(cfg)
+    queue = RolloutQueue(cfg, backend, start)
+    t_prev = time.perf_counter()
+    try:
+        with log_path.open("a") as log, Live(live_table(rows, title), console=console, refresh_per_second=2) as live:
+            for step in range(start, cfg.steps):
+                batch, wait_s = queue.take(step, learner)
+                rec = {**step_record(step, batch, cfg), "wait_s": wait_s, **train_step(cfg, learner, step, batch)}
+                now = time.perf_counter()
+                rec["step_s"], t_prev = now - t_prev, now
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                    save_checkpoint(out / CHECKPOINT, learner.checkpoint(step + 1, summary))
+                rows.append(rec)
+                live.update(live_table(rows, title))
+        console.print()
+    finally:
+        backend.close()
+    return rows
+
 
 def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None) -> dict:
     """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint.pt`` every ``checkpoint_every``
-    steps, and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into ``cfg.out``."""
-    from bebop.training.evaluate import evaluate
-
+    steps, and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into ``cfg.out``. Held-out
+    accuracy is measured before (not on resume) and after, when ``eval_samples`` > 0."""
     console = console or Console()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.model, cfg.device)
+    learner = Learner.build(cfg)
     task = get_task(cfg.task)
-    head = None
-    if cfg.use_mtp:
-        head = (load_head(cfg.mtp, model) if cfg.mtp else MTPHead.from_base(model)).to(cfg.device).eval()
-    ref_model = load_policy(cfg.model, cfg.device)[0].requires_grad_(False) if cfg.kl_coef else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    online = cfg.mtp_strategy in ONLINE_LOSS
-    head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.online_lr) if online else None
-    head_gen = torch.Generator().manual_seed(cfg.seed + 17)
-    start = 0
-    log_path = out / "rl.jsonl"
     summary: dict = {"config": asdict(cfg)}
+    start = 0
     if resume:
-        ck = load_checkpoint(out)
-        model.load_state_dict(ck["policy"])
-        opt.load_state_dict(ck["opt"])
-        if head is not None and ck.get("head") is not None:
-            head.load_state_dict(ck["head"])
-        if head_opt is not None and ck.get("head_opt") is not None:
-            head_opt.load_state_dict(ck["head_opt"])
-        head_gen.set_state(ck["head_gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        random.setstate(ck["py_rng"])
-        start = ck["step"]
-        summary = ck["summary"]
-        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start] \
-            if log_path.exists() else []
-        log_path.write_text("".join(ln + "\n" for ln in keep))       # drop steps after the checkpoint
+        start, summary = resume_from(out, learner)
         console.print(f"resuming {out} at step {start}")
     else:
-        log_path.unlink(missing_ok=True)
-    if not resume and cfg.eval_samples:
-        summary["eval_before"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples,
-                                          temperature=cfg.temperature)
-    model.train()
-
-    if cfg.backend == "ray":
-        backend = RayBackend(cfg, workers=cfg.ray_workers, address=cfg.ray_address)
-    else:
-        backend = LocalBackend(cfg, threaded=cfg.async_rollouts)
-    inflight: deque = deque()
-    next_rollout = start
-    rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
-    t_prev = time.perf_counter()
-    try:
-        with log_path.open("a") as log, Live(live_table(rows, f"bebop rl {cfg.task} · {cfg.mtp_strategy}"),
-                                             console=console, refresh_per_second=2) as live:
-            for step in range(start, cfg.steps):
-                # keep rollouts for steps ≤ step + bound in flight, each sampled by the current weights
-                while next_rollout <= min(step + cfg.staleness_bound, cfg.steps - 1):
-                    inflight.append(backend.submit(next_rollout, step, snapshot(model), snapshot(head)))
-                    next_rollout += 1
-                t_wait = time.perf_counter()
-                batch: RolloutBatch = inflight.popleft().result()
-                wait_s = time.perf_counter() - t_wait
-                rec = step_record(step, batch, cfg)
-                rec["wait_s"] = wait_s
-                t_train = time.perf_counter()
-                lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=1.0)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                adv = group_advantages(torch.tensor(batch.rewards), cfg.group_size)
-                rec.update(policy_update(model, ref_model, opt, batch, adv, cfg, tokenizer.pad_token_id), lr=lr)
-                rec["train_s"] = time.perf_counter() - t_train
-                if online and (step + 1) % cfg.online_every == 0:
-                    t_head = time.perf_counter()
-                    rec["head_loss"] = head_update(model, head, head_opt, batch, cfg, tokenizer.pad_token_id,
-                                                   head_gen)
-                    rec["head_update_s"] = time.perf_counter() - t_head
-                now = time.perf_counter()
-                rec["step_s"] = now - t_prev
-                t_prev = now
-                if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-                    save_checkpoint(out / CHECKPOINT, {
-                        "step": step + 1, "policy": snapshot(model), "opt": opt.state_dict(),
-                        "head": snapshot(head), "head_opt": head_opt.state_dict() if head_opt else None,
-                        "head_gen": head_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "py_rng": random.getstate(), "summary": summary,
-                    })
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                rows.append(rec)
-                live.update(live_table(rows, f"bebop rl {cfg.task} · {cfg.mtp_strategy}"))
-        console.print()
-    finally:
-        backend.close()
-    model.eval()
-    save_policy(model, tokenizer, out / "policy")
-    if head is not None:
-        save_head(head, out / "mtp", model.config)
+        (out / "rl.jsonl").unlink(missing_ok=True)
+        if cfg.eval_samples:
+            summary["eval_before"] = evaluate(learner.model, learner.tokenizer, task, samples=cfg.eval_samples,
+                                              temperature=cfg.temperature)
+    learner.model.train()
+    rows = run_steps(cfg, learner, start, summary, console)
+    learner.model.eval()
+    save_policy(learner.model, learner.tokenizer, out / "policy")
+    if learner.head is not None:
+        save_head(learner.head, out / "mtp", learner.model.config)
     if cfg.eval_samples:
-        summary["eval_after"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples,
+        summary["eval_after"] = evaluate(learner.model, learner.tokenizer, task, samples=cfg.eval_samples,
                                          temperature=cfg.temperature)
     summary.update(rl_summary(rows))
     (out / "rl_summary.json").write_text(json.dumps(summary, indent=2))
