@@ -12,20 +12,20 @@ import torch
 from test_bench import cli, dirs  # noqa: F401  (module fixture: a tiny saved policy + head)
 from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prompts_for, sequence_law  # noqa: F401
 
-from bebop.core.sampling import SamplingParams, verify
-from bebop.engine.decode import _verify_rs, generate, generate_mtp
+from bebop.core.acceptance import alpha_rs, alpha_to, one_hot_argmax
+from bebop.core.sampling import SamplingParams, verify, verify_rs
+from bebop.engine.decode import generate, generate_mtp
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import (
     BINS,
     AdaptiveDraft,
     DraftPlanner,
     accept_lengths,
+    as_policy,
     decode_trace,
     draft_confidence,
     monotone_fit,
-    one_hot_argmax,
     replay,
-    step_alphas,
     step_tokens,
     stop_thresholds,
 )
@@ -137,10 +137,10 @@ def test_monotone_fit_keeps_uneven_steps_and_pools_reordered_neighbours():
     assert monotone_fit([1.5]) == [1.5]
 
 
-def test_step_alphas_are_the_rs_and_to_acceptance_of_design_3():
+def test_alphas_are_the_rs_and_to_acceptance_of_design_3():
     p = torch.tensor([[0.6, 0.3, 0.1]])
     q = torch.tensor([[0.2, 0.7, 0.1]])
-    rs, to = step_alphas(p, q)
+    rs, to = alpha_rs(p, q), alpha_to(p, q)
     assert rs.item() == pytest.approx(0.2 + 0.3 + 0.1)          # Σ min(p, q)
     assert to.item() == pytest.approx(0.3)                       # p(argmax q)
 
@@ -322,7 +322,7 @@ def test_target_only_is_rejection_sampling_against_a_one_hot_draft():
     vin = torch.stack([torch.zeros(n, dtype=torch.long), d], dim=1)
     gen = torch.Generator().manual_seed(1)
     noise = torch.empty(n, V).exponential_(generator=gen)
-    a, _, toks, exp_alpha, _ = _verify_rs(p_t, q_pad, vin, torch.arange(2), torch.arange(n), -1, noise, gen)
+    a, _, toks, exp_alpha, _ = verify_rs(p_t, q_pad, vin, torch.arange(2), torch.arange(n), -1, noise, gen)
     pd = p[d[0]].item()
     assert exp_alpha[0, 0].item() == pytest.approx(pd)
     assert abs(a.float().mean().item() - pd) < 5 * (pd * (1 - pd) / n) ** 0.5
@@ -434,7 +434,7 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
             return all_done, g, torch.tensor([b >= 5 for b in self.first])
 
         monkeypatch.setattr(DraftPlanner, "step", by_confidence)
-    g = forcing() if gamma == "cycle" else gamma
+    g = forcing() if gamma == "cycle" else as_policy(gamma, rule)
     r = generate_mtp(model, head, prompts, params, length, eos_id=None, gamma=g, rule=rule,
                      generator=torch.Generator().manual_seed(11))
     if rule == "auto":

@@ -145,3 +145,48 @@ def test_bad_gamma_is_rejected(peaky, tiny_tokenizer):
     model, head = peaky
     with pytest.raises(BebopError, match="gamma must be >= 1, got 0"):
         generate_mtp(model, head, [[1, 2]], SamplingParams(), 4, eos_id=None, gamma=0)
+
+
+def reference_draft_confidences(model, head, prompt: list[int], x: int, gamma: int) -> list[float]:
+    """max q_k for k = 1..γ of one draft after ``prompt`` and its first token ``x`` (target-only drafts
+    d_k = argmax q_k), by a loop without caches: step k uses MTP layer (k−1) mod L; layer 0 attends to the
+    prompt's catch-up entries (tokens shifted by one, the target's hiddens) and its own entries of this draft,
+    a layer j > 0 to its own entries of this draft only. Positions are those of the hidden states."""
+    P = len(prompt)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hid = model.get_decoder()(input_ids=ids).last_hidden_state
+        ctx = {0: (torch.tensor([prompt[1:] + [x]]), hid, torch.arange(P)[None])}
+        g = head(*ctx[0])[:, -1:]
+        confs = []
+        for k in range(1, gamma + 1):
+            q = torch.softmax(head.logits(g)[0, -1].float(), -1)
+            confs.append(float(q.max()))
+            if k == gamma:
+                break
+            d, layer = q.argmax().view(1, 1), k % head.num_layers
+            entry = (d, g, torch.tensor([[P + k - 1]]))
+            old = ctx.get(layer)
+            ctx[layer] = entry if old is None else tuple(torch.cat([a, b], 1) for a, b in zip(old, entry, strict=True))
+            g = head(*ctx[layer], layer=layer)[:, -1:]
+    return confs
+
+
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_multi_layer_head_drafts_step_k_with_layer_k_minus_1_mod_l(peaky, tiny_tokenizer, backend, num_layers):
+    """A head of L layers drafts step k with the layer ``MTPHead.unroll`` trains for it, (k−1) mod L: the
+    engine's q_k(d_k) equal a reference loop's (layers made to differ, so drafting with layer 0 throughout fails)."""
+    model, _ = peaky
+    torch.manual_seed(11)
+    head = MTPHead.from_base(model, num_layers=num_layers).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    prompt = prompts_for(tiny_tokenizer, 1)[0][0]
+    trace: list = []
+    r = generate_mtp(model, head, [prompt], SamplingParams(temperature=1.0), 2, eos_id=None, gamma=3,
+                     rule="target_only", generator=torch.Generator().manual_seed(0), trace=trace, backend=backend)
+    assert len(trace) == 1                                   # one draft → verify step after the first token
+    ref = reference_draft_confidences(model, head, prompt, int(r.tokens[0, 0]), 3)
+    torch.testing.assert_close(trace[0][0][0], torch.tensor(ref), atol=1e-4, rtol=1e-4)

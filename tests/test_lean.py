@@ -77,6 +77,28 @@ def test_lean_head_matches_transformers_mtp_layer(policy):
     torch.testing.assert_close(lean.base.logits(out)[real], head.logits(ref)[real], atol=1e-4, rtol=1e-4)
 
 
+@torch.inference_mode()
+def test_lean_head_runs_each_layer_of_a_multi_layer_head(policy):
+    """Layer j of the lean head is layer j of ``MTPHead.forward`` (each with its own cache layer)."""
+    model, _ = policy
+    torch.manual_seed(7)
+    head = MTPHead.from_base(model, num_layers=2).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, mask, pos = random_batch(model.config.vocab_size, 6)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    lean = lean_head(head, model)
+    assert lean is not None
+    real = mask.bool()
+    cache = lean.new_cache(3, 16)
+    outs = [lean(ids, hidden, pos, real, cache, 0, layer) for layer in (0, 1)]
+    refs = [head(ids, hidden, pos, mask, head.new_cache(), layer=layer) for layer in (0, 1)]
+    for out, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(outs[0][real], outs[1][real], atol=1e-3)        # the layers differ
+
+
 def test_lean_forward_follows_in_place_weight_updates(tiny_tokenizer):
     model = build_tiny_policy(tiny_tokenizer, seed=4)
     ids, mask, pos = random_batch(model.config.vocab_size, 2)
@@ -93,16 +115,16 @@ def test_lean_forward_follows_in_place_weight_updates(tiny_tokenizer):
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("use_lean", [True, False])
-def test_engine_paths_agree_with_a_full_forward(policy, tiny_tokenizer, use_lean, monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_engine_paths_agree_with_a_full_forward(policy, tiny_tokenizer, backend):
     """Both engine backends (lean, transformers) return the log-probs of a fresh full forward."""
     model, head = policy
-    monkeypatch.setattr(engine, "USE_LEAN", use_lean)
     prompts = [tiny_tokenizer("Q: 1+2\n")["input_ids"], tiny_tokenizer("Q: 12*3-4\n")["input_ids"]] * 2
     params = SamplingParams(temperature=1.0)
-    for r in (engine.generate(model, prompts, params, 12, None, generator=torch.Generator().manual_seed(0)),
+    for r in (engine.generate(model, prompts, params, 12, None, generator=torch.Generator().manual_seed(0),
+                              backend=backend),
               engine.generate_mtp(model, head, prompts, params, 12, None, gamma=3,
-                                  generator=torch.Generator().manual_seed(0))):
+                                  generator=torch.Generator().manual_seed(0), backend=backend)):
         for b, comp in enumerate(r.completions()):
             ids = torch.tensor([prompts[b] + comp])
             with torch.no_grad():

@@ -12,7 +12,6 @@ from conftest import build_tiny_policy
 from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for
 
 from bebop.core.sampling import SamplingParams, probs_from_logits
-from bebop.engine import decode as engine
 from bebop.engine.turns import generate_turns
 from bebop.models.mtp import MTPHead
 from bebop.tasks import sample_problems
@@ -97,12 +96,10 @@ def test_native_multi_turn_transcripts_have_the_plain_sampling_law(peaky, tiny_t
 
 @pytest.mark.parametrize(("strategy", "lean"), [("none", True), ("rejection", True), ("target_only", True),
                                                ("none", False), ("rejection", False)])
-def test_env_tokens_are_masked_and_model_logprobs_match_a_full_forward(peaky, tiny_tokenizer, strategy, lean,
-                                                                       monkeypatch):
+def test_env_tokens_are_masked_and_model_logprobs_match_a_full_forward(peaky, tiny_tokenizer, strategy, lean):
     """Environment tokens: sampled = False, log-prob and entropy 0, not counted in metrics; every model token's
     log-prob and entropy equals a fresh full forward over prompt + transcript (holes, ragged replies, padding),
-    through the lean forwards and through transformers' own (``engine.USE_LEAN = False``)."""
-    monkeypatch.setattr(engine, "USE_LEAN", lean)
+    through the lean forwards and through transformers' own (``backend="transformers"``)."""
     model, head = peaky
     prompts, _ = prompts_for(tiny_tokenizer, 36)
     params = SamplingParams(temperature=1.0, top_k=20)
@@ -110,7 +107,7 @@ def test_env_tokens_are_masked_and_model_logprobs_match_a_full_forward(peaky, ti
     replies = {row: kinds[row % 6] for row in range(len(prompts))}
     r = generate_turns(model, None if strategy == "none" else head, prompts, params, 40, None, STOP,
                        lambda row, t: replies[row], gamma=3, rule="rejection" if strategy == "none" else strategy,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), backend="auto" if lean else "transformers")
     assert int(r.turns.sum()) >= 6 and len(set(r.turns.tolist())) > 1
     env_total = 0
     for b, comp in enumerate(r.completions()):

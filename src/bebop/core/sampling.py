@@ -33,6 +33,7 @@ from typing import Final, Literal
 import torch
 from torch import Tensor
 
+from bebop.core.acceptance import alpha_rs, alpha_to
 from bebop.errors import BebopError
 
 __all__ = [
@@ -43,10 +44,14 @@ __all__ = [
     "VerifyResult",
     "draft_tokens",
     "entropy",
+    "exp_noise",
+    "probs_fast",
     "probs_from_logits",
+    "race",
     "sample",
     "total_variation",
     "verify",
+    "verify_rs",
 ]
 
 Rule = Literal["rejection", "target_only", "greedy"]
@@ -124,6 +129,15 @@ def probs_from_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     return probs
 
 
+def probs_fast(logits: Tensor, params: SamplingParams) -> Tensor:
+    """:func:`probs_from_logits`, bit-identical, for the decode loop: plain temperature sampling (no top-k /
+    top-p) runs the same ops inline and skips the division at τ = 1 (``z / 1.0 == z`` exactly)."""
+    if params.top_k is not None or params.top_p is not None or params.temperature == 0:
+        return probs_from_logits(logits, params)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    return torch.softmax(z if params.temperature == 1 else z / params.temperature, dim=-1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Distribution helpers
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +163,19 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     sync. A row with no positive mass returns index 0 (callers must not pass such rows).
     """
     p = probs.float()
-    e = torch.empty_like(p).exponential_(1.0, generator=generator).clamp_min_(_TINY)
+    return race(p, exp_noise(p.shape, p.device, generator))
+
+
+def exp_noise(shape: tuple[int, ...], device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+    """i.i.d. Exp(1) noise for :func:`race`, clamped away from 0 (so ``0 / E = 0``); drawn in one call for
+    several races at once by callers that sample many positions per step."""
+    e = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+    return e.clamp_min_(_TINY)
+
+
+def race(p: Tensor, e: Tensor) -> Tensor:
+    """The exponential race ``argmax_v p(v) / E_v`` with ``E_v ~ Exp(1)`` i.i.d. (``e`` from :func:`exp_noise`):
+    an exact draw from ``p / Σ p`` (see :func:`sample`), ``[..., V] -> [...]``."""
     return (p / e).argmax(dim=-1)
 
 
@@ -232,10 +258,10 @@ def _accept_probs(p_steps: Tensor, q: Tensor, drafts: Tensor, rule: str) -> tupl
     if rule == "rejection":
         q_d = q.gather(-1, idx).squeeze(-1)
         accept = (p_d / q_d.clamp_min(_TINY)).clamp(max=1.0)
-        alpha = torch.minimum(p_steps, q).sum(dim=-1)
+        alpha = alpha_rs(p_steps, q)
     elif rule == "target_only":
         accept = p_d
-        alpha = p_steps.gather(-1, q.argmax(dim=-1, keepdim=True)).squeeze(-1)
+        alpha = alpha_to(p_steps, q)
     else:
         target_top = p_steps.argmax(dim=-1)
         accept = (drafts.long() == target_top).float()
@@ -313,3 +339,34 @@ def verify(p: Tensor, q: Tensor, drafts: Tensor, rule: str, generator: torch.Gen
         accept_prob=accept_prob,
         expected_alpha=expected_alpha,
     )
+
+
+def verify_rs(p: Tensor, q_pad: Tensor, vin: Tensor, j: Tensor, rows: Tensor, pad_id: int, noise: Tensor,
+              generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """:func:`verify` with rule ``rejection`` (DESIGN §3, RS row) in fewer ops, for the engine's decode loop.
+
+    ``p`` [B, γ+1, V]; ``q_pad`` [B, γ+1, V] = q_1..q_γ and a ZERO row at index γ; ``vin`` = [x, d_1..d_γ] with
+    every d_k drawn from q_k (so q_k(d_k) > 0); ``j`` = ``arange(γ+1)``, ``rows`` = ``arange(B)``; ``noise`` [B, V]
+    fresh :func:`exp_noise` for the final draw. Draft k is accepted iff ``u_k < p_k(d_k) / q_k(d_k)`` (= ``u_k <
+    min(1, p/q)`` as u < 1, drawn from ``generator`` exactly as :func:`verify` draws them); A = number of leading
+    acceptances. The token at index A is drawn from ``max(0, p_{A+1} − q_{A+1})``, which at A = γ is ``p_{γ+1}``
+    itself thanks to the zero row (the bonus token); a residual without mass (a float-rounding event) falls back
+    to ``p_{A+1}``, as in :func:`verify`. The exponential race does not need the residual normalised. Returns
+    (A [B], emitted slots [B, γ+1] = (j ≤ A), tokens [B, γ+1] = [d_1..d_A, token, pad...], expected α [B, γ] =
+    Σ min(p_k, q_k), the ratios p_k(d_k)/q_k(d_k) [B, γ])."""
+    G = q_pad.shape[1] - 1
+    drafts = vin.narrow(1, 1, G)
+    idx = drafts.unsqueeze(-1)
+    p_steps, q_steps = p.narrow(1, 0, G), q_pad.narrow(1, 0, G)
+    ratio = p_steps.gather(-1, idx) / q_steps.gather(-1, idx)                   # [B, γ, 1]
+    ok = torch.rand(ratio.shape, generator=generator, device=ratio.device) < ratio
+    a = ok.long().cumprod(dim=1).sum(dim=(1, 2))
+    exp_alpha = alpha_rs(p_steps, q_steps)
+    p_at = p[rows, a]
+    res = (p_at - q_pad[rows, a]).clamp_min_(0.0)
+    res = torch.where(res.sum(dim=-1, keepdim=True) > _TINY, res, p_at)
+    final = race(res, noise).unsqueeze(1)
+    a_col = a.unsqueeze(1)
+    toks = torch.cat([drafts, final], dim=1).scatter_(1, a_col, final)
+    kept = j <= a_col
+    return a, kept, torch.where(kept, toks, pad_id), exp_alpha, ratio.squeeze(-1)

@@ -4,7 +4,7 @@ the KV caches (target and MTP head), and decoding resumes with MTP drafting — 
 ``generate_turns`` drives one batch through two alternating phases over one shared slot layout (as in
 ``engine.generate_mtp``: rectangular caches, a per-row validity mask over slots, explicit position ids):
 
-(a) decode: ``engine.generate_mtp``'s draft → verify → accept step over the LIVE rows (``head=None``: one plain
+(a) decode: ``engine.step.spec_step`` (draft → verify → accept → roll back) over the LIVE rows (``head=None``: one plain
     target forward per step, the γ = 0 case of the same loop). A row's emitted block is cut after its first
     terminator or EOS and at its token budget; the cut behaves exactly like a rejection at that point (the
     slots after it become holes in both caches, the head's state is taken at the cut), so the emitted
@@ -37,25 +37,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
+from bebop.config import check_gamma
 from bebop.core.sampling import RULES, SamplingParams, sample
-from bebop.engine import decode as engine
-from bebop.engine.decode import (
-    DecodeMetrics,
-    Rollout,
-    _accept,
-    _count_acceptance,
-    _draft,
-    _emitted,
-    _noise,
-    _probs,
-    _race,
-    left_pad,
-)
+from bebop.engine.decode import Rollout, pack, prefill
+from bebop.engine.forwards import forwards
+from bebop.engine.metrics import DecodeMetrics, acceptance_counts
+from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
 
 Env = Callable[[int, list[int]], "list[int] | None"]
@@ -74,10 +66,27 @@ class TurnRollout(Rollout):
     turns: torch.Tensor | None = None
 
 
+@dataclass
+class TurnLimits:
+    """Where a row stops (module doc): ``stop_id`` pauses it for ``env``; ``max_new_tokens`` transcript tokens,
+    ``turn_tokens`` model tokens per turn (default: no limit but the transcript's) and ``max_turns`` replies."""
+
+    env: Env
+    stop_id: int
+    eos_id: int | None
+    max_new_tokens: int
+    turn_tokens: int | None = None
+    max_turns: int | None = None
+
+    @property
+    def turn_cap(self) -> int:
+        return self.turn_tokens if self.turn_tokens is not None else self.max_new_tokens
+
+
 def _pack(events, pad_id: int, batch: int):
     """Transcript tensors from the time-ordered events (rows, tokens, p(token), H(p), emitted, sampled), each
-    [b, w] over the original rows ``rows`` (None = all ``batch`` rows, in order): emitted entries in order,
-    packed left. Returns (tokens, sampled, logp, entropy, lengths), [batch, ...]."""
+    [b, w] over the original rows ``rows`` (None = all ``batch`` rows, in order): ``decode.pack`` of the
+    emitted entries. Returns (tokens, sampled, logp, entropy, lengths), [batch, ...]."""
     fills = (pad_id, 1.0, 0.0, False, False)
 
     def widen(rows, fields):
@@ -88,17 +97,154 @@ def _pack(events, pad_id: int, batch: int):
 
     toks, probs, ents, emit, smp = (torch.cat(x, dim=1) for x in zip(*(widen(e[0], e[1:]) for e in events),
                                                                         strict=True))
-    n = emit.sum(1)
-    width = int(n.max()) if n.numel() else 0
-    cols = torch.where(emit, emit.long().cumsum(1) - 1, width)           # column ``width`` = discarded
-    shape = (toks.shape[0], width + 1)
-    out = torch.full(shape, pad_id, dtype=torch.long, device=toks.device).scatter_(1, cols, toks)
-    sampled = torch.zeros(shape, dtype=torch.bool, device=toks.device).scatter_(1, cols, smp & emit)
-    logp = torch.zeros(shape, device=toks.device).scatter_(1, cols, probs.clamp_min(1e-30).log())
-    ent = torch.zeros(shape, device=toks.device).scatter_(1, cols, ents)
-    sampled = sampled[:, :width]
-    return (out[:, :width], sampled, torch.where(sampled, logp[:, :width], 0.0),
-            torch.where(sampled, ent[:, :width], 0.0), n)
+    out, logp, ent, n, cols = pack(toks, probs, ents, emit, pad_id)
+    width = out.shape[1]
+    sampled = torch.zeros((toks.shape[0], width + 1), dtype=torch.bool, device=toks.device) \
+        .scatter_(1, cols, smp & emit)[:, :width]
+    return out, sampled, torch.where(sampled, logp, 0.0), torch.where(sampled, ent, 0.0), n
+
+
+@dataclass
+class _Episodes:
+    """The batch's row state across turns: live (decoding) or paused (waiting for the environment), neither =
+    finished; ``room`` = model tokens a row may still emit in its current turn; ``orig`` maps batch rows to the
+    original rows (None = identity) after compaction; ``events`` the output blocks, ``history`` the
+    acceptance counters since the last ``flush``."""
+
+    lim: TurnLimits
+    B0: int
+    live: torch.Tensor
+    paused: torch.Tensor
+    room: torch.Tensor
+    orig: torch.Tensor | None = None
+    orig_host: list[int] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    events: list[tuple] = field(default_factory=list)
+    history: list[tuple] = field(default_factory=list)
+
+    def advance(self, count: torch.Tensor, last: torch.Tensor, active: torch.Tensor) -> None:
+        """Book ``count`` emitted tokens ending with ``last`` for the ``active`` rows; pause/finish rows."""
+        lim = self.lim
+        self.room = self.room - count * active
+        is_stop = last == lim.stop_id
+        end = is_stop | (self.room <= 0)
+        if lim.eos_id is not None:
+            end |= last == lim.eos_id
+        self.live = self.live & ~(active & end)
+        if lim.stop_id != lim.eos_id:                             # (an EOS never pauses)
+            self.paused = self.paused | (active & is_stop)
+
+    def flush(self, metrics: DecodeMetrics) -> None:
+        """Add the acceptance counters of the steps since the last flush (one batch layout) to ``metrics``."""
+        if self.history:
+            metrics.merge(acceptance_counts(metrics.gamma, self.history))
+        self.history = []
+
+    def cut(self, a: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+        """The last kept index per row: after the first terminator/EOS among the emitted and at the row's budget
+        (``spec_step`` treats the cut as a rejection there)."""
+        lim, G = self.lim, toks.shape[1] - 1
+        j = torch.arange(G + 1, device=toks.device)
+        hit = (toks == lim.stop_id) if lim.eos_id is None else (toks == lim.stop_id) | (toks == lim.eos_id)
+        hit &= j <= a.unsqueeze(1)
+        first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
+        return torch.minimum(torch.minimum(a, first), self.room - 1).clamp_min(0)
+
+
+def _decode_step(cfg: SpecConfig, st: SpecState, ep: _Episodes, G: int) -> None:
+    """Phase (a): one ``spec_step`` over the live rows, its block cut at terminators and budgets."""
+    live = ep.live
+    step = spec_step(cfg, st, StepPlan(G, G), ep.cut if G else None, live)
+    if G:
+        ep.history.append((step.accepted, ~live, step.expected_alpha, G, None))
+    ep.events.append((ep.orig, step.toks, step.p_tok, step.ent, step.kept, torch.ones_like(step.kept)))
+    ep.advance(step.cut + 1, step.toks[st.rows, step.cut], live)
+
+
+def _replies(ep: _Episodes, st: SpecState, pad_id: int) -> tuple[dict[int, list[int]], list[int], list[int]]:
+    """Ask ``env`` for every paused row's reply: (replies by batch row, batch rows that resume, transcript
+    lengths so far by original row)."""
+    out, _, _, _, n = _pack(ep.events, pad_id, ep.B0)
+    idx = ep.paused.nonzero().squeeze(1).tolist()                 # batch rows
+    n_host = n.tolist()
+    texts = dict(zip(idx, out[[ep.orig_host[c] for c in idx]].tolist(), strict=True))
+    replies: dict[int, list[int]] = {}
+    resume: list[int] = []
+    for c in idx:
+        r = ep.orig_host[c]
+        if ep.lim.max_turns is not None and ep.turns[r] >= ep.lim.max_turns:
+            continue
+        reply = ep.lim.env(r, texts[c][: n_host[r]])
+        if reply is None:
+            continue
+        replies[c] = list(reply)
+        ep.turns[r] += 1
+        if n_host[r] + len(reply) < ep.lim.max_new_tokens:
+            resume.append(c)
+    ep.paused = torch.zeros_like(ep.paused)
+    return replies, resume, n_host
+
+
+def _environment(cfg: SpecConfig, st: SpecState, ep: _Episodes) -> None:
+    """Phase (b): replies for every paused row; the rows that go on form the new (compacted) batch; one batched
+    prefill of the replies in both caches, the next model token sampled after each reply; then resume."""
+    replies, resume, n_host = _replies(ep, st, cfg.pad_id)
+    if not replies:
+        return
+    B, device, lim = st.x.shape[0], st.x.device, ep.lim
+    W = max(len(v) for v in replies.values())
+    env_tok = torch.full((B, W + 1), cfg.pad_id, dtype=torch.long)
+    m = torch.zeros(B, dtype=torch.long)
+    got = torch.zeros(B, dtype=torch.bool)
+    for c, reply in replies.items():
+        env_tok[c, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+        m[c], got[c] = len(reply), True
+    env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
+    jw = torch.arange(W + 1, device=device)
+    ep.events.append((ep.orig, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
+                      (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool,
+                                                                                 device=device)))
+    if not resume:
+        return
+    ep.room = torch.tensor([min(lim.max_new_tokens - n_host[ep.orig_host[c]] - len(replies[c]), lim.turn_cap)
+                            for c in resume], dtype=torch.long, device=device)
+    if len(resume) < B:                                           # compact: keep the resumed rows only
+        ep.flush(cfg.metrics)
+        keep = torch.tensor(resume, dtype=torch.long, device=device)
+        cfg.fw.select(keep)
+        st.select(keep)
+        env_tok, m = env_tok[keep], m[keep]
+        ep.orig = keep if ep.orig is None else ep.orig[keep]
+        ep.orig_host = [ep.orig_host[c] for c in resume]
+    _prefill_replies(cfg, st, ep, env_tok, m)
+
+
+def _prefill_replies(cfg: SpecConfig, st: SpecState, ep: _Episodes, env_tok: torch.Tensor, m: torch.Tensor) -> None:
+    """One target forward over ``[x, e_1..e_m]`` and one head catch-up over the same slots (tokens
+    ``[e_1..e_m, x']``); the next model token x' is sampled from the target's p after e_m."""
+    B, device, W = st.x.shape[0], st.x.device, env_tok.shape[1] - 1
+    s = st.length
+    st.ensure(s + W + 1)
+    jw = torch.arange(W + 1, device=device)
+    vin = torch.cat([st.x.unsqueeze(1), env_tok[:, :W]], dim=1)    # [x, e_1..e_m, pad...]
+    vpos = st.pos_x.unsqueeze(1) + jw
+    st.valid.narrow(1, s, W + 1).copy_(jw <= m.unsqueeze(1))
+    hid = cfg.fw.target(vin, vpos, st.valid.narrow(1, 0, s + W + 1), s)
+    cfg.metrics.target_forwards += 1
+    p = cfg.probs(hid[st.rows, m])
+    st.x = sample(p, cfg.generator)
+    pt, h = emitted(p, st.x)
+    ones = torch.ones((B, 1), dtype=torch.bool, device=device)
+    ep.events.append((ep.orig, st.x[:, None], pt[:, None], h[:, None], ones, ones))
+    if cfg.fw.drafter is not None:
+        htoks = env_tok.scatter(1, m.unsqueeze(1), st.x.unsqueeze(1))   # [e_1..e_m, x', pad...]
+        st.g = cfg.fw.drafter(htoks, hid, vpos, st.valid.narrow(1, 0, s + W + 1), s)[st.rows, m]
+        cfg.metrics.draft_forwards += 1
+    st.pos_x = st.pos_x + m + 1
+    st.length = s + W + 1
+    ep.live = torch.ones(B, dtype=torch.bool, device=device)
+    ep.paused = torch.zeros(B, dtype=torch.bool, device=device)
+    ep.advance(torch.ones_like(st.pos_x), st.x, ep.live)
 
 
 @torch.inference_mode()
@@ -117,213 +263,44 @@ def generate_turns(
     generator: torch.Generator | None = None,
     turn_tokens: int | None = None,
     max_turns: int | None = None,
+    backend: str = "auto",
 ) -> TurnRollout:
     """Multi-turn sampling (module doc): MTP draft→verify with ``head`` (DESIGN §3; exact for ``rejection``
     and ``target_only``, ``greedy`` equals plain τ = 0), plain sampling with ``head=None``. A row pauses when
     it emits ``stop_id``; ``env`` answers; the reply is prefilled and the row resumes."""
+    lim = TurnLimits(env, stop_id, eos_id, max_new_tokens, turn_tokens, max_turns)
     if head is not None:
-        if gamma < 1:
-            raise BebopError(f"gamma must be >= 1, got {gamma}")
+        check_gamma(gamma)
         if rule not in RULES:
             raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join(RULES)}")
-    if max_new_tokens < 1:
-        raise BebopError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if lim.max_new_tokens < 1:
+        raise BebopError(f"max_new_tokens must be >= 1, got {lim.max_new_tokens}")
     G = gamma if head is not None else 0
     device = model.device
     t0 = time.perf_counter()
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, P = ids.shape
-    valid = torch.zeros((B, P + (2 if G else 1) * (max_new_tokens + G + 1)), dtype=torch.bool, device=device)
-    valid[:, :P] = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    target, drafter, lm_head, select = engine.forwards(model, head, B, valid.shape[1])
-    B0 = B
-    orig: torch.Tensor | None = None                              # batch row -> original row (None = identity)
-    orig_host = list(range(B))
-    rs_fast = rule == "rejection" and not params.greedy
-    turn_cap = turn_tokens if turn_tokens is not None else max_new_tokens
-    rows = torch.arange(B, device=device)
-    j = torch.arange(G + 1, device=device)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    capacity = P + (2 if G else 1) * (lim.max_new_tokens + G + 1)
     metrics = DecodeMetrics(gamma=G)
-    events: list[tuple[torch.Tensor, ...]] = []
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     metrics.reached, metrics.accepted_k, metrics.expected_k = ([0.0] * G for _ in range(3))
-
-    def flush() -> None:
-        """Add the acceptance counters of the steps since the last flush (one batch layout) to ``metrics``."""
-        nonlocal history
-        if history:
-            part = DecodeMetrics(gamma=G)
-            _count_acceptance(part, history)
-            for name in ("steps", "accepted", "drafted", "target_only_drafts"):
-                setattr(metrics, name, getattr(metrics, name) + getattr(part, name))
-            for name in ("reached", "accepted_k", "expected_k"):
-                setattr(metrics, name, [a + b for a, b in zip(getattr(metrics, name), getattr(part, name),
-                                                              strict=True)])
-        history = []
+    cfg = SpecConfig(forwards(model, head, B, capacity, backend), params, rule, pad_id, generator, metrics)
+    pre = prefill(cfg, prompts, capacity, device)
+    st = pre.state
+    ep = _Episodes(lim, B, torch.ones(B, dtype=torch.bool, device=device), torch.zeros(B, dtype=torch.bool,
+                   device=device), torch.full((B,), min(lim.max_new_tokens, lim.turn_cap), dtype=torch.long,
+                                              device=device), orig_host=list(range(B)), turns=[0] * B)
     ones = torch.ones((B, 1), dtype=torch.bool, device=device)
-    smp_all = torch.ones((B, G + 1), dtype=torch.bool, device=device)
-    a_zero = torch.zeros(B, dtype=torch.long, device=device)
-
-    def ensure(n: int) -> None:
-        nonlocal valid
-        if n > valid.shape[1]:
-            grown = torch.zeros((B, max(n, 2 * valid.shape[1])), dtype=torch.bool, device=device)
-            grown[:, : valid.shape[1]] = valid
-            valid = grown
-
-    # row state: live (decoding), paused (waiting for env); neither = finished
-    live = torch.ones(B, dtype=torch.bool, device=device)
-    paused = torch.zeros(B, dtype=torch.bool, device=device)
-    # model tokens a row may still emit in its current turn: min(transcript budget left, turn budget left)
-    room = torch.full((B,), min(max_new_tokens, turn_cap), dtype=torch.long, device=device)
-    turns = [0] * B
-    pausing = stop_id != eos_id                                   # (an EOS never pauses)
-
-    def advance(count: torch.Tensor, last: torch.Tensor, active: torch.Tensor) -> None:
-        """Book ``count`` emitted tokens ending with ``last`` for the ``active`` rows; pause/finish rows."""
-        nonlocal live, paused, room
-        room = room - count * active
-        is_stop = last == stop_id
-        end = is_stop | (room <= 0)
-        if eos_id is not None:
-            end |= last == eos_id
-        live = live & ~(active & end)
-        if pausing:
-            paused = paused | (active & is_stop)
-
-    # ---- prefill: target over the prompt, first token from p_0, then the head over the prompt
-    hid = target(ids, positions, valid[:, :P], 0)
-    p0 = _probs(lm_head(hid[:, -1]), params)
-    x = sample(p0, generator)
-    pt, h = _emitted(p0, x)
-    events.append((orig, x[:, None], pt[:, None], h[:, None], ones, ones))
-    g = None
-    if G:
-        g = drafter(torch.cat([ids[:, 1:], x[:, None]], dim=1), hid, positions, valid[:, :P], 0)[:, -1]
-        metrics.draft_forwards += 1
-    length = P                                                    # used slots (both caches)
-    pos_x = positions[:, -1] + 1                                  # position of x (not yet in target cache)
-    advance(torch.ones_like(pos_x), x, live)
-    zero_q = torch.zeros((B, p0.shape[-1]), device=device)
-
+    ep.events.append((None, st.x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones, ones))
+    ep.advance(torch.ones_like(st.pos_x), st.x, ep.live)
     while True:
-        any_live, any_paused = torch.stack([live.any(), paused.any()]).tolist()   # the step's one host sync
+        any_live, any_paused = torch.stack([ep.live.any(), ep.paused.any()]).tolist()   # the step's one host sync
         if any_live:
-            # ---- (a) one decode step over the live rows
-            s = length
-            ensure(s + G + 1)
-            vpos = pos_x.unsqueeze(1) + j
-            valid.narrow(1, s, G + 1).fill_(True)
-            noise = _noise((G + 1, *zero_q.shape), zero_q, generator) if rs_fast or not (G or params.greedy) else None
-            fast = noise if rs_fast else None
-            g, vin, qs = _draft(g, x, vpos, valid, s, G, lm_head, drafter, params, rule, fast, generator, metrics)
-            vhid = target(vin, vpos, valid.narrow(1, 0, s + G + 1), s)
-            metrics.target_forwards += 1
-            p_t = _probs(lm_head(vhid), params)                        # [B, γ+1, V]
-            if not G:
-                p1 = p_t[:, 0]
-                toks = (p1.argmax(-1) if params.greedy else _race(p1, noise[0])).unsqueeze(1)
-                a = a_zero
-            else:
-                a, _, toks, exp_alpha, _ = _accept(p_t, qs, vin, rule, fast, zero_q, j, rows, pad_id, generator)
-            if G:
-                history.append((a, ~live, exp_alpha, G, None))
-                # cut after the first terminator/EOS and at the row's budget; a cut acts as a rejection there
-                hit = (toks == stop_id) if eos_id is None else (toks == stop_id) | (toks == eos_id)
-                hit &= j <= a.unsqueeze(1)
-                first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
-                a_eff = torch.minimum(torch.minimum(a, first), room - 1).clamp_min(0)
-                kept = (j <= a_eff.unsqueeze(1)) & live.unsqueeze(1)
-                last = toks[rows, a_eff]
-            else:                                                      # one token per step: nothing to cut
-                a_eff, kept, last = a, live.unsqueeze(1), toks[:, 0]
-            pt, h = _emitted(p_t, toks)
-            events.append((orig, toks, pt, h, kept, smp_all))
-            valid.narrow(1, s, G + 1).copy_(kept)                      # holes: rejected, cut, or not live
-            if G:
-                gh = drafter(toks, vhid, vpos, valid.narrow(1, 0, s + G + 1), s)
-                metrics.draft_forwards += 1
-                g = torch.where(live.unsqueeze(1), gh[rows, a_eff], g)
-            x = torch.where(live, last, x)
-            pos_x = torch.where(live, pos_x + a_eff + 1, pos_x)
-            length = s + G + 1
-            advance(a_eff + 1, last, live)
-            continue
-        if not any_paused:
+            _decode_step(cfg, st, ep, G)
+        elif any_paused:
+            _environment(cfg, st, ep)
+        else:
             break
-        # ---- (b) environment: replies for every paused row; the rows that go on form the new (compacted)
-        #      batch; one batched prefill of the replies, then resume
-        out, _, _, _, n = _pack(events, pad_id, B0)
-        idx = paused.nonzero().squeeze(1).tolist()                    # batch rows
-        n_host = n.tolist()                                           # transcript lengths so far, original rows
-        texts = dict(zip(idx, out[[orig_host[c] for c in idx]].tolist(), strict=True))
-        replies: dict[int, list[int]] = {}
-        resume: list[int] = []
-        for c in idx:
-            r = orig_host[c]
-            if max_turns is not None and turns[r] >= max_turns:
-                continue
-            reply = env(r, texts[c][: n_host[r]])
-            if reply is None:
-                continue
-            replies[c] = list(reply)
-            turns[r] += 1
-            if n_host[r] + len(reply) < max_new_tokens:
-                resume.append(c)
-        paused = torch.zeros_like(paused)
-        if not replies:
-            continue
-        W = max(len(v) for v in replies.values())
-        env_tok = torch.full((B, W + 1), pad_id, dtype=torch.long)
-        m = torch.zeros(B, dtype=torch.long)
-        got = torch.zeros(B, dtype=torch.bool)
-        for c, reply in replies.items():
-            env_tok[c, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-            m[c], got[c] = len(reply), True
-        env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
-        jw = torch.arange(W + 1, device=device)
-        events.append((orig, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
-                       (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1),
-                       torch.zeros((B, W), dtype=torch.bool, device=device)))
-        if not resume:
-            continue
-        room = torch.tensor([min(max_new_tokens - n_host[orig_host[c]] - len(replies[c]), turn_cap) for c in resume],
-                            dtype=torch.long, device=device)
-        if len(resume) < B:                                           # compact: keep the resumed rows only
-            flush()
-            keep = torch.tensor(resume, dtype=torch.long, device=device)
-            select(keep)
-            valid, x, pos_x, env_tok, m = valid[keep], x[keep], pos_x[keep], env_tok[keep], m[keep]
-            g = g[keep] if G else g
-            orig = keep if orig is None else orig[keep]
-            orig_host = [orig_host[c] for c in resume]
-            B = len(resume)
-            rows = torch.arange(B, device=device)
-            ones, smp_all, a_zero, zero_q = ones[:B], smp_all[:B], a_zero[:B], zero_q[:B]
-        s = length
-        ensure(s + W + 1)
-        vin = torch.cat([x.unsqueeze(1), env_tok[:, :W]], dim=1)       # [x, e_1..e_m, pad...]
-        vpos = pos_x.unsqueeze(1) + jw
-        valid.narrow(1, s, W + 1).copy_(jw <= m.unsqueeze(1))
-        hid = target(vin, vpos, valid.narrow(1, 0, s + W + 1), s)
-        metrics.target_forwards += 1
-        p = _probs(lm_head(hid[rows, m]), params)
-        x = sample(p, generator)
-        pt, h = _emitted(p, x)
-        events.append((orig, x[:, None], pt[:, None], h[:, None], ones, ones))
-        if G:
-            htoks = env_tok.scatter(1, m.unsqueeze(1), x.unsqueeze(1))       # [e_1..e_m, x', pad...]
-            g = drafter(htoks, hid, vpos, valid.narrow(1, 0, s + W + 1), s)[rows, m]
-            metrics.draft_forwards += 1
-        pos_x = pos_x + m + 1
-        length = s + W + 1
-        live = torch.ones(B, dtype=torch.bool, device=device)
-        paused = torch.zeros(B, dtype=torch.bool, device=device)
-        advance(torch.ones_like(pos_x), x, live)
-
-    out, sampled, logp, ent, n = _pack(events, pad_id, B0)
+    out, sampled, logp, ent, n = _pack(ep.events, pad_id, B)
     metrics.tokens = int(sampled.sum())
     metrics.seconds = time.perf_counter() - t0
-    flush()
-    return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(turns, dtype=torch.long))
+    ep.flush(metrics)
+    return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(ep.turns, dtype=torch.long))

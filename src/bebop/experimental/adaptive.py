@@ -62,9 +62,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bebop.core.acceptance import accept_length
+from bebop.core.fits import linear_fit
+from bebop.engine.decode import DecodeMetrics, generate_mtp
+from bebop.engine.drafting import AUTO, DraftPolicy
 from bebop.errors import BebopError
 
-AUTO = "auto"
+__all__ = ["AUTO", "AdaptiveDraft", "DraftPlanner", "FixedDraft", "as_policy", "calibrate", "decode_trace", "replay"]
+
 BINS = 10          # confidence bins of q_k(d_k) (drafting) and max q_1 (rule choice)
 CAP_TOLERANCE = 0.02  # batch > 1: the shortest γ within this fraction of the best batch throughput caps drafting
 
@@ -134,6 +139,11 @@ class AdaptiveDraft:
         best = max(range(len(rates)), key=rates.__getitem__)
         return best + 1, rates[best]
 
+    def start(self, batch: int, rule: str, auto_rule: bool, device: torch.device | str,
+              eos_id: int | None = None) -> DraftPlanner:
+        """The engine's drafting state for one call (``engine.drafting.DraftPolicy``): an adaptive planner."""
+        return DraftPlanner(self, self.gamma_max, batch, rule, auto_rule, device, eos_id)
+
     def batch_cap(self, batch: int) -> int:
         """The longest draft a planner for ``batch`` rows runs: γ_max at batch 1; at batch > 1, when
         ``throughput`` (the whole batch's tokens per second at each fixed γ) is given, the shortest γ within
@@ -148,6 +158,28 @@ class AdaptiveDraft:
             return self.gamma_max
         best = max(self.throughput)
         return next(g + 1 for g, t in enumerate(self.throughput) if t >= (1 - CAP_TOLERANCE) * best)
+
+
+@dataclass(frozen=True)
+class FixedDraft:
+    """A fixed draft length γ as a drafting policy: what rule ``auto`` (RS or TO per row, from each row's
+    ``max q_1``) needs when γ does not adapt."""
+
+    gamma: int
+
+    @property
+    def gamma_max(self) -> int:
+        return self.gamma
+
+    def start(self, batch: int, rule: str, auto_rule: bool, device: torch.device | str,
+              eos_id: int | None = None) -> DraftPlanner:
+        return DraftPlanner(None, self.gamma, batch, rule, auto_rule, device, eos_id)
+
+
+def as_policy(gamma: int | DraftPolicy, rule: str) -> int | DraftPolicy:
+    """What to pass the engine as ``gamma`` for ``rule``: a fixed γ under rule ``auto`` becomes a
+    :class:`FixedDraft` (the engine leaves the per-row RS/TO choice to a policy); anything else is unchanged."""
+    return FixedDraft(gamma) if rule == AUTO and isinstance(gamma, int) else gamma
 
 
 def confidence_bin(conf: float) -> int:
@@ -173,14 +205,9 @@ def monotone_fit(costs: Sequence[float]) -> list[float]:
 
 
 def accept_lengths(alpha: Sequence[float]) -> list[float]:
-    """Per-step acceptance α_1..α_K → predicted tokens per verify ``1 + E[A_γ]`` for γ = 1..K, with
-    ``E[A_γ] = Σ_{j≤γ} Π_{i≤j} α_i`` (DESIGN §3)."""
-    out, run, total = [], 1.0, 1.0
-    for a in alpha:
-        run *= a
-        total += run
-        out.append(total)
-    return out
+    """Per-step acceptance α_1..α_K → predicted tokens per verify for γ = 1..K (``core.acceptance.accept_length``
+    for every draft length)."""
+    return accept_length(alpha, prefixes=True).tolist() if len(alpha) else []
 
 
 def step_tokens(accept: Sequence[float], gamma: int, eos: int = 0) -> float:
@@ -214,19 +241,6 @@ def stop_thresholds(means: Sequence[float], costs: Sequence[float], rate: float)
                 best = min(best, rate * (costs[g - 1] - costs[k - 1]) / gain)
         out.append(best)
     return [*out, float("inf")]
-
-
-def step_alphas(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact expected acceptance at each draft step under both rules: ``p, q [..., K, V]`` →
-    (``α_RS = Σ min(p, q) = 1 − TV(p, q)``, ``α_TO = p(argmax q)``), each ``[..., K]``."""
-    rs = torch.minimum(p, q).sum(-1)
-    to = p.gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
-    return rs, to
-
-
-def one_hot_argmax(q: Tensor) -> Tensor:
-    """``1[v = argmax q]`` — the draft distribution under which RS verification is TO verification."""
-    return torch.zeros_like(q).scatter_(-1, q.argmax(-1, keepdim=True), 1.0)
 
 
 def draft_confidence(q: Tensor, d: Tensor) -> list[tuple[float, int]]:
@@ -398,8 +412,6 @@ def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int
     of decoding ``batches`` at the fixed draft length ``gamma`` with RS — real decode steps, starting where the
     accept process starts them, as the planner meets them (teacher-forced positions would weight every position
     alike)."""
-    from bebop.engine.decode import generate_mtp
-
     conf: list[list[float]] = []
     accept: list[list[float]] = []
     for i, prompts in enumerate(batches):
@@ -487,15 +499,13 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     interleaved batch by batch; c made non-decreasing by ``monotone_fit``; the prior = the head's mean α_k at
     γ_max (over the rows that reached step k), and the tables warmed by ``warm_passes`` adaptive passes over
     ``batches`` (with ``warm_rule``, default ``rule``; ``"auto"`` also warms the RS/TO choice)."""
-    from bebop.core.fits import linear_fit
-    from bebop.engine.decode import DecodeMetrics, generate_mtp
-
     if gamma_max < 1:
         raise BebopError(f"gamma_max must be >= 1, got {gamma_max}")
 
     def decode(g, rep: int, i: int, rule: str = rule) -> DecodeMetrics:          # batch i, seeded per repeat
         gen = torch.Generator(device=model.device).manual_seed(seed + 1000 * rep + i)
-        return generate_mtp(model, head, batches[i], params, max_new_tokens, eos_id, g, rule, pad_id, gen).metrics
+        return generate_mtp(model, head, batches[i], params, max_new_tokens, eos_id, as_policy(g, rule), rule, pad_id,
+                            gen).metrics
 
     rows = sum(len(b) for b in batches)
     runs, prior = [DecodeMetrics() for _ in range(gamma_max)], DecodeMetrics()

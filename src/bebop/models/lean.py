@@ -271,15 +271,12 @@ class LeanDecoder:
         return _rms(x, self.norm, self.eps)
 
 
-class LeanHead:
-    """A bound ``MTPHead``'s layer 0 as a lean forward (DESIGN §2), with the base model's embedding and rope.
-    ``enorm`` and ``hnorm`` are one normalisation over the stacked [embedding, hidden] pair, their weights
-    folded into a copy of ``eh_proj`` (same math as ``eh_proj(cat(enorm(e), hnorm(h)))``)."""
+class _HeadLayer:
+    """One MTP layer (DESIGN §2) as a lean forward. ``enorm`` and ``hnorm`` are one normalisation over the
+    stacked [embedding, hidden] pair, their weights folded into a copy of ``eh_proj`` (same math as
+    ``eh_proj(cat(enorm(e), hnorm(h)))``)."""
 
-    def __init__(self, head, base: LeanDecoder):
-        layer = head.layers[0]
-        self.base = base
-        self.sources = _Sources(layer)
+    def __init__(self, layer):
         self.eps = _eps(layer.enorm)
         self.hidden_first = bool(getattr(layer.config, "mtp_hidden_states_first", False))
         norms = [layer.hnorm.weight, layer.enorm.weight] if self.hidden_first else [layer.enorm.weight,
@@ -289,26 +286,39 @@ class LeanHead:
         self.post = layer.post_norm.weight if layer.post_norm is not None else None
         self.p_eps = _eps(layer.post_norm) if layer.post_norm is not None else None
 
+
+class LeanHead:
+    """A bound ``MTPHead``'s layers as lean forwards (DESIGN §2), with the base model's embedding and rope; layer
+    i owns layer i of the head's cache."""
+
+    def __init__(self, head, base: LeanDecoder):
+        self.base = base
+        self.sources = _Sources(*head.layers)
+        self.layers = [_HeadLayer(layer) for layer in head.layers]
+
     def new_cache(self, batch: int, capacity: int) -> StaticKV:
         self.base.rope.ensure(capacity)
-        b = self.block
-        return StaticKV(1, batch, b.hkv, b.d, capacity, self.eh.dtype, self.eh.device)
+        b, eh = self.layers[0].block, self.layers[0].eh
+        return StaticKV(len(self.layers), batch, b.hkv, b.d, capacity, eh.dtype, eh.device)
 
-    def __call__(self, ids: Tensor, hidden: Tensor, pos: Tensor, valid: Tensor, cache: StaticKV, start: int) -> Tensor:
-        """``h^k`` [B, T, H] after post_norm for tokens ``ids`` [B, T] and ``h^{k-1}`` ``hidden`` [B, T, H]."""
+    def __call__(self, ids: Tensor, hidden: Tensor, pos: Tensor, valid: Tensor, cache: StaticKV, start: int,
+                 layer: int = 0) -> Tensor:
+        """``h^k`` [B, T, H] after post_norm from MTP layer ``layer`` for tokens ``ids`` [B, T] and ``h^{k-1}``
+        ``hidden`` [B, T, H]."""
         B, T = ids.shape
         if start + T > cache.capacity:
             cache.ensure(start + T)
             self.base.rope.ensure(cache.capacity)
+        lay = self.layers[layer]
         e = F.embedding(ids, self.base.embed)
         if hidden.dtype != e.dtype:
             hidden = hidden.to(e.dtype)
-        pair = torch.stack([hidden, e] if self.hidden_first else [e, hidden], dim=2)
-        x = _mm(_rms(pair, None, self.eps).view(B, T, -1), self.eh)
+        pair = torch.stack([hidden, e] if lay.hidden_first else [e, hidden], dim=2)
+        x = _mm(_rms(pair, None, lay.eps).view(B, T, -1), lay.eh)
         cos, sin = self.base.rope(pos)
-        kc, vc = cache.layers[0]
-        x = self.block(x, cos, sin, _attn_mask(valid, start, T, x.dtype), kc, vc, start)
-        return _rms(x, self.post, self.p_eps) if self.post is not None else x
+        kc, vc = cache.layers[layer]
+        x = lay.block(x, cos, sin, _attn_mask(valid, start, T, x.dtype), kc, vc, start)
+        return _rms(x, lay.post, lay.p_eps) if lay.post is not None else x
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -334,20 +344,22 @@ def lean_decoder(model) -> LeanDecoder | None:
 
 
 def lean_head(head, model, base: LeanDecoder | None = None) -> LeanHead | None:
-    """The lean forward of a bound ``MTPHead`` (layer 0, as the engine drafts with), or None if unsupported.
-    ``base`` = ``lean_decoder(model)`` if the caller already has it."""
-    base = base or lean_decoder(model)
-    if base is None or head.num_layers < 1 or not _supported_layer(head.layers[0].mtp_block):
-        return None
-    layer = head.layers[0]
-    if getattr(head, "_shared", None) is None or head._shared.embed.weight is not base.embed:
-        return None
+    """The lean forward of a bound ``MTPHead`` (all its layers), or None if unsupported. ``base`` =
+    ``lean_decoder(model)`` if the caller already has it."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    if not all(type(n) is Qwen3RMSNorm for n in (layer.enorm, layer.hnorm)) or (
-            layer.post_norm is not None and type(layer.post_norm) is not Qwen3RMSNorm) or (
-            layer.enorm.variance_epsilon != layer.hnorm.variance_epsilon):
+    base = base or lean_decoder(model)
+    if base is None or head.num_layers < 1:
         return None
+    if getattr(head, "_shared", None) is None or head._shared.embed.weight is not base.embed:
+        return None
+    for layer in head.layers:
+        if not _supported_layer(layer.mtp_block) or not all(type(n) is Qwen3RMSNorm for n in (layer.enorm,
+                                                                                              layer.hnorm)):
+            return None
+        if (layer.post_norm is not None and type(layer.post_norm) is not Qwen3RMSNorm) or (
+                layer.enorm.variance_epsilon != layer.hnorm.variance_epsilon):
+            return None
     cached = _HEADS.get(head)
     if cached is not None and cached.base is base and cached.sources.fresh():
         return cached

@@ -1,0 +1,189 @@
+"""The forwards the engine decodes with: target and MTP head over explicit cache slots, lean when supported.
+
+Both plain and MTP decoding run the target (and the head) through the same backend — ``bebop.models.lean``
+(static KV slots written in place, fused projections over the model's own weights, same math as transformers)
+when the model is a supported Qwen3 decoder and ``backend="auto"``, transformers' own modules with a
+``DynamicCache`` otherwise (``backend="transformers"``). Plain and MTP decoding are thus always compared on
+equal forwards. Target and head caches share one slot layout (head slot s pairs with target slot s), so one
+validity mask serves both.
+
+A head of L > 1 layers drafts step k with layer (k−1) mod L, the layer ``MTPHead.unroll`` trains for step k.
+Only layer 0 reads the accepted tokens (prefill and catch-up); layer j > 0 has no context from earlier
+positions, so its drafts attend to the slots it wrote in the current draft only: it writes scratch slots
+0, 1, … of its own cache layer, restarted every draft.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+from bebop.errors import BebopError
+from bebop.models.lean import StaticKV, lean_decoder, lean_head
+
+BACKENDS = ("auto", "transformers")
+
+
+@dataclass
+class Forwards:
+    """``target(ids [B, T], pos [B, T], valid [B, start+T] bool, start) -> hidden [B, T, H]`` and
+    ``drafter(ids, hidden, pos, valid, start, layer=0) -> h^k [B, T, H]`` (None without a head) write slots
+    ``start..start+T-1`` of their own cache (anything at or after ``start`` is dropped) and attend to the slots
+    marked valid; ``lm_head(hidden) -> logits``; ``select(rows)`` keeps only batch rows ``rows`` in every cache
+    (so finished rows can leave the batch); ``layers`` = the head's MTP layers."""
+
+    target: Callable[..., Tensor]
+    drafter: Callable[..., Tensor] | None
+    lm_head: Callable[[Tensor], Tensor]
+    select: Callable[[Tensor], None]
+    layers: int = 1
+
+
+def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch.Tensor:
+    """Last hidden states of the target (after its final norm, as the LM head sees them), transformers path."""
+    return model.get_decoder()(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    ).last_hidden_state
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], mask [B, P])``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _crop_layer(cache: DynamicCache, layer: int, length: int) -> None:
+    """Drop the slots at or after ``length`` from one layer of ``cache``."""
+    n = cache.layers[layer].get_seq_length() if layer < len(cache.layers) else 0
+    if n > length:
+        cache.layers[layer].crop(length - n)
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    n = cache.get_seq_length()
+    if n > length:
+        cache.crop(length - n)
+
+
+def _lm_head(model: PreTrainedModel, lean):
+    """The LM head as a function: the lean one when available, a plain ``F.linear`` when it is an
+    ``nn.Linear`` (no module-call overhead), else the module."""
+    if lean is not None and lean.lm_t is not None:
+        return lean.logits
+    lm = model.get_output_embeddings()
+    if type(lm) is torch.nn.Linear:
+        w, b = lm.weight, lm.bias
+        return lambda h: F.linear(h, w, b)
+    return lm
+
+
+def _drafter(model: PreTrainedModel, head, lean, batch: int, capacity: int):
+    """(drafter, its cache) over the lean head when supported, else over ``head`` with a ``DynamicCache``."""
+    lhead = lean_head(head, model, lean) if lean is not None else None
+    if lhead is not None:
+        mcache = lhead.new_cache(batch, capacity)
+
+        def drafter(ids, hidden, pos, valid, start, layer=0):
+            return lhead(ids, hidden, pos, valid, mcache, start, layer)
+        return drafter, mcache
+    mcache = head.new_cache()
+
+    def drafter(ids, hidden, pos, valid, start, layer=0):
+        _crop_layer(mcache, layer, start)
+        return head(ids, hidden, pos, valid.long(), mcache, layer=layer)
+    return drafter, mcache
+
+
+def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: str = "auto") -> Forwards:
+    """The target's (and the head's) forwards for ``batch`` rows (module doc); ``capacity`` is a first
+    allocation (lean caches grow on demand)."""
+    if backend not in BACKENDS:
+        raise BebopError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    lean = lean_decoder(model) if backend == "auto" else None
+    if lean is not None:
+        tcache = lean.new_cache(batch, capacity)
+
+        def target(ids, pos, valid, start):
+            return lean(ids, pos, valid, tcache, start)
+    else:
+        tcache = DynamicCache(config=model.config)
+
+        def target(ids, pos, valid, start):
+            _crop_to(tcache, start)
+            return target_forward(model, ids, valid.long(), pos, tcache)
+
+    caches = [tcache]
+    drafter = None
+    if head is not None:
+        drafter, mcache = _drafter(model, head, lean, batch, capacity)
+        caches.append(mcache)
+
+    def select(rows: torch.Tensor) -> None:
+        for c in caches:
+            if isinstance(c, StaticKV):
+                c.k, c.v = c.k[:, rows], c.v[:, rows]
+                c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
+            else:
+                c.batch_select_indices(rows)
+
+    layers = head.num_layers if head is not None else 1
+    return Forwards(target, drafter, _lm_head(model, lean), select, layers)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats: int = 20,
+                  backend: str = "auto") -> dict[str, float]:
+    """Measured seconds of one plain target forward (c_1), one over γ+1 tokens (c_verify) and one MTP step
+    (c_draft) at the batch size of ``prompt_ids``, with a KV cache holding the prompt — through the same
+    forwards the engine uses (DESIGN §8)."""
+    device = model.device
+    ids, mask = left_pad(prompt_ids, 0, device)
+    B, P = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
+    fw = forwards(model, head, B, P + gamma + 1, backend)
+    hid = fw.target(ids, pos, valid[:, :P], 0)
+    fw.drafter(ids, hid, pos, valid[:, :P], 0)
+
+    def run_target(n_tok: int) -> float:
+        x = ids[:, -1:].repeat(1, n_tok)
+        p = pos[:, -1:] + 1 + torch.arange(n_tok, device=device)
+
+        def once():
+            fw.target(x, p, valid[:, : P + n_tok], P)   # writes slots P.., which the next call overwrites
+
+        once()
+        return median_seconds(once, repeats)
+
+    c1, cv = run_target(1), run_target(gamma + 1)
+
+    def draft_once():
+        fw.drafter(ids[:, -1:], hid[:, -1:], pos[:, -1:] + 1, valid[:, : P + 1], P)
+
+    draft_once()
+    cd = median_seconds(draft_once, repeats)
+    return {"c_1": c1, "c_verify": cv, "c_draft": cd}

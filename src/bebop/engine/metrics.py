@@ -1,0 +1,107 @@
+"""Decode metrics: token and forward counts, per-step acceptance α_k and accept length (DESIGN §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeMetrics:
+    """One metrics object for a generation call (DESIGN §3, "report both α_k and accept length").
+
+    ``accept_length`` = tokens emitted per target verify forward = 1 + mean accepted drafts, i.e. it COUNTS
+    the correction/bonus token. ``alpha`` is the empirical per-step acceptance α_k = P(draft k accepted |
+    drafts 1..k-1 accepted); ``expected_alpha`` the rule's α_k computed from p and q (Σ min(p, q) for RS),
+    averaged over the rows that reached step k. ``mean_gamma`` = drafts per row-step (γ unless adaptive),
+    ``target_only_fraction`` = share of those drafts verified with TO (``rule="auto"``), ``decode_seconds`` =
+    ``seconds`` without prefill.
+    """
+
+    gamma: int = 0
+    tokens: int = 0                 # tokens emitted (sampled), all rows
+    seconds: float = 0.0
+    decode_seconds: float = 0.0     # seconds after prefill
+    target_forwards: int = 0        # batched target forwards after prefill
+    draft_forwards: int = 0         # batched MTP-head forwards
+    steps: int = 0                  # row-steps of draft→verify (one per active row per verify)
+    accepted: int = 0               # accepted drafts, summed over row-steps
+    drafted: int = 0                # drafts verified, summed over row-steps
+    target_only_drafts: int = 0     # drafts verified with TO (rule "auto")
+    reached: list[float] = field(default_factory=list)    # per step k: row-steps where draft k was judged
+    accepted_k: list[float] = field(default_factory=list)  # per step k: row-steps where draft k was accepted
+    expected_k: list[float] = field(default_factory=list)  # per step k: Σ of expected α_k over reached rows
+
+    def merge(self, other: DecodeMetrics) -> DecodeMetrics:
+        """Add another run's counters (same γ) to these; rates and α are then recomputed from the sums."""
+        if not self.reached:
+            self.gamma = other.gamma
+            self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
+        for name in ("tokens", "seconds", "decode_seconds", "target_forwards", "draft_forwards", "steps", "accepted",
+                     "drafted", "target_only_drafts"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("reached", "accepted_k", "expected_k"):
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
+        return self
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def alpha(self) -> list[float]:
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_k, self.reached, strict=True)]
+
+    @property
+    def expected_alpha(self) -> list[float]:
+        return [e / r if r else 0.0 for e, r in zip(self.expected_k, self.reached, strict=True)]
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens emitted per verify step per row (accepted drafts + 1 correction/bonus token)."""
+        return 1.0 + self.accepted / self.steps if self.steps else 1.0
+
+    @property
+    def mean_gamma(self) -> float:
+        return self.drafted / self.steps if self.steps else 0.0
+
+    @property
+    def target_only_fraction(self) -> float:
+        return self.target_only_drafts / self.drafted if self.drafted else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "gamma": self.gamma, "mean_gamma": self.mean_gamma, "target_only_fraction": self.target_only_fraction,
+            "tokens": self.tokens, "seconds": self.seconds, "decode_seconds": self.decode_seconds,
+            "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
+            "draft_forwards": self.draft_forwards, "alpha": self.alpha, "expected_alpha": self.expected_alpha,
+            "accept_length": self.accept_length, "accept_length_counts_bonus": True,
+        }
+
+
+def acceptance_counts(gamma: int, history: list[tuple]) -> DecodeMetrics:
+    """The acceptance counters of verify steps, as a ``DecodeMetrics`` to ``merge``: ``history`` holds per step
+    (accepted [B], done before the step [B], expected α [B, γ_t], γ_t, TO drafts per row [B] or None), counted
+    over the rows live at that step (drafter quality, before EOS/max-token truncation); γ_t ≤ ``gamma``."""
+    m = DecodeMetrics(gamma=gamma)
+    G = gamma
+    m.reached, m.accepted_k, m.expected_k = ([0.0] * G for _ in range(3))
+    if not history:
+        return m
+    a, done = torch.stack([h[0] for h in history]), torch.stack([h[1] for h in history])   # [S, B]
+    exp = torch.stack([F.pad(h[2], (0, G - h[3])) for h in history])                        # [S, B, γ]
+    gam = torch.tensor([h[3] for h in history], device=a.device)                            # [S]
+    to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
+    live = ~done
+    k = torch.arange(G, device=a.device)
+    reached = (a[..., None] >= k) & (k < gam[:, None, None]) & live[..., None]  # draft k+1 was judged
+    m.steps = int(live.sum())
+    m.accepted = int((a * live).sum())
+    m.drafted = int((gam[:, None] * live).sum())
+    m.target_only_drafts = int((to * live).sum())
+    m.reached = reached.sum((0, 1)).float().tolist()
+    m.accepted_k = ((a[..., None] > k) & live[..., None]).sum((0, 1)).float().tolist()
+    m.expected_k = (exp * reached).sum((0, 1)).tolist()
+    return m
