@@ -1,11 +1,14 @@
 # Two commands do all set-up: `make demo` (install + main job) and `make test` (install + tests).
+# Test lanes: `make test` runs every test (what CI runs: .ci/run); `make test-fast` skips the tests marked
+# `slow` (chi-square law tests, RL and demo runs, Ray, subprocess CLI runs) for the inner edit-test loop.
+# `make help` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: help install demo test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +16,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	touch $@
+
+help:
+	@echo "make install    virtual env in $(VENV) with bebop and its dev + ray extras (CPU torch)"
+	@echo "make demo       install, then the end-to-end demo into runs/demo"
+	@echo "make test       lint + every test, slow lanes included (what CI runs)"
+	@echo "make test-fast  lint + the tests not marked slow (inner loop, a few minutes on 2 cores)"
+	@echo "make lint       ruff over src, tests and benchmarks"
+	@echo "make clean      remove the virtual env, runs/ and tool caches"
 
 install: $(BIN)/.installed
 
@@ -22,6 +33,10 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
