@@ -16,7 +16,7 @@ from bebop.config import make_config
 from bebop.errors import BebopError
 from bebop.models.policy import ModelConfig, load_policy, save_policy
 from bebop.tasks import get_task, sample_problems
-from bebop.training.sft import SFTConfig, encode_example, sft_batch
+from bebop.training.sft import SFT_RECIPES, SFTConfig, encode_example, sft_batch, train_sft, warmup_cosine
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -115,6 +115,37 @@ def test_configs_validate_and_merge_toml(tmp_path):
         make_config(SFTConfig, f)
     with pytest.raises(BebopError, match="missing.toml"):
         make_config(SFTConfig, tmp_path / "missing.toml")
+
+
+def test_sft_defaults_are_step_counts_per_task_without_a_wall_clock_budget():
+    """The same default command trains the same policy on any machine: no time budget, the task's recipe."""
+    from bebop.tasks import TASKS
+
+    assert SFTConfig().max_minutes is None
+    assert set(SFT_RECIPES) >= set(TASKS)
+    for task, recipe in SFT_RECIPES.items():
+        cfg = SFTConfig(task=task)
+        assert (cfg.steps, cfg.batch_size, cfg.lr) == (recipe.steps, recipe.batch_size, recipe.lr)
+    assert SFTConfig(task="agent", steps=5).steps == 5
+    with pytest.raises(BebopError, match="max_minutes must be positive"):
+        SFTConfig(max_minutes=0)
+
+
+def test_sft_learning_rate_follows_steps_only(tmp_path, monkeypatch):
+    """The schedule is a function of the step: a wall-clock cap may stop the loop but never bends the decay."""
+    from types import SimpleNamespace
+
+    import bebop.training.sft as sft_module
+
+    clock = iter(range(0, 100_000, 250))  # each reading 250 s later: a third of the cap gone by step 2
+    monkeypatch.setattr(sft_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    cfg = SFTConfig(out=str(tmp_path / "p"), steps=6, batch_size=2, warmup=2, log_every=1, eval_samples=0,
+                    max_minutes=60, model=ModelConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                                      intermediate_size=64))
+    train_sft(cfg)
+    log = [json.loads(line) for line in (tmp_path / "p.sft.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(6))
+    assert [r["lr"] for r in log] == pytest.approx([warmup_cosine(s, 6, 2, cfg.lr) for s in range(6)])
 
 
 def test_evaluate_reports_accuracy_and_entropy(tiny_model, tiny_tokenizer):
