@@ -26,7 +26,7 @@ def test_train_mtp_keeps_backbone_and_improves_alpha(policy_dir, tmp_path):
     before = {k: v.clone() for k, v in load_policy(policy_dir)[0].state_dict().items()}
     cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), loss="e2e_tv", gamma_train=3,
                          steps=40, batch_size=16, lr=3e-3, data_samples=64, heldout_samples=32,
-                         max_new_tokens=16, eval_every=39)
+                         max_new_tokens=16, eval_every=39, warm_steps=0)
     summary = train_mtp(cfg)
     after = load_policy(policy_dir)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -38,8 +38,41 @@ def test_train_mtp_keeps_backbone_and_improves_alpha(policy_dir, tmp_path):
         load_head(tmp_path / "head" / f if f else tmp_path / "head", model)
 
 
+def test_train_mtp_warm_starts_with_forward_kl_without_init(policy_dir, tmp_path):
+    """Without ``init`` the default run trains the forward-KL warm stage first, then the chosen loss from it."""
+    cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), loss="e2e_tv", gamma_train=2,
+                         steps=3, warm_steps=4, batch_size=4, data_samples=16, heldout_samples=8,
+                         max_new_tokens=12, eval_every=1)
+    summary = train_mtp(cfg)
+    log = [json.loads(line) for line in (tmp_path / "head" / "train_mtp.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["loss_name"], r["step"]) for r in log] == (
+        [("warm", "fkl", s) for s in range(4)] + [("main", "e2e_tv", s) for s in range(3)])
+    stages = [(s["name"], s["loss"], s["steps"]) for s in summary["stages"]]
+    assert stages == [("warm", "fkl", 4), ("main", "e2e_tv", 3)]
+
+
+def test_train_mtp_with_init_skips_the_warm_stage(policy_dir, tmp_path):
+    """A given starting head (e.g. a checkpoint's native head) replaces the warm stage."""
+    small = {"gamma_train": 2, "batch_size": 4, "data_samples": 16, "heldout_samples": 8, "max_new_tokens": 12,
+             "eval_every": 1}
+    train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "init"), loss="fkl", steps=1, warm_steps=0,
+                             **small))
+    summary = train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), steps=2,
+                                       init=str(tmp_path / "init"), **small))
+    log = [json.loads(line) for line in (tmp_path / "head" / "train_mtp.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"main"}
+    assert [s["name"] for s in summary["stages"]] == ["main"]
+
+
+def test_default_head_recipe_warm_starts():
+    cfg = TrainMTPConfig()
+    assert cfg.init is None
+    assert [(s.name, s.loss) for s in cfg.stages()] == [("warm", "fkl"), ("main", "e2e_tv")]
+
+
 @pytest.mark.parametrize(("kw", "needle"), [({"loss": "l2"}, "'l2'"), ({"gamma_train": 0}, "gamma_train"),
-                                            ({"data_samples": 0}, "data_samples")])
+                                            ({"data_samples": 0}, "data_samples"), ({"warm_loss": "l1"}, "'l1'"),
+                                            ({"warm_steps": -1}, "warm_steps")])
 def test_bad_train_config(kw, needle):
     with pytest.raises(BebopError, match=needle):
         TrainMTPConfig(**kw)
@@ -47,7 +80,7 @@ def test_bad_train_config(kw, needle):
 
 def test_no_usable_data_is_a_clear_error(policy_dir, tmp_path):
     """Completions shorter than γ_train + 1 tokens leave nothing to train on: say so, write nothing."""
-    cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), gamma_train=3, steps=2,
+    cfg = TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "head"), gamma_train=3, steps=2, warm_steps=0,
                          data_samples=8, heldout_samples=8, max_new_tokens=2)
     with pytest.raises(BebopError, match=r"no usable training data.*gamma_train \+ 1 = 4"):
         train_mtp(cfg)

@@ -3,19 +3,21 @@
 Teacher forcing: for position t and step k = 1..γ the head's step-k distribution q_k(t) (recursive unroll
 fed with the TRUE tokens) is trained towards the frozen base model's distribution p_k(t) for token t+k+1
 (at the rollout temperature). Positions where not all γ targets exist, and prompt positions, are masked.
+A run is a list of stages on the same data: by default a forward-KL warm stage, then the chosen loss.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bebop.config import positive
+from bebop.config import check_gamma, positive
 from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.engine.decode import generate
@@ -30,14 +32,20 @@ from bebop.training.sft import warmup_cosine
 
 @dataclass
 class TrainMTPConfig:
+    """One head-training run. Without ``init`` the head is warm-started: ``warm_steps`` of ``warm_loss``
+    (forward KL) from the base model's weights, then ``steps`` of ``loss`` from that head. TV-type gradients
+    are bounded by q and vanish where q and p are far apart (DESIGN §4), so ``tv`` / ``e2e_tv`` learn slowly
+    from a random head; with ``init`` (e.g. a checkpoint's native head) the warm stage is skipped.
+    ``warm_steps = 0`` trains ``loss`` from the fresh head directly."""
+
     model: str = "runs/arith/base"
     out: str = "runs/arith/mtp_e2e_tv"
     task: str = "arith"
     loss: str = "e2e_tv"
     gamma_train: int = 5
-    steps: int = 300
+    steps: int = 200                # steps of ``loss`` (after the warm stage)
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -47,18 +55,55 @@ class TrainMTPConfig:
     max_new_tokens: int = 96
     eval_every: int = 50
     seed: int = 0
-    init: str | None = None         # start from an existing head (e.g. CE/fkl-trained) instead of the warm start
+    init: str | None = None         # start from an existing head (e.g. a native one) instead of the warm stage
+    warm_loss: str = "fkl"
+    warm_steps: int = 600
+    warm_lr: float = 5e-3
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise BebopError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
-        if self.gamma_train < 1:
-            raise BebopError(f"gamma_train must be >= 1, got {self.gamma_train}")
-        for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every"):
+        for name in (self.loss, self.warm_loss):
+            if name not in LOSSES:
+                raise BebopError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+        check_gamma(self.gamma_train, "gamma_train")
+        for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every",
+                     "warm_lr"):
             positive(name, getattr(self, name))
+        if self.warm_steps < 0:
+            raise BebopError(f"warm_steps must be >= 0, got {self.warm_steps}")
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
         get_task(self.task)
+
+    def stages(self) -> list[Stage]:
+        """The training stages in order: the warm stage (only without ``init``), then ``loss``."""
+        main = Stage("main", self.loss, self.steps, self.lr)
+        if self.init or not self.warm_steps:
+            return [main]
+        return [Stage("warm", self.warm_loss, self.warm_steps, self.warm_lr), main]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of head training: ``steps`` optimizer steps of ``loss`` at peak learning rate ``lr``, with a
+    fresh optimizer and warm-up/cosine schedule."""
+
+    name: str
+    loss: str
+    steps: int
+    lr: float
+
+
+@dataclass
+class _Run:
+    """What every stage of one run shares: the frozen policy, its samples, the config and the log file."""
+
+    cfg: TrainMTPConfig
+    model: object
+    pad_id: int
+    data: list[tuple[list[int], int]]
+    heldout: list[tuple[list[int], int]]
+    log: TextIO
+    t0: float
 
 
 def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -135,13 +180,52 @@ def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id
     return (tot / max(n, 1)).tolist()
 
 
+def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -> list[dict]:
+    """Train ``head`` in place for one stage; returns the logged records (loss, lr, held-out α per step)."""
+    cfg, model = run.cfg, run.model
+    opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
+    params = SamplingParams(temperature=cfg.temperature)
+    history = []
+    head.train()
+    with Progress(
+        TextColumn(f"[bold]train-mtp {stage.loss} ({stage.name})"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+    ) as progress:
+        bar = progress.add_task("train", total=stage.steps, loss=float("nan"))
+        for step in range(stage.steps):
+            lr = warmup_cosine(step, stage.steps, cfg.warmup, stage.lr, floor=0.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = torch.randint(len(run.data), (cfg.batch_size,), generator=gen).tolist()
+            ids, mask, pl = pad_batch([run.data[i] for i in idx], run.pad_id, model.device)
+            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
+            loss = mtp_loss_from_hidden(stage.loss, hq, hp, model.get_output_embeddings().weight, cfg.temperature,
+                                        y, torch.ones(len(y), device=model.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            opt.step()
+            progress.update(bar, completed=step + 1, loss=loss.item())
+            if step % cfg.eval_every == 0 or step == stage.steps - 1:
+                head.eval()
+                alpha = expected_alpha(model, head, run.heldout, cfg.gamma_train, params, run.pad_id)
+                head.train()
+                rec = {"stage": stage.name, "loss_name": stage.loss, "step": step, "loss": loss.item(), "lr": lr,
+                       "grad_norm": float(gnorm), "heldout_alpha": alpha, "elapsed_s": time.perf_counter() - run.t0}
+                history.append(rec)
+                run.log.write(json.dumps(rec) + "\n")
+                run.log.flush()
+    head.eval()
+    return history
+
+
 def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
-    """Train a head for the policy in ``cfg.model``; saves Bebop + public layouts to ``cfg.out``."""
+    """Train a head for the policy in ``cfg.model`` through ``cfg.stages()``; saves the Bebop and public
+    layouts to ``cfg.out`` with ``train_mtp.jsonl`` (per-stage records) and ``train_mtp_summary.json``."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, device)
     model.requires_grad_(False)
     task = get_task(cfg.task)
-    params = SamplingParams(temperature=cfg.temperature)
     data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
     heldout = policy_samples(model, tokenizer, task, cfg.heldout_samples, cfg.temperature, cfg.max_new_tokens,
                              cfg.seed + 1_000_003)
@@ -150,48 +234,27 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
         raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
     head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device)
-    head.train()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_mtp.jsonl"
     t0 = time.perf_counter()
-    history = []
-    with log_path.open("w") as log, Progress(
-        TextColumn(f"[bold]train-mtp {cfg.loss}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-    ) as progress:
-        bar = progress.add_task("train", total=cfg.steps, loss=float("nan"))
-        for step in range(cfg.steps):
-            lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
-            ids, mask, pl = pad_batch([data[i] for i in idx], tokenizer.pad_token_id, device)
-            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
-            loss = mtp_loss_from_hidden(cfg.loss, hq, hp, model.get_output_embeddings().weight, cfg.temperature, y,
-                                        torch.ones(len(y), device=device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-            opt.step()
-            progress.update(bar, completed=step + 1, loss=loss.item())
-            if step % cfg.eval_every == 0 or step == cfg.steps - 1:
-                head.eval()
-                alpha = expected_alpha(model, head, heldout, cfg.gamma_train, params, tokenizer.pad_token_id)
-                head.train()
-                rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(gnorm),
-                       "heldout_alpha": alpha, "elapsed_s": time.perf_counter() - t0}
-                history.append(rec)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-    head.eval()
+    history: list[dict] = []
+    with (out / "train_mtp.jsonl").open("w") as log:
+        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0)
+        for stage in cfg.stages():
+            history += _train_stage(run, head, stage, gen)
     save_head(head, out, model.config)
     export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
     export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
                 num_base_layers=model.config.num_hidden_layers)
-    summary = {"config": asdict(cfg), "heldout_alpha": history[-1]["heldout_alpha"],
-               "train_seconds": time.perf_counter() - t0}
+    summary = {"config": asdict(cfg), "stages": [asdict(s) for s in cfg.stages()],
+               "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0}
     (out / "train_mtp_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def train_warm_head(cfg: TrainMTPConfig) -> dict:
+    """Train only the warm stage of ``cfg`` (``warm_steps`` of ``warm_loss`` from the fresh head) into
+    ``cfg.out``: the shared starting head when several losses are to be compared from one start. Same data,
+    seed and steps as the warm stage inside ``train_mtp(cfg)``, so it is the same head."""
+    return train_mtp(replace(cfg, loss=cfg.warm_loss, steps=cfg.warm_steps, lr=cfg.warm_lr, warm_steps=0, init=None))
