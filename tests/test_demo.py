@@ -117,3 +117,16 @@ def test_claim_rules_follow_the_paper_numbers():
     claims = evaluate_claims({"ce": {"alpha_rs": [0.9] * 3}, "e2e_tv": {"alpha_rs": [0.9] * 3}},
                              _sweep({"ce": (-0.1, -1.7), "e2e_tv": (-0.1, -1.7)}), {"heads": {}}, slow)
     assert [c["held"] for c in claims] == [False] * 5
+
+
+def test_demo_stages_use_the_default_recipes_without_a_wall_clock_cap():
+    """The demo's SFT and head stages are the same step recipes as `bebop sft` and `bebop train-mtp`."""
+    from bebop.experiments.demo import DemoConfig
+    from bebop.training.sft import sft_recipe
+    from bebop.training.train_mtp import TrainMTPConfig
+
+    cfg, head = DemoConfig(), TrainMTPConfig()
+    assert cfg.sft_minutes is None and cfg.sft_steps == sft_recipe(cfg.task).steps
+    assert DemoConfig(task="agent").sft_steps == sft_recipe("agent").steps
+    assert (cfg.init_loss, cfg.init_steps, cfg.init_lr) == (head.warm_loss, head.warm_steps, head.warm_lr)
+    assert (cfg.head_steps, cfg.head_lr, cfg.data_samples) == (head.steps, head.lr, head.data_samples)

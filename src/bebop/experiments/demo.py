@@ -34,6 +34,7 @@ from bebop.experiments.analysis import DEFAULT_TEMPERATURES, RULE_NAMES, entropy
 from bebop.experiments.bench_rl import METHODS
 from bebop.models.policy import ModelConfig
 from bebop.tasks import get_task
+from bebop.training.sft import sft_recipe
 
 __all__ = ["CLAIMS", "QUICK", "DemoConfig", "evaluate_claims", "quick_config", "run_demo"]
 
@@ -74,18 +75,18 @@ class DemoConfig:
     temperature: float = 1.0           # rollout temperature (head training, losses, entropy, RL)
     max_new_tokens: int = 96
     # 1. SFT
-    sft_minutes: float = 4.0           # wall-time cap (a busy CPU gets fewer steps)
-    sft_steps: int = 700               # ~3 min on a 2-core CPU (450 steps gave 33 % accuracy on arith)
+    sft_steps: int | None = None       # None: the task's SFT recipe (training.sft.SFT_RECIPES)
+    sft_minutes: float | None = None   # optional wall-clock cap; off, so the run is the same on any machine
     sft_eval_samples: int = 128
     policy: ModelConfig = field(default_factory=ModelConfig)
     # 2. heads: init_loss warm start, then ce / e2e_tv (+ extra_losses) from it
     gamma_train: int = 3
     init_loss: str = "fkl"
-    init_steps: int = 300
+    init_steps: int = 600              # init_* and head_* as train-mtp's warm stage and main stage
     init_lr: float = 5e-3
-    head_steps: int = 150
+    head_steps: int = 200
     head_lr: float = 1e-3
-    data_samples: int = 1024
+    data_samples: int = 2048
     heldout_samples: int = 128
     extra_losses: str = ""             # e.g. "fkl,rkl,tv": more losses fine-tuned like ce and e2e_tv (claim 3)
     # 3.-5. measurements
@@ -106,8 +107,12 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)
+        if self.sft_steps is None:
+            self.sft_steps = sft_recipe(self.task).steps
+        if self.sft_minutes is not None:
+            positive("sft_minutes", self.sft_minutes)
         self.temperatures = tuple(float(t) for t in self.temperatures)
-        for name in ("gamma", "temperature", "max_new_tokens", "sft_minutes", "sft_steps", "gamma_train",
+        for name in ("gamma", "temperature", "max_new_tokens", "sft_steps", "gamma_train",
                      "init_steps", "init_lr", "head_steps", "head_lr", "data_samples", "heldout_samples",
                      "loss_prompts", "sweep_prompts", "entropy_samples", "rl_steps", "rl_prompts", "rl_lr",
                      "online_every", "online_steps"):
@@ -132,7 +137,7 @@ class DemoConfig:
 # a CI smoke test: every stage runs and every file is written; the numbers mean nothing
 QUICK: dict = dict(
     policy=ModelConfig(num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128),
-    sft_minutes=0.3, sft_steps=300, sft_eval_samples=16, max_new_tokens=32, init_steps=20, head_steps=10,
+    sft_steps=150, sft_eval_samples=16, max_new_tokens=32, init_steps=20, head_steps=10,
     data_samples=64, heldout_samples=16, loss_prompts=8, temperatures=(0.5, 1.0, 1.5), sweep_prompts=8,
     entropy_samples=32, rl_steps=3, rl_prompts=4, rl_group=4, online_every=1, online_steps=2,
 )
@@ -236,7 +241,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         policy = out / "policy"
         sft_cfg = SFTConfig(task=cfg.task, out=str(policy), steps=cfg.sft_steps, max_minutes=cfg.sft_minutes,
                             eval_samples=cfg.sft_eval_samples, seed=cfg.seed, model=cfg.policy)
-        stages.run("sft", f"1/7 SFT policy ({cfg.sft_steps} steps, ≤ {cfg.sft_minutes:g} min)",
+        cap = f", ≤ {cfg.sft_minutes:g} min" if cfg.sft_minutes is not None else ""
+        stages.run("sft", f"1/7 SFT policy ({cfg.sft_steps} steps{cap})",
                    policy / "sft_summary.json", asdict(sft_cfg), [], lambda: train_sft(sft_cfg))
     stages.keys["sft"] = {"key": stages.keys["sft"], "weights": _dir_fingerprint(policy)}
 
@@ -249,7 +255,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
                   data_samples=cfg.data_samples, heldout_samples=cfg.heldout_samples,
                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     head_cfgs = {"head_init": TrainMTPConfig(out=str(head_dirs[init_name]), loss=cfg.init_loss, steps=cfg.init_steps,
-                                             lr=cfg.init_lr, **common)}
+                                             lr=cfg.init_lr, warm_steps=0, **common)}
     for loss in cfg.loss_list():
         head_cfgs[f"head_{loss}"] = TrainMTPConfig(out=str(head_dirs[loss]), loss=loss, steps=cfg.head_steps,
                                                    lr=cfg.head_lr, init=str(head_dirs[init_name]), **common)
@@ -567,7 +573,7 @@ def _sft_warning(summary: Mapping, cfg: DemoConfig) -> list[str]:
     """A warning paragraph when SFT was cut by its wall-time cap well before its steps (e.g. a busy CPU)."""
     pol = summary["policy"]
     steps = pol.get("sft_steps")
-    if cfg.model or steps is None or steps >= 0.8 * cfg.sft_steps:
+    if cfg.model or cfg.sft_minutes is None or steps is None or steps >= 0.8 * cfg.sft_steps:
         return []
     acc = (pol.get("eval") or {}).get("accuracy")
     return [f"**Warning:** SFT stopped at its {cfg.sft_minutes:g}-minute cap after {steps} of {cfg.sft_steps} steps "
