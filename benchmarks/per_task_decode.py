@@ -1,6 +1,6 @@
 """MTP decoding per kind of work, side by side in one run: for each task with a policy and a head under
-``--runs`` (``<runs>/<task>/base`` and ``<runs>/<task>/<head>``), ``bebop.experiments.bench.bench_decode`` at the given
-batch sizes, plus the policy's SFT accuracy and entropy from its ``sft_summary.json``.
+``--runs`` (``<runs>/<task>/base`` and ``<runs>/<task>/<head>``), ``bebop.experiments.bench_decode.bench_decode``
+at the given batch sizes, plus the policy's SFT accuracy and entropy from its ``sft_summary.json``.
 
     python benchmarks/per_task_decode.py --tasks arith,countdown,code,agent --json runs/bench_per_task.json
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bebop.experiments.bench import DecodeBenchConfig, bench_decode
+from bebop.experiments.bench_decode import DecodeBenchConfig, bench_decode
 from bebop.models.mtp import load_head
 from bebop.models.policy import load_policy
 

@@ -157,7 +157,8 @@ def test_token_acceptance_matches_train_mtp_expected_alpha(tiny):
 def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     model, tok, head = tiny
     heads = {"a": head, "b": MTPHead.from_base(model).eval()}
-    res = analysis.entropy_analysis(model, tok, heads, samples=6, gamma=2, n_buckets=3, max_new_tokens=10)
+    res = analysis.entropy_analysis(model, tok, heads,
+                                    analysis.EntropyConfig(samples=6, gamma=2, buckets=3, max_new_tokens=10))
     json.dumps(res, allow_nan=False)
     for row in res["heads"].values():
         assert sum(row["count"]) == row["n_positions"] > 0
@@ -172,8 +173,8 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert set(series) == {"a RS", "a TO", "b RS", "b TO"}
     assert plots.plot_entropy_accept(series, tmp_path / "e.png").stat().st_size > 0
 
-    sweep = analysis.temperature_sweep(model, tok, {"a": head}, temperatures=(0.5, 1.0), gamma=2, n_prompts=3,
-                                       batch_size=3, max_new_tokens=6)
+    sweep = analysis.temperature_sweep(model, tok, {"a": head}, analysis.SweepConfig(
+        temperatures=(0.5, 1.0), gamma=2, prompts=3, batch_size=3, max_new_tokens=6))
     json.dumps(sweep, allow_nan=False)
     row = sweep["heads"]["a"]
     for rule in ("rejection", "target_only"):

@@ -1,3 +1,3 @@
-from bebop.cli import main
+from bebop.cli.app import main
 
 main()

@@ -21,16 +21,22 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from bebop.config import check_gamma
+from bebop.core.acceptance import accept_length, alpha_rs, alpha_to
 from bebop.core.fits import linear_fit
-from bebop.core.sampling import SamplingParams, entropy, probs_from_logits, total_variation
+from bebop.core.sampling import SamplingParams, entropy, probs_from_logits
 from bebop.errors import BebopError
-from bebop.experiments.bench import measure_acceptance
+from bebop.experiments.measure import measure_acceptance
+from bebop.experiments.names import DEFAULT_TEMPERATURES, RULE_NAMES
+from bebop.experiments.options import EntropyConfig, SweepConfig
 from bebop.tasks import get_task
 from bebop.training.train_mtp import pad_batch, policy_samples, teacher_forced
 
 __all__ = [
     "DEFAULT_TEMPERATURES",
     "RULE_NAMES",
+    "EntropyConfig",
+    "SweepConfig",
     "accept_length",
     "acceptance",
     "bucket_by_entropy",
@@ -45,19 +51,11 @@ __all__ = [
     "token_acceptance",
 ]
 
-DEFAULT_TEMPERATURES: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
-RULE_NAMES: dict[str, str] = {"rejection": "RS", "target_only": "TO"}
 
 
 # --------------------------------------------------------------------------------------------------
 # Fits and pure per-position formulas
 # --------------------------------------------------------------------------------------------------
-
-
-def accept_length(alpha) -> np.ndarray:
-    """``1 + Σ_{j=1..γ} Π_{i≤j} α_i`` over the last axis of ``alpha`` [..., γ] (counts the bonus token)."""
-    a = np.asarray(alpha, dtype=np.float64)
-    return 1.0 + np.cumprod(a, axis=-1).sum(axis=-1)
 
 
 def acceptance(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,10 +64,7 @@ def acceptance(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     α_RS = Σ min(p, q), α_TO = p(argmax q), TV = ½ Σ |p − q| (computed from the definition, independently
     of α_RS, so :func:`boundary_agreement` checks the identity rather than restating it). float32."""
     p, q = p.float(), q.float()
-    alpha_rs = 1.0 - total_variation(p, q)
-    alpha_to = p.gather(-1, q.argmax(dim=-1, keepdim=True)).squeeze(-1)
-    tv = 0.5 * (p - q).abs().sum(dim=-1)
-    return alpha_rs, alpha_to, tv
+    return alpha_rs(p, q), alpha_to(p, q), 0.5 * (p - q).abs().sum(dim=-1)
 
 
 def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-5) -> dict:
@@ -119,8 +114,7 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
 
     ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
     ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`)."""
-    if gamma < 1:
-        raise BebopError(f"gamma must be >= 1, got {gamma}")
+    check_gamma(gamma)
     lm_head = model.get_output_embeddings()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy_k", "alpha_rs", "alpha_to", "tv")}
     for i in range(0, len(data), batch_size):
@@ -180,40 +174,43 @@ def bucket_by_entropy(entropy: np.ndarray, alpha_rs: np.ndarray, alpha_to: np.nd
     return out
 
 
-def entropy_analysis(model, tokenizer, heads: Mapping[str, object], task_name: str = "arith", samples: int = 256,
-                     temperature: float = 1.0, gamma: int = 3, n_buckets: int = 10, max_new_tokens: int = 96,
-                     seed: int = 0, batch_size: int = 64) -> dict:
+def entropy_analysis(model, tokenizer, heads: Mapping[str, object], cfg: EntropyConfig | None = None) -> dict:
     """Per-token entropy buckets, per-token fits and the decision-boundary check for each head on the same
-    ``samples`` policy samples at ``temperature`` (prompts seeded by ``seed``). JSON-able:
+    ``cfg.samples`` policy samples at ``cfg.temperature`` (prompts seeded by ``cfg.seed``). JSON-able:
     ``{"config": {...}, "heads": {name: bucket_by_entropy(...) + {"decision_boundary": {...},
     "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄, "best_rule_accept_length"}}}``;
     the last is the mean accept length if every draft step used the rule with the larger α (an upper bound
     on choosing RS vs TO from the boundary: the boundary needs p, which the drafter does not have)."""
-    params = SamplingParams(temperature=temperature)
-    if not temperature > 0:
-        raise BebopError(f"temperature must be > 0 for the entropy analysis, got {temperature}")
-    data = policy_samples(model, tokenizer, get_task(task_name), samples, temperature, max_new_tokens, seed)
-    result: dict = {"config": {"task": task_name, "samples": samples, "temperature": temperature, "gamma": gamma,
-                               "n_buckets": n_buckets, "max_new_tokens": max_new_tokens, "seed": seed,
-                               "entropy_of": "buckets and accept-length fit: H(p_1); alpha_fits[k]: H(p_k)",
-                               "accept_length_counts_bonus": True},
-                    "heads": {}}
+    cfg = cfg or EntropyConfig()
+    params = SamplingParams(temperature=cfg.temperature)
+    data = policy_samples(model, tokenizer, get_task(cfg.task), cfg.samples, cfg.temperature, cfg.max_new_tokens,
+                          cfg.seed)
+    config = {"task": cfg.task, "samples": cfg.samples, "temperature": cfg.temperature, "gamma": cfg.gamma,
+              "n_buckets": cfg.buckets, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+              "entropy_of": "buckets and accept-length fit: H(p_1); alpha_fits[k]: H(p_k)",
+              "accept_length_counts_bonus": True}
+    result: dict = {"config": config, "heads": {}}
     for name, head in heads.items():
-        stats = token_acceptance(model, head, data, gamma, params, tokenizer.pad_token_id, batch_size)
-        row = bucket_by_entropy(stats["entropy"], stats["alpha_rs"], stats["alpha_to"], n_buckets,
-                                entropy_k=stats["entropy_k"])
-        row["n_positions"] = int(stats["entropy"].size)
-        row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
-        row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
-        # headroom for choosing the rule per draft step from the boundary (needs p, so an upper bound)
-        best = np.maximum(stats["alpha_rs"], stats["alpha_to"])
-        row["best_rule_accept_length"] = float(accept_length(best).mean()) if best.size else None
-        row["decision_boundary_per_step"] = [
-            boundary_agreement(stats["tv"][:, k], stats["alpha_rs"][:, k], stats["alpha_to"][:, k])
-            for k in range(gamma)
-        ]
-        result["heads"][name] = row
+        stats = token_acceptance(model, head, data, cfg.gamma, params, tokenizer.pad_token_id, cfg.batch_size)
+        result["heads"][name] = _entropy_row(stats, cfg)
     return result
+
+
+def _entropy_row(stats: Mapping[str, np.ndarray], cfg: EntropyConfig) -> dict:
+    """One head's entry of :func:`entropy_analysis` from its :func:`token_acceptance` arrays."""
+    row = bucket_by_entropy(stats["entropy"], stats["alpha_rs"], stats["alpha_to"], cfg.buckets,
+                            entropy_k=stats["entropy_k"])
+    row["n_positions"] = int(stats["entropy"].size)
+    row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
+    row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
+    # headroom for choosing the rule per draft step from the boundary (needs p, so an upper bound)
+    best = np.maximum(stats["alpha_rs"], stats["alpha_to"])
+    row["best_rule_accept_length"] = float(accept_length(best).mean()) if best.size else None
+    row["decision_boundary_per_step"] = [
+        boundary_agreement(stats["tv"][:, k], stats["alpha_rs"][:, k], stats["alpha_to"][:, k])
+        for k in range(cfg.gamma)
+    ]
+    return row
 
 
 def entropy_series(result: Mapping) -> dict[str, dict]:
@@ -256,30 +253,25 @@ def step_series(runs: Mapping[str, Sequence[Mapping]]) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def temperature_sweep(model, tokenizer, heads: Mapping[str, object], task_name: str = "arith",
-                      temperatures: Sequence[float] = DEFAULT_TEMPERATURES, gamma: int = 3, n_prompts: int = 64,
-                      batch_size: int = 32, max_new_tokens: int = 64, seed: int = 0) -> dict:
+def temperature_sweep(model, tokenizer, heads: Mapping[str, object], cfg: SweepConfig | None = None) -> dict:
     """RS and TO acceptance of every head at every τ, measured through the real engine
-    (``bench.measure_acceptance``: empirical α_k and accept length incl. the bonus token, plus the policy's
+    (``measure.measure_acceptance``: empirical α_k and accept length incl. the bonus token, plus the policy's
     mean per-token entropy at τ) on the same held-out prompts and seeds for every (head, τ, rule).
 
     Returns ``{"temperatures": [...], "gamma": γ, "config": {...}, "heads": {name: {"rejection": S,
     "target_only": S}}}`` with ``S = {"accept_length": [per τ], "alpha": [[α_k] per τ], "expected_alpha":
     [[...] per τ], "entropy": [per τ], "fit": linear_fit(entropy, accept length) over τ}``."""
-    temps = [float(t) for t in temperatures]
-    for t in temps:
-        SamplingParams(temperature=t)
-    result: dict = {"temperatures": temps, "gamma": gamma,
-                    "config": {"task": task_name, "n_prompts": n_prompts, "batch_size": batch_size,
-                               "max_new_tokens": max_new_tokens, "seed": seed, "accept_length_counts_bonus": True},
-                    "heads": {}}
+    cfg = cfg or SweepConfig()
+    config = {"task": cfg.task, "n_prompts": cfg.prompts, "batch_size": cfg.batch_size,
+              "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "accept_length_counts_bonus": True}
+    result: dict = {"temperatures": list(cfg.temperatures), "gamma": cfg.gamma, "config": config, "heads": {}}
     for name, head in heads.items():
         row: dict = {}
         for rule in RULE_NAMES:
             s: dict[str, list] = {"accept_length": [], "alpha": [], "expected_alpha": [], "entropy": []}
-            for t in temps:
-                r = measure_acceptance(model, tokenizer, head, task_name, rule, t, gamma, n_prompts, batch_size,
-                                       max_new_tokens, seed)
+            for t in cfg.temperatures:
+                r = measure_acceptance(model, tokenizer, head, cfg.task, rule, t, cfg.gamma, cfg.prompts,
+                                       cfg.batch_size, cfg.max_new_tokens, cfg.seed)
                 for key in s:
                     s[key].append(r.get(key))
             s["fit"] = linear_fit(s["entropy"], s["accept_length"])

@@ -208,9 +208,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Run (or continue) the demo into ``cfg.out``; returns the summary written to ``summary.json``."""
     import torch
 
-    from bebop.experiments.analysis import entropy_analysis, temperature_sweep
-    from bebop.experiments.bench import measure_acceptance
+    from bebop.experiments.analysis import EntropyConfig, SweepConfig, entropy_analysis, temperature_sweep
     from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
+    from bebop.experiments.measure import measure_acceptance
     from bebop.models.mtp import load_head
     from bebop.models.policy import load_policy
     from bebop.rl.config import RLConfig
@@ -290,9 +290,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     # 4. temperature sweep
     def sweep_stage() -> None:
-        _write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, cfg.task, cfg.temperatures,
-                                                          cfg.gamma, cfg.sweep_prompts, 32, cfg.max_new_tokens,
-                                                          cfg.seed))
+        sweep_cfg = SweepConfig(task=cfg.task, temperatures=cfg.temperatures, gamma=cfg.gamma,
+                                prompts=cfg.sweep_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        _write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, sweep_cfg))
 
     stages.run("sweep", f"4/7 temperature sweep τ ∈ {{{', '.join(f'{t:g}' for t in cfg.temperatures)}}}",
                out / "sweep.json", dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
@@ -301,9 +301,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     # 5. per-token entropy analysis
     def entropy_stage() -> None:
-        _write_json(out / "entropy.json", entropy_analysis(model, tokenizer, ce_e2e, cfg.task, cfg.entropy_samples,
-                                                           cfg.temperature, cfg.gamma, 10, cfg.max_new_tokens,
-                                                           cfg.seed))
+        ent_cfg = EntropyConfig(task=cfg.task, samples=cfg.entropy_samples, temperature=cfg.temperature,
+                                gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        _write_json(out / "entropy.json", entropy_analysis(model, tokenizer, ce_e2e, ent_cfg))
 
     stages.run("entropy", f"5/7 per-token entropy analysis ({cfg.entropy_samples} samples)", out / "entropy.json",
                dict(samples=cfg.entropy_samples, temperature=cfg.temperature, gamma=cfg.gamma,

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from bebop.core.fits import linear_fit
 from bebop.errors import BebopError
-from bebop.experiments.analysis import RULE_NAMES
+from bebop.experiments.names import RULE_NAMES
 
 __all__ = [
     "STEP_TIME_KEYS",

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from bebop.config import positive
 from bebop.core.sampling import SamplingParams
-from bebop.engine.decode import generate
-from bebop.tasks import Task, get_task, sample_problems
-from bebop.training.multiturn import is_multi_turn, rollout_multi_turn
-
-EVAL_SEED = 10_000  # seed of the evaluation problem stream (SFT uses its own seed)
+from bebop.engine.dispatch import DecodeConfig, Turns, decode
+from bebop.tasks import Task, sample_problems
+from bebop.training.multiturn import is_multi_turn, task_env
+from bebop.training.options import EvalConfig
 
 
 def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingParams, max_new_tokens: int,
@@ -23,36 +19,18 @@ def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingPara
     ent_sum, n_tok = 0.0, 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        if is_multi_turn(task):  # tool use: the environment answers each call (bebop.training.multiturn)
-            budget = max(max_new_tokens, getattr(task, "completion_tokens", 0))
-            texts, ent, n = rollout_multi_turn(model, tokenizer, task, chunk, params, budget, gen)
-            rewards += [task.reward(p, t) for p, t in zip(chunk, texts, strict=True)]
-            ent_sum, n_tok = ent_sum + ent, n_tok + n
-            continue
         prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        r = generate(model, prompts, params, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
+        multi = is_multi_turn(task)  # tool use: the environment answers each call (bebop.training.multiturn)
+        turns = Turns(task_env(task, tokenizer, chunk), tokenizer.convert_tokens_to_ids(task.terminator),
+                      turn_tokens=32) if multi else None
+        budget = max(max_new_tokens, getattr(task, "completion_tokens", 0)) if multi else max_new_tokens
+        r = decode(model, None, prompts, DecodeConfig(params, budget, tokenizer.eos_token_id,
+                                                      pad_id=tokenizer.pad_token_id, generator=gen), turns)
         texts = tokenizer.batch_decode(r.completions(), skip_special_tokens=True)
         rewards += [task.reward(p, t) for p, t in zip(chunk, texts, strict=True)]
-        ent_sum += float((r.entropy * r.mask).sum())
-        n_tok += int(r.lengths.sum())
+        ent_sum += float((r.entropy * r.sampled_mask).sum())
+        n_tok += int(r.sampled_mask.sum())
     return rewards, ent_sum, n_tok
-
-
-@dataclass
-class EvalConfig:
-    """Options of ``bebop eval`` (and the defaults of :func:`evaluate`)."""
-
-    task: str = "arith"
-    samples: int = 256
-    temperature: float = 1.0          # of ``accuracy``; ``greedy_accuracy`` is always τ = 0
-    max_new_tokens: int = 96
-    seed: int = EVAL_SEED
-
-    def __post_init__(self) -> None:
-        get_task(self.task)
-        positive("samples", self.samples)
-        positive("max_new_tokens", self.max_new_tokens)
-        SamplingParams(temperature=self.temperature)
 
 
 def evaluate(model, tokenizer, task: Task, samples: int = EvalConfig.samples,

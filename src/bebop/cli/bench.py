@@ -1,0 +1,124 @@
+"""``bebop bench decode | losses | rl``: benchmarks that print a table and write JSON.
+
+Each option's default is read from the benchmark's config dataclass; list-valued options are comma-separated
+strings on the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bebop.cli.generate import load_model_and_head, parse_gamma
+from bebop.cli.options import ConfigOpt, JsonOpt
+from bebop.cli.render import adaptive_table, console, decode_table, losses_table, rl_bench_table, write_json
+from bebop.errors import BebopError
+from bebop.experiments.options import DecodeBenchConfig, LossBenchConfig
+
+D, L = DecodeBenchConfig, LossBenchConfig
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise BebopError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def bench_decode_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors).")],
+    task: Annotated[str, typer.Option(help="Task whose prompts are decoded.")] = D.task,
+    rule: Annotated[str, typer.Option(help="rejection or target_only; with --gamma auto also auto (RS or TO per "
+                                            "row).")] = D.rule,
+    gamma: Annotated[str, typer.Option(help="Draft tokens per verification, or 'auto': adaptive γ against every "
+                                            "fixed γ = 1..--gamma-max.")] = str(D.gamma),
+    gamma_max: Annotated[int, typer.Option(help="Largest γ with --gamma auto.")] = D.gamma_max,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, D.batch_sizes)),
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = D.temperature,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = D.max_new_tokens,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = D.repeats,
+    prompts: Annotated[int, typer.Option(help="Prompts per batch size (consecutive batches).")] = D.num_prompts,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = D.seed,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads for the benchmark (1: steadiest on a shared "
+                                              "machine).")] = D.threads,
+    json_path: JsonOpt = None,
+) -> None:
+    """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
+    γ — measured side by side in one run."""
+    from bebop.experiments.bench_decode import bench_decode
+
+    cfg = DecodeBenchConfig(task=task, gamma=parse_gamma(gamma), rule=rule, gamma_max=gamma_max,
+                            temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
+                            max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed,
+                            threads=threads)
+    the_model, tokenizer, head = load_model_and_head(model, mtp)
+    results = bench_decode(the_model, tokenizer, head, cfg)
+    if cfg.gamma == "auto":
+        console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
+    else:
+        console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"))
+    write_json(json_path, {"config": asdict(cfg), "results": results})
+
+
+def bench_losses_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    out: Annotated[Path, typer.Option(help="Directory for the heads (one per loss).")] = Path(L.out),
+    task: Annotated[str, typer.Option(help="Task (training data and held-out prompts).")] = L.task,
+    losses: Annotated[str, typer.Option(help="Comma-separated losses.")] = ",".join(L.losses),
+    gamma: Annotated[int, typer.Option(help="Deployed γ for the measurement.")] = L.gamma,
+    gamma_train: Annotated[int, typer.Option(help="Steps unrolled in training.")] = L.gamma_train,
+    steps: Annotated[int, typer.Option(help="Training steps per head.")] = L.steps,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = L.lr,
+    data_samples: Annotated[int, typer.Option(help="Policy samples used as training data.")] = L.data_samples,
+    init: Annotated[str | None, typer.Option(help="Shared starting head for every loss.")] = L.init,
+    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per measurement.")] = L.eval_prompts,
+    seed: Annotated[int, typer.Option(help="Seed (data, training, measurement).")] = L.seed,
+    json_path: JsonOpt = None,
+) -> None:
+    """Train one head per loss on identical data/steps/seeds, then measure RS and TO acceptance."""
+    from bebop.experiments.bench_losses import bench_losses
+
+    cfg = LossBenchConfig(task=task, losses=tuple(x.strip() for x in losses.split(",") if x.strip()), gamma=gamma,
+                          gamma_train=gamma_train, steps=steps, lr=lr, data_samples=data_samples, init=init,
+                          eval_prompts=eval_prompts, seed=seed, out=str(out))
+    results = bench_losses(str(model), cfg.out, cfg)
+    console.print(losses_table(results, f"bench losses: {task}, γ={gamma}, {steps} steps each"))
+    write_json(json_path, results)  # {"<loss>": {"alpha_rs": [...], ...}}
+    (out / "bench_losses_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+
+def bench_rl_cmd(
+    model: Annotated[str | None, typer.Option(help="SFT policy directory.")] = None,
+    mtp: Annotated[str | None, typer.Option(help="e2e-TV head directory (rs-e2e_tv, to-e2e_tv).")] = None,
+    mtp_ce: Annotated[str | None, typer.Option(help="CE head directory (rs-ce, to-ce, rs-online-ce).")] = None,
+    task: Annotated[str | None, typer.Option(help="Task.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory: one run per method + bench_rl.json.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma list: none, rs-e2e_tv, to-e2e_tv, rs-ce, to-ce, "
+                                                     "rs-online-ce.")] = None,
+    steps: Annotated[int | None, typer.Option(help="RL steps per method.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out problems before/after each run.")] = None,
+    async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Async rollouts.")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (same for every method).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results JSON here.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Short GRPO runs per rollout method, side by side: step time, rollout time, accept-length drift, accuracy."""
+    from bebop.config import make_config
+    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
+
+    cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
+                      methods=methods, steps=steps, eval_samples=eval_samples, async_rollouts=async_rollouts,
+                      **{"rl.prompts_per_step": prompts_per_step, "rl.group_size": group_size, "rl.lr": lr,
+                         "rl.rollout_batch": rollout_batch, "rl.seed": seed})
+    cfg.method_list()
+    results = bench_rl(cfg, console=console)
+    console.print(rl_bench_table(results, f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)"))
+    write_json(json_path, results)

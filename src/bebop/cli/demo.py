@@ -1,0 +1,30 @@
+"""``bebop demo``: the end-to-end reproduction of DESIGN §6 (stages cached in ``--out``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bebop.cli.options import ConfigOpt
+from bebop.cli.render import console
+
+
+def demo_cmd(
+    out: Annotated[str | None, typer.Option(help="Demo directory (stages are cached here).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="CI smoke preset (~2 min): every file, meaningless numbers.")]
+    = False,
+    model: Annotated[str | None, typer.Option(help="Reuse this SFT policy directory and skip SFT.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Redo every stage instead of reusing cached outputs.")]
+    = False,
+    config: ConfigOpt = None,
+) -> None:
+    """SFT policy → MTP heads (CE, e2e TV) → τ sweep → entropy analysis → short RL runs → report.md, plots and
+    summary.json with a held / not-held verdict for each claim of DESIGN §6."""
+    from bebop.config import make_config, read_toml
+    from bebop.experiments.demo import QUICK, DemoConfig, run_demo
+
+    file_keys = set(read_toml(config)) if config is not None else set()
+    preset = {k: v for k, v in QUICK.items() if k not in file_keys} if quick else {}  # the file wins over --quick
+    cfg = make_config(DemoConfig, config, **preset, out=out, model=model, fresh=fresh or None)
+    run_demo(cfg, console=console)

@@ -1,0 +1,72 @@
+"""``bebop rl``: GRPO with MTP-accelerated rollouts; options unset here come from the TOML file, then ``RLConfig``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bebop.cli.options import ConfigOpt
+from bebop.cli.render import console, print_dict
+from bebop.errors import BebopError
+
+
+def rl_cmd(
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
+    model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
+    mtp: Annotated[str | None, typer.Option(help="MTP head directory (needed by --mtp-strategy frozen).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint.pt, policy/, mtp/.")] = None,
+    mtp_strategy: Annotated[str | None, typer.Option(help="none, frozen, online-ce or online-tv.")] = None,
+    rule: Annotated[str | None, typer.Option(help="Verification rule: rejection or target_only.")] = None,
+    gamma: Annotated[int | None, typer.Option(help="Draft length γ.")] = None,
+    steps: Annotated[int | None, typer.Option(help="RL steps.")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Rollout temperature.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
+    kl_coef: Annotated[float | None, typer.Option(help="KL-to-reference coefficient (0 = off).")] = None,
+    async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Overlap rollouts with training.")]
+    = None,
+    max_staleness: Annotated[int | None, typer.Option(help="Async: max policy versions a rollout may lag.")] = None,
+    online_every: Annotated[int | None, typer.Option(help="Online strategies: head re-training period.")] = None,
+    backend: Annotated[str | None, typer.Option(help="local or ray.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")]
+    = None,
+    ray_workers: Annotated[int | None, typer.Option(help="Ray rollout actors.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint period in steps.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out problems evaluated before/after (0 = skip).")]
+    = None,
+    reward: Annotated[str | None, typer.Option(help="Reward function 'module:function' (default: the task's).")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory from its checkpoint.")]
+    = None,
+    config: ConfigOpt = None,
+) -> None:
+    """GRPO on a task with MTP-accelerated rollouts (DESIGN §5); resumable with --resume DIR."""
+    from bebop.config import from_dict, make_config
+    from bebop.rl.config import RLConfig
+    from bebop.rl.trainer import train_rl
+
+    if resume is not None:
+        saved = resume / "rl_config.json"
+        if not saved.is_file():
+            raise BebopError(f"cannot resume: {resume} has no rl_config.json")
+        cfg = from_dict(RLConfig, json.loads(saved.read_text()), str(saved))
+    else:
+        cfg = make_config(
+            RLConfig, config, task=task, model=model, mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule,
+            gamma=gamma, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+            temperature=temperature, lr=lr, rollout_batch=rollout_batch, kl_coef=kl_coef, async_rollouts=async_rollouts,
+            max_staleness=max_staleness, online_every=online_every, backend=backend, ray_address=ray_address,
+            ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
+            seed=seed,
+        )
+    summary = train_rl(cfg, resume=resume is not None, console=console)
+    print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
+    for when in ("eval_before", "eval_after"):
+        if when in summary:
+            print_dict(when, summary[when])

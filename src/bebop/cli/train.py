@@ -1,0 +1,104 @@
+"""Training commands: ``bebop sft``, ``bebop eval`` and ``bebop train-mtp``.
+
+Options left unset (None) take their values from the TOML file and then the config dataclass; options with a shown
+default read it from the dataclass, so no default is stated here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bebop.cli.options import ConfigOpt
+from bebop.cli.render import console, print_dict
+from bebop.training.options import EvalConfig
+
+E = EvalConfig
+
+
+def sft(
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory for model + tokenizer.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for data and init.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-time budget of the training loop.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Problems for the final evaluation (0 = skip).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Decoder layers.")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key/value heads.")] = None,
+    intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a tiny Qwen3 policy from scratch on a task's reference solutions (SFT)."""
+    from bebop.config import make_config
+    from bebop.training.sft import SFTConfig, train_sft
+
+    cfg = make_config(
+        SFTConfig, config, task=task, out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        max_minutes=max_minutes, eval_samples=eval_samples, **{
+            "model.num_layers": layers, "model.hidden_size": hidden, "model.num_heads": heads,
+            "model.num_kv_heads": kv_heads, "model.intermediate_size": intermediate,
+        },
+    )
+    summary = train_sft(cfg)
+    console.print(f"saved policy to [bold]{cfg.out}[/] after {summary['steps']} steps "
+                  f"in {summary['train_seconds']:.0f}s")
+    if "eval" in summary:
+        print_dict(f"eval {cfg.task}", summary["eval"])
+
+
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Policy directory (model + tokenizer).")],
+    task: Annotated[str, typer.Option(help="Task to evaluate on.")] = E.task,
+    samples: Annotated[int, typer.Option(help="Number of problems.")] = E.samples,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature for `accuracy`.")] = E.temperature,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = E.max_new_tokens,
+    seed: Annotated[int, typer.Option(help="Seed of problems and sampling.")] = E.seed,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON and write it to DIR/eval_<task>.json.")] = False,
+) -> None:
+    """Accuracy (sampled and greedy) and mean per-token entropy of a policy on a task."""
+    from bebop.models.policy import load_policy
+    from bebop.tasks import get_task
+    from bebop.training.evaluate import evaluate
+
+    cfg = EvalConfig(task=task, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    model, tokenizer = load_policy(model_dir)
+    res = evaluate(model, tokenizer, get_task(cfg.task), samples=cfg.samples, temperature=cfg.temperature,
+                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if json_out:
+        (model_dir / f"eval_{task}.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res))
+    else:
+        print_dict(f"eval {task} on {model_dir}", res)
+
+
+def train_mtp_cmd(
+    model: Annotated[str | None, typer.Option(help="Policy directory (frozen backbone).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory for the head.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task whose prompts the policy samples on.")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce, fkl, rkl, tv or e2e_tv.")] = None,
+    gamma_train: Annotated[int | None, typer.Option(help="Draft steps unrolled in training.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Rollout temperature (data and target p).")] = None,
+    data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    init: Annotated[str | None, typer.Option(help="Start from this head instead of the warm start.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
+    from bebop.config import make_config
+    from bebop.training.train_mtp import TrainMTPConfig, train_mtp
+
+    cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
+                      steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                      data_samples=data_samples, seed=seed, init=init)
+    summary = train_mtp(cfg)
+    console.print(f"saved head to [bold]{cfg.out}[/] (bebop, qwen3_5 and deepseek_v3 layouts)")
+    print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})

@@ -1,0 +1,266 @@
+"""`bebop bench decode`: plain vs MTP decoding vs transformers' generate(), side by side in one run; with
+``gamma="auto"``, adaptive drafting against every fixed γ.
+
+All decoders get the same prompts, seeds and max lengths. Speed model (DESIGN §8):
+  speedup ≈ (1 + E[A]) / (c_verify(γ+1)/c_1 + γ·c_draft/c_1)
+with c_1 one plain target forward, c_verify(γ+1) a target forward over γ+1 tokens and c_draft one MTP
+step, each measured here per batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import DecodeMetrics, forward_costs, left_pad, median_seconds
+from bebop.errors import BebopError
+from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
+from bebop.experiments.measure import decode_task
+from bebop.experiments.options import DecodeBenchConfig
+from bebop.tasks import get_task, sample_problems
+from bebop.training.multiturn import is_multi_turn
+
+__all__ = ["DecodeBenchConfig", "bench_decode", "hf_generate_tokens_per_s"]
+
+MULTI_TURN_HF = "multi-turn task: transformers' generate() has no environment loop"
+
+
+@dataclass
+class _Run:
+    """What one benchmark run shares: the policy, its tokenizer, the head, the options and the sampling params."""
+
+    model: object
+    tokenizer: object
+    head: object
+    cfg: DecodeBenchConfig
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.cfg.temperature)
+
+    @property
+    def eos_pad(self) -> tuple[int, int]:
+        return self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+    def batches(self, bs: int, seed: int, num_prompts: int | None = None) -> list[tuple[list, list[list[int]]]]:
+        """``num_prompts`` task problems (rounded to whole batches) drawn with ``seed``, in batches of ``bs``:
+        (problems, prompt ids) per batch."""
+        n = max(bs, (num_prompts or self.cfg.num_prompts) // bs * bs)
+        problems = sample_problems(get_task(self.cfg.task), n, seed)
+        prompts = [self.tokenizer(p.prompt)["input_ids"] for p in problems]
+        return [(problems[i : i + bs], prompts[i : i + bs]) for i in range(0, n, bs)]
+
+    def decode(self, head, batch, gamma, rule: str, seed: int) -> DecodeMetrics:
+        gen = torch.Generator(device=self.model.device).manual_seed(seed)
+        r, _ = decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, self.params,
+                           self.cfg.max_new_tokens, gamma, rule, gen)
+        return r.metrics
+
+
+def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
+    """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs.
+
+    Runs with ``cfg.threads`` intra-op threads (default 1): at these sizes one thread is as fast as two at
+    batch 1, and on a machine shared with other jobs two threads stall each other by milliseconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    run = _Run(model, tokenizer, head, cfg)
+    try:
+        if cfg.gamma == AUTO:
+            if is_multi_turn(get_task(cfg.task)):
+                raise BebopError(f"--gamma auto is not supported for the multi-turn task {cfg.task!r} yet")
+            return {str(bs): _bench_adaptive(run, bs) for bs in cfg.batch_sizes}
+        return {str(bs): _bench_fixed(run, bs) for bs in cfg.batch_sizes}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- fixed γ
+
+
+def _bench_fixed(run: _Run, bs: int) -> dict:
+    """One batch size at fixed γ: plain and MTP rates (medians over repeats), α, accept length, the speed model's
+    limit from measured forward costs, and transformers' generate() (and its MTP path at batch 1) for reference."""
+    cfg = run.cfg
+    batches = run.batches(bs, cfg.seed)
+    plain_rates, mtp_rates = [], []
+    mtp_all = DecodeMetrics()
+    for rep in range(cfg.repeats + 1):  # repeat 0 warms up
+        plain, mtp = DecodeMetrics(), DecodeMetrics()
+        for bi, batch in enumerate(batches):
+            for h, m in ((None, plain), (run.head, mtp)):
+                m.merge(run.decode(h, batch, cfg.gamma, cfg.rule, cfg.seed * 1000 + bi))
+        if rep > 0:
+            plain_rates.append(plain.tokens_per_s)
+            mtp_rates.append(mtp.tokens_per_s)
+            mtp_all.merge(mtp)
+    res = {
+        "plain_tokens_per_s": statistics.median(plain_rates),
+        "mtp_tokens_per_s": statistics.median(mtp_rates),
+        "alpha": mtp_all.alpha,
+        "expected_alpha": mtp_all.expected_alpha,
+        "accept_length": mtp_all.accept_length,
+        "accept_length_counts_bonus": True,
+        "threads": cfg.threads,
+    }
+    res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
+    res.update(_speed_limit(run, batches[0][1], res["accept_length"], res["speedup"]))
+    if is_multi_turn(get_task(cfg.task)):
+        res["hf_tokens_per_s"] = res["plain_vs_hf"] = res["hf_mtp_tokens_per_s"] = None
+        res["hf_error"] = res["hf_mtp_error"] = MULTI_TURN_HF
+        return res
+    hf_tps = [hf_generate_tokens_per_s(run.model, run.tokenizer, p, run.params, cfg.max_new_tokens, cfg.seed,
+                                       cfg.repeats) for _, p in batches]
+    res["hf_tokens_per_s"] = statistics.mean(hf_tps)
+    res["plain_vs_hf"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
+    if bs == 1:
+        res.update(_hf_mtp_rate(run, batches))
+    return res
+
+
+def _speed_limit(run: _Run, prompts: list[list[int]], accept_length: float, speedup: float) -> dict:
+    """Measured forward costs and the speed model's limit (module doc) with the fraction of it reached."""
+    gamma = run.cfg.gamma
+    costs = forward_costs(run.model, run.head, prompts, gamma)
+    cost_ratio = (costs["c_verify"] + gamma * costs["c_draft"]) / costs["c_1"]
+    limit = accept_length / cost_ratio          # accept length = 1 + E[A]
+    return {**costs, "speedup_limit": limit, "fraction_of_limit": speedup / limit}
+
+
+def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
+                             repeats: int) -> float:
+    """transformers' ``generate()`` on the same weights and prompts: generated (non-pad) tokens / s."""
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if params.temperature == 0:
+        kw.update(do_sample=False)
+    else:
+        kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p or 1.0)
+    counts = []
+
+    def once():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+        counts.append(_count_generated(out, tokenizer.eos_token_id))
+
+    once()
+    counts.clear()
+    sec = median_seconds(once, repeats)
+    return statistics.median(counts) / sec
+
+
+def _hf_mtp_rate(run: _Run, batches) -> dict:
+    """transformers' own MTP generation at batch 1 (tokens / s), or why it could not run."""
+    from bebop.models.mtp import hf_mtp_generate
+
+    eos, pad = run.eos_pad
+    params = run.params
+    kw = dict(do_sample=params.temperature > 0, pad_token_id=pad, eos_token_id=eos)
+    if params.temperature > 0:
+        kw.update(temperature=params.temperature, top_k=0)
+    try:
+        tok_count, secs = 0, 0.0
+        for _, p in batches:
+            ids = torch.tensor([p[0]], device=run.model.device)
+            hf_mtp_generate(run.model, run.head, ids, run.cfg.max_new_tokens, **kw)  # warm-up
+            t0 = time.perf_counter()
+            out = hf_mtp_generate(run.model, run.head, ids, run.cfg.max_new_tokens, **kw)
+            secs += time.perf_counter() - t0
+            tok_count += _count_generated(out[:, ids.shape[1]:], eos)
+        return {"hf_mtp_tokens_per_s": tok_count / secs}
+    except Exception as e:  # record why transformers' MTP path could not run
+        return {"hf_mtp_tokens_per_s": None, "hf_mtp_error": f"{type(e).__name__}: {e}"}
+
+
+def _count_generated(out: torch.Tensor, eos_id: int) -> int:
+    """Tokens up to and including the first EOS per row."""
+    is_eos = out == eos_id
+    first = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, out.shape[1])
+    return int(first.sum())
+
+
+# ---------------------------------------------------------------------------------------------- adaptive γ
+
+
+def _bench_adaptive(run: _Run, bs: int) -> dict:
+    """``bench decode --gamma auto`` at one batch size: plain decoding, MTP at every fixed γ = 1..γ_max (per rule:
+    ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``experimental.adaptive``), all on the same
+    prompts, seeds and lengths (see :func:`_time_runs`). The adaptive run is calibrated (step costs, α prior,
+    confidence tables) on other prompts at the same batch size first, with twice the timed repeats (neighbouring
+    γ's differ by a few percent); that one-off cost is reported, not timed. ``replay`` also scores the RS planner's
+    per-row decisions against every fixed γ without timing noise (:func:`_replay`)."""
+    cfg = run.cfg
+    rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
+    eos, pad = run.eos_pad
+    t0 = time.perf_counter()
+    calib = [prompts for _, prompts in run.batches(bs, cfg.seed + 7919)]
+    adaptive = calibrate(run.model, run.head, calib, run.params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
+                         cfg.seed, repeats=2 * cfg.repeats, warm_rule=cfg.rule if cfg.rule == AUTO else None)
+    calib_s = time.perf_counter() - t0
+    runs = {"plain": (None, None)} | {f"{r}/{g}": (g, r) for r in rules for g in range(1, cfg.gamma_max + 1)}
+    runs["auto"] = (adaptive, cfg.rule)
+    totals = _time_runs(run, runs, run.batches(bs, cfg.seed))
+    plain = totals.pop("plain").tokens_per_s
+    rows = {name: _run_row(m, plain) for name, m in totals.items()}
+    res: dict = {"plain_tokens_per_s": plain, "calibration_seconds": calib_s,
+                 "step_seconds": list(adaptive.step_seconds), "prior_alpha": list(adaptive.prior),
+                 "calibrated_tokens_per_s": list(adaptive.throughput or []), "gamma_cap": adaptive.batch_cap(bs),
+                 "auto": rows.pop("auto"), "fixed": rows}
+    res.update(_versus_fixed(res["auto"], rows, cfg.gamma_max))
+    if "rejection" in rules:
+        res["replay"] = {"rule": "rejection", **_replay(run, bs, adaptive)}
+    return res
+
+
+def _time_runs(run: _Run, runs: dict, batches) -> dict[str, DecodeMetrics]:
+    """Every run on every batch, run back to back batch by batch in a rotating order (so load swings hit every
+    run alike and none always runs last). Each repeat samples with new seeds and a run's totals sum its timed
+    repeats: at batch > 1 a batch lasts as long as its longest row, so one fixed sample would favour whichever run
+    happened to draw short tails."""
+    cfg = run.cfg
+    totals = {name: DecodeMetrics() for name in runs}
+    names = list(runs)
+    for rep in range(cfg.repeats + 1):  # repeat 0 warms up
+        for bi, batch in enumerate(batches):
+            turn = (rep * len(batches) + bi) % len(names)
+            for name in names[turn:] + names[:turn]:
+                gamma, rule = runs[name]
+                m = run.decode(None if gamma is None else run.head, batch, gamma, rule,
+                               (cfg.seed * 1000 + rep) * 1000 + bi)
+                if rep > 0:
+                    totals[name].merge(m)
+    return totals
+
+
+def _run_row(m: DecodeMetrics, plain_tokens_per_s: float) -> dict:
+    """One run's figures from its summed metrics."""
+    return {"tokens_per_s": m.tokens_per_s, "accept_length": m.accept_length,
+            "step_seconds": m.decode_seconds / max(m.target_forwards, 1), "alpha": m.alpha,
+            "mean_gamma": m.mean_gamma, "target_only_fraction": m.target_only_fraction,
+            "speedup": m.tokens_per_s / plain_tokens_per_s}
+
+
+def _versus_fixed(auto: dict, fixed: dict[str, dict], gamma_max: int) -> dict:
+    """The best fixed run, adaptive's throughput against it, and (at index c − 1) against the best fixed γ ≤ c
+    (adaptive may draft past c)."""
+    best = max(fixed, key=lambda k: fixed[k]["tokens_per_s"])
+    upto = [auto["tokens_per_s"] / max(row["tokens_per_s"] for name, row in fixed.items()
+                                       if int(name.rsplit("/", 1)[1]) <= c) for c in range(1, gamma_max + 1)]
+    return {"best_fixed": best, "auto_vs_best_fixed": auto["tokens_per_s"] / fixed[best]["tokens_per_s"],
+            "auto_vs_best_fixed_upto": upto}
+
+
+def _replay(run: _Run, bs: int, adaptive: AdaptiveDraft) -> dict:
+    """``adaptive.replay`` over the decode steps of 4× ``num_prompts`` other prompts decoded at γ_max
+    (``adaptive.decode_trace``: a few thousand draft steps), under this batch size's calibrated costs."""
+    cfg = run.cfg
+    eos, pad = run.eos_pad
+    trace = [p for _, p in run.batches(bs, cfg.seed + 104_729, 4 * cfg.num_prompts)]
+    conf, accept = decode_trace(run.model, run.head, trace, run.params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
+                                cfg.seed)
+    return replay(conf, accept, adaptive)
+

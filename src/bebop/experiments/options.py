@@ -1,0 +1,132 @@
+"""The options of the experiment commands (``bench decode``, ``bench losses``, ``analyze sweep``, ``analyze
+entropy``): one dataclass each, validated on construction. Kept free of torch and the engine at import time, so
+the CLI can read every default from here without loading a model stack just to print ``--help``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bebop.config import check_gamma, positive
+from bebop.errors import BebopError
+from bebop.experiments.names import DEFAULT_TEMPERATURES
+from bebop.tasks import get_task
+
+__all__ = ["DecodeBenchConfig", "EntropyConfig", "LossBenchConfig", "SweepConfig"]
+
+
+@dataclass
+class DecodeBenchConfig:
+    """Options of ``bebop bench decode``."""
+
+    task: str = "arith"
+    gamma: int | str = 3            # "auto" (adaptive.AUTO): adaptive γ against every fixed γ = 1..gamma_max
+    rule: str = "rejection"         # with gamma "auto" also "auto" (RS or TO per row)
+    gamma_max: int = 5
+    temperature: float = 1.0
+    batch_sizes: tuple[int, ...] = (1, 8)
+    max_new_tokens: int = 64
+    repeats: int = 3
+    num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
+    seed: int = 0
+    threads: int = 1                # torch intra-op threads for the whole benchmark (restored afterwards)
+
+    def __post_init__(self) -> None:
+        from bebop.core.sampling import RULES, SamplingParams
+        from bebop.experimental.adaptive import AUTO
+
+        get_task(self.task)
+        SamplingParams(temperature=self.temperature)
+        if self.gamma != AUTO:
+            check_gamma(self.gamma)
+        rules = (*RULES, AUTO) if self.gamma == AUTO else RULES
+        if self.rule not in rules:
+            raise BebopError(f"unknown rule {self.rule!r}; choose one of: {', '.join(rules)}")
+        check_gamma(self.gamma_max, "gamma-max")
+        positive("prompts", self.num_prompts)
+        positive("repeats", self.repeats)
+        positive("threads", self.threads)
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise BebopError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+
+
+@dataclass
+class LossBenchConfig:
+    """Options of ``bebop bench losses``."""
+
+    task: str = "arith"
+    losses: tuple[str, ...] = ("ce", "fkl", "rkl", "tv", "e2e_tv")
+    gamma: int = 3                       # deployed γ (measurement); training uses gamma_train
+    gamma_train: int = 3
+    steps: int = 300                     # fine-tuning steps of each loss from the shared starting head
+    lr: float = 1e-3
+    data_samples: int = 2048
+    init: str | None = None              # shared starting head (None: a forward-KL warm start, trained once)
+    temperatures: tuple[float, ...] = (1.0, 0.7)
+    eval_prompts: int = 128
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    seed: int = 0
+    out: str = "runs/bench_losses"       # one head directory per loss
+
+    def __post_init__(self) -> None:
+        from bebop.core.losses import LOSSES
+
+        get_task(self.task)
+        self.losses = tuple(self.losses)
+        bad = [x for x in self.losses if x not in LOSSES]
+        if bad or not self.losses:
+            raise BebopError(f"unknown loss {bad[0] if bad else self.losses!r}; choose from: {', '.join(LOSSES)}")
+        check_gamma(self.gamma)
+        check_gamma(self.gamma_train, "gamma_train")
+
+
+@dataclass
+class SweepConfig:
+    """Options of ``bebop analyze sweep`` / :func:`temperature_sweep`: RS and TO acceptance at every τ."""
+
+    task: str = "arith"
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+    gamma: int = 3
+    prompts: int = 64                 # held-out prompts per (head, τ, rule)
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from bebop.core.sampling import SamplingParams
+
+        get_task(self.task)
+        self.temperatures = tuple(float(t) for t in self.temperatures)
+        if not self.temperatures:
+            raise BebopError("the temperature sweep needs at least one temperature")
+        for t in self.temperatures:
+            SamplingParams(temperature=t)
+        check_gamma(self.gamma)
+        for name in ("prompts", "batch_size", "max_new_tokens"):
+            positive(name, getattr(self, name))
+
+
+@dataclass
+class EntropyConfig:
+    """Options of ``bebop analyze entropy`` / :func:`entropy_analysis`: per-token entropy buckets at one τ."""
+
+    task: str = "arith"
+    samples: int = 256                # policy samples, teacher-forced through each head
+    temperature: float = 1.0
+    gamma: int = 3
+    buckets: int = 10
+    max_new_tokens: int = 96
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        from bebop.core.sampling import SamplingParams
+
+        get_task(self.task)
+        SamplingParams(temperature=self.temperature)
+        if not self.temperature > 0:
+            raise BebopError(f"temperature must be > 0 for the entropy analysis, got {self.temperature}")
+        check_gamma(self.gamma)
+        for name in ("samples", "buckets", "max_new_tokens", "batch_size"):
+            positive(name, getattr(self, name))
