@@ -448,6 +448,7 @@ def test_adaptive_sequences_have_the_plain_sampling_law(peaky, tiny_tokenizer, m
         assert chisq_pvalue(codes[parity::2], law) > P_FALSE_ALARM
 
 
+@pytest.mark.slow
 def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_path):  # noqa: F811
     out = tmp_path / "auto.json"
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--gamma", "auto",
@@ -478,6 +479,7 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
         assert rp["planner_vs_best_fixed"] == pytest.approx(rp["planner"] / max(rp["fixed"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "needle"), [(["--gamma", "five"], "'five'"), (["--gamma", "auto", "--gamma-max",
                                                                                  "0"], "gamma-max"),
                                                (["--rule", "auto"], "'auto'"), (["--threads", "0"], "threads")])

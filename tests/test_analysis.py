@@ -239,6 +239,7 @@ def test_every_plot_writes_a_png(tmp_path):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 def test_cli_analyze_sweep_and_entropy(tiny, tmp_path):
     from typer.testing import CliRunner
 

@@ -26,6 +26,7 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_decode_writes_json_with_every_field(dirs):
     out = dirs / "bench.json"
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--batch-sizes", "1,2",
@@ -44,6 +45,7 @@ def test_bench_decode_writes_json_with_every_field(dirs):
     assert res["1"]["hf_mtp_tokens_per_s"] is not None or res["1"]["hf_mtp_error"]
 
 
+@pytest.mark.slow
 def test_generate_prints_completions_and_metrics(dirs):
     r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--n", "2",
             "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9")
@@ -51,6 +53,7 @@ def test_generate_prints_completions_and_metrics(dirs):
     assert "Q:" in r.stdout and "accept_length" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "needle"), [
     (["--gamma", "0"], "gamma must be >= 1, got 0"),
     (["--temperature", "-0.5"], "-0.5"),
@@ -63,6 +66,7 @@ def test_generate_bad_sampling_input(dirs, args, needle):
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_missing_head_and_corrupt_head(dirs, tmp_path):
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(tmp_path / "nohead"))
     assert r.returncode == 2 and "nohead" in r.stderr
@@ -72,6 +76,7 @@ def test_bench_missing_head_and_corrupt_head(dirs, tmp_path):
     assert r.returncode == 2 and "bad.safetensors" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_path):
     out = tmp_path / "losses.json"
     r = cli("bench", "losses", "--model", str(dirs / "base"), "--out", str(tmp_path / "heads"), "--steps", "2",
@@ -87,6 +92,7 @@ def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_p
     assert r.returncode == 2 and "'l2'" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_decode_runs_agent_episodes_with_the_environment(dirs, tmp_path):
     """Multi-turn task: plain and MTP both decode real episodes (turns.generate_turns); no HF baseline."""
     out = tmp_path / "agent.json"
@@ -101,6 +107,7 @@ def test_bench_decode_runs_agent_episodes_with_the_environment(dirs, tmp_path):
     assert r.returncode == 2 and "multi-turn" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_with_adaptive_gamma_and_auto_rule(dirs):
     r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--n", "2",
             "--max-new-tokens", "8", "--gamma", "auto", "--rule", "auto")

@@ -29,6 +29,7 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_every_file(demo_dir):
     for name in FILES:
         assert (demo_dir / name).stat().st_size > 0, name
@@ -44,6 +45,7 @@ def test_quick_demo_writes_every_file(demo_dir):
     assert list(rl) == ["none", "to-ce", "rs-ce", "rs-e2e_tv", "rs-online-ce"]
 
 
+@pytest.mark.slow
 def test_summary_has_five_claims_with_figures_and_verdicts(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     claims = summary["claims"]
@@ -58,6 +60,7 @@ def test_summary_has_five_claims_with_figures_and_verdicts(demo_dir):
     assert set(summary["stages"]) >= {"sft", "head_init", "head_ce", "head_e2e_tv", "losses", "sweep", "entropy", "rl"}
 
 
+@pytest.mark.slow
 def test_cli_rerun_reuses_every_stage_and_model_skips_sft(demo_dir, tmp_path):
     r = cli("demo", "--quick", "--out", str(demo_dir))
     assert r.returncode == 0, r.stderr
@@ -73,6 +76,7 @@ def test_cli_rerun_reuses_every_stage_and_model_skips_sft(demo_dir, tmp_path):
     assert not summary["stages"]["head_init"]["cached"]
 
 
+@pytest.mark.slow
 def test_cli_demo_rejects_a_missing_model(tmp_path):
     r = cli("demo", "--quick", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "d"))
     assert r.returncode == 2

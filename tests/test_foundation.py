@@ -156,6 +156,7 @@ def test_evaluate_reports_accuracy_and_entropy(tiny_model, tiny_tokenizer):
     assert 0.0 <= res["accuracy"] <= 1.0 and res["entropy"] > 0.0  # an untrained policy is uncertain
 
 
+@pytest.mark.slow
 def test_cli_sft_then_eval_smoke(tmp_path):
     out = tmp_path / "runs" / "base"
     r = run_cli("sft", "--task", "arith", "--out", str(out), "--steps", "3", "--batch-size", "4",
@@ -172,6 +173,7 @@ def test_cli_sft_then_eval_smoke(tmp_path):
     assert json.loads((out / "eval_arith.json").read_text()) == res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -220,6 +220,7 @@ def run_cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
     policy, mtp = policy_dirs
     out = tmp_path / "run"
@@ -248,6 +249,7 @@ def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
 
 # ---------------------------------------------------------------- Ray
 
+@pytest.mark.slow
 def test_ray_backend_matches_local(policy_dirs, tmp_path):
     """Two RL steps with rollouts on a Ray actor (weights pushed through the object store each step) give
     the same rollouts, rewards and losses as the in-process backend for the same seed."""
@@ -301,6 +303,7 @@ def test_resume_without_checkpoint_is_a_clear_error(policy_dirs, tmp_path):
         train_rl(cfg, resume=True)
 
 
+@pytest.mark.slow
 def test_bench_rl_runs_methods_side_by_side(policy_dirs, tmp_path):
     from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
 
