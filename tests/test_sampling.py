@@ -24,10 +24,14 @@ from bebop.core.sampling import (
     SamplingParams,
     draft_tokens,
     entropy,
+    exp_noise,
+    probs_fast,
     probs_from_logits,
+    race,
     sample,
     total_variation,
     verify,
+    verify_rs,
 )
 from bebop.errors import BebopError
 
@@ -627,3 +631,39 @@ def test_verify_properties(case: tuple, rule: str) -> None:
     # accepted drafts are the drafts
     acc = pos[:gamma] < res.accepted[:, None]
     assert torch.equal(res.tokens[:, :gamma][acc], drafts[acc])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(0.0),
+                                    SamplingParams(0.9, top_k=5), SamplingParams(1.2, top_p=0.8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probs_fast_is_bit_identical_to_probs_from_logits(params: SamplingParams, dtype) -> None:
+    logits = (torch.randn(4, 3, 50, generator=_gen(5)) * 3).to(dtype)
+    assert torch.equal(probs_fast(logits, params), probs_from_logits(logits, params))
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_verify_rs_equals_verify_rejection(gamma: int) -> None:
+    """The RS fast path draws the same uniforms as ``verify`` (same accepted counts, α and acceptance chances
+    from one seed) and its final token is the race over the same residual/bonus distribution."""
+    B, V = 64, 12
+    g = _gen(2)
+    p = torch.softmax(torch.randn(B, gamma + 1, V, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(B, gamma, V, generator=g) * 2, -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, gamma)
+    ref = verify(p, q, drafts, "rejection", _gen(9))
+    gen = _gen(9)
+    noise = exp_noise((B, V), "cpu")
+    vin = torch.cat([torch.zeros(B, 1, dtype=torch.long), drafts], 1)
+    q_pad = torch.cat([q, torch.zeros(B, 1, V)], 1)
+    a, kept, toks, alpha, ratio = verify_rs(p, q_pad, vin, torch.arange(gamma + 1), torch.arange(B), PAD_ID, noise,
+                                            gen)
+    assert torch.equal(a, ref.accepted)
+    torch.testing.assert_close(alpha, ref.expected_alpha)
+    torch.testing.assert_close(ratio.clamp(max=1.0), ref.accept_prob)
+    rows = torch.arange(B)
+    residual = torch.where((a == gamma)[:, None], p[rows, a], (p[rows, a] - q_pad[rows, a]).clamp_min(0))
+    final = race(residual / residual.sum(-1, keepdim=True), noise)
+    assert torch.equal(toks[rows, a], final)
+    before = torch.arange(gamma + 1)[None, :] < a[:, None]
+    assert torch.equal(toks[before], ref.tokens[before])
+    assert torch.equal(kept, torch.arange(gamma + 1)[None, :] <= a[:, None])

@@ -24,8 +24,8 @@ from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.step import SpecConfig, SpecState, Step, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
 
-__all__ = ["BACKENDS", "DecodeMetrics", "Rollout", "forward_costs", "forwards", "generate", "generate_mtp",
-           "left_pad", "median_seconds", "pack", "target_forward"]
+__all__ = ["BACKENDS", "DecodeConfig", "DecodeMetrics", "Rollout", "forward_costs", "forwards", "generate",
+           "generate_mtp", "left_pad", "median_seconds", "mtp_decode", "pack", "target_forward"]
 
 
 @dataclass
@@ -48,6 +48,12 @@ class Rollout:
         steps = torch.arange(self.tokens.shape[1], device=self.tokens.device)
         return steps[None, :] < self.lengths[:, None]
 
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        """Tokens the model sampled: every token within ``lengths`` (multi-turn rollouts exclude the
+        environment's)."""
+        return self.mask
+
 
 def pack(toks: torch.Tensor, probs: torch.Tensor, ents: torch.Tensor, emit: torch.Tensor, pad_id: int,
          eos_id: int | None = None, width: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -68,6 +74,22 @@ def pack(toks: torch.Tensor, probs: torch.Tensor, ents: torch.Tensor, emit: torc
     logp = torch.zeros(shape, device=toks.device).scatter_(1, cols, probs.clamp_min(1e-30).log())
     ent = torch.zeros(shape, device=toks.device).scatter_(1, cols, ents)
     return out[:, :width], logp[:, :width], ent[:, :width], emit.sum(1), cols
+
+
+@dataclass
+class DecodeConfig:
+    """How to decode: the sampling transforms, the token budget per row, the EOS token (None: none), the draft
+    length or a drafting policy and the verification rule (MTP only), the padding token, the random generator
+    and the forwards' backend (``"auto"``: lean when supported, or ``"transformers"``)."""
+
+    params: SamplingParams
+    max_new_tokens: int
+    eos_id: int | None
+    gamma: int | DraftPolicy = 3
+    rule: str = "rejection"
+    pad_id: int = 0
+    generator: torch.Generator | None = None
+    backend: str = "auto"
 
 
 @dataclass
@@ -192,21 +214,30 @@ def generate_mtp(
     trace: list | None = None,
     backend: str = "auto",
 ) -> Rollout:
+    """``mtp_decode`` with the options as arguments (the engine's long-standing call signature)."""
+    cfg = DecodeConfig(params, max_new_tokens, eos_id, gamma, rule, pad_id, generator, backend)
+    return mtp_decode(model, head, prompts, cfg, trace)
+
+
+@torch.inference_mode()
+def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: DecodeConfig,
+               trace: list | None = None) -> Rollout:
     """MTP speculative sampling (DESIGN §3). Emitted tokens are distributed exactly as ``generate``
     (for ``rejection``, ``target_only`` and ``auto``; ``greedy`` equals plain τ = 0 decoding).
 
-    ``gamma``: a fixed draft length, or a ``DraftPolicy`` (``engine.drafting``) that plans γ_t ≤ γ_max per step
-    and, with ``rule="auto"``, verifies each row with RS or TO (at τ = 0 auto is ``greedy``). ``trace``: a list
+    ``dc.gamma``: a fixed draft length, or a ``DraftPolicy`` (``engine.drafting``) that plans γ_t ≤ γ_max per step
+    and, with rule ``auto``, verifies each row with RS or TO (at τ = 0 auto is ``greedy``). ``trace``: a list
     that receives, per step, (each draft's ``q_k(d_k)`` under the head's raw q_k, negated where d_k is EOS
     [B, γ_t], its acceptance chance r_k given d_k [B, γ_t], rows live at the step [B]) as device tensors."""
-    G, rule, auto_rule, policy = _policy(gamma, rule, params)
+    params, max_new_tokens, eos_id, pad_id, gamma = dc.params, dc.max_new_tokens, dc.eos_id, dc.pad_id, dc.gamma
+    G, rule, auto_rule, policy = _policy(gamma, dc.rule, params)
     device = model.device
     t0 = time.perf_counter()
     B = len(prompts)
     P = max(len(p) for p in prompts)
     metrics = DecodeMetrics(gamma=G)
-    cfg = SpecConfig(forwards(model, head, B, P + 2 * (max_new_tokens + G + 1), backend), params, rule, pad_id,
-                     generator, metrics)
+    cfg = SpecConfig(forwards(model, head, B, P + 2 * (max_new_tokens + G + 1), dc.backend), params, rule, pad_id,
+                     dc.generator, metrics)
     pre = prefill(cfg, prompts, P + (max_new_tokens + 1) * (G + 1), device)
     st = pre.state
     done = (st.x == eos_id) if eos_id is not None else torch.zeros(B, dtype=torch.bool, device=device)

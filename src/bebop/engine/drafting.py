@@ -7,8 +7,8 @@ each step (DESIGN §3):
 * at the step's host sync (``step``): whether every row is done, how many drafts to plan (γ_t ≤ ``gamma_max``),
   and which rows verify with target-only (TO) instead of rejection sampling (RS) — a TO row is verified as RS
   against the one-hot draft at ``argmax q``, which is exactly the TO rule, so rows may differ in one batch; the
-  same call hands over what the last verify measured (accepted drafts, each draft's acceptance chance and, when
-  ``reads_alphas``, both rules' expected α per step) for the policy to learn from;
+  same call hands over what the last verify measured (accepted drafts, each draft's acceptance chance and, on the
+  steps it learns from under rule auto, both rules' expected α per step) for the policy to learn from;
 * after each drawn draft d_k (``extend``): whether the head runs again.
 
 Every such choice may depend only on emitted tokens, on drafts already drawn and on the head's draft

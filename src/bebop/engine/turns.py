@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 
 from bebop.config import check_gamma
 from bebop.core.sampling import RULES, SamplingParams, sample
-from bebop.engine.decode import Rollout, pack, prefill
+from bebop.engine.decode import DecodeConfig, Rollout, pack, prefill
 from bebop.engine.forwards import forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
@@ -65,22 +65,47 @@ class TurnRollout(Rollout):
     sampled: torch.Tensor | None = None
     turns: torch.Tensor | None = None
 
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        return self.sampled
+
 
 @dataclass
-class TurnLimits:
-    """Where a row stops (module doc): ``stop_id`` pauses it for ``env``; ``max_new_tokens`` transcript tokens,
-    ``turn_tokens`` model tokens per turn (default: no limit but the transcript's) and ``max_turns`` replies."""
+class Turns:
+    """A multi-turn episode's environment: ``env(row, transcript)`` answers when a row emits ``stop_id``;
+    ``turn_tokens`` caps the model tokens of one turn and ``max_turns`` the replies (None: no cap)."""
 
     env: Env
     stop_id: int
-    eos_id: int | None
-    max_new_tokens: int
     turn_tokens: int | None = None
     max_turns: int | None = None
 
+
+@dataclass
+class TurnLimits:
+    """Where a row stops (module doc): ``turns.stop_id`` pauses it for ``turns.env``; EOS ends it;
+    ``max_new_tokens`` transcript tokens, ``turns.turn_tokens`` model tokens per turn and ``turns.max_turns``
+    replies."""
+
+    turns: Turns
+    eos_id: int | None
+    max_new_tokens: int
+
+    @property
+    def env(self) -> Env:
+        return self.turns.env
+
+    @property
+    def stop_id(self) -> int:
+        return self.turns.stop_id
+
+    @property
+    def max_turns(self) -> int | None:
+        return self.turns.max_turns
+
     @property
     def turn_cap(self) -> int:
-        return self.turn_tokens if self.turn_tokens is not None else self.max_new_tokens
+        return self.turns.turn_tokens if self.turns.turn_tokens is not None else self.max_new_tokens
 
 
 def _pack(events, pad_id: int, batch: int):
@@ -265,24 +290,33 @@ def generate_turns(
     max_turns: int | None = None,
     backend: str = "auto",
 ) -> TurnRollout:
+    """``turns_decode`` with the options as arguments (the engine's long-standing call signature)."""
+    cfg = DecodeConfig(params, max_new_tokens, eos_id, gamma, rule, pad_id, generator, backend)
+    return turns_decode(model, head, prompts, cfg, Turns(env, stop_id, turn_tokens, max_turns))
+
+
+@torch.inference_mode()
+def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: DecodeConfig,
+                 turns: Turns) -> TurnRollout:
     """Multi-turn sampling (module doc): MTP draft→verify with ``head`` (DESIGN §3; exact for ``rejection``
     and ``target_only``, ``greedy`` equals plain τ = 0), plain sampling with ``head=None``. A row pauses when
-    it emits ``stop_id``; ``env`` answers; the reply is prefilled and the row resumes."""
-    lim = TurnLimits(env, stop_id, eos_id, max_new_tokens, turn_tokens, max_turns)
+    it emits ``turns.stop_id``; ``turns.env`` answers; the reply is prefilled and the row resumes."""
+    lim = TurnLimits(turns, dc.eos_id, dc.max_new_tokens)
     if head is not None:
-        check_gamma(gamma)
-        if rule not in RULES:
-            raise BebopError(f"unknown verification rule {rule!r}; expected one of {', '.join(RULES)}")
+        check_gamma(dc.gamma)
+        if dc.rule not in RULES:
+            raise BebopError(f"unknown verification rule {dc.rule!r}; expected one of {', '.join(RULES)}")
     if lim.max_new_tokens < 1:
         raise BebopError(f"max_new_tokens must be >= 1, got {lim.max_new_tokens}")
-    G = gamma if head is not None else 0
+    G = dc.gamma if head is not None else 0
     device = model.device
     t0 = time.perf_counter()
     B, P = len(prompts), max(len(p) for p in prompts)
     capacity = P + (2 if G else 1) * (lim.max_new_tokens + G + 1)
     metrics = DecodeMetrics(gamma=G)
     metrics.reached, metrics.accepted_k, metrics.expected_k = ([0.0] * G for _ in range(3))
-    cfg = SpecConfig(forwards(model, head, B, capacity, backend), params, rule, pad_id, generator, metrics)
+    cfg = SpecConfig(forwards(model, head, B, capacity, dc.backend), dc.params, dc.rule, dc.pad_id, dc.generator,
+                     metrics)
     pre = prefill(cfg, prompts, capacity, device)
     st = pre.state
     ep = _Episodes(lim, B, torch.ones(B, dtype=torch.bool, device=device), torch.zeros(B, dtype=torch.bool,
@@ -299,7 +333,7 @@ def generate_turns(
             _environment(cfg, st, ep)
         else:
             break
-    out, sampled, logp, ent, n = _pack(ep.events, pad_id, B)
+    out, sampled, logp, ent, n = _pack(ep.events, dc.pad_id, B)
     metrics.tokens = int(sampled.sum())
     metrics.seconds = time.perf_counter() - t0
     ep.flush(metrics)

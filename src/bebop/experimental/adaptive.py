@@ -1,40 +1,36 @@
-"""Adaptive drafting (issue 6, beyond the paper): choose the draft length γ_t per decoding step — draft by draft,
-from the head's own probability of each draft it has drawn — and RS vs TO per row from the decision boundary of
-DESIGN §3.
+"""Adaptive drafting (beyond the paper): choose the draft length γ_t per decoding step — draft by draft, from the
+head's own probability of each draft it has drawn — and RS vs TO per row from the decision boundary of DESIGN §3.
+It plugs into the engine as a drafting policy (``engine.drafting``): ``AdaptiveDraft`` and ``FixedDraft`` start a
+``DraftPlanner`` per decoding call.
 
 Signal. Drafting is sequential, and after drawing d_k ~ q_k the head has to decide whether to run once more (for
 q_{k+1}, d_{k+1}) or stop and verify. The chance that d_k is accepted, given d_k, is ``r_k = min(1,
 p_k(d_k)/q_k(d_k))`` under RS (``p_k(d_k)`` under TO, where d_k = argmax q_k), and the draft's own probability
-``q_k(d_k)`` is a free, local predictor of it (arith, e2e-TV head, 977 decode steps at γ = 8, batch 1: correlation
-0.45–0.63 at every k, against 0.32–0.57 for ``max q_k``). ``AdaptiveDraft.tables`` keep, per rule and draft step k,
-the mean r_k per confidence bin of ``q_k(d_k)`` (``BINS`` equal bins of [0, 1]), learned from every 4th verify
-(``DraftPlanner.LEARN_EVERY``) at the steps each row reached (k ≤ A + 1, so a table holds r_k given drafts 1..k−1
-accepted). They start from the head's mean α_k (``prior``, worth ``prior_weight`` observations per bin) and keep
-learning from every decoding call that uses them.
+``q_k(d_k)`` is a free, local predictor of it (``replay`` reports how well it correlates). ``AdaptiveDraft.tables``
+keep, per rule and draft step k, the mean r_k per confidence bin of ``q_k(d_k)`` (``BINS`` equal bins of [0, 1]),
+learned from every ``DraftPlanner.LEARN_EVERY``-th verify at the steps each row reached (k ≤ A + 1, so a table
+holds r_k given drafts 1..k−1 accepted). They start from the head's mean α_k (``prior``, worth ``prior_weight``
+observations per bin) and keep learning from every decoding call that uses them.
 
 Choice. With d_1..d_k drawn, row b's chance of having all k accepted is predicted as ``m_b = Π_{i≤k}
 table[i][bin(q_i(d_i))]`` (0 once a d_i is EOS: later drafts would be cut off); each further draft j adds ``m_b ·
-ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; ``T_b(γ) = 1 + Σ_{j≤γ}
-Π_{i≤j} α_i``, DESIGN §3). Tokens per second are maximised in the long run by the policy that maximises, step by
-step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would have earned at the rate
-R), with ``c(γ)`` the cost of a step of γ drafts and R the rate of the best fixed γ (so on average rows the choice
-IS the best fixed γ). After each draft k the planner picks the best ``γ ∈ [k, γ_max]`` — k stops drafting, more runs
-the head again —, which reduces to a threshold on m (``stop_thresholds``). A drawn q_k always gets its draft:
-stopping before d_k would waste the head forward that gave q_k, and the replay found that it lost more than it
-saved. At batch > 1, m is the mean over the live rows that have not drafted EOS: a static batch ends with its last
-row, so what counts is the progress of whichever live row turns out the longest, and the mean is a random live row's
-— but not of a row that has just drafted its EOS, which is about to end (counting those rows as 0 cut the drafts of
-the rows still running: 15 % more verify steps per batch than fixed γ = 5 at batch 8 on arith, against none without
-them; weighing the rows by their number, so that a batch's tail must earn its whole step, ran 5–7 % slower); and it
-never drafts past ``AdaptiveDraft.batch_cap``, because a static batch waits for its slowest row and longer drafts
+ᾱ_{k+1} ⋯ ᾱ_j`` expected tokens (``ᾱ`` the step means over bins, for drafts not drawn yet; the accept length
+``1 + Σ_{j≤γ} Π_{i≤j} α_i`` of DESIGN §3). Tokens per second are maximised in the long run by the policy that
+maximises, step by step, ``T(γ) − R·c(γ)`` (renewal-reward: a step is worth its tokens less what its time would
+have earned at the rate R), with ``c(γ)`` the cost of a step of γ drafts and R the rate of the best fixed γ (so on
+average rows the choice IS the best fixed γ). After each draft k the planner picks the best ``γ ∈ [k, γ_max]`` — k
+stops drafting, more runs the head again —, which reduces to a threshold on m (``stop_thresholds``). A drawn q_k
+always gets its draft: stopping before d_k would waste the head forward that gave q_k. At batch > 1, m is the mean
+over the live rows that have not drafted EOS: a static batch ends with its last row, so what counts is the
+progress of whichever live row turns out the longest, and the mean is a random live row's — but not of a row that
+has just drafted its EOS, which is about to end and would otherwise cut the drafts of the rows still running; and
+it never drafts past ``AdaptiveDraft.batch_cap``, because a static batch waits for its slowest row and longer drafts
 spread the rows' progress. c(γ) and R are measured: ``calibrate`` decodes at every fixed γ; c(γ) is its seconds per
 step (made non-decreasing by ``monotone_fit``) and R the best tokens a live row keeps per step over c — cut at EOS
 and the token budget, which the tables' α's (accepted drafts, past EOS too) would overstate. All rows of a batch
 share one verify forward, so γ_t is per step (per sequence at batch 1). The bookkeeping is a few numbers per row on
 the host: one read of (q_k(d_k), d_k) per draft but the last (``draft_confidence``; the step's EOS sync carries the
-verify's numbers). In the decode loop it costs more than it seems: at batch 1 on a CPU, reading four drafts per step
-slowed the step by 3 % (a ``gather`` per draft by 5 %), about two thirds of it as slower model forwards after each
-read.
+verify's numbers); every read is a device sync inside the draft loop, so the planner reads as little as it can.
 
 Rule. RS beats TO on a draft exactly when ``TV(p,q) < 1 − p(argmax q)``, i.e. ``α_RS > α_TO`` (DESIGN §3). p
 is unknown while drafting, so ``rule="auto"`` predicts both sides the same way: every verify measures both
@@ -62,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bebop.config import check_gamma
 from bebop.core.acceptance import accept_length
 from bebop.core.fits import linear_fit
 from bebop.engine.decode import DecodeMetrics, generate_mtp
@@ -148,12 +145,9 @@ class AdaptiveDraft:
         """The longest draft a planner for ``batch`` rows runs: γ_max at batch 1; at batch > 1, when
         ``throughput`` (the whole batch's tokens per second at each fixed γ) is given, the shortest γ within
         ``CAP_TOLERANCE`` of the best. A static batch waits for its slowest row, and longer drafts spread the rows'
-        progress: at batch 8 on arith, fixed γ = 3 beat γ = 5 in tokens per second in 8 of 8 paired runs (by
-        1–6 %) while a live row's tokens per step-second tied, because γ = 5 had fewer live rows per verify (6.50
-        against 6.69). Calibration, on other prompts, ranks neighbouring γ's no better than about 2 %: at batch 8
-        it put γ = 7 0.2 % above γ = 3 and γ = 4 0.1 % below it, where the clock put them 7–8 % and 3–6 % below;
-        so the cap is the shortest γ within ``CAP_TOLERANCE`` of the best (with 5 % it once picked γ = 2, 2 %
-        below γ = 3 on the clock)."""
+        progress, so a shorter γ can win on the whole batch's throughput while each live row's rate ties; and
+        calibration on other prompts ranks neighbouring γ's only roughly, so the cap is the shortest γ within a
+        tolerance of the best rather than the best itself."""
         if batch <= 1 or self.throughput is None:
             return self.gamma_max
         best = max(self.throughput)
@@ -190,10 +184,8 @@ def confidence_bin(conf: float) -> int:
 def monotone_fit(costs: Sequence[float]) -> list[float]:
     """The least-squares non-decreasing fit of measured step costs c(γ = 1..K) (isotonic regression, pool adjacent
     violators): a longer draft never costs less, and neighbouring γ's that noise has reordered are pooled. It keeps
-    the uneven steps a straight line would flatten: on one thread of an AVX-512 CPU, going to an odd γ cost
-    relatively less in every timed run (arith, batch 1: steps of 0.54, 0.25, 0.46, 0.30 ms from γ = 1 to 5; which
-    part of the step causes it was not isolated), so the best fixed γ sits on a cheap one and a planner that saw a
-    line would pay the dear ones."""
+    uneven per-γ cost steps (small matrix products need not grow smoothly with γ) that a straight line would
+    flatten, so a planner does not pay for γ's that cost more than a line predicts."""
     blocks: list[list[float]] = []                           # [sum, count] per pooled block
     for c in costs:
         blocks.append([c, 1.0])
@@ -374,8 +366,7 @@ class DraftPlanner:
         k = stop drafting, γ_max = run the head again (and decide again after d_{k+1}). A fixed planner keeps γ
         and reads nothing. The planner's last draft (γ_max, or its batch cap) is not read either: nothing is left
         to decide, and its table is not learned (the thresholds use only that table's mean, which the calibrated
-        prior gives; at batch 8 with a cap of 2, the planner's steps cost 6.5 % more than fixed γ = 2's while it
-        still read that draft)."""
+        prior gives), so its host read is saved."""
         if self.fixed:
             return self.gamma
         if k == self.gamma:
@@ -499,8 +490,7 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
     interleaved batch by batch; c made non-decreasing by ``monotone_fit``; the prior = the head's mean α_k at
     γ_max (over the rows that reached step k), and the tables warmed by ``warm_passes`` adaptive passes over
     ``batches`` (with ``warm_rule``, default ``rule``; ``"auto"`` also warms the RS/TO choice)."""
-    if gamma_max < 1:
-        raise BebopError(f"gamma_max must be >= 1, got {gamma_max}")
+    check_gamma(gamma_max, "gamma_max")
 
     def decode(g, rep: int, i: int, rule: str = rule) -> DecodeMetrics:          # batch i, seeded per repeat
         gen = torch.Generator(device=model.device).manual_seed(seed + 1000 * rep + i)

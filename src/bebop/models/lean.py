@@ -1,10 +1,9 @@
 """Lean inference forwards for Qwen3-style decoders and Bebop MTP heads, over the models' own weights.
 
-Why: at the toy sizes Bebop decodes (8 layers × 128 wide) an eager transformers forward costs ≈ 0.26 ms per
-layer at batch 1, nearly all of it Python and dispatch (kwargs plumbing, output capturing, 4D mask building,
-DynamicCache bookkeeping). Speculative decoding is sensitive to exactly that fixed per-call cost (DESIGN §8),
-and so is plain decoding. The engine (``bebop.engine.decode``) therefore runs BOTH plain and MTP decoding through
-these forwards when the model is supported, and through transformers otherwise.
+Why: at the toy sizes Bebop decodes, an eager transformers forward is mostly Python and dispatch (kwargs plumbing,
+output capturing, 4D mask building, DynamicCache bookkeeping). Speculative decoding is sensitive to exactly that
+fixed per-call cost (DESIGN §8), and so is plain decoding. The engine (``bebop.engine.forwards``) therefore runs
+BOTH plain and MTP decoding through these forwards when the model is supported, and through transformers otherwise.
 
 What is computed — the same math as transformers' ``Qwen3DecoderLayer`` / ``Qwen3Model`` in eval mode
 (``transformers.models.qwen3.modeling_qwen3``, 5.x) and as ``transformers.modeling_layers.MtpLayer``:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bebop.core.sampling import SamplingParams
-from bebop.engine.decode import DecodeMetrics, generate, generate_mtp
-from bebop.engine.turns import generate_turns
+from bebop.engine.decode import DecodeMetrics
+from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.errors import BebopError
 from bebop.models.mtp import MTPHead, load_head
 from bebop.models.policy import load_policy
@@ -99,20 +99,15 @@ class RolloutWorker:
         chunk = s.rollout_batch or len(prompts)
         for i in range(0, len(prompts), chunk):     # engine calls of at most `rollout_batch` rows
             rows = prompts[i : i + chunk]
+            row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
+            turns = Turns(task_env(self.task, tok, row_problems), self.stop_id) if self.multi_turn else None
+            r = decode(self.model, self.head, rows, DecodeConfig(self.params, s.max_new_tokens, tok.eos_token_id,
+                                                                 s.gamma, s.rule, tok.pad_token_id, gen), turns)
             if sampled is not None:                 # multi-turn: environment replies prefilled, not sampled
-                row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
-                r = generate_turns(self.model, self.head, rows, self.params, s.max_new_tokens, tok.eos_token_id,
-                                   self.stop_id, task_env(self.task, tok, row_problems), gamma=s.gamma,
-                                   rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
                 sampled += [m[:n].tolist() for m, n in zip(r.sampled.cpu(), r.lengths.tolist(), strict=True)]
-            elif self.head is None:
-                r = generate(self.model, rows, self.params, s.max_new_tokens, tok.eos_token_id, tok.pad_token_id, gen)
-            else:
-                r = generate_mtp(self.model, self.head, rows, self.params, s.max_new_tokens, tok.eos_token_id,
-                                 gamma=s.gamma, rule=s.rule, pad_id=tok.pad_token_id, generator=gen)
             completions += r.completions()
             logprobs += [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
-            entropy_sum += float((r.entropy * (r.sampled if sampled is not None else r.mask)).sum())
+            entropy_sum += float((r.entropy * r.sampled_mask).sum())
             metrics.merge(r.metrics)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         rewards = [float(self.reward(problems[i // s.group_size], t)) for i, t in enumerate(texts)]

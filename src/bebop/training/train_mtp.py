@@ -20,8 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bebop.config import check_gamma, positive
 from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
-from bebop.engine.decode import generate
-from bebop.engine.turns import generate_turns
+from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.errors import BebopError
 from bebop.models.mtp import MTPHead, export_head, load_head, save_head
 from bebop.models.policy import load_policy
@@ -118,12 +117,10 @@ def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_t
     for i in range(0, n, batch_size):
         chunk = problems[i : i + batch_size]
         prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        if is_multi_turn(task):
-            r = generate_turns(model, None, prompts, params, max_new_tokens, tokenizer.eos_token_id,
-                               tokenizer.convert_tokens_to_ids(task.terminator), task_env(task, tokenizer, chunk),
-                               pad_id=tokenizer.pad_token_id, generator=gen)
-        else:
-            r = generate(model, prompts, params, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
+        turns = Turns(task_env(task, tokenizer, chunk), tokenizer.convert_tokens_to_ids(task.terminator)) \
+            if is_multi_turn(task) else None
+        r = decode(model, None, prompts, DecodeConfig(params, max_new_tokens, tokenizer.eos_token_id,
+                                                      pad_id=tokenizer.pad_token_id, generator=gen), turns)
         out += [(pr + c, len(pr)) for pr, c in zip(prompts, r.completions(), strict=True)]
     return out
 
