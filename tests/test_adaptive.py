@@ -486,3 +486,12 @@ def test_bench_decode_gamma_auto_writes_every_fixed_gamma_and_auto(dirs, tmp_pat
 def test_bench_decode_rejects_bad_gamma(dirs, args, needle):  # noqa: F811
     r = cli("bench", "decode", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), *args)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_rule_auto_at_a_fixed_gamma(dirs):  # noqa: F811
+    """The CLI builds the drafting policy for rule auto at a fixed γ (the engine leaves the RS/TO choice to one)."""
+    r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--rule", "auto", "--gamma", "2",
+            "--n", "2", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert "target_only_fraction" in r.stdout

@@ -190,3 +190,10 @@ def test_multi_layer_head_drafts_step_k_with_layer_k_minus_1_mod_l(peaky, tiny_t
     assert len(trace) == 1                                   # one draft → verify step after the first token
     ref = reference_draft_confidences(model, head, prompt, int(r.tokens[0, 0]), 3)
     torch.testing.assert_close(trace[0][0][0], torch.tensor(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_rule_auto_needs_a_drafting_policy(peaky):
+    """The engine does not pick RS or TO per row itself: rule auto at τ > 0 with a bare γ is refused."""
+    model, head = peaky
+    with pytest.raises(BebopError, match="drafting policy"):
+        generate_mtp(model, head, [[1, 2]], SamplingParams(), 4, eos_id=None, gamma=2, rule="auto")
