@@ -1,4 +1,4 @@
-"""Analysis and plots (issue 6): fits, entropy buckets on a tiny model, the RS-vs-TO decision boundary, PNGs, CLI."""
+"""Analysis and plots: fits, entropy buckets on a tiny model, the RS-vs-TO decision boundary, PNGs, CLI."""
 
 from __future__ import annotations
 

@@ -134,3 +134,101 @@ def test_demo_stages_use_the_default_recipes_without_a_wall_clock_cap():
     assert DemoConfig(task="agent").sft_steps == sft_recipe("agent").steps
     assert (cfg.init_loss, cfg.init_steps, cfg.init_lr) == (head.warm_loss, head.warm_steps, head.warm_lr)
     assert (cfg.head_steps, cfg.head_lr, cfg.data_samples) == (head.steps, head.lr, head.data_samples)
+
+
+# ------------------------------------------------------------------------------------------------ stage configs
+
+
+def _hand_built(cfg, policy, dirs, out):
+    """The stage configs written out field by field: what :mod:`bebop.experiments.demo.config` derives by name."""
+    from bebop.experiments.bench_rl import RLBenchConfig
+    from bebop.rl.config import RLConfig
+    from bebop.training.sft import SFTConfig
+    from bebop.training.train_mtp import TrainMTPConfig
+
+    sft = SFTConfig(task=cfg.task, out=str(policy), steps=cfg.sft_steps, max_minutes=cfg.sft_minutes,
+                    eval_samples=cfg.sft_eval_samples, seed=cfg.seed, model=cfg.policy)
+    common = dict(model=str(policy), task=cfg.task, gamma_train=cfg.gamma_train, temperature=cfg.temperature,
+                  data_samples=cfg.data_samples, heldout_samples=cfg.heldout_samples,
+                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    init_dir = dirs[f"{cfg.init_loss} (warm start)"]
+    heads = {"head_init": TrainMTPConfig(out=str(init_dir), loss=cfg.init_loss, steps=cfg.init_steps, lr=cfg.init_lr,
+                                         warm_steps=0, **common)}
+    for loss in cfg.loss_list():
+        heads[f"head_{loss}"] = TrainMTPConfig(out=str(dirs[loss]), loss=loss, steps=cfg.head_steps, lr=cfg.head_lr,
+                                               init=str(init_dir), **common)
+    rl = RLBenchConfig(
+        model=str(policy), mtp=str(dirs["e2e_tv"]), mtp_ce=str(dirs["ce"]), task=cfg.task, out=str(out),
+        methods=cfg.rl_methods, steps=cfg.rl_steps, eval_samples=cfg.rl_eval_samples,
+        rl=RLConfig(mtp_strategy="none", task=cfg.task, gamma=cfg.gamma, prompts_per_step=cfg.rl_prompts,
+                    group_size=cfg.rl_group, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                    lr=cfg.rl_lr, rollout_batch=cfg.rl_rollout_batch, online_every=cfg.online_every,
+                    online_steps=cfg.online_steps, checkpoint_every=cfg.rl_steps, eval_samples=cfg.rl_eval_samples,
+                    steps=cfg.rl_steps, seed=cfg.seed))
+    return sft, heads, rl
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_stage_configs_derive_every_demo_field_by_name(tmp_path, quick):
+    """Every demo setting reaches its stage: the derived configs equal the ones spelled out by hand, including
+    non-default values (a changed demo field must change the stage config)."""
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.config import head_configs, head_dirs, rl_config, sft_config
+
+    overrides = dict(seed=7, temperature=0.8, max_new_tokens=40, sft_minutes=2.5, init_lr=4e-3, head_steps=9,
+                     data_samples=99, rl_prompts=3, rl_group=5, rl_lr=1e-4, online_steps=6, extra_losses="tv")
+    cfg = quick_config(**overrides) if quick else DemoConfig(**overrides)
+    policy, dirs = tmp_path / "policy", head_dirs(cfg, tmp_path / "heads")
+    sft, heads, rl = _hand_built(cfg, policy, dirs, tmp_path / "rl")
+    assert sft_config(cfg, policy) == sft
+    assert head_configs(cfg, policy, dirs) == heads
+    assert rl_config(cfg, policy, dirs, tmp_path / "rl") == rl
+
+
+def test_derive_prefers_fixed_then_alias_then_prefix_then_shared():
+    from dataclasses import dataclass
+
+    from bebop.errors import BebopError
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.config import derive
+
+    @dataclass
+    class Stage:
+        steps: int = 1        # from <prefix>steps
+        seed: int = -1        # shared
+        prompts: int = -1     # alias
+        lr: float = -1.0      # fixed wins over rl_lr
+        warmup: int = 123     # no demo field: keeps its default
+
+    cfg = DemoConfig(seed=5, rl_steps=11, rl_prompts=4, rl_lr=3e-4)
+    assert derive(Stage, cfg, "rl_", {"prompts": "rl_prompts"}, lr=0.5) == Stage(11, 5, 4, 0.5, 123)
+    with pytest.raises(BebopError, match="no field 'nope'"):
+        derive(Stage, cfg, "rl_", nope=1)
+
+
+def test_report_renders_every_section_from_results_alone():
+    """report.md is rendered from the stage outputs and the claims, no model: every section, every plot link,
+    one verdict per claim, and ``–`` for a figure that was not measured."""
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.report import Results, render_report
+
+    losses = {"fkl (warm start)": {"alpha_rs": [0.8] * 3, "accept_length_rs": 3.0, "alpha_to": [0.7] * 3,
+                                   "accept_length_to": 2.5},
+              "ce": {"alpha_rs": [0.85] * 3, "accept_length_rs": 3.1, "alpha_to": [0.7] * 3, "accept_length_to": 2.6},
+              "e2e_tv": {"alpha_rs": [0.9] * 3, "accept_length_rs": 3.4, "alpha_to": [0.7] * 3,
+                         "accept_length_to": 2.6}}
+    rl = _rl({"none": 2.0, "rs-e2e_tv": 1.2}, {"rs-e2e_tv": 3.5}, {"rs-e2e_tv": 0.0})
+    for r in rl.values():
+        r["reward_last5"] = 0.6
+    res = Results(losses, _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)}), {"heads": {}}, rl)
+    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl)
+    summary = {"claims": claims, "policy": {"dir": "p", "sft_steps": 10, "eval": None},
+               "stages": {"sft": {"seconds": 1.0, "cached": False}}, "total_seconds": 2.0,
+               "plots": {k: f"plots/{v}" for k, v in PLOTS.items()}}
+    report = render_report(summary, res, DemoConfig())
+    for title in ("## Claims", "## Accept length vs policy entropy", "## RS vs TO over temperature",
+                  "## α per draft step per loss", "## RL"):
+        assert title in report
+    assert all(f"plots/{v}" in report for v in PLOTS.values())
+    assert report.count("**held**") + report.count("**not held**") == 5
+    assert "accuracy τ=1 –" in report

@@ -29,6 +29,7 @@ from bebop.errors import BebopError
 from bebop.experiments.measure import measure_acceptance
 from bebop.experiments.names import DEFAULT_TEMPERATURES, RULE_NAMES
 from bebop.experiments.options import EntropyConfig, SweepConfig
+from bebop.experiments.series import entropy_series, step_series, sweep_series
 from bebop.tasks import get_task
 from bebop.training.train_mtp import pad_batch, policy_samples, teacher_forced
 
@@ -213,41 +214,6 @@ def _entropy_row(stats: Mapping[str, np.ndarray], cfg: EntropyConfig) -> dict:
     return row
 
 
-def entropy_series(result: Mapping) -> dict[str, dict]:
-    """Plot series from :func:`entropy_analysis`: ``{"<head> RS"|"<head> TO": {"entropy", "accept_length",
-    "count", "fit"}}`` (the shape ``plots.plot_entropy_accept`` takes; per-RL-step data fits it too)."""
-    series = {}
-    for name, row in result["heads"].items():
-        for rule, tag in RULE_NAMES.items():
-            series[f"{name} {tag}"] = {"entropy": row["entropy"], "accept_length": row[rule]["accept_length"],
-                                       "count": row["count"], "fit": row[rule]["fit"]}
-    return series
-
-
-def step_series(runs: Mapping[str, Sequence[Mapping]]) -> dict[str, dict]:
-    """Per-RL-step fits: for each method's per-step records ``[{"entropy", "accept_length", "alpha": [α_k]},
-    ...]`` (as ``rl.jsonl`` / ``bench_rl`` ``per_step``), the points (entropy, accept length) and
-    ``linear_fit`` of accept length and of each α_k against the step's mean policy entropy. Records without an
-    accept length (no MTP) are skipped, and so are methods left with none. The shape
-    ``plots.plot_entropy_accept`` takes, plus ``"alpha_fits"``."""
-    series = {}
-    for method, rows in runs.items():
-        rows = [r for r in rows if r.get("accept_length") is not None and r.get("entropy") is not None]
-        if not rows:
-            continue
-        ent = [r["entropy"] for r in rows]
-        alphas = [r["alpha"] for r in rows if r.get("alpha")]
-        gamma = min((len(a) for a in alphas), default=0)
-        series[method] = {
-            "entropy": ent,
-            "accept_length": [r["accept_length"] for r in rows],
-            "fit": linear_fit(ent, [r["accept_length"] for r in rows]),
-            "alpha_fits": [linear_fit([r["entropy"] for r in rows if r.get("alpha")], [a[k] for a in alphas])
-                           for k in range(gamma)],
-        }
-    return series
-
-
 # --------------------------------------------------------------------------------------------------
 # Temperature sweep through the engine
 # --------------------------------------------------------------------------------------------------
@@ -278,12 +244,3 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], cfg: SweepC
             row[rule] = s
         result["heads"][name] = row
     return result
-
-
-def sweep_series(sweep: Mapping) -> dict[str, dict]:
-    """Plot series from :func:`temperature_sweep`: one point per τ at (mean policy entropy, accept length),
-    ``{"<head> RS"|"<head> TO": {"entropy", "accept_length", "fit"}}`` (the shape ``plots.plot_entropy_accept``
-    takes)."""
-    return {f"{name} {tag}": {"entropy": row[rule]["entropy"], "accept_length": row[rule]["accept_length"],
-                              "fit": row[rule].get("fit")}
-            for name, row in sweep["heads"].items() for rule, tag in RULE_NAMES.items()}

@@ -1,0 +1,233 @@
+"""The demo's stages, run in order into ``cfg.out`` with a cache: a stage is reused when its output exists and
+the key it was computed with (its parameters, the policy's weights files and the keys of the stages it depends
+on) is unchanged; keys live in ``.stages/``. A re-run continues after a crash; ``fresh`` redoes everything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from bebop.errors import BebopError
+from bebop.experiments.demo.claims import evaluate_claims
+from bebop.experiments.demo.config import DemoConfig, derive, head_configs, head_dirs, rl_config, sft_config
+from bebop.experiments.demo.report import Results, print_claims, render_report, write_plots
+from bebop.io import atomic_write_json, atomic_write_text
+
+__all__ = ["run_demo"]
+
+OUTPUTS = (".stages", "policy", "policy.sft.jsonl", "heads", "losses.json", "sweep.json", "entropy.json", "rl",
+           "plots", "report.md", "summary.json")
+LOSS_BATCH = 32           # prompts per engine call when measuring each head
+LOSS_SEED_OFFSET = 99_991  # the per-loss measurement draws prompts unseen in head training
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _dir_fingerprint(path: Path) -> list:
+    """Names, sizes and mtimes of a directory's files: changes when the checkpoint is re-written."""
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir() if p.is_file())
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class _Stages:
+    """Runs stages, reusing an output when its key file in ``.stages/`` matches the current key."""
+
+    def __init__(self, out: Path, fresh: bool, console: Console):
+        self.dir = out / ".stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fresh, self.console = fresh, console
+        self.keys: dict[str, object] = {}
+        self.seconds: dict[str, float] = {}
+        self.cached: dict[str, bool] = {}
+
+    def run(self, name: str, title: str, marker: Path, params: Mapping, deps: Sequence[str],
+            compute: Callable[[], None]) -> None:
+        key = _jsonable({"params": params, "deps": {d: self.keys[d] for d in deps}})
+        key_file = self.dir / f"{name}.json"
+        self.console.rule(f"[bold]{title}")
+        if not self.fresh and marker.exists() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+            self.console.print(f"reusing [bold]{marker}[/] (cached; --fresh to redo)")
+            self.cached[name], self.seconds[name] = True, 0.0
+        else:
+            key_file.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            compute()
+            self.seconds[name] = time.perf_counter() - t0
+            self.cached[name] = False
+            key_file.write_text(json.dumps(key, indent=1))
+            self.console.print(f"[green]done[/] {title} in {self.seconds[name]:.0f} s")
+        self.keys[name] = key
+
+    def skip(self, name: str, key: object) -> None:
+        """Record a stage that did not run (its input was given), under ``key``."""
+        self.keys[name] = key
+        self.seconds[name], self.cached[name] = 0.0, True
+
+
+@dataclass
+class _Demo:
+    """One demo run: its settings, output directory, stage cache and console; filled in as stages finish."""
+
+    cfg: DemoConfig
+    out: Path
+    stages: _Stages
+    console: Console
+    policy: Path = Path()
+    head_dirs: dict[str, Path] = field(default_factory=dict)
+    head_cfgs: dict = field(default_factory=dict)
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Run (or continue) the demo into ``cfg.out``; returns the summary written to ``summary.json``."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.fresh:
+        for name in OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = _Demo(cfg, out, _Stages(out, cfg.fresh, console), console)
+    _policy_stage(demo)
+    _heads_stage(demo)
+    _measure_stages(demo)
+    _rl_stage(demo)
+    return _report_stage(demo, t_start)
+
+
+def _policy_stage(demo: _Demo) -> None:
+    """1. The SFT policy, or the existing one given as ``model``."""
+    cfg, stages = demo.cfg, demo.stages
+    if cfg.model:
+        demo.policy = Path(cfg.model)
+        if not demo.policy.is_dir():
+            raise BebopError(f"model directory not found: {demo.policy}")
+        demo.console.rule("[bold]1/7 policy")
+        demo.console.print(f"using the existing policy [bold]{demo.policy}[/] (SFT skipped)")
+        stages.skip("sft", str(demo.policy))
+    else:
+        from bebop.training.sft import train_sft
+
+        demo.policy = demo.out / "policy"
+        sft_cfg = sft_config(cfg, demo.policy)
+        cap = f", ≤ {cfg.sft_minutes:g} min" if cfg.sft_minutes is not None else ""
+        stages.run("sft", f"1/7 SFT policy ({cfg.sft_steps} steps{cap})",
+                   demo.policy / "sft_summary.json", asdict(sft_cfg), [], lambda: train_sft(sft_cfg))
+    stages.keys["sft"] = {"key": stages.keys["sft"], "weights": _dir_fingerprint(demo.policy)}
+
+
+def _heads_stage(demo: _Demo) -> None:
+    """2. The warm-start head, then every loss fine-tuned from it with identical data, steps and LR."""
+    from bebop.training.train_mtp import train_mtp
+
+    cfg = demo.cfg
+    demo.head_dirs = head_dirs(cfg, demo.out / "heads")
+    demo.head_cfgs = head_configs(cfg, demo.policy, demo.head_dirs)
+    for name, hc in demo.head_cfgs.items():
+        how = f"{hc.steps} steps, lr {hc.lr:g}" + (f", from the {cfg.init_loss} head" if hc.init else ", warm start")
+        demo.stages.run(name, f"2/7 MTP head: {hc.loss} ({how})", Path(hc.out) / "train_mtp_summary.json",
+                        asdict(hc), ["sft"] if name == "head_init" else ["sft", "head_init"],
+                        lambda hc=hc: train_mtp(hc))
+
+
+def _measure_stages(demo: _Demo) -> None:
+    """3.–5. Per-loss acceptance at the rollout τ, the temperature sweep and the per-token entropy analysis."""
+    import torch
+
+    from bebop.experiments.analysis import entropy_analysis, temperature_sweep
+    from bebop.experiments.options import EntropyConfig, SweepConfig
+    from bebop.models.mtp import load_head
+    from bebop.models.policy import load_policy
+
+    cfg, out, stages = demo.cfg, demo.out, demo.stages
+    model, tokenizer = load_policy(demo.policy)
+    heads = {k: load_head(d, model).eval() for k, d in demo.head_dirs.items()}
+    ce_e2e = {"ce": heads["ce"], "e2e_tv": heads["e2e_tv"]}
+    torch.manual_seed(cfg.seed)
+    stages.run("losses", f"3/7 α per step per loss (τ = {cfg.temperature:g}, {cfg.loss_prompts} prompts)",
+               out / "losses.json", dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
+                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+               ["sft", *demo.head_cfgs], lambda: _measure_losses(demo, model, tokenizer, heads))
+    sweep_cfg = derive(SweepConfig, cfg, "sweep_")
+    stages.run("sweep", f"4/7 temperature sweep τ ∈ {{{', '.join(f'{t:g}' for t in cfg.temperatures)}}}",
+               out / "sweep.json", dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+               ["sft", "head_init", "head_ce", "head_e2e_tv"],
+               lambda: atomic_write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, sweep_cfg)))
+    ent_cfg = derive(EntropyConfig, cfg, "entropy_")
+    stages.run("entropy", f"5/7 per-token entropy analysis ({cfg.entropy_samples} samples)", out / "entropy.json",
+               dict(samples=cfg.entropy_samples, temperature=cfg.temperature, gamma=cfg.gamma,
+                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+               ["sft", "head_init", "head_ce", "head_e2e_tv"],
+               lambda: atomic_write_json(out / "entropy.json", entropy_analysis(model, tokenizer, ce_e2e, ent_cfg)))
+
+
+def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
+    """RS and TO α_k and accept length of every head at the rollout τ, into ``losses.json``."""
+    from bebop.experiments.measure import measure_acceptance
+
+    cfg = demo.cfg
+    res = {}
+    for name, head in heads.items():
+        row: dict = {}
+        for rule, tag in (("rejection", "rs"), ("target_only", "to")):
+            r = measure_acceptance(model, tokenizer, head, cfg.task, rule, cfg.temperature, cfg.gamma,
+                                   cfg.loss_prompts, LOSS_BATCH, cfg.max_new_tokens, cfg.seed + LOSS_SEED_OFFSET)
+            row[f"alpha_{tag}"], row[f"accept_length_{tag}"] = r["alpha"], r["accept_length"]
+            row["entropy"] = r["entropy"]
+        res[name] = row
+        demo.console.print(f"{name}: accept length RS {row['accept_length_rs']:.3f}, "
+                           f"TO {row['accept_length_to']:.3f}")
+    atomic_write_json(demo.out / "losses.json", res)
+
+
+def _rl_stage(demo: _Demo) -> None:
+    """6. Short GRPO runs side by side, one per method."""
+    from bebop.experiments.bench_rl import bench_rl
+
+    cfg = demo.cfg
+    rl_cfg = rl_config(cfg, demo.policy, demo.head_dirs, demo.out / "rl")
+    rl_cfg.method_list()
+    demo.stages.run("rl", f"6/7 RL: {cfg.rl_steps} GRPO steps × {len(cfg.method_list())} methods "
+                    f"({cfg.rl_prompts} prompts × {cfg.rl_group} samples per step)", demo.out / "rl" / "bench_rl.json",
+                    asdict(rl_cfg), ["sft", "head_ce", "head_e2e_tv"], lambda: bench_rl(rl_cfg, console=demo.console))
+
+
+def _report_stage(demo: _Demo, t_start: float) -> dict:
+    """7. Plots, claims, ``summary.json`` and ``report.md``."""
+    out, console = demo.out, demo.console
+    console.rule("[bold]7/7 report")
+    res = Results(losses=_read_json(out / "losses.json"), sweep=_read_json(out / "sweep.json"),
+                  ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"])
+    plots = write_plots(out / "plots", res, demo.cfg)
+    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl)
+    sft_summary = _read_json(demo.policy / "sft_summary.json")
+    summary = {
+        "claims": claims,
+        "policy": {"dir": str(demo.policy), "sft_steps": sft_summary.get("steps"),
+                   "sft_seconds": sft_summary.get("train_seconds"), "eval": sft_summary.get("eval")},
+        "heads": {k: {"dir": str(d), "heldout_alpha": _read_json(d / "train_mtp_summary.json").get("heldout_alpha")}
+                  for k, d in demo.head_dirs.items()},
+        "stages": {k: {"seconds": demo.stages.seconds[k], "cached": demo.stages.cached[k]}
+                   for k in demo.stages.seconds},
+        "total_seconds": time.perf_counter() - t_start,
+        "plots": {k: str(p.relative_to(out)) for k, p in plots.items()},
+        "config": _jsonable(asdict(demo.cfg)),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "report.md", render_report(summary, res, demo.cfg))
+    print_claims(claims, console)
+    console.print(f"wrote [bold]{out / 'report.md'}[/], [bold]{out / 'summary.json'}[/] and "
+                  f"{len(plots)} plots in {summary['total_seconds']:.0f} s")
+    return summary

@@ -1,0 +1,200 @@
+"""The demo's outputs for a reader: the PNG plots, ``report.md`` (every figure next to the rule that judged it)
+and the console table of verdicts. Rendering only: the numbers come from the stage outputs, the verdicts from
+:mod:`bebop.experiments.demo.claims`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bebop.experiments.demo.claims import claim_headline, dig, fmt, median_times, rl_runs
+from bebop.experiments.demo.config import DemoConfig
+from bebop.experiments.names import RULE_NAMES
+from bebop.experiments.series import entropy_series, step_series, sweep_series
+
+__all__ = ["PLOTS", "Results", "claims_table", "print_claims", "render_report", "write_plots"]
+
+PLOTS = {
+    "entropy_accept": "entropy_accept.png",        # accept length vs mean entropy over τ (engine), fitted slopes
+    "entropy_tokens": "entropy_tokens.png",        # per-token entropy buckets (teacher-forced), fitted slopes
+    "entropy_rl": "entropy_rl.png",                # per RL step, per method
+    "temperature_sweep": "temperature_sweep.png",  # RS vs TO over τ
+    "alpha_per_step": "alpha_per_step.png",        # α_k per loss, RS and TO
+    "rl_accept_length": "rl_accept_length.png",    # accept length over RL steps
+    "step_times": "step_times.png",                # step / rollout / train seconds per method
+}
+
+
+@dataclass
+class Results:
+    """The measurement stages' outputs, as written to ``losses.json``, ``sweep.json``, ``entropy.json`` and
+    ``rl/bench_rl.json`` (its ``results``)."""
+
+    losses: Mapping
+    sweep: Mapping
+    ent: Mapping
+    rl: Mapping
+
+
+def write_plots(plot_dir: Path, res: Results, cfg: DemoConfig) -> dict[str, Path]:
+    """Every PNG of the report into ``plot_dir``: ``{plot name: path}`` in the order of :data:`PLOTS`."""
+    from bebop.experiments.plots import (
+        plot_alpha_per_step,
+        plot_entropy_accept,
+        plot_rl_accept_length,
+        plot_step_times,
+        plot_temperature_sweep,
+    )
+
+    losses, sweep, ent, rl = res.losses, res.sweep, res.ent, res.rl
+    taus = ", ".join(f"{t:g}" for t in sweep["temperatures"])
+    paths = {
+        "entropy_accept": plot_entropy_accept(
+            sweep_series(sweep), plot_dir / PLOTS["entropy_accept"],
+            title=f"Accept length vs entropy, one point per τ ∈ {{{taus}}}"),
+        "entropy_tokens": plot_entropy_accept(
+            entropy_series(ent), plot_dir / PLOTS["entropy_tokens"],
+            title=f"Accept length vs entropy (per-token buckets, τ = {cfg.temperature:g})"),
+        "temperature_sweep": plot_temperature_sweep(sweep, plot_dir / PLOTS["temperature_sweep"]),
+        "alpha_per_step": plot_alpha_per_step(losses, plot_dir / PLOTS["alpha_per_step"],
+                                              title=f"Per-step acceptance α_k by loss (τ = {cfg.temperature:g})"),
+        "rl_accept_length": plot_rl_accept_length(rl_runs(rl), plot_dir / PLOTS["rl_accept_length"]),
+        "step_times": plot_step_times(median_times(rl), plot_dir / PLOTS["step_times"],
+                                      keys=("median_step_s", "median_rollout_s", "median_train_s"),
+                                      title="RL step time per method (median over steps ≥ 1)"),
+    }
+    rl_series = step_series(rl_runs(rl))
+    if rl_series:
+        paths["entropy_rl"] = plot_entropy_accept(rl_series, plot_dir / PLOTS["entropy_rl"],
+                                                  title="Accept length vs policy entropy (one point per RL step)")
+    return dict(sorted(paths.items(), key=lambda kv: list(PLOTS).index(kv[0])))
+
+
+def print_claims(claims: Sequence[Mapping], console: Console) -> None:
+    """The claims with their measured figures and verdicts, as a console table."""
+    table = Table(title="DESIGN §6 claims, measured here")
+    for c in ("#", "measured", "verdict"):
+        table.add_column(c)
+    for c in claims:
+        color = "green" if c["held"] else "red"
+        table.add_row(str(c["id"]), claim_headline(c), f"[{color}]{c['verdict']}[/]")
+    console.print(table)
+
+
+def claims_table(claims: Sequence[Mapping]) -> str:
+    """Markdown table of the claims: claim, measured figure, rule, verdict."""
+    lines = ["| # | claim (DESIGN §6) | measured here | rule | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        verdict = "**held**" if c["held"] else "**not held**"
+        cells = [str(c["id"]), c["claim"], claim_headline(c), c["rule"], verdict]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    return "\n".join(lines)
+
+
+def _sft_warning(summary: Mapping, cfg: DemoConfig) -> list[str]:
+    """A warning paragraph when SFT was cut by its wall-time cap well before its steps (e.g. a busy CPU)."""
+    pol = summary["policy"]
+    steps = pol.get("sft_steps")
+    if cfg.model or cfg.sft_minutes is None or steps is None or steps >= 0.8 * cfg.sft_steps:
+        return []
+    acc = (pol.get("eval") or {}).get("accuracy")
+    return [f"**Warning:** SFT stopped at its {cfg.sft_minutes:g}-minute cap after {steps} of {cfg.sft_steps} steps "
+            f"(accuracy {fmt(acc)}); on a busy CPU try `OMP_NUM_THREADS=1`, a larger `sft_minutes`, or `--model`.",
+            ""]
+
+
+def render_report(summary: Mapping, res: Results, cfg: DemoConfig) -> str:
+    """``report.md``: the run's setting, the claims table, then one section per measurement with its plot(s)."""
+    lines = [*_overview(summary, cfg), *_entropy_section(summary, res), *_sweep_section(summary, res.sweep),
+             *_losses_section(summary, res.losses), *_rl_section(summary, res.rl),
+             "", "Files: `summary.json` (per claim: figures, rule, verdict), `losses.json`, `sweep.json`, "
+             "`entropy.json`, `rl/bench_rl.json` (+ one run directory per method), `heads/`, `plots/`.", ""]
+    return "\n".join(lines)
+
+
+def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
+    pol = summary["policy"]
+    ev = pol.get("eval") or {}
+    stage_lines = ", ".join(f"{k} {v['seconds']:.1f} s" + (" (cached)" if v["cached"] else "")
+                            for k, v in summary["stages"].items())
+    return [
+        "# Bebop demo report",
+        "",
+        f"Task `{cfg.task}`, γ = {cfg.gamma}, rollout τ = {cfg.temperature:g}; accept lengths count the bonus token "
+        "(tokens per target forward). Everything below was measured in this run on this machine; toy scale, so "
+        "claims may fail here that hold at scale.",
+        "",
+        f"Policy `{pol['dir']}`: {pol.get('sft_steps')} SFT steps, accuracy τ=1 {fmt(ev.get('accuracy'))}, "
+        f"greedy {fmt(ev.get('greedy_accuracy'))}, mean entropy {fmt(ev.get('entropy'))} nats/token. "
+        f"Heads: `{cfg.init_loss}` warm start ({cfg.init_steps} steps, lr {cfg.init_lr:g}), then "
+        f"{', '.join(cfg.loss_list())} fine-tuned from it ({cfg.head_steps} steps each, lr {cfg.head_lr:g}, same "
+        "data and seed).",
+        "",
+        *_sft_warning(summary, cfg),
+        f"Wall time {summary['total_seconds']:.0f} s: {stage_lines}.",
+        "",
+        "## Claims",
+        "",
+        claims_table(summary["claims"]),
+    ]
+
+
+def _entropy_section(summary: Mapping, res: Results) -> list[str]:
+    plots, sweep, ent = summary["plots"], res.sweep, res.ent
+    lines = ["", "## Accept length vs policy entropy", "",
+             "One point per temperature (through the engine); lines are least-squares fits, slope in the legend.", "",
+             f"![entropy vs accept length]({plots['entropy_accept']})", "",
+             f"![per-token buckets]({plots['entropy_tokens']})", ""]
+    if "entropy_rl" in plots:
+        lines += [f"![per RL step]({plots['entropy_rl']})", ""]
+    lines += ["| head | rule | slope / nat over τ (r) | slope / nat per token (r) | mean accept length per token |",
+              "|---|---|---|---|---|"]
+    for h in sweep["heads"]:
+        for rule, tag in RULE_NAMES.items():
+            fs, ft = sweep["heads"][h][rule]["fit"], dig(ent, "heads", h, rule, "fit") or {}
+            lines.append(f"| {h} | {tag} | {fmt(fs['slope'], '+.2f')} ({fmt(fs['r'], '+.2f')}) | "
+                         f"{fmt(ft.get('slope'), '+.2f')} ({fmt(ft.get('r'), '+.2f')}) | "
+                         f"{fmt(dig(ent, 'heads', h, rule, 'mean_accept_length'))} |")
+    return lines
+
+
+def _sweep_section(summary: Mapping, sweep: Mapping) -> list[str]:
+    lines = ["", "## RS vs TO over temperature", "", f"![temperature sweep]({summary['plots']['temperature_sweep']})",
+             "", "| head | rule | " + " | ".join(f"τ={t:g}" for t in sweep["temperatures"]) + " |",
+             "|---|---|" + "---|" * len(sweep["temperatures"])]
+    for h, row in sweep["heads"].items():
+        for rule, tag in RULE_NAMES.items():
+            lines.append(f"| {h} | {tag} | " + " | ".join(fmt(v) for v in row[rule]["accept_length"]) + " |")
+    ent0 = next(iter(sweep["heads"].values()))["rejection"]["entropy"]
+    lines.append("| policy entropy | | " + " | ".join(fmt(v) for v in ent0) + " |")
+    return lines
+
+
+def _losses_section(summary: Mapping, losses: Mapping) -> list[str]:
+    lines = ["", "## α per draft step per loss", "", f"![alpha per step]({summary['plots']['alpha_per_step']})", "",
+             "| head | α RS | accept length RS | α TO | accept length TO |", "|---|---|---|---|---|"]
+    for k, v in losses.items():
+        lines.append(f"| {k} | {' '.join(fmt(a) for a in v['alpha_rs'])} | {fmt(v['accept_length_rs'])} | "
+                     f"{' '.join(fmt(a) for a in v['alpha_to'])} | {fmt(v['accept_length_to'])} |")
+    return lines
+
+
+def _rl_section(summary: Mapping, rl: Mapping) -> list[str]:
+    lines = ["", "## RL", "", f"![accept length over RL]({summary['plots']['rl_accept_length']})", "",
+             f"![step times]({summary['plots']['step_times']})", "",
+             "| method | median step s | median rollout s | step × (median) | rollout × (median) | accept length "
+             "first 5 → last 5 | reward first 5 → last 5 | entropy first 5 → last 5 |",
+             "|---|---|---|---|---|---|---|---|"]
+    c5 = next(c for c in summary["claims"] if c["id"] == 5)["figures"]
+    for m, r in rl.items():
+        med, sp = c5["median_seconds"][m], c5["median_speedup"][m]
+        lines.append(f"| {m} | {fmt(med['median_step_s'])} | {fmt(med['median_rollout_s'])} | "
+                     f"{fmt(sp['step'], '.2f')} | {fmt(sp['rollout'], '.2f')} | "
+                     f"{fmt(r.get('accept_length_first5'))} → {fmt(r.get('accept_length_last5'))} | "
+                     f"{fmt(r['reward_first5'])} → {fmt(r['reward_last5'])} | "
+                     f"{fmt(r['entropy_first5'])} → {fmt(r['entropy_last5'])} |")
+    return lines
