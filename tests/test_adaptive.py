@@ -14,7 +14,7 @@ from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prom
 
 from bebop.core.acceptance import alpha_rs, alpha_to, one_hot_argmax
 from bebop.core.sampling import SamplingParams, verify, verify_rs
-from bebop.engine.decode import generate, generate_mtp
+from bebop.engine.decode import DecodeConfig, generate, generate_mtp
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import (
     BINS,
@@ -291,7 +291,7 @@ def test_decode_trace_holds_each_drafts_own_probability_and_acceptance_chance(pe
     # every row judges d_1: its acceptance chances add up to the accepted count, within 5 standard deviations
     n1 = r.metrics.accepted_k[0]
     assert abs(accept[:, 0].sum().item() - n1) < 5 * (accept[:, 0] * (1 - accept[:, 0])).sum().sqrt().item() + 1
-    c2, a2 = decode_trace(model, head, [prompts[:4]], params, 3, 12, None)
+    c2, a2 = decode_trace(model, head, [prompts[:4]], DecodeConfig(params, 12, None, 3))
     assert len(c2) == len(a2) and all(len(row) == 3 for row in (*c2, *a2))
 
 

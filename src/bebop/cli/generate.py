@@ -84,7 +84,7 @@ def run_generate(model_dir: Path, mtp_dir: Path | None, prompt: list[str] | None
     import torch
 
     from bebop.core.sampling import SamplingParams
-    from bebop.engine.decode import generate, generate_mtp
+    from bebop.engine.decode import DecodeConfig, generate, generate_mtp
     from bebop.experimental.adaptive import as_policy, calibrate
     from bebop.tasks import get_task, sample_problems
 
@@ -99,8 +99,8 @@ def run_generate(model_dir: Path, mtp_dir: Path | None, prompt: list[str] | None
         r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen)
     else:
         if g == "auto":
-            g = calibrate(model, head, [prompts], params, AUTO_GAMMA_MAX, cfg.max_new_tokens, eos, pad, cfg.seed,
-                          repeats=1)
+            g = calibrate(model, head, [prompts], DecodeConfig(params, cfg.max_new_tokens, eos, pad_id=pad),
+                          AUTO_GAMMA_MAX, cfg.seed, repeats=1)
         r = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, as_policy(g, cfg.rule), cfg.rule,
                          pad, gen)
     return texts, tokenizer.batch_decode(r.completions(), skip_special_tokens=True), r.metrics.to_dict()

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -61,7 +61,7 @@ from torch import Tensor
 from bebop.config import check_gamma
 from bebop.core.acceptance import accept_length
 from bebop.core.fits import linear_fit
-from bebop.engine.decode import DecodeMetrics, generate_mtp
+from bebop.engine.decode import DecodeConfig, DecodeMetrics, mtp_decode
 from bebop.engine.drafting import AUTO, DraftPolicy
 from bebop.errors import BebopError
 
@@ -397,18 +397,18 @@ class DraftPlanner:
         return k if not live or total <= self.theta[k - 1] * live else self.gamma   # θ_γmax = ∞: ∞·0 would be NaN
 
 
-def decode_trace(model, head, batches: list[list[list[int]]], params, gamma: int, max_new_tokens: int,
-                 eos_id: int | None, pad_id: int = 0, seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+def decode_trace(model, head, batches: list[list[list[int]]], dc: DecodeConfig,
+                 seed: int = 0) -> tuple[list[list[float]], list[list[float]]]:
     """(``q_k(d_k)``, negated where d_k is EOS, and the acceptance chance r_k of d_k) [S, γ] of every live row-step
-    of decoding ``batches`` at the fixed draft length ``gamma`` with RS — real decode steps, starting where the
-    accept process starts them, as the planner meets them (teacher-forced positions would weight every position
-    alike)."""
+    of decoding ``batches`` at the fixed draft length ``dc.gamma`` with RS (batch i seeded ``seed + i``) — real
+    decode steps, starting where the accept process starts them, as the planner meets them (teacher-forced
+    positions would weight every position alike)."""
     conf: list[list[float]] = []
     accept: list[list[float]] = []
     for i, prompts in enumerate(batches):
         steps: list = []
         gen = torch.Generator(device=model.device).manual_seed(seed + i)
-        generate_mtp(model, head, prompts, params, max_new_tokens, eos_id, gamma, "rejection", pad_id, gen, steps)
+        mtp_decode(model, head, prompts, replace(dc, rule="rejection", generator=gen), steps)
         for c, r, live in steps:
             conf += c[live].tolist()
             accept += r[live].tolist()
@@ -480,22 +480,22 @@ def replay(confidence, accept, adaptive: AdaptiveDraft, train_fraction: float = 
             / fixed[best]}
 
 
-def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: int, max_new_tokens: int,
-              eos_id: int | None, pad_id: int = 0, seed: int = 0, repeats: int = 3, rule: str = "rejection",
-              warm_rule: str | None = None, warm_passes: int = 3, **adaptive_kw) -> AdaptiveDraft:
+def calibrate(model, head, batches: list[list[list[int]]], dc: DecodeConfig, gamma_max: int, seed: int = 0,
+              repeats: int = 3, warm_rule: str | None = None, warm_passes: int = 3, **adaptive_kw) -> AdaptiveDraft:
     """An ``AdaptiveDraft`` for ``head`` at the batch size of ``batches`` (prompt batches, all of one size: the costs
     depend on it): c(γ) = seconds per step (after prefill), the tokens a live row keeps per step (the first token,
     from prefill, left out) and the whole batch's tokens per second (``batch_cap``) from decoding ``batches``
     ``repeats`` times (new seeds each time, after one warm-up) at every fixed γ = 1..``gamma_max``, the γ's
     interleaved batch by batch; c made non-decreasing by ``monotone_fit``; the prior = the head's mean α_k at
     γ_max (over the rows that reached step k), and the tables warmed by ``warm_passes`` adaptive passes over
-    ``batches`` (with ``warm_rule``, default ``rule``; ``"auto"`` also warms the RS/TO choice)."""
+    ``batches`` (with ``warm_rule``, default ``dc.rule``; ``"auto"`` also warms the RS/TO choice). ``dc`` gives
+    the sampling transforms, token budget, EOS, padding and backend (its γ and generator are set per run)."""
     check_gamma(gamma_max, "gamma_max")
 
-    def decode(g, rep: int, i: int, rule: str = rule) -> DecodeMetrics:          # batch i, seeded per repeat
+    def decode(g, rep: int, i: int, rule: str = dc.rule) -> DecodeMetrics:          # batch i, seeded per repeat
         gen = torch.Generator(device=model.device).manual_seed(seed + 1000 * rep + i)
-        return generate_mtp(model, head, batches[i], params, max_new_tokens, eos_id, as_policy(g, rule), rule, pad_id,
-                            gen).metrics
+        return mtp_decode(model, head, batches[i], replace(dc, gamma=as_policy(g, rule), rule=rule,
+                                                           generator=gen)).metrics
 
     rows = sum(len(b) for b in batches)
     runs, prior = [DecodeMetrics() for _ in range(gamma_max)], DecodeMetrics()
@@ -514,7 +514,7 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
         kept = m.tokens - rows * repeats                                # the first tokens come from prefill
         if not m.steps or kept <= 0:
             raise BebopError(f"calibration at gamma={g} decoded no draft→verify step: use more max_new_tokens "
-                             f"(got {max_new_tokens}) or prompts whose answers do not end at once")
+                             f"(got {dc.max_new_tokens}) or prompts whose answers do not end at once")
         costs.append(m.decode_seconds / m.target_forwards)
         tokens.append(kept / m.steps)
         per_verify.append(kept / m.target_forwards)                    # the whole batch's, counted
@@ -525,5 +525,5 @@ def calibrate(model, head, batches: list[list[list[int]]], params, gamma_max: in
                              throughput=[t / c for t, c in zip(per_verify, fit, strict=True)], **adaptive_kw)
     for rep in range(warm_passes):                                      # fills the confidence tables
         for i in range(len(batches)):
-            decode(adaptive, repeats + 1 + rep, i, warm_rule or rule)
+            decode(adaptive, repeats + 1 + rep, i, warm_rule or dc.rule)
     return adaptive

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from bebop.core.sampling import SamplingParams
-from bebop.engine.decode import DecodeMetrics, forward_costs, left_pad, median_seconds
+from bebop.engine.decode import DecodeConfig, DecodeMetrics, forward_costs, left_pad, median_seconds
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
-from bebop.experiments.measure import decode_task
+from bebop.experiments.measure import decode_config, decode_task
 from bebop.experiments.options import DecodeBenchConfig
 from bebop.tasks import get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn
@@ -55,17 +55,17 @@ class _Run:
         return [(problems[i : i + bs], prompts[i : i + bs]) for i in range(0, n, bs)]
 
     def decode(self, head, batch, gamma, rule: str, seed: int) -> DecodeMetrics:
+        """Metrics of one engine call on ``batch`` (plain when ``head`` is None), sampling seeded by ``seed``."""
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
-        r, _ = decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, self.params,
-                           self.cfg.max_new_tokens, gamma, rule, gen)
-        return r.metrics
+        cfg = decode_config(self.tokenizer, self.params, self.cfg.max_new_tokens, gamma, rule, gen)
+        return decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, cfg)[0].metrics
 
 
 def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs.
 
-    Runs with ``cfg.threads`` intra-op threads (default 1): at these sizes one thread is as fast as two at
-    batch 1, and on a machine shared with other jobs two threads stall each other by milliseconds per op."""
+    Runs with ``cfg.threads`` intra-op threads (restored afterwards): one thread keeps the timing steady on a
+    machine shared with other jobs, where threads of several processes contend for the same cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     run = _Run(model, tokenizer, head, cfg)
@@ -191,15 +191,17 @@ def _bench_adaptive(run: _Run, bs: int) -> dict:
     ``cfg.rule``, or RS and TO when it is ``auto``) and adaptive γ (``experimental.adaptive``), all on the same
     prompts, seeds and lengths (see :func:`_time_runs`). The adaptive run is calibrated (step costs, α prior,
     confidence tables) on other prompts at the same batch size first, with twice the timed repeats (neighbouring
-    γ's differ by a few percent); that one-off cost is reported, not timed. ``replay`` also scores the RS planner's
-    per-row decisions against every fixed γ without timing noise (:func:`_replay`)."""
+    γ's are close in throughput, so their costs need the extra samples); that one-off cost is reported, not
+    timed. ``replay`` also scores the RS planner's per-row decisions against every fixed γ without timing noise
+    (:func:`_replay`)."""
     cfg = run.cfg
     rules = ("rejection", "target_only") if cfg.rule == AUTO else (cfg.rule,)
     eos, pad = run.eos_pad
     t0 = time.perf_counter()
     calib = [prompts for _, prompts in run.batches(bs, cfg.seed + 7919)]
-    adaptive = calibrate(run.model, run.head, calib, run.params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
-                         cfg.seed, repeats=2 * cfg.repeats, warm_rule=cfg.rule if cfg.rule == AUTO else None)
+    adaptive = calibrate(run.model, run.head, calib, DecodeConfig(run.params, cfg.max_new_tokens, eos, pad_id=pad),
+                         cfg.gamma_max, cfg.seed, repeats=2 * cfg.repeats,
+                         warm_rule=cfg.rule if cfg.rule == AUTO else None)
     calib_s = time.perf_counter() - t0
     runs = {"plain": (None, None)} | {f"{r}/{g}": (g, r) for r in rules for g in range(1, cfg.gamma_max + 1)}
     runs["auto"] = (adaptive, cfg.rule)
@@ -256,11 +258,11 @@ def _versus_fixed(auto: dict, fixed: dict[str, dict], gamma_max: int) -> dict:
 
 def _replay(run: _Run, bs: int, adaptive: AdaptiveDraft) -> dict:
     """``adaptive.replay`` over the decode steps of 4× ``num_prompts`` other prompts decoded at γ_max
-    (``adaptive.decode_trace``: a few thousand draft steps), under this batch size's calibrated costs."""
+    (``adaptive.decode_trace``), under this batch size's calibrated costs."""
     cfg = run.cfg
     eos, pad = run.eos_pad
     trace = [p for _, p in run.batches(bs, cfg.seed + 104_729, 4 * cfg.num_prompts)]
-    conf, accept = decode_trace(run.model, run.head, trace, run.params, cfg.gamma_max, cfg.max_new_tokens, eos, pad,
-                                cfg.seed)
+    conf, accept = decode_trace(run.model, run.head, trace, DecodeConfig(run.params, cfg.max_new_tokens, eos,
+                                                                         cfg.gamma_max, pad_id=pad), cfg.seed)
     return replay(conf, accept, adaptive)
 
