@@ -80,7 +80,7 @@ def test_bench_missing_head_and_corrupt_head(dirs, tmp_path):
 def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_path):
     out = tmp_path / "losses.json"
     r = cli("bench", "losses", "--model", str(dirs / "base"), "--out", str(tmp_path / "heads"), "--steps", "2",
-            "--data-samples", "8", "--eval-prompts", "4", "--json", str(out))
+            "--data-samples", "8", "--eval-prompts", "4", "--init", str(dirs / "head"), "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert set(res) == {"ce", "fkl", "rkl", "tv", "e2e_tv"}
@@ -90,6 +90,33 @@ def test_bench_losses_trains_every_loss_and_writes_the_promised_json(dirs, tmp_p
         assert "accept_length_rs_t0.7" in row
     r = cli("bench", "losses", "--model", str(dirs / "base"), "--losses", "ce,l2")
     assert r.returncode == 2 and "'l2'" in r.stderr
+
+
+def test_bench_losses_fine_tunes_every_loss_from_one_warm_start(dirs, tmp_path, monkeypatch):
+    """Without --init the forward-KL warm start is trained once; every loss then starts from that head with the
+    same data, steps, learning rate and seed (training shrunk here to keep the test fast)."""
+    from dataclasses import replace
+
+    import bebop.training.train_mtp as train_mtp_module
+    from bebop.experiments.bench_losses import LossBenchConfig, bench_losses
+
+    calls, real = [], train_mtp_module.train_mtp
+
+    def small(cfg):
+        calls.append(cfg)
+        return real(replace(cfg, steps=2, batch_size=4, data_samples=8, heldout_samples=4, max_new_tokens=12,
+                            eval_every=1))
+
+    monkeypatch.setattr(train_mtp_module, "train_mtp", small)
+    bench_losses(str(dirs / "base"), str(tmp_path / "heads"),
+                 LossBenchConfig(losses=("ce", "e2e_tv"), eval_prompts=2, temperatures=(1.0,), max_new_tokens=8))
+    warm, *fine = calls
+    default = train_mtp_module.TrainMTPConfig()
+    assert (warm.loss, warm.steps, warm.lr, warm.init, warm.warm_steps) == ("fkl", default.warm_steps,
+                                                                           default.warm_lr, None, 0)
+    assert [c.loss for c in fine] == ["ce", "e2e_tv"]
+    assert {c.init for c in fine} == {warm.out}
+    assert len({(c.steps, c.lr, c.seed, c.data_samples, c.gamma_train) for c in fine}) == 1
 
 
 @pytest.mark.slow
