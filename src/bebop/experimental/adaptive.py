@@ -286,6 +286,7 @@ class DraftPlanner:
         self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
         self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
         self.horizon = self.gamma                                 # the step's expected γ, for the RS/TO choice
+        self.choice_t: dict[int, list[float]] = {}                # per bin of max q_1: each rule's T(horizon)
 
     def refresh(self) -> None:
         """Table means, stop thresholds and the best fixed γ from the tables as learned so far (a fixed planner
@@ -298,6 +299,7 @@ class DraftPlanner:
         horizon, rate = ad.best_fixed(self.rules[0], self.gamma)
         self.theta = stop_thresholds(ad.step_means(self.rules[0])[: self.gamma], ad.step_seconds[: self.gamma], rate)
         self.horizon = horizon
+        self.choice_t = {}
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None, accept: Tensor | None = None,
              alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
@@ -315,6 +317,7 @@ class DraftPlanner:
         ad, off = self.adaptive, 1 + auto
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
         if learn:                                                # learn at the steps each row reached
+            self.choice_t = {}
             G = accept.shape[1]
             tables = [ad.table(rule) for rule in self.rules] if not self.fixed else []
             choice = [ad.choice_table(rule) for rule in self.rules] if auto else []
@@ -356,8 +359,10 @@ class DraftPlanner:
             self.first = [confidence_bin(c) for c in conf]
             choice = [self.adaptive.choice_table(rule) for rule in self.rules]
             for b, (i, end) in enumerate(zip(self.first, self.done, strict=True)):
-                t = [accept_lengths([s[i] / n[i] for s, n in zip(*c, strict=True)])[self.horizon - 1]
-                     for c in choice]
+                t = self.choice_t.get(i)
+                if t is None:                                     # the tables change only when learning
+                    t = self.choice_t[i] = [float(accept_length([s[i] / n[i] for s, n in zip(*c, strict=True)]
+                                                                [: self.horizon])) for c in choice]
                 self.row_rule[b] = int(not end and t[1] > t[0])
         return self.gamma
 
