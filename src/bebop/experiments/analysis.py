@@ -26,7 +26,7 @@ from bebop.core.acceptance import accept_length, alpha_rs, alpha_to
 from bebop.core.fits import linear_fit
 from bebop.core.sampling import SamplingParams, entropy, probs_from_logits
 from bebop.errors import BebopError
-from bebop.experiments.measure import measure_acceptance
+from bebop.experiments.measure import Probe, measure_acceptance
 from bebop.experiments.names import DEFAULT_TEMPERATURES, RULE_NAMES
 from bebop.experiments.options import EntropyConfig, SweepConfig
 from bebop.experiments.series import entropy_series, step_series, sweep_series
@@ -236,8 +236,8 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], cfg: SweepC
         for rule in RULE_NAMES:
             s: dict[str, list] = {"accept_length": [], "alpha": [], "expected_alpha": [], "entropy": []}
             for t in cfg.temperatures:
-                r = measure_acceptance(model, tokenizer, head, cfg.task, rule, t, cfg.gamma, cfg.prompts,
-                                       cfg.batch_size, cfg.max_new_tokens, cfg.seed)
+                r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, t, cfg.gamma, cfg.prompts,
+                                                                     cfg.batch_size, cfg.max_new_tokens, cfg.seed))
                 for key in s:
                     s[key].append(r.get(key))
             s["fit"] = linear_fit(s["entropy"], s["accept_length"])

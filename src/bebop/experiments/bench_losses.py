@@ -3,7 +3,7 @@ the engine under RS and TO, so the comparison isolates the loss (DESIGN §4)."""
 
 from __future__ import annotations
 
-from bebop.experiments.measure import measure_acceptance
+from bebop.experiments.measure import Probe, measure_acceptance
 from bebop.experiments.options import LossBenchConfig
 
 __all__ = ["LossBenchConfig", "bench_losses"]
@@ -38,8 +38,9 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
         for tau in cfg.temperatures:
             suffix = "" if tau == cfg.temperatures[0] else f"_t{tau:g}"
             for rule, tag in (("rejection", "rs"), ("target_only", "to")):
-                r = measure_acceptance(model, tokenizer, head, cfg.task, rule, tau, cfg.gamma, cfg.eval_prompts,
-                                       cfg.batch_size, cfg.max_new_tokens, cfg.seed + 99_991)
+                r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, tau, cfg.gamma, cfg.eval_prompts,
+                                                                     cfg.batch_size, cfg.max_new_tokens,
+                                                                     cfg.seed + 99_991))
                 row[f"alpha_{tag}{suffix}"] = r["alpha"]
                 row[f"accept_length_{tag}{suffix}"] = r["accept_length"]
         results[loss] = row

@@ -4,52 +4,76 @@ benchmarks, the analyses and the demo, so every figure comes from the same decod
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from bebop.core.sampling import SamplingParams
-from bebop.engine.decode import DecodeMetrics, Rollout
-from bebop.engine.dispatch import DecodeConfig, Turns, decode
+from bebop.engine.decode import DecodeConfig, DecodeMetrics, Rollout
+from bebop.engine.dispatch import Turns, decode
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import AdaptiveDraft, as_policy
 from bebop.tasks import get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn, task_env
 
-__all__ = ["decode_task", "measure_acceptance"]
+__all__ = ["Probe", "decode_config", "decode_task", "measure_acceptance"]
 
 
-def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[list[int]]], params: SamplingParams,
-                max_new_tokens: int, gamma, rule: str, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
+def decode_config(tokenizer, params: SamplingParams, max_new_tokens: int, gamma=3, rule: str = "rejection",
+                  generator: torch.Generator | None = None) -> DecodeConfig:
+    """The engine's decode settings for ``tokenizer``'s EOS and padding tokens."""
+    return DecodeConfig(params, max_new_tokens, tokenizer.eos_token_id, gamma, rule, tokenizer.pad_token_id,
+                        generator)
+
+
+def decode_task(model, tokenizer, head, task_name: str, batch: tuple[list, list[list[int]]],
+                cfg: DecodeConfig) -> tuple[Rollout, torch.Tensor]:
     """One engine call on ``batch`` (problems, prompt ids): plain (``head`` None) or MTP; multi-turn tasks (agent)
-    run their episodes through ``turns.generate_turns`` with the task's environment. Returns the rollout and
-    its mask of sampled tokens (environment tokens are not sampled; ``metrics.tokens`` counts sampled ones)."""
+    run their episodes with the task's environment. Returns the rollout and its mask of sampled tokens
+    (environment tokens are not sampled; ``metrics.tokens`` counts sampled ones)."""
     problems, prompts = batch
     task = get_task(task_name)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     turns = None
     if is_multi_turn(task):
-        if isinstance(gamma, AdaptiveDraft):
+        if isinstance(cfg.gamma, AdaptiveDraft):
             raise BebopError(f"adaptive gamma is not supported for the multi-turn task {task_name!r} yet")
         turns = Turns(task_env(task, tokenizer, problems), tokenizer.convert_tokens_to_ids(task.terminator))
-    g = gamma if turns is not None else as_policy(gamma, rule)
-    r = decode(model, head, prompts, DecodeConfig(params, max_new_tokens, eos, g, rule, pad, generator), turns)
+    elif head is not None:
+        cfg = replace(cfg, gamma=as_policy(cfg.gamma, cfg.rule))  # rule auto at a fixed γ needs a drafting policy
+    r = decode(model, head, prompts, cfg, turns)
     return r, r.sampled_mask
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One acceptance measurement: ``prompts`` held-out problems of ``task`` (drawn with ``seed``), decoded in
+    batches of ``batch_size`` under ``rule`` at temperature τ and draft length γ."""
+
+    task: str
+    rule: str
+    temperature: float
+    gamma: int
+    prompts: int
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
 @torch.inference_mode()
-def measure_acceptance(model, tokenizer, head, task_name: str, rule: str, temperature: float, gamma: int,
-                       n_prompts: int, batch_size: int, max_new_tokens: int, seed: int) -> dict:
+def measure_acceptance(model, tokenizer, head, probe: Probe) -> dict:
     """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts, and the
     policy's mean per-token entropy H(p) (at τ) over the emitted tokens (the sampled ones: multi-turn tasks run
     real episodes, whose environment tokens are neither drafted nor counted)."""
-    problems = sample_problems(get_task(task_name), n_prompts, seed)
-    params = SamplingParams(temperature=temperature)
+    problems = sample_problems(get_task(probe.task), probe.prompts, probe.seed)
+    gen = torch.Generator(device=model.device).manual_seed(probe.seed)
+    cfg = decode_config(tokenizer, SamplingParams(temperature=probe.temperature), probe.max_new_tokens, probe.gamma,
+                        probe.rule, gen)
     total = DecodeMetrics()
-    gen = torch.Generator(device=model.device).manual_seed(seed)
     ent_sum, n_tok = 0.0, 0
-    for i in range(0, n_prompts, batch_size):
-        chunk = problems[i : i + batch_size]
+    for i in range(0, probe.prompts, probe.batch_size):
+        chunk = problems[i : i + probe.batch_size]
         batch = (chunk, [tokenizer(p.prompt)["input_ids"] for p in chunk])
-        r, sampled = decode_task(model, tokenizer, head, task_name, batch, params, max_new_tokens, gamma, rule, gen)
+        r, sampled = decode_task(model, tokenizer, head, probe.task, batch, cfg)
         total.merge(r.metrics)
         ent_sum += float((r.entropy * sampled).sum())
         n_tok += int(sampled.sum())

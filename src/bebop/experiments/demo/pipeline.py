@@ -175,15 +175,16 @@ def _measure_stages(demo: _Demo) -> None:
 
 def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
     """RS and TO α_k and accept length of every head at the rollout τ, into ``losses.json``."""
-    from bebop.experiments.measure import measure_acceptance
+    from bebop.experiments.measure import Probe, measure_acceptance
 
     cfg = demo.cfg
     res = {}
     for name, head in heads.items():
         row: dict = {}
         for rule, tag in (("rejection", "rs"), ("target_only", "to")):
-            r = measure_acceptance(model, tokenizer, head, cfg.task, rule, cfg.temperature, cfg.gamma,
-                                   cfg.loss_prompts, LOSS_BATCH, cfg.max_new_tokens, cfg.seed + LOSS_SEED_OFFSET)
+            r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, cfg.temperature, cfg.gamma,
+                                                                 cfg.loss_prompts, LOSS_BATCH, cfg.max_new_tokens,
+                                                                 cfg.seed + LOSS_SEED_OFFSET))
             row[f"alpha_{tag}"], row[f"accept_length_{tag}"] = r["alpha"], r["accept_length"]
             row["entropy"] = r["entropy"]
         res[name] = row
