@@ -37,8 +37,18 @@ def one_hot_argmax(q: Tensor) -> Tensor:
 def accept_length(alpha: Sequence[float] | np.ndarray, prefixes: bool = False) -> np.ndarray:
     """Expected tokens per verify step ``1 + E[A] = 1 + Σ_{j=1..γ} Π_{i≤j} α_i`` over the last axis of ``alpha``
     [..., γ] (DESIGN §3; the correction/bonus token is counted). ``prefixes=True`` returns the value for every
-    draft length γ' = 1..γ along the last axis instead (``[..., γ]``), the same sum cut after each term."""
+    draft length γ' = 1..γ along the last axis instead (``[..., γ]``), the same sum cut after each term.
+
+    One sequence (1-D) is summed in a plain loop, a batch with array ops; both add the same terms in the same
+    order, so they agree bit for bit (the loop serves per-row decisions inside the decode loop)."""
     a = np.asarray(alpha, dtype=np.float64)
+    if a.ndim == 1:
+        out, run, total = [], 1.0, 1.0
+        for x in a.tolist():
+            run *= x
+            total += run
+            out.append(total)
+        return np.array(out) if prefixes else np.float64(total)
     if a.shape[-1] == 0:
         return np.ones(a.shape) if prefixes else np.ones(a.shape[:-1])
     terms = np.cumprod(a, axis=-1)

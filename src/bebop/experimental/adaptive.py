@@ -286,7 +286,6 @@ class DraftPlanner:
         self.means: list[list[list[float]]] = []                  # per rule: table means [k][bin] (refreshed)
         self.theta: list[float] = []                              # stop thresholds θ_1..θ_γmax (refreshed)
         self.horizon = self.gamma                                 # the step's expected γ, for the RS/TO choice
-        self.choice_t: dict[int, list[float]] = {}                # per bin of max q_1: each rule's T(horizon)
 
     def refresh(self) -> None:
         """Table means, stop thresholds and the best fixed γ from the tables as learned so far (a fixed planner
@@ -299,7 +298,6 @@ class DraftPlanner:
         horizon, rate = ad.best_fixed(self.rules[0], self.gamma)
         self.theta = stop_thresholds(ad.step_means(self.rules[0])[: self.gamma], ad.step_seconds[: self.gamma], rate)
         self.horizon = horizon
-        self.choice_t = {}
 
     def step(self, done: Tensor, q1: Tensor, accepted: Tensor | None = None, accept: Tensor | None = None,
              alphas: Tensor | None = None) -> tuple[bool, int, Tensor | None]:
@@ -317,7 +315,6 @@ class DraftPlanner:
         ad, off = self.adaptive, 1 + auto
         was_done, self.done = self.done, [row[0] > 0 for row in rows]
         if learn:                                                # learn at the steps each row reached
-            self.choice_t = {}
             G = accept.shape[1]
             tables = [ad.table(rule) for rule in self.rules] if not self.fixed else []
             choice = [ad.choice_table(rule) for rule in self.rules] if auto else []
@@ -358,11 +355,12 @@ class DraftPlanner:
         if conf is not None and len(self.rules) > 1:             # TO where its predicted T(γ) is larger
             self.first = [confidence_bin(c) for c in conf]
             choice = [self.adaptive.choice_table(rule) for rule in self.rules]
+            by_bin: dict[int, list[float]] = {}                  # each rule's T(horizon), per bin of max q_1
             for b, (i, end) in enumerate(zip(self.first, self.done, strict=True)):
-                t = self.choice_t.get(i)
-                if t is None:                                     # the tables change only when learning
-                    t = self.choice_t[i] = [float(accept_length([s[i] / n[i] for s, n in zip(*c, strict=True)]
-                                                                [: self.horizon])) for c in choice]
+                if i not in by_bin:
+                    by_bin[i] = [float(accept_length([s[i] / n[i] for s, n in zip(*c, strict=True)][: self.horizon]))
+                                 for c in choice]
+                t = by_bin[i]
                 self.row_rule[b] = int(not end and t[1] > t[0])
         return self.gamma
 
