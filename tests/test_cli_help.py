@@ -51,3 +51,23 @@ def test_every_command_has_a_golden_file() -> None:
             yield from walk(sub, [*prefix, name])
 
     assert sorted(walk(group, [])) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize(("module", "allowed"), [
+    ("bebop.cli", None),
+    ("bebop.experiments.plots", {"bebop", "bebop.core", "bebop.core.fits", "bebop.errors", "bebop.experiments",
+                                 "bebop.experiments.names", "bebop.experiments.plots"}),
+])
+def test_light_imports(module: str, allowed: set[str] | None) -> None:
+    """The CLI reads every default from torch-free option dataclasses, so ``bebop --help`` loads no model stack;
+    the plotting module loads only what it draws with."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; print('torch' in sys.modules); "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'bebop')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    torch_loaded, modules = out.stdout.split("\n")[:2]
+    assert torch_loaded == "False"
+    if allowed is not None:
+        assert set(modules.split(",")) == allowed
