@@ -438,8 +438,8 @@ class ScriptedRollout:
 def test_multi_turn_driver_replays_references(tiny_tokenizer, monkeypatch) -> None:
     """A scripted policy emitting the references' model segments (then junk after EOS, as ``generate`` would
     when it only stops at the terminator) gets the references back as transcripts, with full reward."""
-    from bebop.training import multiturn
     from bebop.core.sampling import SamplingParams
+    from bebop.training import multiturn
 
     task, rng = AgentTask(), random.Random(2)
     problems = sample_problems(task, 12, 3)
