@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,3 +34,31 @@ def build_tiny_policy(tokenizer, seed: int = 0, logit_scale: float = 1.0):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return build_tiny_policy(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def peaky(tiny_tokenizer):
+    """A tiny random policy with sharpened logits (so short sequences have few likely outcomes) + its head."""
+    from bebop.models.mtp import MTPHead
+
+    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=6.0)
+    head = MTPHead.from_base(model).eval()
+    return model, head
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_tokenizer):
+    """A tiny saved policy (``base``) and head (``head``) for CLI runs."""
+    from bebop.models.mtp import MTPHead, save_head
+    from bebop.models.policy import save_policy
+
+    model = build_tiny_policy(tiny_tokenizer)
+    root = tmp_path_factory.mktemp("bench")
+    save_policy(model, tiny_tokenizer, root / "base")
+    save_head(MTPHead.from_base(model), root / "head", model.config)
+    return root
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m bebop.cli ARGS`` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_policy
-from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for
+from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for
 
 from bebop.core.sampling import SamplingParams, probs_from_logits
 from bebop.engine.turns import generate_turns

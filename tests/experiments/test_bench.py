@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import build_tiny_policy
-
-from bebop.models.mtp import MTPHead, save_head
-from bebop.models.policy import save_policy
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_tokenizer):
-    model = build_tiny_policy(tiny_tokenizer)
-    root = tmp_path_factory.mktemp("bench")
-    save_policy(model, tiny_tokenizer, root / "base")
-    save_head(MTPHead.from_base(model), root / "head", model.config)
-    return root
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)
+from conftest import cli
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_bench import cli, dirs  # noqa: F401  (module fixture: a tiny saved policy + head)
-from test_engine import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, peaky, prompts_for, sequence_law  # noqa: F401
+from conftest import cli
+from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law
 
 from bebop.core.acceptance import alpha_rs, alpha_to, one_hot_argmax
 from bebop.core.sampling import SamplingParams, verify, verify_rs

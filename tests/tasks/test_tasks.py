@@ -59,7 +59,7 @@ def task(request: pytest.FixtureRequest):
 
 
 def test_registry() -> None:
-    assert set(TASK_NAMES) <= set(TASKS)  # code and agent: tests/test_tasks_code_agent.py
+    assert set(TASK_NAMES) <= set(TASKS)  # code and agent: tests/tasks/test_tasks_code_agent.py
     for name in TASK_NAMES:
         assert get_task(name).name == name
 

@@ -1,5 +1,5 @@
 """Golden ``bebop <cmd> --help`` snapshots: every command, flag and default stays as it is unless a change
-means it (then regenerate with ``BEBOP_UPDATE_GOLDEN=1 pytest tests/test_cli_help.py`` and review the diff)."""
+means it (then regenerate with ``BEBOP_UPDATE_GOLDEN=1 pytest tests/cli/test_cli_help.py`` and review the diff)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ the picked function returns."""
 from __future__ import annotations
 
 import torch
-from test_engine import peaky, prompts_for  # noqa: F401
+from laws import prompts_for
 
 from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import generate, generate_mtp

@@ -3,38 +3,14 @@ MTP decoding equals plain greedy decoding token for token."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_policy
-from scipy.stats import chisquare
+from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law
 
-from bebop.core.sampling import SamplingParams, probs_from_logits
+from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import generate, generate_mtp
 from bebop.errors import BebopError
 from bebop.models.mtp import MTPHead
-
-P_FALSE_ALARM = 1e-4  # each chi-square test rejects a correct sampler with this probability
-
-
-@pytest.fixture(scope="module")
-def peaky(tiny_tokenizer):
-    """A tiny random policy with sharpened logits (so short sequences have few likely outcomes) + its head."""
-    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=6.0)
-    head = MTPHead.from_base(model).eval()
-    return model, head
-
-
-def prompts_for(tok, n):
-    a, b = tok("Q: 1+2\n")["input_ids"], tok("Q: 12*3-4\n")["input_ids"]
-    return [a if i % 2 == 0 else b for i in range(n)], (a, b)
-
-
-def exact_logprobs(model, prompt, completion, params):
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        p = probs_from_logits(model(ids).logits[0, len(prompt) - 1 : -1], params)
-    return p.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).log()
 
 
 @pytest.mark.parametrize("rule", ["rejection", "target_only"])
@@ -69,32 +45,6 @@ def test_greedy_mtp_equals_plain_greedy_token_for_token(peaky, tiny_tokenizer, r
     plain = generate(model, prompts, params, 30, eos_id=None)
     mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=3, rule=rule)
     assert torch.equal(plain.tokens, mtp.tokens)
-
-
-def sequence_law(model, prompt, params, length):
-    """Exact probability of every token sequence of ``length`` after ``prompt`` (V**length cells)."""
-    V = model.config.vocab_size
-    law = torch.ones(1)
-    prefixes = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(length):
-            p = probs_from_logits(model(prefixes).logits[:, -1], params)   # [n, V]
-            law = (law[:, None] * p).reshape(-1)
-            prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(p))[:, None]], 1)
-    return law.double().numpy()
-
-
-def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
-    """Chi-square goodness of fit; cells with expected count < 5 are merged into one."""
-    n = len(observed_codes)
-    counts = np.bincount(observed_codes, minlength=len(law)).astype(float)
-    expected = law * n
-    big = expected >= 5
-    obs, exp = counts[big], expected[big]
-    if not big.all():
-        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
-    exp *= obs.sum() / exp.sum()
-    return float(chisquare(obs, exp).pvalue)
 
 
 @pytest.mark.slow

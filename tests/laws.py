@@ -1,0 +1,49 @@
+"""Exact laws and goodness-of-fit helpers shared by the statistical (χ²) tests of every sampling path."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import chisquare
+
+from bebop.core.sampling import probs_from_logits
+
+P_FALSE_ALARM = 1e-4  # each chi-square test rejects a correct sampler with this probability
+
+
+def prompts_for(tok, n):
+    a, b = tok("Q: 1+2\n")["input_ids"], tok("Q: 12*3-4\n")["input_ids"]
+    return [a if i % 2 == 0 else b for i in range(n)], (a, b)
+
+
+def exact_logprobs(model, prompt, completion, params):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        p = probs_from_logits(model(ids).logits[0, len(prompt) - 1 : -1], params)
+    return p.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).log()
+
+
+def sequence_law(model, prompt, params, length):
+    """Exact probability of every token sequence of ``length`` after ``prompt`` (V**length cells)."""
+    V = model.config.vocab_size
+    law = torch.ones(1)
+    prefixes = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(length):
+            p = probs_from_logits(model(prefixes).logits[:, -1], params)   # [n, V]
+            law = (law[:, None] * p).reshape(-1)
+            prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(p))[:, None]], 1)
+    return law.double().numpy()
+
+
+def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
+    """Chi-square goodness of fit; cells with expected count < 5 are merged into one."""
+    n = len(observed_codes)
+    counts = np.bincount(observed_codes, minlength=len(law)).astype(float)
+    expected = law * n
+    big = expected >= 5
+    obs, exp = counts[big], expected[big]
+    if not big.all():
+        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+    exp *= obs.sum() / exp.sum()
+    return float(chisquare(obs, exp).pvalue)
