@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bebop.experiments.bench_decode import DecodeBenchConfig, bench_decode
-from bebop.models.mtp import load_head
+from bebop.models.checkpoint import load_head
 from bebop.models.policy import load_policy
 
 

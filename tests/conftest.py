@@ -49,7 +49,8 @@ def peaky(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, tiny_tokenizer):
     """A tiny saved policy (``base``) and head (``head``) for CLI runs."""
-    from bebop.models.mtp import MTPHead, save_head
+    from bebop.models.checkpoint import save_head
+    from bebop.models.mtp import MTPHead
     from bebop.models.policy import save_policy
 
     model = build_tiny_policy(tiny_tokenizer)

@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny_policy
 
 from bebop.errors import BebopError
-from bebop.models.mtp import load_head
+from bebop.models.checkpoint import load_head
 from bebop.models.policy import load_policy, save_policy
 from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from bebop.core.sampling import SamplingParams
 from bebop.errors import BebopError
 from bebop.experiments import analysis, plots
-from bebop.models.mtp import MTPHead, save_head
+from bebop.models.checkpoint import save_head
+from bebop.models.mtp import MTPHead
 from bebop.models.policy import save_policy
 from bebop.training.train_mtp import expected_alpha, policy_samples
 

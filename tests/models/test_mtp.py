@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from bebop.errors import BebopError
-from bebop.models.mtp import MTPHead, export_head, hf_mtp_generate, load_head, save_head
+from bebop.models.checkpoint import export_head, load_head, save_head
+from bebop.models.hf_mtp import hf_mtp_generate
+from bebop.models.mtp import MTPHead
 
 H, V, N_BASE = 64, 97, 2
 BLOCK = [

@@ -17,7 +17,8 @@ import torch
 
 from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.errors import BebopError
-from bebop.models.mtp import MTPHead, load_head, save_head
+from bebop.models.checkpoint import load_head, save_head
+from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import RLConfig
 from bebop.rl.rollout import RolloutBatch, RolloutWorker, check_ray_address, merge_batches, snapshot

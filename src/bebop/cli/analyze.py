@@ -20,7 +20,7 @@ S, E = SweepConfig, EntropyConfig
 
 def load_heads(model_dir: Path, mtp_dirs: list[Path]):
     """Policy, tokenizer and ``{name: head}`` (name = the head's directory/file name, or its path if ambiguous)."""
-    from bebop.models.mtp import load_head
+    from bebop.models.checkpoint import load_head
 
     if not mtp_dirs:
         raise BebopError("give at least one --mtp head")

@@ -46,7 +46,7 @@ def parse_gamma(gamma: str) -> int | str:
 
 def load_model_and_head(model_dir: Path, mtp_dir: Path | None):
     """Policy, tokenizer and the MTP head at ``mtp_dir`` in eval mode (None without one)."""
-    from bebop.models.mtp import load_head
+    from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
 
     model, tokenizer = load_policy(model_dir)

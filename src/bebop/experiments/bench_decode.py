@@ -155,7 +155,7 @@ def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, 
 
 def _hf_mtp_rate(run: _Run, batches) -> dict:
     """transformers' own MTP generation at batch 1 (tokens / s), or why it could not run."""
-    from bebop.models.mtp import hf_mtp_generate
+    from bebop.models.hf_mtp import hf_mtp_generate
 
     eos, pad = run.eos_pad
     params = run.params

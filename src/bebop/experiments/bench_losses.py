@@ -18,7 +18,7 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     from dataclasses import replace
     from pathlib import Path
 
-    from bebop.models.mtp import load_head
+    from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
     from bebop.training.train_mtp import TrainMTPConfig, train_mtp, train_warm_head
 

@@ -21,7 +21,8 @@ from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import DecodeMetrics
 from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.errors import BebopError
-from bebop.models.mtp import MTPHead, load_head
+from bebop.models.checkpoint import load_head
+from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy
 from bebop.rl.config import RLConfig, load_reward
 from bebop.tasks import get_task, sample_problems

@@ -28,7 +28,8 @@ from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.core.losses import mtp_loss_from_hidden
 from bebop.errors import BebopError
 from bebop.io import atomic_write
-from bebop.models.mtp import MTPHead, load_head, save_head
+from bebop.models.checkpoint import load_head, save_head
+from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import ONLINE_LOSS, RLConfig
 from bebop.rl.rollout import (

@@ -22,7 +22,8 @@ from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.errors import BebopError
-from bebop.models.mtp import MTPHead, export_head, load_head, save_head
+from bebop.models.checkpoint import export_head, load_head, save_head
+from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy
 from bebop.tasks import get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn, task_env

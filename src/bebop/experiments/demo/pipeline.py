@@ -147,7 +147,7 @@ def _measure_stages(demo: _Demo) -> None:
 
     from bebop.experiments.analysis import entropy_analysis, temperature_sweep
     from bebop.experiments.options import EntropyConfig, SweepConfig
-    from bebop.models.mtp import load_head
+    from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
 
     cfg, out, stages = demo.cfg, demo.out, demo.stages
