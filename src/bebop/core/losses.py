@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bebop.core.acceptance import alpha_rs
 from bebop.errors import BebopError
 
 LOSSES = ("ce", "fkl", "rkl", "tv", "e2e_tv")
@@ -34,7 +35,7 @@ class TotalVariation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         q = torch.softmax(_wide(z), dim=-1)
-        tv = 1.0 - torch.minimum(p, q).sum(-1)
+        tv = 1.0 - alpha_rs(p, q)
         ctx.save_for_backward(z, p)
         return tv
 
@@ -110,7 +111,7 @@ class ChunkedTotalVariation(torch.autograd.Function):
         for i in range(0, hq.shape[0], chunk):
             q = torch.softmax(_wide(hq[i : i + chunk] @ weight.T) / temperature, -1)
             p = torch.softmax(_wide(hp[i : i + chunk] @ weight.T) / temperature, -1)
-            tvs.append(1.0 - torch.minimum(p, q).sum(-1))
+            tvs.append(1.0 - alpha_rs(p, q))
         ctx.save_for_backward(hq, hp, weight)
         ctx.temperature, ctx.chunk = temperature, chunk
         return torch.cat(tvs)

@@ -150,7 +150,7 @@ def entropy(probs: Tensor) -> Tensor:
 
 def total_variation(p: Tensor, q: Tensor) -> Tensor:
     """``TV(p, q) = ½ Σ_v |p(v) − q(v)| = 1 − Σ_v min(p(v), q(v))`` over the last dim (DESIGN §1)."""
-    return 1.0 - torch.minimum(p.float(), q.float()).sum(dim=-1)
+    return 1.0 - alpha_rs(p.float(), q.float())
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
