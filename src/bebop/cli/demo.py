@@ -12,7 +12,8 @@ from bebop.cli.render import console
 
 def demo_cmd(
     out: Annotated[str | None, typer.Option(help="Demo directory (stages are cached here).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="CI smoke preset: a tiny policy, every file written, meaningless numbers.")]
+    quick: Annotated[bool, typer.Option("--quick", help="CI smoke preset: a tiny policy, every file written, "
+                                                        "meaningless numbers.")]
     = False,
     model: Annotated[str | None, typer.Option(help="Reuse this SFT policy directory and skip SFT.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Redo every stage instead of reusing cached outputs.")]
