@@ -282,55 +282,39 @@ def _few(names: Iterable[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + more
 
 
-def load_head(path: str | Path, model: PreTrainedModel) -> MTPHead:
-    """Load an MTP head for ``model`` from a directory or a ``.safetensors`` file.
-
-    Auto-detects the Bebop (``layers.{i}.*``), Qwen3.5 (``mtp.*``) and DeepSeek-V3 (``model.layers.{N}.*``)
-    layouts by key names. Raises :class:`BebopError` naming the problem for a missing path, an unreadable
-    (corrupt/truncated) file, hidden- or vocab-size mismatch with ``model``, or missing/unexpected keys.
-    """
-    path = Path(path)
-    file, dir_info = _resolve(path)
-    tensors, meta_info = _read(file)
-    info = dir_info or meta_info or {}
-    layout = _detect_layout(tensors.keys(), file)
-
-    embed = model.get_input_embeddings()
-    model_vocab, model_hidden = embed.weight.shape
-    if "hidden_size" in info and int(info["hidden_size"]) != model_hidden:
-        raise BebopError(
-            f"MTP checkpoint {file} has hidden size {info['hidden_size']} but the model has hidden size {model_hidden}"
-        )
-    if "vocab_size" in info and int(info["vocab_size"]) != model_vocab:
-        raise BebopError(
-            f"MTP checkpoint {file} was made for vocab size {info['vocab_size']} but the model has vocab size "
-            f"{model_vocab}"
-        )
-
-    own, shared, unexpected = _from_layout(tensors, layout, file)
+def check_sizes(
+    own: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], model: PreTrainedModel, source: str | Path
+) -> None:
+    """Shape checks that name a hidden-size or vocabulary mismatch between a head's tensors (Bebop names, before
+    the block is matched) and ``model``: the shared embedding / LM-head copies, ``eh_proj`` and the MTP norms."""
+    model_vocab, model_hidden = model.get_input_embeddings().weight.shape
     for name, t in shared.items():
         if tuple(t.shape) != (model_vocab, model_hidden):
             raise BebopError(
-                f"MTP checkpoint {file}: shared {name.split('@')[0]} copy has shape {tuple(t.shape)} = "
+                f"MTP checkpoint {source}: shared {name.split('@')[0]} copy has shape {tuple(t.shape)} = "
                 f"(vocab {t.shape[0]}, hidden {t.shape[-1]}) but the model has vocab {model_vocab}, "
                 f"hidden {model_hidden}"
             )
     for name, t in own.items():
         if name.endswith(".eh_proj.weight") and tuple(t.shape) != (model_hidden, 2 * model_hidden):
             raise BebopError(
-                f"MTP checkpoint {file}: {name} has shape {tuple(t.shape)}, i.e. hidden size {t.shape[0]}, "
+                f"MTP checkpoint {source}: {name} has shape {tuple(t.shape)}, i.e. hidden size {t.shape[0]}, "
                 f"but the model has hidden size {model_hidden} (expected {(model_hidden, 2 * model_hidden)})"
             )
         if re.fullmatch(r"layers\.\d+\.(enorm|hnorm|post_norm)\.weight", name) and tuple(t.shape) != (model_hidden,):
             raise BebopError(
-                f"MTP checkpoint {file}: {name} has shape {tuple(t.shape)} but the model has hidden size {model_hidden}"
+                f"MTP checkpoint {source}: {name} has shape {tuple(t.shape)} but the model has hidden size "
+                f"{model_hidden}"
             )
-    if unexpected:
-        raise BebopError(f"unexpected keys in MTP checkpoint {file} ({layout} layout): {_few(unexpected)}")
+
+
+def build_head(own: dict[str, torch.Tensor], model: PreTrainedModel, source: str | Path, layout: str) -> MTPHead:
+    """An :class:`MTPHead` for ``model`` holding ``own`` (a complete Bebop-named state dict), on the model's
+    device and dtype, bound to it. Missing, extra or mis-shaped tensors raise one BebopError naming them."""
     layer_ids = sorted({int(k.split(".")[1]) for k in own})
     if not layer_ids or layer_ids != list(range(len(layer_ids))):
-        raise BebopError(f"MTP checkpoint {file} has non-contiguous MTP layer indices {layer_ids}")
-
+        raise BebopError(f"MTP checkpoint {source} has non-contiguous MTP layer indices {layer_ids}")
+    embed = model.get_input_embeddings()
     decoder = model.get_decoder()
     final_norm = getattr(decoder, "norm", None)
     head = MTPHead(
@@ -348,14 +332,45 @@ def load_head(path: str | Path, model: PreTrainedModel) -> MTPHead:
             parts.append(f"missing keys (Bebop names): {_few(missing)}")
         if extra:
             parts.append(f"unexpected keys (Bebop names): {_few(extra)}")
-        raise BebopError(f"MTP checkpoint {file} ({layout} layout) does not match the model: " + "; ".join(parts))
+        raise BebopError(f"MTP checkpoint {source} ({layout} layout) does not match the model: " + "; ".join(parts))
     for name, t in own.items():
         if t.shape != expected[name].shape:
             raise BebopError(
-                f"MTP checkpoint {file}: {name} has shape {tuple(t.shape)}, the model needs "
+                f"MTP checkpoint {source}: {name} has shape {tuple(t.shape)}, the model needs "
                 f"{tuple(expected[name].shape)}"
             )
     head.load_state_dict(own, strict=True)
     head.to(device=embed.weight.device, dtype=embed.weight.dtype)
     head.bind(model)
     return head
+
+
+def load_head(path: str | Path, model: PreTrainedModel) -> MTPHead:
+    """Load an MTP head for ``model`` from a directory or a ``.safetensors`` file.
+
+    Auto-detects the Bebop (``layers.{i}.*``), Qwen3.5 (``mtp.*``) and DeepSeek-V3 (``model.layers.{N}.*``)
+    layouts by key names. Raises :class:`BebopError` naming the problem for a missing path, an unreadable
+    (corrupt/truncated) file, hidden- or vocab-size mismatch with ``model``, or missing/unexpected keys.
+    """
+    path = Path(path)
+    file, dir_info = _resolve(path)
+    tensors, meta_info = _read(file)
+    info = dir_info or meta_info or {}
+    layout = _detect_layout(tensors.keys(), file)
+
+    model_vocab, model_hidden = model.get_input_embeddings().weight.shape
+    if "hidden_size" in info and int(info["hidden_size"]) != model_hidden:
+        raise BebopError(
+            f"MTP checkpoint {file} has hidden size {info['hidden_size']} but the model has hidden size {model_hidden}"
+        )
+    if "vocab_size" in info and int(info["vocab_size"]) != model_vocab:
+        raise BebopError(
+            f"MTP checkpoint {file} was made for vocab size {info['vocab_size']} but the model has vocab size "
+            f"{model_vocab}"
+        )
+
+    own, shared, unexpected = _from_layout(tensors, layout, file)
+    check_sizes(own, shared, model, file)
+    if unexpected:
+        raise BebopError(f"unexpected keys in MTP checkpoint {file} ({layout} layout): {_few(unexpected)}")
+    return build_head(own, model, file, layout)

@@ -107,6 +107,19 @@ def _classes_for_config(config: PretrainedConfig) -> tuple[type[nn.Module], type
     return pick("DecoderLayer"), pick("RMSNorm")
 
 
+def _warm_source(layers: nn.ModuleList, block: nn.Module) -> nn.Module:
+    """The last base decoder layer with exactly the MTP block's parameters (names and shapes): a hybrid model's
+    linear-attention layers or a dense layer of an MoE model cannot seed a full-attention MoE block."""
+    want = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    for layer in reversed(layers):
+        if {k: tuple(v.shape) for k, v in layer.state_dict().items()} == want:
+            return layer
+    raise BebopError(
+        f"no decoder layer of the base model has the MTP block's parameters ({type(block).__name__}, "
+        f"{len(want)} tensors); cannot warm-start the head from the base model"
+    )
+
+
 class MTPHead(nn.Module):
     """DESIGN §2 MTP head: ``num_layers`` ``transformers.modeling_layers.MtpLayer`` s on a base causal LM.
 
@@ -150,36 +163,44 @@ class MTPHead(nn.Module):
     # ---------------------------------------------------------------- construction / binding
     @torch.no_grad()
     def _init_weights(self) -> None:
+        """Random init of a head built from scratch: every matrix (linear weights, routed-expert tensors, router
+        weights) ~ N(0, initializer_range), linear biases 0. Norms keep their class's own init — ones for the x·w
+        RMSNorms, zeros for the zero-centred x·(1+w) RMSNorms of Qwen3.5 / Qwen3-Next — since "scale 1" is a
+        different number in the two conventions. The decoder-layer classes leave expert tensors uninitialised
+        (torch.empty), so they must be filled here."""
         std = float(getattr(self.config, "initializer_range", 0.02))
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif module is not self and "norm" in type(module).__name__.lower():
-                if getattr(module, "weight", None) is not None:
-                    module.weight.fill_(1.0)
+            if module is self or "norm" in type(module).__name__.lower():
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if param.dim() >= 2:
+                    param.normal_(0.0, std)
+                elif isinstance(module, nn.Linear) and name == "bias":
+                    param.zero_()
 
     @classmethod
     def from_base(cls, model: PreTrainedModel, num_layers: int = 1) -> MTPHead:
         """Build a head for ``model``, warm-started, on the model's device/dtype, and bind it.
 
-        Warm start: every ``mtp_block`` = a copy of the base model's LAST decoder layer; ``eh_proj`` =
+        Warm start: every ``mtp_block`` = a copy of the base model's last decoder layer of the same kind (for
+        hybrids, the last full-attention layer; for MoE models, the last MoE layer); ``eh_proj`` =
         ``[N(0, initializer_range) | I]`` so that ``h_in ~= hnorm(h)`` starts on the hidden-state path while the
-        embedding half still gets gradients; ``enorm``/``hnorm`` = ones; ``post_norm`` = a copy of the base
-        model's final norm, so ``logits(head(...))`` starts on the same scale as the base model's logits.
+        embedding half still gets gradients; ``enorm``/``hnorm`` = scale 1 in the norm class's own convention;
+        ``post_norm`` = a copy of the base model's final norm (same class, so the same convention), so
+        ``logits(head(...))`` starts on the same scale as the base model's logits.
         """
         decoder = model.get_decoder()
         last = decoder.layers[-1]
         final_norm = getattr(decoder, "norm", None)
         norm_cls = type(final_norm) if final_norm is not None else None
         head = cls(model.config, num_layers, decoder_layer_cls=type(last), norm_cls=norm_cls)
+        source = _warm_source(decoder.layers, head.layers[0].mtp_block)
         ref = model.get_input_embeddings().weight
         head.to(device=ref.device, dtype=ref.dtype)
         h = head.hidden_size
         with torch.no_grad():
             for layer in head.layers:
-                layer.mtp_block.load_state_dict(last.state_dict())
+                layer.mtp_block.load_state_dict(source.state_dict())
                 w = layer.eh_proj.weight
                 w[:, :h].normal_(0.0, float(getattr(head.config, "initializer_range", 0.02)))
                 w[:, h:].copy_(torch.eye(h, dtype=w.dtype, device=w.device))
