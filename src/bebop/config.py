@@ -78,3 +78,26 @@ def check_gamma(value: int, name: str = "gamma") -> int:
     if value < 1:
         raise BebopError(f"{name} must be >= 1, got {value}")
     return value
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:<i>")
+"""Accepted ``--device`` values: ``auto`` = CUDA when available, else CPU."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Accepted ``--dtype`` values: ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+
+
+def check_device(spec: str) -> str:
+    """The ``--device`` string if it is one of :data:`DEVICES` (``cuda:<i>`` with an integer i), else a BebopError
+    naming it. Pure string check, so configs validate without importing torch; whether CUDA exists is checked
+    when the device is resolved (``bebop.models.device.resolve_device``)."""
+    head, _, index = str(spec).partition(":")
+    if spec in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return spec
+    raise BebopError(f"unknown device {spec!r}; choose one of: {', '.join(DEVICES)}")
+
+
+def check_dtype(spec: str) -> str:
+    """The ``--dtype`` string if it is one of :data:`DTYPES`, else a BebopError naming it and the choices."""
+    if spec in DTYPES:
+        return spec
+    raise BebopError(f"unknown dtype {spec!r}; choose one of: {', '.join(DTYPES)}")

@@ -10,21 +10,32 @@ from typing import Annotated
 import typer
 
 from bebop.cli.generate import load_model_and_head
-from bebop.cli.options import JsonOpt, MtpListOpt
-from bebop.cli.render import console, entropy_table, print_dict, sweep_fits, sweep_table, write_json, wrote
+from bebop.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MtpListOpt
+from bebop.cli.render import (
+    announce_paths,
+    console,
+    entropy_table,
+    print_dict,
+    sweep_fits,
+    sweep_table,
+    write_json,
+    wrote,
+)
 from bebop.errors import BebopError
 from bebop.experiments.options import EntropyConfig, SweepConfig
 
 S, E = SweepConfig, EntropyConfig
 
 
-def load_heads(model_dir: Path, mtp_dirs: list[Path]):
-    """Policy, tokenizer and ``{name: head}`` (name = the head's directory/file name, or its path if ambiguous)."""
+def load_heads(model_dir: Path, mtp_dirs: list[Path], device: str = "auto", dtype: str = "auto"):
+    """Policy, tokenizer and ``{name: head}`` (name = the head's directory/file name, or its path if ambiguous),
+    on ``device`` in ``dtype``."""
     from bebop.models.checkpoint import load_head
 
     if not mtp_dirs:
         raise BebopError("give at least one --mtp head")
-    model, tokenizer, _ = load_model_and_head(model_dir, None)
+    announce_paths()
+    model, tokenizer, _ = load_model_and_head(model_dir, None, device, dtype)
     names = [p.stem if p.suffix == ".safetensors" else p.name for p in mtp_dirs]
     if len(set(names)) < len(names):
         names = [str(p) for p in mtp_dirs]
@@ -55,14 +66,16 @@ def sweep_cmd(
     plot: Annotated[Path | None, typer.Option(help="Write the RS-vs-TO-over-τ PNG here.")] = None,
     entropy_plot: Annotated[Path | None, typer.Option(help="Write accept length vs entropy (one point per τ, "
                                                            "fitted lines) here.")] = None,
+    device: DeviceOpt = S.device,
+    dtype: DtypeOpt = S.dtype,
 ) -> None:
     """RS vs TO acceptance of each head over a temperature sweep, measured through the engine; accept length
     is fitted against the policy's mean entropy over τ."""
     from bebop.experiments.analysis import sweep_series, temperature_sweep
 
     cfg = SweepConfig(task=task, temperatures=_floats("--temperatures", temperatures), gamma=gamma, prompts=prompts,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
-    the_model, tokenizer, heads = load_heads(model, mtp)
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, device=device, dtype=dtype)
+    the_model, tokenizer, heads = load_heads(model, mtp, cfg.device, cfg.dtype)
     res = temperature_sweep(the_model, tokenizer, heads, cfg)
     console.print(sweep_table(res, f"analyze sweep: {task}, γ={gamma}, {prompts} prompts (accept length incl. "
                                    "bonus)"))
@@ -94,14 +107,16 @@ def entropy_cmd(
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = E.seed,
     json_path: JsonOpt = None,
     plot: Annotated[Path | None, typer.Option(help="Write the entropy-vs-accept-length PNG here.")] = None,
+    device: DeviceOpt = E.device,
+    dtype: DtypeOpt = E.dtype,
 ) -> None:
     """Per-token entropy buckets: RS/TO acceptance and accept length vs H(p), fitted slopes, and the
     RS-vs-TO decision-boundary check TV(p,q) < 1 − p(argmax q)."""
     from bebop.experiments.analysis import entropy_analysis, entropy_series
 
     cfg = EntropyConfig(task=task, samples=samples, temperature=temperature, gamma=gamma, buckets=buckets,
-                        max_new_tokens=max_new_tokens, seed=seed)
-    the_model, tokenizer, heads = load_heads(model, mtp)
+                        max_new_tokens=max_new_tokens, seed=seed, device=device, dtype=dtype)
+    the_model, tokenizer, heads = load_heads(model, mtp, cfg.device, cfg.dtype)
     res = entropy_analysis(the_model, tokenizer, heads, cfg)
     console.print(entropy_table(res, f"analyze entropy: {task}, τ={temperature}, γ={gamma} (per-token fits vs "
                                      "H(p_1))"))

@@ -13,8 +13,16 @@ from typing import Annotated
 import typer
 
 from bebop.cli.generate import load_model_and_head, parse_gamma
-from bebop.cli.options import ConfigOpt, JsonOpt
-from bebop.cli.render import adaptive_table, console, decode_table, losses_table, rl_bench_table, write_json
+from bebop.cli.options import ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, TomlDeviceOpt, TomlDtypeOpt, TrainDtypeOpt
+from bebop.cli.render import (
+    adaptive_table,
+    announce_paths,
+    console,
+    decode_table,
+    losses_table,
+    rl_bench_table,
+    write_json,
+)
 from bebop.errors import BebopError
 from bebop.experiments.options import DecodeBenchConfig, LossBenchConfig
 
@@ -46,22 +54,27 @@ def bench_decode_cmd(
     threads: Annotated[int, typer.Option(help="torch intra-op threads for the benchmark (1: steadiest on a shared "
                                               "machine).")] = D.threads,
     json_path: JsonOpt = None,
+    device: DeviceOpt = D.device,
+    dtype: DtypeOpt = D.dtype,
 ) -> None:
     """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
     γ — measured side by side in one run."""
+    from bebop.engine.forwards import decoding_path
     from bebop.experiments.bench_decode import bench_decode
 
     cfg = DecodeBenchConfig(task=task, gamma=parse_gamma(gamma), rule=rule, gamma_max=gamma_max,
                             temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
                             max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed,
-                            threads=threads)
-    the_model, tokenizer, head = load_model_and_head(model, mtp)
+                            threads=threads, device=device, dtype=dtype)
+    announce_paths()
+    the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
     results = bench_decode(the_model, tokenizer, head, cfg)
     if cfg.gamma == "auto":
         console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
     else:
         console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"))
-    write_json(json_path, {"config": asdict(cfg), "results": results})
+    write_json(json_path, {"config": asdict(cfg), "backend": decoding_path(the_model, head).backend,
+                           "results": results})
 
 
 def bench_losses_cmd(
@@ -78,13 +91,16 @@ def bench_losses_cmd(
     eval_prompts: Annotated[int, typer.Option(help="Held-out prompts per measurement.")] = L.eval_prompts,
     seed: Annotated[int, typer.Option(help="Seed (data, training, measurement).")] = L.seed,
     json_path: JsonOpt = None,
+    device: DeviceOpt = L.device,
+    dtype: TrainDtypeOpt = L.dtype,
 ) -> None:
     """Train one head per loss on identical data/steps/seeds, then measure RS and TO acceptance."""
     from bebop.experiments.bench_losses import bench_losses
 
     cfg = LossBenchConfig(task=task, losses=tuple(x.strip() for x in losses.split(",") if x.strip()), gamma=gamma,
                           gamma_train=gamma_train, steps=steps, lr=lr, data_samples=data_samples, init=init,
-                          eval_prompts=eval_prompts, seed=seed, out=str(out))
+                          eval_prompts=eval_prompts, seed=seed, out=str(out), device=device, dtype=dtype)
+    announce_paths()
     results = bench_losses(str(model), cfg.out, cfg)
     console.print(losses_table(results, f"bench losses: {task}, γ={gamma}, {steps} steps each"))
     write_json(json_path, results)  # {"<loss>": {"alpha_rs": [...], ...}}
@@ -108,16 +124,20 @@ def bench_rl_cmd(
     rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (same for every method).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results JSON here.")] = None,
+    device: TomlDeviceOpt = None,
+    dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Short GRPO runs per rollout method, side by side: step time, rollout time, accept-length drift, accuracy."""
     from bebop.config import make_config
     from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
 
+    announce_paths()
     cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
                       methods=methods, steps=steps, eval_samples=eval_samples, async_rollouts=async_rollouts,
                       **{"rl.prompts_per_step": prompts_per_step, "rl.group_size": group_size, "rl.lr": lr,
-                         "rl.rollout_batch": rollout_batch, "rl.seed": seed})
+                         "rl.rollout_batch": rollout_batch, "rl.seed": seed, "rl.device": device,
+                         "rl.dtype": dtype})
     cfg.method_list()
     results = bench_rl(cfg, console=console)
     console.print(rl_bench_table(results, f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)"))

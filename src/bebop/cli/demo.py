@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import ConfigOpt
-from bebop.cli.render import console
+from bebop.cli.options import ConfigOpt, TomlDeviceOpt, TomlDtypeOpt
+from bebop.cli.render import announce_paths, console
 
 
 def demo_cmd(
@@ -18,6 +18,8 @@ def demo_cmd(
     model: Annotated[str | None, typer.Option(help="Reuse this SFT policy directory and skip SFT.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Redo every stage instead of reusing cached outputs.")]
     = False,
+    device: TomlDeviceOpt = None,
+    dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """SFT policy → MTP heads (CE, e2e TV) → τ sweep → entropy analysis → short RL runs → report.md, plots and
@@ -27,5 +29,7 @@ def demo_cmd(
 
     file_keys = set(read_toml(config)) if config is not None else set()
     preset = {k: v for k, v in QUICK.items() if k not in file_keys} if quick else {}  # the file wins over --quick
-    cfg = make_config(DemoConfig, config, **preset, out=out, model=model, fresh=fresh or None)
+    announce_paths()
+    cfg = make_config(DemoConfig, config, **preset, out=out, model=model, fresh=fresh or None, device=device,
+                      dtype=dtype)
     run_demo(cfg, console=console)

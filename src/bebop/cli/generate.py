@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.render import console, print_dict
+from bebop.cli.options import DeviceOpt, DtypeOpt
+from bebop.cli.render import announce_paths, console, print_dict
 from bebop.config import check_gamma
 from bebop.errors import BebopError
 
@@ -28,6 +29,9 @@ class GenerateConfig:
     rule: str = "rejection"
     max_new_tokens: int = 96
     seed: int = 0
+    backend: str = "auto"             # auto (lean when supported) | lean (an error when not) | transformers
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 G = GenerateConfig
@@ -44,12 +48,13 @@ def parse_gamma(gamma: str) -> int | str:
     return check_gamma(g)
 
 
-def load_model_and_head(model_dir: Path, mtp_dir: Path | None):
-    """Policy, tokenizer and the MTP head at ``mtp_dir`` in eval mode (None without one)."""
+def load_model_and_head(model_dir: Path, mtp_dir: Path | None, device: str = "auto", dtype: str = "auto"):
+    """Policy, tokenizer and the MTP head at ``mtp_dir`` in eval mode (None without one), on ``device`` in
+    ``dtype`` (the head follows the policy's device and dtype)."""
     from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
 
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, device, dtype)
     head = load_head(mtp_dir, model).eval() if mtp_dir is not None else None
     return model, tokenizer, head
 
@@ -68,10 +73,16 @@ def generate_cmd(
     rule: Annotated[str, typer.Option(help="rejection, target_only, greedy or auto (RS or TO per row).")] = G.rule,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = G.max_new_tokens,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = G.seed,
+    backend: Annotated[str, typer.Option(help="Forwards: auto (the lean path when the model supports it, else "
+                                              "transformers' modules), lean (an error when unsupported) or "
+                                              "transformers.")] = G.backend,
+    device: DeviceOpt = G.device,
+    dtype: DtypeOpt = G.dtype,
 ) -> None:
     """Sample completions (plain, or MTP draft→verify with --mtp) and print them with decode metrics."""
+    announce_paths()
     cfg = GenerateConfig(task=task, n=n, temperature=temperature, top_k=top_k, top_p=top_p, gamma=gamma, rule=rule,
-                         max_new_tokens=max_new_tokens, seed=seed)
+                         max_new_tokens=max_new_tokens, seed=seed, backend=backend, device=device, dtype=dtype)
     texts, completions, metrics = run_generate(model, mtp, prompt, cfg)
     for t, c in zip(texts, completions, strict=True):
         console.print(f"[bold]{t.strip()}[/]\n{c}\n", highlight=False)
@@ -85,22 +96,27 @@ def run_generate(model_dir: Path, mtp_dir: Path | None, prompt: list[str] | None
 
     from bebop.core.sampling import SamplingParams
     from bebop.engine.decode import DecodeConfig, generate, generate_mtp
+    from bebop.engine.forwards import BACKENDS, decoding_path
     from bebop.experimental.adaptive import as_policy, calibrate
     from bebop.tasks import get_task, sample_problems
 
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     g = parse_gamma(cfg.gamma)
-    model, tokenizer, head = load_model_and_head(model_dir, mtp_dir)
+    if cfg.backend not in BACKENDS:
+        raise BebopError(f"unknown backend {cfg.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    model, tokenizer, head = load_model_and_head(model_dir, mtp_dir, cfg.device, cfg.dtype)
+    path = decoding_path(model, head, cfg.backend)     # backend "lean" on an unsupported model fails here
     texts = prompt or [p.prompt for p in sample_problems(get_task(cfg.task), cfg.n, cfg.seed)]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if head is None:
-        r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen)
+        r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen, backend=cfg.backend)
     else:
         if g == "auto":
-            g = calibrate(model, head, [prompts], DecodeConfig(params, cfg.max_new_tokens, eos, pad_id=pad),
-                          AUTO_GAMMA_MAX, cfg.seed, repeats=1)
+            dc = DecodeConfig(params, cfg.max_new_tokens, eos, pad_id=pad, backend=cfg.backend)
+            g = calibrate(model, head, [prompts], dc, AUTO_GAMMA_MAX, cfg.seed, repeats=1)
         r = generate_mtp(model, head, prompts, params, cfg.max_new_tokens, eos, as_policy(g, cfg.rule), cfg.rule,
-                         pad, gen)
-    return texts, tokenizer.batch_decode(r.completions(), skip_special_tokens=True), r.metrics.to_dict()
+                         pad, gen, backend=cfg.backend)
+    metrics = {**r.metrics.to_dict(), "backend": path.backend}
+    return texts, tokenizer.batch_decode(r.completions(), skip_special_tokens=True), metrics

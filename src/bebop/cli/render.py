@@ -184,3 +184,12 @@ def entropy_table(res: Mapping, title: str) -> Table:
                          fmt(fit["intercept"]), fmt(fit["r"]), slopes, fmt(boundary["agreement"], ".4f"),
                          fmt(boundary["rs_wins"])))
     return table(title, cols, rows)
+
+
+def announce_paths() -> None:
+    """From now on, print once which forward path decodes (lean or transformers', with dtype and device): the
+    engine says so when decoding starts (``bebop.engine.forwards.report_paths``). Every model command calls this
+    first, so nothing runs on a slower path unannounced."""
+    from bebop.engine.forwards import report_paths
+
+    report_paths(lambda line: console.print(line, highlight=False))

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import ConfigOpt
-from bebop.cli.render import console, print_dict
+from bebop.cli.options import ConfigOpt, TomlDeviceOpt, TomlDtypeOpt
+from bebop.cli.render import announce_paths, console, print_dict
 from bebop.errors import BebopError
 
 
@@ -42,6 +42,8 @@ def rl_cmd(
     reward: Annotated[str | None, typer.Option(help="Reward function 'module:function' (default: the task's).")]
     = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    device: TomlDeviceOpt = None,
+    dtype: TomlDtypeOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory from its checkpoint.")]
     = None,
     config: ConfigOpt = None,
@@ -51,6 +53,7 @@ def rl_cmd(
     from bebop.rl.config import RLConfig
     from bebop.rl.trainer import train_rl
 
+    announce_paths()
     if resume is not None:
         saved = resume / "rl_config.json"
         if not saved.is_file():
@@ -63,7 +66,7 @@ def rl_cmd(
             temperature=temperature, lr=lr, rollout_batch=rollout_batch, kl_coef=kl_coef, async_rollouts=async_rollouts,
             max_staleness=max_staleness, online_every=online_every, backend=backend, ray_address=ray_address,
             ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
-            seed=seed,
+            seed=seed, device=device, dtype=dtype,
         )
     summary = train_rl(cfg, resume=resume is not None, console=console)
     print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import ConfigOpt
-from bebop.cli.render import console, print_dict
+from bebop.cli.options import ConfigOpt, DeviceOpt, DtypeOpt, TomlDeviceOpt, TomlDtypeOpt
+from bebop.cli.render import announce_paths, console, print_dict
 from bebop.training.options import EvalConfig
 
 E = EvalConfig
@@ -32,22 +32,25 @@ def sft(
     heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
     kv_heads: Annotated[int | None, typer.Option(help="Key/value heads.")] = None,
     intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
+    device: TomlDeviceOpt = None,
+    dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a tiny Qwen3 policy from scratch on a task's reference solutions (SFT)."""
     from bebop.config import make_config
     from bebop.training.sft import SFTConfig, train_sft
 
+    announce_paths()
     cfg = make_config(
         SFTConfig, config, task=task, out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        max_minutes=max_minutes, eval_samples=eval_samples, **{
+        max_minutes=max_minutes, eval_samples=eval_samples, device=device, dtype=dtype, **{
             "model.num_layers": layers, "model.hidden_size": hidden, "model.num_heads": heads,
             "model.num_kv_heads": kv_heads, "model.intermediate_size": intermediate,
         },
     )
     summary = train_sft(cfg)
     console.print(f"saved policy to [bold]{cfg.out}[/] after {summary['steps']} steps "
-                  f"in {summary['train_seconds']:.0f}s")
+                  f"in {summary['train_seconds']:.0f}s ({summary['dtype']} compute on {summary['device']})")
     if "eval" in summary:
         print_dict(f"eval {cfg.task}", summary["eval"])
 
@@ -60,16 +63,23 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = E.max_new_tokens,
     seed: Annotated[int, typer.Option(help="Seed of problems and sampling.")] = E.seed,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON and write it to DIR/eval_<task>.json.")] = False,
+    device: DeviceOpt = E.device,
+    dtype: DtypeOpt = E.dtype,
 ) -> None:
     """Accuracy (sampled and greedy) and mean per-token entropy of a policy on a task."""
+    from bebop.engine.forwards import decoding_path
     from bebop.models.policy import load_policy
     from bebop.tasks import get_task
     from bebop.training.evaluate import evaluate
 
-    cfg = EvalConfig(task=task, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    model, tokenizer = load_policy(model_dir)
+    cfg = EvalConfig(task=task, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                     device=device, dtype=dtype)
+    if not json_out:
+        announce_paths()
+    model, tokenizer = load_policy(model_dir, cfg.device, cfg.dtype)
     res = evaluate(model, tokenizer, get_task(cfg.task), samples=cfg.samples, temperature=cfg.temperature,
                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    res["backend"] = decoding_path(model).backend
     if json_out:
         (model_dir / f"eval_{task}.json").write_text(json.dumps(res, indent=2))
         print(json.dumps(res))
@@ -90,15 +100,18 @@ def train_mtp_cmd(
     data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     init: Annotated[str | None, typer.Option(help="Start from this head instead of the warm start.")] = None,
+    device: TomlDeviceOpt = None,
+    dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
     from bebop.config import make_config
     from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
+    announce_paths()
     cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
                       steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                      data_samples=data_samples, seed=seed, init=init)
+                      data_samples=data_samples, seed=seed, init=init, device=device, dtype=dtype)
     summary = train_mtp(cfg)
     console.print(f"saved head to [bold]{cfg.out}[/] (bebop, qwen3_5 and deepseek_v3 layouts)")
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})

@@ -2,10 +2,12 @@
 
 Both plain and MTP decoding run the target (and the head) through the same backend — ``bebop.models.lean``
 (static KV slots written in place, fused projections over the model's own weights, same math as transformers)
-when the model is a supported Qwen3 decoder and ``backend="auto"``, transformers' own modules with a
-``DynamicCache`` otherwise (``backend="transformers"``). Plain and MTP decoding are thus always compared on
-equal forwards. Target and head caches share one slot layout (head slot s pairs with target slot s), so one
-validity mask serves both.
+when the model is a supported Qwen3 decoder and ``backend="auto"`` or ``"lean"``, transformers' own modules
+with a ``DynamicCache`` otherwise (``backend="transformers"``, or ``"auto"`` on any other model). ``"lean"`` on a
+model the lean path does not cover is an error, never a quiet fallback; which path runs is said once per command
+(:func:`decoding_path`, :func:`report_paths`). Plain and MTP decoding are thus always compared on equal forwards.
+Target and head caches share one slot layout (head slot s pairs with target slot s), so one validity mask
+serves both.
 
 A head of L > 1 layers drafts step k with layer (k−1) mod L, the layer ``MTPHead.unroll`` trains for step k.
 Only layer 0 reads the accepted tokens (prefill and catch-up); layer j > 0 has no context from earlier
@@ -28,7 +30,84 @@ from transformers import DynamicCache, PreTrainedModel
 from bebop.errors import BebopError
 from bebop.models.lean import StaticKV, lean_decoder, lean_head
 
-BACKENDS = ("auto", "transformers")
+BACKENDS = ("auto", "lean", "transformers")
+LEAN, TRANSFORMERS = "lean", "transformers"
+
+
+@dataclass(frozen=True)
+class DecodingPath:
+    """Which forwards decode a model: ``backend`` is ``"lean"`` or ``"transformers"``; ``reason`` says why
+    transformers' modules run (empty on the lean path); ``head_reason`` says why the MTP head runs through
+    transformers' modules while the target is lean (empty otherwise); ``model_type``, ``device`` and ``dtype``
+    describe the model."""
+
+    backend: str
+    model_type: str
+    device: str
+    dtype: str
+    reason: str = ""
+    head_reason: str = ""
+
+    @property
+    def line(self) -> str:
+        """One console line: ``decoding with the lean path (Qwen3, float32 on cpu)`` or ``decoding with
+        transformers' modules (model_type llama: the lean path supports only Qwen3 decoders; …)``."""
+        where = f"{self.dtype} on {self.device}"
+        if self.backend == LEAN:
+            text = f"decoding with the lean path (Qwen3, {where})"
+            return text + (f"; the MTP head runs through transformers' modules ({self.head_reason})"
+                           if self.head_reason else "")
+        return f"decoding with transformers' modules ({self.reason}; {where})"
+
+
+_REPORTER: list = [None, set()]   # [callable receiving each new path line, or None; the lines already said]
+
+
+def report_paths(say: Callable[[str], None] | None) -> None:
+    """Route the one-line notice of which path decodes (:attr:`DecodingPath.line`) to ``say`` (e.g. the CLI's
+    console), once per distinct line from now on; ``None`` silences it. A command calls this when it starts."""
+    _REPORTER[0], _REPORTER[1] = say, set()
+
+
+def _announce(path: DecodingPath) -> None:
+    say, said = _REPORTER
+    if say is not None and path.line not in said:
+        said.add(path.line)
+        say(path.line)
+
+
+def _why_not_lean(model: PreTrainedModel) -> str:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type != "qwen3":
+        return f"model_type {model_type}: the lean path supports only Qwen3 decoders"
+    return ("model_type qwen3 with options the lean path does not cover (it needs SiLU MLPs without biases, full "
+            "attention, Qwen3 RMSNorms and default RoPE)")
+
+
+def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
+    """The :class:`DecodingPath` of ``forwards`` given the lean decoder it got (None when not lean)."""
+    if backend not in BACKENDS:
+        raise BebopError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    weight = model.get_input_embeddings().weight
+    desc = dict(model_type=str(getattr(model.config, "model_type", type(model).__name__)),
+                device=str(weight.device), dtype=str(weight.dtype).removeprefix("torch."))
+    if lean is None:
+        reason = "backend 'transformers' asked for" if backend == TRANSFORMERS else _why_not_lean(model)
+        if backend == LEAN:
+            raise BebopError(f"backend 'lean' asked for, but {reason}; use backend 'auto' or 'transformers'")
+        return DecodingPath(TRANSFORMERS, reason=reason, **desc)
+    head_reason = ""
+    if head is not None and lean_head(head, model, lean) is None:
+        head_reason = "its layers are not the Qwen3 layers the lean path covers"
+        if backend == LEAN:
+            raise BebopError(f"backend 'lean' asked for, but the MTP head cannot use it: {head_reason}")
+    return DecodingPath(LEAN, head_reason=head_reason, **desc)
+
+
+def decoding_path(model: PreTrainedModel, head=None, backend: str = "auto") -> DecodingPath:
+    """Which path :func:`forwards` takes for ``model`` (and ``head``) under ``backend``, without building caches.
+    ``backend="lean"`` on a model (or head) the lean path does not cover raises a BebopError saying why."""
+    return _path(model, head, backend, lean_decoder(model) if backend in ("auto", LEAN) else None)
 
 
 @dataclass
@@ -44,6 +123,7 @@ class Forwards:
     lm_head: Callable[[Tensor], Tensor]
     select: Callable[[Tensor], None]
     layers: int = 1
+    path: DecodingPath | None = None
 
 
 def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch.Tensor:
@@ -109,10 +189,11 @@ def _drafter(model: PreTrainedModel, head, lean, batch: int, capacity: int):
 
 def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: str = "auto") -> Forwards:
     """The target's (and the head's) forwards for ``batch`` rows (module doc); ``capacity`` is a first
-    allocation (lean caches grow on demand)."""
-    if backend not in BACKENDS:
-        raise BebopError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    lean = lean_decoder(model) if backend == "auto" else None
+    allocation (lean caches grow on demand). ``backend``: ``"auto"`` (lean when supported, else transformers'),
+    ``"lean"`` (an error when unsupported) or ``"transformers"``; the path taken is announced (module doc)."""
+    lean = lean_decoder(model) if backend in ("auto", LEAN) else None
+    path = _path(model, head, backend, lean)
+    _announce(path)
     if lean is not None:
         tcache = lean.new_cache(batch, capacity)
 
@@ -140,7 +221,7 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: s
                 c.batch_select_indices(rows)
 
     layers = head.num_layers if head is not None else 1
-    return Forwards(target, drafter, _lm_head(model, lean), select, layers)
+    return Forwards(target, drafter, _lm_head(model, lean), select, layers, path)
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -14,7 +14,8 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     each through the engine under RS and TO at every temperature in ``cfg.temperatures`` on held-out prompts.
     The shared head is ``cfg.init`` or else a forward-KL warm start trained once into ``out_dir/warm_start``:
     TV-type gradients vanish far from p (DESIGN §4), so from random heads the ranking would measure distance
-    from initialisation rather than the loss."""
+    from initialisation rather than the loss. Heads train and are measured on ``cfg.device`` in ``cfg.dtype``
+    (``bebop.models.device``)."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -22,9 +23,9 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     from bebop.models.policy import load_policy
     from bebop.training.train_mtp import TrainMTPConfig, train_mtp, train_warm_head
 
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, cfg.device, cfg.dtype)
     base = TrainMTPConfig(model=model_dir, task=cfg.task, gamma_train=cfg.gamma_train, steps=cfg.steps, lr=cfg.lr,
-                          data_samples=cfg.data_samples, seed=cfg.seed)
+                          data_samples=cfg.data_samples, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
     init = cfg.init
     if init is None:
         init = str(Path(out_dir) / "warm_start")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bebop.config import check_gamma, positive
+from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
 from bebop.experiments.names import DEFAULT_TEMPERATURES
 from bebop.tasks import get_task
@@ -29,12 +29,16 @@ class DecodeBenchConfig:
     num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
     threads: int = 1                # torch intra-op threads for the whole benchmark (restored afterwards)
+    device: str = "auto"            # where the policy and head run (auto: CUDA when available)
+    dtype: str = "auto"             # their weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)
 
     def __post_init__(self) -> None:
         from bebop.core.sampling import RULES, SamplingParams
         from bebop.experimental.adaptive import AUTO
 
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         SamplingParams(temperature=self.temperature)
         if self.gamma != AUTO:
             check_gamma(self.gamma)
@@ -68,11 +72,15 @@ class LossBenchConfig:
     max_new_tokens: int = 64
     seed: int = 0
     out: str = "runs/bench_losses"       # one head directory per loss
+    device: str = "auto"                 # where the policy and heads train and run (auto: CUDA when available)
+    dtype: str = "auto"                  # compute dtype (auto: bfloat16 on CUDA, float32 on CPU)
 
     def __post_init__(self) -> None:
         from bebop.core.losses import LOSSES
 
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         self.losses = tuple(self.losses)
         bad = [x for x in self.losses if x not in LOSSES]
         if bad or not self.losses:
@@ -92,11 +100,15 @@ class SweepConfig:
     batch_size: int = 32
     max_new_tokens: int = 64
     seed: int = 0
+    device: str = "auto"              # where the policy and heads run (auto: CUDA when available)
+    dtype: str = "auto"               # their weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)
 
     def __post_init__(self) -> None:
         from bebop.core.sampling import SamplingParams
 
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         self.temperatures = tuple(float(t) for t in self.temperatures)
         if not self.temperatures:
             raise BebopError("the temperature sweep needs at least one temperature")
@@ -119,11 +131,15 @@ class EntropyConfig:
     max_new_tokens: int = 96
     seed: int = 0
     batch_size: int = 64
+    device: str = "auto"              # where the policy and heads run (auto: CUDA when available)
+    dtype: str = "auto"               # their weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)
 
     def __post_init__(self) -> None:
         from bebop.core.sampling import SamplingParams
 
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         SamplingParams(temperature=self.temperature)
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for the entropy analysis, got {self.temperature}")

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Q
 from bebop.config import positive
 from bebop.errors import BebopError
 from bebop.io import atomic_dir
+from bebop.models.device import resolve_device, resolve_dtype
 
 
 @dataclass
@@ -59,9 +60,13 @@ def build_policy(cfg: ModelConfig, tokenizer) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config)
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a causal-LM directory; clear errors for missing or corrupt files."""
+def load_policy(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
+    """Load ``(model, tokenizer)`` from a causal-LM directory onto ``device`` in ``dtype`` (``auto``: CUDA in
+    bfloat16 when available, else the CPU in float32; see ``bebop.models.device``), in eval mode; clear errors
+    for missing or corrupt files and for a device or dtype that cannot be used (checked before reading weights)."""
     path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     if not path.is_dir():
         raise BebopError(f"model directory not found: {path}")
     for required in ("config.json", "tokenizer.json"):
@@ -73,7 +78,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         raise BebopError(f"corrupt config.json in {path}: {e}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BebopError(f"cannot load model from {path}: {msg}") from None
@@ -84,7 +89,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.to(dev).eval(), tokenizer
 
 
 def save_policy(model: PreTrainedModel, tokenizer, out: str | Path) -> None:

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bebop.config import check_gamma, positive
+from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
 from bebop.tasks import Problem, get_task
 
@@ -35,6 +35,18 @@ def load_reward(task_name: str, reward: str | None) -> Callable[[Problem, str], 
 
 
 ONLINE_LOSS = {"online-ce": "ce", "online-tv": "e2e_tv"}
+
+
+def _concrete_device(device: str, dtype: str) -> str:
+    """``device`` with ``auto`` resolved to ``cpu`` / ``cuda`` (the trainer and the rollout workers place tensors
+    with it), after checking that it exists and that ``dtype`` can run on it (float16 cannot on the CPU)."""
+    from bebop.models.device import resolve_device, resolve_dtype
+
+    check_device(device)
+    check_dtype(dtype)
+    resolved = resolve_device(device)
+    resolve_dtype(dtype, resolved)
+    return device if device != "auto" else resolved.type
 
 
 @dataclass
@@ -77,10 +89,12 @@ class RLConfig:
     eval_samples: int = 256             # held-out accuracy before and after RL (0 = skip)
     reward: str | None = None           # "module:function" replacing the task's reward
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                # auto | cpu | cuda | cuda:i; "auto" is resolved here (CUDA when available)
+    dtype: str = "auto"                 # compute dtype: auto | float32 | bfloat16 | float16 (models.device)
 
     def __post_init__(self) -> None:
         load_reward(self.task, self.reward)
+        self.device = _concrete_device(self.device, self.dtype)
         if self.mtp_strategy not in STRATEGIES:
             raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if self.rule not in RULES_RL:

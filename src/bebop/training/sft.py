@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bebop.config import positive
+from bebop.config import check_device, check_dtype, positive
+from bebop.engine.forwards import decoding_path
+from bebop.models.device import precision
 from bebop.models.policy import ModelConfig, build_policy, save_policy
 from bebop.models.tokenizer import build_tokenizer
 from bebop.tasks import TASKS, Problem, Task, get_task
@@ -65,6 +67,8 @@ class SFTConfig:
     max_minutes: float | None = None
     eval_samples: int = 256           # quick evaluation after training (0 = skip)
     log_every: int = 10
+    device: str = "auto"              # auto | cpu | cuda | cuda:i (auto: CUDA when available)
+    dtype: str = "auto"               # compute dtype; weights and optimizer state stay float32 (models.device)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class SFTConfig:
             positive(name, getattr(self, name))
         if self.max_minutes is not None:
             positive("max_minutes", self.max_minutes)
+        check_device(self.device)
+        check_dtype(self.dtype)
 
 
 def task_corpus(n_per_task: int = 500, seed: int = 1234) -> list[str]:
@@ -141,14 +147,19 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
-    """Train a fresh policy on ``cfg.task``; saves model + tokenizer to ``cfg.out``; returns a summary."""
+def train_sft(cfg: SFTConfig) -> dict:
+    """Train a fresh policy on ``cfg.task`` on ``cfg.device``; saves model + tokenizer to ``cfg.out``; returns a
+    summary. Under a lower ``cfg.dtype`` the weights and AdamW state stay float32 and each forward runs under
+    autocast (``bebop.models.device``), so the saved checkpoint is float32 either way."""
     from bebop.training.evaluate import evaluate
 
+    prec = precision(cfg.device, cfg.dtype)
+    device = prec.device
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task)
     tokenizer = build_tokenizer(task_corpus())
     model = build_policy(cfg.model, tokenizer).to(device)
+    scaler = prec.grad_scaler()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     out = Path(cfg.out)
@@ -167,11 +178,14 @@ def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
             lr = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = model(**batch).loss
+            with prec.autocast():
+                loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             elapsed = time.perf_counter() - t0
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": loss.item(), "lr": lr, "elapsed_s": elapsed}
@@ -184,8 +198,10 @@ def train_sft(cfg: SFTConfig, device: str = "cpu") -> dict:
     model.eval()
     train_seconds = time.perf_counter() - t0
     save_policy(model, tokenizer, out)
-    summary = {"task": cfg.task, "steps": step + 1, "train_seconds": train_seconds, "config": asdict(cfg)}
+    summary = {"task": cfg.task, "steps": step + 1, "train_seconds": train_seconds, "device": str(device),
+               "dtype": prec.name, "config": asdict(cfg)}
     if cfg.eval_samples:
         summary["eval"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples, temperature=1.0)
+        summary["backend"] = decoding_path(model).backend
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -8,6 +8,7 @@ A run is a list of stages on the same data: by default a forward-KL warm stage, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,12 +18,14 @@ from typing import TextIO
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bebop.config import check_gamma, positive
+from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.engine.dispatch import DecodeConfig, Turns, decode
+from bebop.engine.forwards import decoding_path
 from bebop.errors import BebopError
 from bebop.models.checkpoint import export_head, load_head, save_head
+from bebop.models.device import Precision, precision
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy
 from bebop.tasks import get_task, sample_problems
@@ -59,6 +62,8 @@ class TrainMTPConfig:
     warm_loss: str = "fkl"
     warm_steps: int = 600
     warm_lr: float = 5e-3
+    device: str = "auto"            # auto | cpu | cuda | cuda:i (auto: CUDA when available)
+    dtype: str = "auto"             # backbone and compute dtype; the head trains with float32 weights (models.device)
 
     def __post_init__(self) -> None:
         for name in (self.loss, self.warm_loss):
@@ -73,6 +78,8 @@ class TrainMTPConfig:
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
 
     def stages(self) -> list[Stage]:
         """The training stages in order: the warm stage (only without ``init``), then ``loss``."""
@@ -95,7 +102,8 @@ class Stage:
 
 @dataclass
 class _Run:
-    """What every stage of one run shares: the frozen policy, its samples, the config and the log file."""
+    """What every stage of one run shares: the frozen policy, its samples, the config, the log file and the
+    precision (the head's forwards and losses run under its autocast)."""
 
     cfg: TrainMTPConfig
     model: object
@@ -104,6 +112,7 @@ class _Run:
     heldout: list[tuple[list[int], int]]
     log: TextIO
     t0: float
+    prec: Precision
 
 
 def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -163,16 +172,29 @@ def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int):
     return hq[valid], hp[valid], y[valid]
 
 
+def mixed_autocast(model, head) -> contextlib.AbstractContextManager:
+    """Autocast in the lower of the backbone's and the head's weight dtypes when they differ (a float32 head over
+    a bf16 backbone, as in training), else a no-op: so a head is measured in the precision it trains in."""
+    low = model.get_input_embeddings().weight.dtype
+    other = next(head.parameters()).dtype
+    if low == other:
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=other if low == torch.float32 else low)
+
+
 @torch.no_grad()
 def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id: int, batch_size: int = 64):
-    """Per-step teacher-forced RS acceptance α_k = E_t[1 − TV(p_k(t), q_k(t))] on ``data``."""
+    """Per-step teacher-forced RS acceptance α_k = E_t[1 − TV(p_k(t), q_k(t))] on ``data``; p and q are
+    computed in float32 from the logits (``probs_from_logits``) whatever dtype the model runs in."""
     tot = torch.zeros(gamma)
     n = 0
     for i in range(0, len(data), batch_size):
         ids, mask, pl = pad_batch(data[i : i + batch_size], pad_id, model.device)
-        hq, hp, _ = teacher_forced(model, head, ids, mask, pl, gamma)
-        lm_head = model.get_output_embeddings()
-        q, p = probs_from_logits(lm_head(hq), params), probs_from_logits(lm_head(hp), params)
+        with mixed_autocast(model, head):
+            hq, hp, _ = teacher_forced(model, head, ids, mask, pl, gamma)
+            lm_head = model.get_output_embeddings()
+            zq, zp = lm_head(hq), lm_head(hp)
+        q, p = probs_from_logits(zq, params), probs_from_logits(zp, params)
         tot += (1.0 - total_variation(p, q)).sum(0).cpu()
         n += hq.shape[0]
     return (tot / max(n, 1)).tolist()
@@ -182,6 +204,7 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -
     """Train ``head`` in place for one stage; returns the logged records (loss, lr, held-out α per step)."""
     cfg, model = run.cfg, run.model
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
+    scaler = run.prec.grad_scaler()
     params = SamplingParams(temperature=cfg.temperature)
     history = []
     head.train()
@@ -196,13 +219,17 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -
                 g["lr"] = lr
             idx = torch.randint(len(run.data), (cfg.batch_size,), generator=gen).tolist()
             ids, mask, pl = pad_batch([run.data[i] for i in idx], run.pad_id, model.device)
-            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
-            loss = mtp_loss_from_hidden(stage.loss, hq, hp, model.get_output_embeddings().weight, cfg.temperature,
-                                        y, torch.ones(len(y), device=model.device))
+            with run.prec.autocast():
+                hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
+                w = model.get_output_embeddings().weight   # hidden states meet the LM head in its own dtype
+                loss = mtp_loss_from_hidden(stage.loss, hq.to(w.dtype), hp.to(w.dtype), w, cfg.temperature, y,
+                                            torch.ones(len(y), device=model.device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             progress.update(bar, completed=step + 1, loss=loss.item())
             if step % cfg.eval_every == 0 or step == stage.steps - 1:
                 head.eval()
@@ -217,11 +244,17 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -
     return history
 
 
-def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
+def train_mtp(cfg: TrainMTPConfig) -> dict:
     """Train a head for the policy in ``cfg.model`` through ``cfg.stages()``; saves the Bebop and public
-    layouts to ``cfg.out`` with ``train_mtp.jsonl`` (per-stage records) and ``train_mtp_summary.json``."""
+    layouts to ``cfg.out`` with ``train_mtp.jsonl`` (per-stage records) and ``train_mtp_summary.json``.
+
+    Precision (``bebop.models.device``): the frozen backbone is loaded in ``cfg.dtype`` on ``cfg.device`` and
+    samples the data in it; the head keeps float32 weights and AdamW state, and its forwards and losses run
+    under autocast in ``cfg.dtype`` (losses upcast logits to float32), so the saved head is float32."""
+    prec = precision(cfg.device, cfg.dtype)
+    device = prec.device
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.model, device)
+    model, tokenizer = load_policy(cfg.model, device, prec.dtype)
     model.requires_grad_(False)
     task = get_task(cfg.task)
     data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
@@ -231,14 +264,14 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
     if not data or not heldout:
         raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
-    head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device)
+    head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device, torch.float32)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     history: list[dict] = []
     with (out / "train_mtp.jsonl").open("w") as log:
-        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0)
+        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec)
         for stage in cfg.stages():
             history += _train_stage(run, head, stage, gen)
     save_head(head, out, model.config)
@@ -246,7 +279,8 @@ def train_mtp(cfg: TrainMTPConfig, device: str = "cpu") -> dict:
     export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
                 num_base_layers=model.config.num_hidden_layers)
     summary = {"config": asdict(cfg), "stages": [asdict(s) for s in cfg.stages()],
-               "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0}
+               "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0,
+               "device": str(device), "dtype": prec.name, "backend": decoding_path(model).backend}
     (out / "train_mtp_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

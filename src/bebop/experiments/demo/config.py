@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bebop.config import positive
+from bebop.config import check_device, check_dtype, positive
 from bebop.errors import BebopError
 from bebop.experiments.bench_rl import METHODS
 from bebop.experiments.names import DEFAULT_TEMPERATURES
@@ -27,7 +27,7 @@ C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
 SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "data_samples",
-          "heldout_samples", "online_every", "online_steps")
+          "heldout_samples", "online_every", "online_steps", "device", "dtype")
 """Demo fields that mean the same in every stage config that has a field of that name."""
 
 
@@ -44,6 +44,8 @@ class DemoConfig:
     gamma: int = 3                     # deployed draft length (measurements and RL)
     temperature: float = 1.0           # rollout temperature (head training, losses, entropy, RL)
     max_new_tokens: int = 96
+    device: str = "auto"               # every stage: auto | cpu | cuda | cuda:i (auto: CUDA when available)
+    dtype: str = "auto"                # every stage: auto | float32 | bfloat16 | float16 (models.device)
     # 1. SFT
     sft_steps: int | None = None       # None: the task's SFT recipe (training.sft.SFT_RECIPES)
     sft_minutes: float | None = None   # optional wall-clock cap; off, so the run is the same on any machine
@@ -77,6 +79,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
         if self.sft_steps is None:
             self.sft_steps = sft_recipe(self.task).steps
         if self.sft_minutes is not None:

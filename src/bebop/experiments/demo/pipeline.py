@@ -151,7 +151,7 @@ def _measure_stages(demo: _Demo) -> None:
     from bebop.models.policy import load_policy
 
     cfg, out, stages = demo.cfg, demo.out, demo.stages
-    model, tokenizer = load_policy(demo.policy)
+    model, tokenizer = load_policy(demo.policy, cfg.device, cfg.dtype)
     heads = {k: load_head(d, model).eval() for k, d in demo.head_dirs.items()}
     ce_e2e = {"ce": heads["ce"], "e2e_tv": heads["e2e_tv"]}
     torch.manual_seed(cfg.seed)

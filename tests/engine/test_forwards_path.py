@@ -1,0 +1,81 @@
+"""Which forwards decode a model is said, once, and never silently downgraded: ``backend="lean"`` on a model the
+lean path does not cover is an error; ``"auto"`` falls back to transformers' modules and says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bebop.core.sampling import SamplingParams
+from bebop.engine.decode import generate, generate_mtp
+from bebop.engine.forwards import decoding_path, forwards, report_paths
+from bebop.errors import BebopError
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def said():
+    lines: list[str] = []
+    report_paths(lines.append)
+    yield lines
+    report_paths(None)
+
+
+def _prompts(tok):
+    return [tok("Q: 1+2\n")["input_ids"], tok("Q: 3*4+5\n")["input_ids"]]
+
+
+def test_qwen3_decodes_on_the_lean_path(tiny_model):
+    path = decoding_path(tiny_model)
+    assert (path.backend, path.reason, path.model_type) == ("lean", "", "qwen3")
+    assert path.line == "decoding with the lean path (Qwen3, float32 on cpu)"
+    forced = decoding_path(tiny_model, backend="transformers")
+    assert forced.backend == "transformers" and "backend 'transformers' asked for" in forced.line
+
+
+def test_other_families_fall_back_under_auto_and_say_why(llama):
+    path = decoding_path(llama)
+    assert path.backend == "transformers"
+    assert path.line == ("decoding with transformers' modules (model_type llama: the lean path supports only Qwen3 "
+                         "decoders; float32 on cpu)")
+
+
+def test_lean_asked_for_on_an_unsupported_model_is_an_error(llama, tiny_tokenizer):
+    with pytest.raises(BebopError, match="backend 'lean' asked for, but model_type llama"):
+        decoding_path(llama, backend="lean")
+    with pytest.raises(BebopError, match="backend 'lean' asked for"):   # the engine refuses too, no fallback
+        generate(llama, _prompts(tiny_tokenizer), SamplingParams(), 4, None, backend="lean")
+    with pytest.raises(BebopError, match="unknown backend 'fast'"):
+        forwards(llama, None, 1, 8, backend="fast")
+
+
+def test_the_path_is_said_once_per_distinct_line(tiny_model, peaky, tiny_tokenizer, said):
+    prompts, params = _prompts(tiny_tokenizer), SamplingParams()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        generate(tiny_model, prompts, params, 4, None, generator=gen)
+    model, head = peaky
+    generate_mtp(model, head, prompts, params, 4, None, gamma=2, generator=gen)
+    generate(tiny_model, prompts, params, 4, None, generator=gen, backend="transformers")
+    assert said == ["decoding with the lean path (Qwen3, float32 on cpu)",
+                    "decoding with transformers' modules (backend 'transformers' asked for; float32 on cpu)"]
+    report_paths(None)
+    generate(tiny_model, prompts, params, 4, None, generator=gen, backend="transformers")
+    assert len(said) == 2
+
+
+def test_bfloat16_model_decodes_on_the_lean_path_with_float32_probabilities(tiny_model, tiny_tokenizer, said):
+    model = type(tiny_model)(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16).eval()
+    r = generate(model, _prompts(tiny_tokenizer), SamplingParams(), 6, None, generator=torch.Generator().manual_seed(0))
+    assert said == ["decoding with the lean path (Qwen3, bfloat16 on cpu)"]
+    assert r.logprobs.dtype is torch.float32 and torch.isfinite(r.logprobs).all()
