@@ -66,7 +66,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.reward = load_reward(cfg.task, cfg.reward)
-        self.model, self.tokenizer = load_policy(cfg.model, cfg.device)
+        self.model, self.tokenizer = load_policy(cfg.model, cfg.device, cfg.dtype)
         self.head = None
         if cfg.use_mtp:
             self.head = load_head(cfg.mtp, self.model) if cfg.mtp else MTPHead.from_base(self.model)

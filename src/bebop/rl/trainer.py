@@ -29,6 +29,7 @@ from bebop.core.losses import mtp_loss_from_hidden
 from bebop.errors import BebopError
 from bebop.io import atomic_write
 from bebop.models.checkpoint import load_head, save_head
+from bebop.models.device import precision
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import ONLINE_LOSS, RLConfig
@@ -87,6 +88,7 @@ def policy_update(model: PreTrainedModel, ref_model: PreTrainedModel | None, opt
                   batch: RolloutBatch, adv: torch.Tensor, cfg: RLConfig, pad_id: int) -> dict:
     """One optimizer step of the GRPO loss over the whole batch, accumulated over micro-batches."""
     device = next(model.parameters()).device
+    prec = precision(device, cfg.dtype)
     ids, mask, comp, blp = training_batch(batch, pad_id, device)
     adv = adv.to(device)
     n = ids.shape[0]
@@ -94,11 +96,12 @@ def policy_update(model: PreTrainedModel, ref_model: PreTrainedModel | None, opt
     stats = {"loss": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0}
     for i in range(0, n, cfg.micro_batch):
         sl = slice(i, i + cfg.micro_batch)
-        lp = completion_logprobs(model, ids[sl], mask[sl], comp[sl], cfg.temperature)
-        ref_lp = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_lp = completion_logprobs(ref_model, ids[sl], mask[sl], comp[sl], cfg.temperature)
+        with prec.autocast():  # float32 master weights, forwards in cfg.dtype (bebop.models.device)
+            lp = completion_logprobs(model, ids[sl], mask[sl], comp[sl], cfg.temperature).float()
+            ref_lp = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_lp = completion_logprobs(ref_model, ids[sl], mask[sl], comp[sl], cfg.temperature).float()
         loss, st = grpo_loss(lp, blp[sl], adv[sl], comp[sl, 1:], cfg.clip_low, cfg.clip_high, cfg.kl_coef, ref_lp)
         w = lp.shape[0] / n
         (loss * w).backward()
@@ -114,6 +117,7 @@ def head_update(model: PreTrainedModel, head: MTPHead, opt: torch.optim.Optimize
     """Re-train the head on fresh rollouts towards the current policy (online strategies). The policy is
     frozen meanwhile, so no head gradient reaches it; returns the last loss."""
     device = next(model.parameters()).device
+    prec = precision(device, cfg.dtype)
     rows = [(p + c, len(p)) for p, c in zip(batch.prompts, batch.completions, strict=True)]
     rows = [r for r in rows if len(r[0]) > cfg.online_gamma_train + 1]
     loss_name = ONLINE_LOSS[cfg.mtp_strategy]
@@ -125,9 +129,11 @@ def head_update(model: PreTrainedModel, head: MTPHead, opt: torch.optim.Optimize
         for _ in range(cfg.online_steps):
             idx = torch.randint(len(rows), (min(32, len(rows)),), generator=gen).tolist()
             ids, mask, pl = pad_batch([rows[i] for i in idx], pad_id, device)
-            hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.online_gamma_train)
-            loss = mtp_loss_from_hidden(loss_name, hq, hp, model.get_output_embeddings().weight, cfg.temperature, y,
-                                        torch.ones(len(y), device=device))
+            with prec.autocast():
+                hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.online_gamma_train)
+                w = model.get_output_embeddings().weight   # hidden states meet the LM head in its own dtype
+                loss = mtp_loss_from_hidden(loss_name, hq.to(w.dtype), hp.to(w.dtype), w, cfg.temperature, y,
+                                            torch.ones(len(y), device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.online_grad_clip)
@@ -194,11 +200,11 @@ class Learner:
         """Fresh state from ``cfg.model`` (and ``cfg.mtp``), torch and Python RNGs seeded by ``cfg.seed``."""
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        model, tokenizer = load_policy(cfg.model, cfg.device)
+        model, tokenizer = load_policy(cfg.model, cfg.device, "float32")  # trained: float32 master weights
         head = None
         if cfg.use_mtp:
             head = (load_head(cfg.mtp, model) if cfg.mtp else MTPHead.from_base(model)).to(cfg.device).eval()
-        ref_model = load_policy(cfg.model, cfg.device)[0].requires_grad_(False) if cfg.kl_coef else None
+        ref_model = load_policy(cfg.model, cfg.device, cfg.dtype)[0].requires_grad_(False) if cfg.kl_coef else None
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.online_lr) if cfg.mtp_strategy in ONLINE_LOSS \
             else None
