@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from bebop.cli import analyze, bench, demo, generate, rl, train
+from bebop.cli import analyze, bench, demo, export, generate, rl, train
 from bebop.cli.render import run_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -13,6 +13,7 @@ app.command("sft")(train.sft)
 app.command("eval")(train.eval_cmd)
 app.command("train-mtp")(train.train_mtp_cmd)
 app.command("generate")(generate.generate_cmd)
+app.command("export")(export.export_cmd)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a table and write JSON.")
 app.add_typer(bench_app, name="bench")

@@ -38,7 +38,7 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 
 def bench_decode_cmd(
     model: Annotated[Path, typer.Option(help="Policy directory.")],
-    mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors).")],
+    mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors, or native = the model's own MTP layer).")],
     task: Annotated[str, typer.Option(help="Task whose prompts are decoded.")] = D.task,
     rule: Annotated[str, typer.Option(help="rejection or target_only; with --gamma auto also auto (RS or TO per "
                                             "row).")] = D.rule,

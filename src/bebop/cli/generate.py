@@ -61,7 +61,8 @@ def load_model_and_head(model_dir: Path, mtp_dir: Path | None, device: str = "au
 
 def generate_cmd(
     model: Annotated[Path, typer.Option(help="Policy directory.")],
-    mtp: Annotated[Path | None, typer.Option(help="MTP head (dir or .safetensors); omit for plain decoding.")] = None,
+    mtp: Annotated[Path | None, typer.Option(
+        help="MTP head (dir or .safetensors, or native = the model's own MTP layer); omit for plain decoding.")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt text (repeatable).")] = None,
     task: Annotated[str, typer.Option(help="Task to draw prompts from when --prompt is not given.")] = G.task,
     n: Annotated[int, typer.Option(help="Number of task prompts.")] = G.n,

@@ -9,7 +9,8 @@ import typer
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with config values.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write results here.")]
-MtpListOpt = Annotated[list[Path], typer.Option("--mtp", help="MTP head (dir or .safetensors); repeatable.")]
+MtpListOpt = Annotated[list[Path], typer.Option(
+    "--mtp", help="MTP head (dir or .safetensors, or native = the model's own MTP layer); repeatable.")]
 
 DEVICE_HELP = "Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:i."
 DTYPE_HELP = "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16 (CUDA only)."

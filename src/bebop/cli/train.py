@@ -32,18 +32,21 @@ def sft(
     heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
     kv_heads: Annotated[int | None, typer.Option(help="Key/value heads.")] = None,
     intermediate: Annotated[int | None, typer.Option(help="MLP width.")] = None,
+    arch: Annotated[str | None, typer.Option(
+        help="Model family: qwen3, llama, qwen3_5, qwen3_next, deepseek_v3, glm4_moe (the last four with a native "
+             "MTP layer, written in the family's own checkpoint layout).")] = None,
     device: TomlDeviceOpt = None,
     dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a tiny Qwen3 policy from scratch on a task's reference solutions (SFT)."""
+    """Train a tiny policy (Qwen3 by default, or --arch) from scratch on a task's reference solutions (SFT)."""
     from bebop.config import make_config
     from bebop.training.sft import SFTConfig, train_sft
 
     announce_paths()
     cfg = make_config(
         SFTConfig, config, task=task, out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        max_minutes=max_minutes, eval_samples=eval_samples, device=device, dtype=dtype, **{
+        max_minutes=max_minutes, eval_samples=eval_samples, device=device, dtype=dtype, arch=arch, **{
             "model.num_layers": layers, "model.hidden_size": hidden, "model.num_heads": heads,
             "model.num_kv_heads": kv_heads, "model.intermediate_size": intermediate,
         },
@@ -99,7 +102,9 @@ def train_mtp_cmd(
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature (data and target p).")] = None,
     data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    init: Annotated[str | None, typer.Option(help="Start from this head instead of the warm start.")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Starting head: 'native' (the checkpoint's own MTP layer) or a head path. Default: the native layer "
+             "when the checkpoint has one, else a fresh head with a forward-KL warm stage.")] = None,
     device: TomlDeviceOpt = None,
     dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
@@ -113,5 +118,6 @@ def train_mtp_cmd(
                       steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
                       data_samples=data_samples, seed=seed, init=init, device=device, dtype=dtype)
     summary = train_mtp(cfg)
-    console.print(f"saved head to [bold]{cfg.out}[/] (bebop, qwen3_5 and deepseek_v3 layouts)")
+    console.print(f"saved head to [bold]{cfg.out}[/] (started from: {summary['init']}); "
+                  "`bebop export` merges it into a model directory for vLLM / SGLang")
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})

@@ -12,14 +12,16 @@ __all__ = ["LossBenchConfig", "bench_losses"]
 def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     """Fine-tune one head per loss from one shared starting head on identical data, steps and seeds; measure
     each through the engine under RS and TO at every temperature in ``cfg.temperatures`` on held-out prompts.
-    The shared head is ``cfg.init`` or else a forward-KL warm start trained once into ``out_dir/warm_start``:
+    The shared head is ``cfg.init``, else the checkpoint's native MTP layer when it ships one, else a forward-KL
+    warm start trained once into ``out_dir/warm_start``:
     TV-type gradients vanish far from p (DESIGN §4), so from random heads the ranking would measure distance
     from initialisation rather than the loss. Heads train and are measured on ``cfg.device`` in ``cfg.dtype``
     (``bebop.models.device``)."""
     from dataclasses import replace
     from pathlib import Path
 
-    from bebop.models.checkpoint import load_head
+    from bebop.models.checkpoint import NATIVE, load_head
+    from bebop.models.native import has_native_mtp
     from bebop.models.policy import load_policy
     from bebop.training.train_mtp import TrainMTPConfig, train_mtp, train_warm_head
 
@@ -27,6 +29,8 @@ def bench_losses(model_dir: str, out_dir: str, cfg: LossBenchConfig) -> dict:
     base = TrainMTPConfig(model=model_dir, task=cfg.task, gamma_train=cfg.gamma_train, steps=cfg.steps, lr=cfg.lr,
                           data_samples=cfg.data_samples, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
     init = cfg.init
+    if init is None and has_native_mtp(model):
+        init = NATIVE
     if init is None:
         init = str(Path(out_dir) / "warm_start")
         train_warm_head(replace(base, out=init))

@@ -345,13 +345,29 @@ def build_head(own: dict[str, torch.Tensor], model: PreTrainedModel, source: str
     return head
 
 
+NATIVE = "native"  # head spec: the MTP layer(s) shipped inside the model's own checkpoint
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / WEIGHTS_NAME).is_file()
+
+
 def load_head(path: str | Path, model: PreTrainedModel) -> MTPHead:
-    """Load an MTP head for ``model`` from a directory or a ``.safetensors`` file.
+    """Load an MTP head for ``model`` from a head directory, a ``.safetensors`` file, a model checkpoint
+    directory (its native MTP layers), or ``"native"`` (the native MTP layers of the checkpoint ``model`` was
+    loaded from).
 
     Auto-detects the Bebop (``layers.{i}.*``), Qwen3.5 (``mtp.*``) and DeepSeek-V3 (``model.layers.{N}.*``)
     layouts by key names. Raises :class:`BebopError` naming the problem for a missing path, an unreadable
     (corrupt/truncated) file, hidden- or vocab-size mismatch with ``model``, or missing/unexpected keys.
     """
+    if str(path) == NATIVE or _is_model_dir(Path(path)):
+        from bebop.models.native import load_native_head, model_dir_of
+
+        model_dir = model_dir_of(model) if str(path) == NATIVE else Path(path)
+        if model_dir is None:
+            raise BebopError("--mtp/--init native needs a model loaded from a checkpoint directory")
+        return load_native_head(model_dir, model)
     path = Path(path)
     file, dir_info = _resolve(path)
     tensors, meta_info = _read(file)

@@ -374,6 +374,18 @@ def _check_dir_fits(model_dir: Path, model: PreTrainedModel) -> None:
             return
 
 
+def model_dir_of(model: PreTrainedModel) -> Path | None:
+    """The directory ``model`` was loaded from (transformers records it in ``config._name_or_path``), if any."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def has_native_mtp(model: PreTrainedModel) -> bool:
+    """Whether the checkpoint ``model`` was loaded from ships MTP weights (read from its index, no tensors)."""
+    model_dir = model_dir_of(model)
+    return model_dir is not None and bool(native_keys(model_dir))
+
+
 def load_native_head(model_dir: str | Path, model: PreTrainedModel) -> MTPHead:
     """The checkpoint's own MTP layer(s) as a Bebop head bound to ``model`` (on its device and dtype).
 

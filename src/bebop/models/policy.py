@@ -1,4 +1,4 @@
-"""The policy: a stock transformers causal LM (a tiny `Qwen3ForCausalLM` for the toy world).
+"""The policy: a stock transformers causal LM (a tiny `Qwen3ForCausalLM` by default in the toy world).
 
 `load_policy` accepts any causal-LM directory with a tokenizer, e.g. a user's Qwen3 checkpoint.
 Saving goes through a temporary directory and a rename, so a crash never leaves a half-written policy.
@@ -7,12 +7,14 @@ Saving goes through a temporary directory and a rename, so a crash never leaves 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from bebop.config import positive
 from bebop.errors import BebopError
@@ -41,23 +43,35 @@ class ModelConfig:
             raise BebopError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
 
 
-def build_policy(cfg: ModelConfig, tokenizer) -> Qwen3ForCausalLM:
-    """A freshly initialised tiny Qwen3 policy whose vocabulary matches ``tokenizer``."""
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-        max_position_embeddings=cfg.max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return Qwen3ForCausalLM(config)
+def build_policy(cfg: ModelConfig, tokenizer, arch: str = "qwen3") -> PreTrainedModel:
+    """A freshly initialised tiny policy of family ``arch`` (``bebop.models.families.ARCHS``; the toy world's
+    default is Qwen3) whose vocabulary and special token ids match ``tokenizer``."""
+    from bebop.models.families import build_family_policy
+
+    return build_family_policy(arch, cfg, tokenizer)
+
+
+@contextmanager
+def _mtp_keys_expected(config: dict) -> Iterator[None]:
+    """While loading a DeepSeek-layout checkpoint, treat its appended MTP layers (``model.layers.{N}`` for
+    N ≥ num_hidden_layers) as expected: transformers lists only the released depths (61, 46, 92) as MTP, so any
+    other depth would be reported as unexpected weights. The MTP weights are read by ``bebop.models.native``."""
+    from bebop.models.native import native_layout, num_native_layers
+
+    if native_layout(config) != "deepseek_v3" or not num_native_layers(config):
+        yield
+        return
+    from transformers import AutoConfig
+
+    cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(config["model_type"]))]
+    n = int(config["num_hidden_layers"])
+    extra = [rf"model\.layers\.{n + i}\." for i in range(num_native_layers(config))]
+    before = cls._keys_to_ignore_on_load_unexpected
+    cls._keys_to_ignore_on_load_unexpected = [*(before or []), *extra]
+    try:
+        yield
+    finally:
+        cls._keys_to_ignore_on_load_unexpected = before
 
 
 def load_policy(path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
@@ -73,12 +87,13 @@ def load_policy(path: str | Path, device: str | torch.device = "auto", dtype: st
         if not (path / required).is_file():
             raise BebopError(f"model directory {path} has no {required}")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BebopError(f"corrupt config.json in {path}: {e}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        with _mtp_keys_expected(config):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BebopError(f"cannot load model from {path}: {msg}") from None

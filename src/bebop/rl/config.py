@@ -55,7 +55,7 @@ class RLConfig:
 
     task: str = "arith"
     model: str = "runs/arith/base"
-    mtp: str | None = None              # head dir; needed for `frozen`, optional start for online strategies
+    mtp: str | None = None              # head dir or "native"; needed for `frozen`, optional start for online ones
     out: str = "runs/arith/rl"
     mtp_strategy: str = "frozen"        # none | frozen | online-ce | online-tv
     rule: str = "rejection"             # rejection | target_only

@@ -15,6 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bebop.config import check_device, check_dtype, positive
 from bebop.engine.forwards import decoding_path
 from bebop.models.device import precision
+from bebop.models.families import NATIVE_MTP_ARCHS, check_arch
+from bebop.models.mtp import MTPHead
+from bebop.models.native import save_model_with_head
 from bebop.models.policy import ModelConfig, build_policy, save_policy
 from bebop.models.tokenizer import build_tokenizer
 from bebop.tasks import TASKS, Problem, Task, get_task
@@ -69,6 +72,8 @@ class SFTConfig:
     log_every: int = 10
     device: str = "auto"              # auto | cpu | cuda | cuda:i (auto: CUDA when available)
     dtype: str = "auto"               # compute dtype; weights and optimizer state stay float32 (models.device)
+    arch: str = "qwen3"               # model family (bebop.models.families.ARCHS)
+    mtp_weight: float = 0.3           # weight of the native MTP layer's loss (families that ship one)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class SFTConfig:
             positive("max_minutes", self.max_minutes)
         check_device(self.device)
         check_dtype(self.dtype)
+        check_arch(self.arch)
+        positive("mtp_weight", self.mtp_weight)
 
 
 def task_corpus(n_per_task: int = 500, seed: int = 1234) -> list[str]:
@@ -147,6 +154,34 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def native_mtp_loss(model, head: MTPHead, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the native MTP layer's first step on the data (the objective DeepSeek-V3 and Qwen3.5
+    pre-train their MTP layers with): at position t it reads x_{t+1} and h_t, and predicts x_{t+2}, scored only
+    where the SFT loss scores x_{t+2}. ``hidden`` (the trunk's last hidden state) is detached, so the trunk
+    learns from its own loss alone; the shared embedding and LM head get both gradients, as in pre-training."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    (h1,) = head.unroll(ids, hidden.detach(), 1, attention_mask=mask)
+    logits = head.logits(h1[:, :-2])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 2:].flatten(), ignore_index=-100)
+
+
+def _sft_loss(model, head: MTPHead | None, batch: dict[str, torch.Tensor], mtp_weight: float) -> torch.Tensor:
+    """The SFT loss, plus ``mtp_weight`` × the native MTP layer's loss when the family has one."""
+    out = model(**batch, output_hidden_states=head is not None)
+    if head is None:
+        return out.loss
+    return out.loss + mtp_weight * native_mtp_loss(model, head, out.hidden_states[-1], batch)
+
+
+def save_trained(model, head: MTPHead | None, tokenizer, out: Path) -> None:
+    """Families with native MTP are written as their released checkpoints are (sharded, with an index and the
+    MTP layer in the family's own keys); the others as one safetensors file."""
+    if head is None:
+        save_policy(model, tokenizer, out)
+    else:
+        save_model_with_head(model, tokenizer, head.eval(), out, max_shard_size="2MB")
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     """Train a fresh policy on ``cfg.task`` on ``cfg.device``; saves model + tokenizer to ``cfg.out``; returns a
     summary. Under a lower ``cfg.dtype`` the weights and AdamW state stay float32 and each forward runs under
@@ -158,9 +193,11 @@ def train_sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task)
     tokenizer = build_tokenizer(task_corpus())
-    model = build_policy(cfg.model, tokenizer).to(device)
+    model = build_policy(cfg.model, tokenizer, cfg.arch).to(device)
+    head = MTPHead.from_base(model).to(device) if cfg.arch in NATIVE_MTP_ARCHS else None
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
     scaler = prec.grad_scaler()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +216,11 @@ def train_sft(cfg: SFTConfig) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             with prec.autocast():
-                loss = model(**batch).loss
+                loss = _sft_loss(model, head, batch, cfg.mtp_weight)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             elapsed = time.perf_counter() - t0
@@ -197,9 +234,9 @@ def train_sft(cfg: SFTConfig) -> dict:
                 break
     model.eval()
     train_seconds = time.perf_counter() - t0
-    save_policy(model, tokenizer, out)
-    summary = {"task": cfg.task, "steps": step + 1, "train_seconds": train_seconds, "device": str(device),
-               "dtype": prec.name, "config": asdict(cfg)}
+    save_trained(model, head, tokenizer, out)
+    summary = {"task": cfg.task, "arch": cfg.arch, "steps": step + 1, "train_seconds": train_seconds,
+               "device": str(device), "dtype": prec.name, "config": asdict(cfg)}
     if cfg.eval_samples:
         summary["eval"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples, temperature=1.0)
         summary["backend"] = decoding_path(model).backend

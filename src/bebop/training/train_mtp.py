@@ -24,9 +24,10 @@ from bebop.core.sampling import SamplingParams, probs_from_logits, total_variati
 from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.engine.forwards import decoding_path
 from bebop.errors import BebopError
-from bebop.models.checkpoint import export_head, load_head, save_head
+from bebop.models.checkpoint import NATIVE, export_head, load_head, save_head
 from bebop.models.device import Precision, precision
 from bebop.models.mtp import MTPHead
+from bebop.models.native import has_native_mtp, native_layout
 from bebop.models.policy import load_policy
 from bebop.tasks import get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn, task_env
@@ -35,11 +36,16 @@ from bebop.training.sft import warmup_cosine
 
 @dataclass
 class TrainMTPConfig:
-    """One head-training run. Without ``init`` the head is warm-started: ``warm_steps`` of ``warm_loss``
-    (forward KL) from the base model's weights, then ``steps`` of ``loss`` from that head. TV-type gradients
-    are bounded by q and vanish where q and p are far apart (DESIGN §4), so ``tv`` / ``e2e_tv`` learn slowly
-    from a random head; with ``init`` (e.g. a checkpoint's native head) the warm stage is skipped.
-    ``warm_steps = 0`` trains ``loss`` from the fresh head directly."""
+    """One head-training run. TV-type gradients are bounded by q and vanish where q and p are far apart
+    (DESIGN §4), so ``tv`` / ``e2e_tv`` learn slowly from a random head; every run therefore starts warm:
+
+    * ``init = None`` (default): the checkpoint's own MTP layer when it ships one (Qwen3.5, Qwen3-Next,
+      DeepSeek-V3, GLM), otherwise a fresh head from the family's decoder layer trained ``warm_steps`` of
+      ``warm_loss`` (forward KL) first;
+    * ``init = "native"``: the checkpoint's own MTP layer, an error when it has none;
+    * ``init = PATH``: a head saved by Bebop (or in a public layout).
+
+    Then ``steps`` of ``loss``. ``warm_steps = 0`` trains ``loss`` from the fresh head directly."""
 
     model: str = "runs/arith/base"
     out: str = "runs/arith/mtp_e2e_tv"
@@ -58,7 +64,7 @@ class TrainMTPConfig:
     max_new_tokens: int = 96
     eval_every: int = 50
     seed: int = 0
-    init: str | None = None         # start from an existing head (e.g. a native one) instead of the warm stage
+    init: str | None = None         # None: native head if any, else warm stage; "native"; or a head path
     warm_loss: str = "fkl"
     warm_steps: int = 600
     warm_lr: float = 5e-3
@@ -81,12 +87,22 @@ class TrainMTPConfig:
         check_device(self.device)
         check_dtype(self.dtype)
 
-    def stages(self) -> list[Stage]:
-        """The training stages in order: the warm stage (only without ``init``), then ``loss``."""
+    def stages(self, warm: bool = True) -> list[Stage]:
+        """The training stages in order: the warm stage (only for a fresh head, ``warm``), then ``loss``."""
         main = Stage("main", self.loss, self.steps, self.lr)
-        if self.init or not self.warm_steps:
+        if not warm or self.init or not self.warm_steps:
             return [main]
         return [Stage("warm", self.warm_loss, self.warm_steps, self.warm_lr), main]
+
+
+def initial_head(init: str | None, model) -> tuple[MTPHead, str]:
+    """The head a run starts from and where it came from (``"native"``, ``"fresh"`` or the path): see
+    :class:`TrainMTPConfig` for what ``init`` selects."""
+    if init is None:
+        if has_native_mtp(model):
+            return load_head(NATIVE, model), NATIVE
+        return MTPHead.from_base(model), "fresh"
+    return load_head(init, model), init
 
 
 @dataclass(frozen=True)
@@ -245,8 +261,10 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -
 
 
 def train_mtp(cfg: TrainMTPConfig) -> dict:
-    """Train a head for the policy in ``cfg.model`` through ``cfg.stages()``; saves the Bebop and public
-    layouts to ``cfg.out`` with ``train_mtp.jsonl`` (per-stage records) and ``train_mtp_summary.json``.
+    """Train a head for the policy in ``cfg.model`` through ``cfg.stages()``; saves Bebop's layout to ``cfg.out``
+    (and, for families without a native MTP layout, the Qwen3.5 and DeepSeek-V3 layouts beside it) with
+    ``train_mtp.jsonl`` (per-stage records) and ``train_mtp_summary.json``. ``bebop export`` merges a head into
+    a complete model directory in its family's native layout, for vLLM and SGLang.
 
     Precision (``bebop.models.device``): the frozen backbone is loaded in ``cfg.dtype`` on ``cfg.device`` and
     samples the data in it; the head keeps float32 weights and AdamW state, and its forwards and losses run
@@ -264,7 +282,9 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
     if not data or not heldout:
         raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
-    head = (load_head(cfg.init, model) if cfg.init else MTPHead.from_base(model)).to(device, torch.float32)
+    head, start = initial_head(cfg.init, model)
+    head = head.to(device, torch.float32)
+    stages = cfg.stages(warm=start == "fresh")
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,13 +292,14 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
     history: list[dict] = []
     with (out / "train_mtp.jsonl").open("w") as log:
         run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec)
-        for stage in cfg.stages():
+        for stage in stages:
             history += _train_stage(run, head, stage, gen)
     save_head(head, out, model.config)
-    export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
-    export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
-                num_base_layers=model.config.num_hidden_layers)
-    summary = {"config": asdict(cfg), "stages": [asdict(s) for s in cfg.stages()],
+    if native_layout(model.config) is None:  # native families are served through `bebop export` instead
+        export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
+        export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
+                    num_base_layers=model.config.num_hidden_layers)
+    summary = {"config": asdict(cfg), "init": start, "stages": [asdict(s) for s in stages],
                "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0,
                "device": str(device), "dtype": prec.name, "backend": decoding_path(model).backend}
     (out / "train_mtp_summary.json").write_text(json.dumps(summary, indent=2))
