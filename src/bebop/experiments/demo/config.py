@@ -54,11 +54,11 @@ class DemoConfig:
     # 2. heads: init_loss warm start, then ce / e2e_tv (+ extra_losses) from it
     gamma_train: int = 3
     init_loss: str = "fkl"
-    init_steps: int = 600              # init_* and head_* as train-mtp's warm stage and main stage
+    init_steps: int = 800              # init_* and head_* as train-mtp's warm stage and main stage
     init_lr: float = 5e-3
-    head_steps: int = 200
+    head_steps: int = 300
     head_lr: float = 1e-3
-    data_samples: int = 2048
+    data_samples: int = 4096
     heldout_samples: int = 128
     extra_losses: str = ""             # e.g. "fkl,rkl,tv": more losses fine-tuned like ce and e2e_tv (claim 3)
     # 3.-5. measurements
