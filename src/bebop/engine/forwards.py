@@ -2,10 +2,11 @@
 
 Both plain and MTP decoding run the target (and the head) through the same backend — ``bebop.models.lean``
 (static KV slots written in place, fused projections over the model's own weights, same math as transformers)
-when the model is a supported Qwen3 decoder and ``backend="auto"`` or ``"lean"``, transformers' own modules
-with a ``DynamicCache`` otherwise (``backend="transformers"``, or ``"auto"`` on any other model). ``"lean"`` on a
-model the lean path does not cover is an error, never a quiet fallback; which path runs is said once per command
-(:func:`decoding_path`, :func:`report_paths`). Plain and MTP decoding are thus always compared on equal forwards.
+when the model is a supported Qwen3, Llama or Qwen2 decoder and ``backend="auto"`` or ``"lean"``, transformers'
+own modules with a ``DynamicCache`` otherwise (``backend="transformers"``, or ``"auto"`` on any other model).
+``"lean"`` on a model the lean path does not cover is an error, never a quiet fallback; which path runs, and why
+not the lean one (``bebop.models.lean.why_not_lean``), is said once per command (:func:`decoding_path`,
+:func:`report_paths`). Plain and MTP decoding are thus always compared on equal forwards.
 Target and head caches share one slot layout (head slot s pairs with target slot s), so one validity mask
 serves both.
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from bebop.errors import BebopError
-from bebop.models.lean import StaticKV, lean_decoder, lean_head
+from bebop.models.lean import StaticKV, lean_decoder, lean_head, why_not_lean, why_not_lean_head
 
 BACKENDS = ("auto", "lean", "transformers")
 LEAN, TRANSFORMERS = "lean", "transformers"
@@ -39,7 +40,7 @@ class DecodingPath:
     """Which forwards decode a model: ``backend`` is ``"lean"`` or ``"transformers"``; ``reason`` says why
     transformers' modules run (empty on the lean path); ``head_reason`` says why the MTP head runs through
     transformers' modules while the target is lean (empty otherwise); ``model_type``, ``device`` and ``dtype``
-    describe the model."""
+    describe the model; ``family`` is the lean path's name for it ("Qwen3", "Llama", "Qwen2"; lean only)."""
 
     backend: str
     model_type: str
@@ -47,14 +48,15 @@ class DecodingPath:
     dtype: str
     reason: str = ""
     head_reason: str = ""
+    family: str = ""
 
     @property
     def line(self) -> str:
-        """One console line: ``decoding with the lean path (Qwen3, float32 on cpu)`` or ``decoding with
-        transformers' modules (model_type llama: the lean path supports only Qwen3 decoders; …)``."""
+        """One console line: ``decoding with the lean path (Llama, float32 on cpu)`` or ``decoding with
+        transformers' modules (model_type deepseek_v3: layer 0 is a DeepseekV3DecoderLayer, …)``."""
         where = f"{self.dtype} on {self.device}"
         if self.backend == LEAN:
-            text = f"decoding with the lean path (Qwen3, {where})"
+            text = f"decoding with the lean path ({self.family or self.model_type}, {where})"
             return text + (f"; the MTP head runs through transformers' modules ({self.head_reason})"
                            if self.head_reason else "")
         return f"decoding with transformers' modules ({self.reason}; {where})"
@@ -78,10 +80,7 @@ def _announce(path: DecodingPath) -> None:
 
 def _why_not_lean(model: PreTrainedModel) -> str:
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type != "qwen3":
-        return f"model_type {model_type}: the lean path supports only Qwen3 decoders"
-    return ("model_type qwen3 with options the lean path does not cover (it needs SiLU MLPs without biases, full "
-            "attention, Qwen3 RMSNorms and default RoPE)")
+    return f"model_type {model_type}: {why_not_lean(model)}"
 
 
 def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
@@ -98,10 +97,10 @@ def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
         return DecodingPath(TRANSFORMERS, reason=reason, **desc)
     head_reason = ""
     if head is not None and lean_head(head, model, lean) is None:
-        head_reason = "its layers are not the Qwen3 layers the lean path covers"
+        head_reason = why_not_lean_head(head, model) or "it is not bound to the model's own embedding"
         if backend == LEAN:
             raise BebopError(f"backend 'lean' asked for, but the MTP head cannot use it: {head_reason}")
-    return DecodingPath(LEAN, head_reason=head_reason, **desc)
+    return DecodingPath(LEAN, head_reason=head_reason, family=lean.family, **desc)
 
 
 def decoding_path(model: PreTrainedModel, head=None, backend: str = "auto") -> DecodingPath:

@@ -1,21 +1,31 @@
-"""Lean inference forwards for Qwen3-style decoders and Bebop MTP heads, over the models' own weights.
+"""Lean inference forwards for dense Qwen3, Llama and Qwen2 decoders and Bebop MTP heads, over the models' own weights.
 
 Why: at the toy sizes Bebop decodes, an eager transformers forward is mostly Python and dispatch (kwargs plumbing,
 output capturing, 4D mask building, DynamicCache bookkeeping). Speculative decoding is sensitive to exactly that
 fixed per-call cost (DESIGN §8), and so is plain decoding. The engine (``bebop.engine.forwards``) therefore runs
 BOTH plain and MTP decoding through these forwards when the model is supported, and through transformers otherwise.
 
-What is computed — the same math as transformers' ``Qwen3DecoderLayer`` / ``Qwen3Model`` in eval mode
-(``transformers.models.qwen3.modeling_qwen3``, 5.x) and as ``transformers.modeling_layers.MtpLayer``:
+What is computed — the same math as transformers' ``Qwen3DecoderLayer`` / ``Qwen3Model``, ``LlamaDecoderLayer`` /
+``LlamaModel`` and ``Qwen2DecoderLayer`` / ``Qwen2Model`` in eval mode (``transformers.models.{qwen3,llama,qwen2}``,
+5.x) and as ``transformers.modeling_layers.MtpLayer``:
 
     x ← x + o_proj( SDPA( rope(q_norm(q)), rope(k_norm(k)), v ) )     q, k, v = projections of RMSNorm₁(x)
     x ← x + down( silu(gate(h)) ⊙ up(h) )                             h = RMSNorm₂(x)
-    RMSNorm(x) = w ⊙ (x · rsqrt(mean(x²) + ε)), in float32, cast back (as Qwen3RMSNorm)
-    rope(x) = x·cos + rotate_half(x)·sin, cos/sin of (position · inv_freq) (the model's own rotary buffers)
+    RMSNorm(x) = w ⊙ (x · rsqrt(mean(x²) + ε)), in float32, cast back (as Qwen3/Llama/Qwen2RMSNorm)
+    rope(x) = x·cos + rotate_half(x)·sin, cos/sin of (position · inv_freq) · attention_scaling (the model's own
+              rotary buffers, so any RoPE whose frequencies are fixed at build time: default, linear, llama3, yarn)
+
+The three families differ only in what the lean layer reads as optional: Qwen3 has q_norm/k_norm (Llama and Qwen2
+have none: q and k go straight to RoPE); Qwen2 has q/k/v biases; Llama has q/k/v/o biases under
+``attention_bias`` and gate/up/down biases under ``mlp_bias``, and an explicit ``head_dim``. What the lean path
+cannot reproduce — sliding-window layers, an MLP activation other than SiLU, RoPE whose frequencies change with
+the sequence length (dynamic, longrope), partial rotary dims, any other layer or norm class — is refused, and
+:func:`why_not_lean` / :func:`why_not_lean_head` say why (the engine prints it and decodes through transformers).
 
 and for the MTP head (DESIGN §2): ``h_in = eh_proj([enorm(Embed(tok)), hnorm(h)])``, the block above, then
-``post_norm``. Equal up to float rounding (``tests/test_lean.py`` checks logits against transformers on random
-prompts with left padding and holes, in one call and chunked through the cache), cheaper because:
+``post_norm``. Equal up to float rounding (``tests/models/test_lean.py`` checks hidden states and logits against
+transformers on random prompts with left padding and holes, in one call and chunked through the cache, for each
+family), cheaper because:
 (1) q/k/v and gate/up projections are one matmul each, on concatenated weights with the preceding RMSNorm
 weight folded in (``W·(w⊙n) = (W·diag w)·n``; likewise enorm/hnorm into ``eh_proj``), every matmul on a
 contiguous transposed copy (``x @ Wᵀ`` is markedly cheaper than ``F.linear`` at these sizes); (2) q_norm and
@@ -42,13 +52,14 @@ a hole or padding query never becomes fully masked (its output is garbage nobody
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LeanDecoder", "LeanHead", "StaticKV", "lean_decoder", "lean_head"]
+__all__ = ["LeanDecoder", "LeanHead", "StaticKV", "lean_decoder", "lean_head", "why_not_lean", "why_not_lean_head"]
 
 
 def _rms(x: Tensor, w: Tensor | None, eps: Tensor) -> Tensor:
@@ -129,41 +140,50 @@ class StaticKV:
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
 
+def _fused_bias(linears) -> Tensor | None:
+    """The bias of the concatenated projections ``linears`` (zeros where one has none), or None if none has one."""
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+
+
 class _Layer:
-    """One decoder layer's weights, read from a transformers Qwen3DecoderLayer. Fused copies: ``qkv`` =
-    [q; k; v] projections with the input RMSNorm weight folded in (``W·(w⊙n) = (W·diag w)·n``), ``gate_up`` =
-    [gate; up] with the post-attention RMSNorm weight folded in."""
+    """One decoder layer's weights, read from a transformers Qwen3, Llama or Qwen2 decoder layer. Fused copies:
+    ``qkv`` = [q; k; v] projections with the input RMSNorm weight folded in (``W·(w⊙n) = (W·diag w)·n``; biases
+    are added after the matmul, so folding leaves them alone), ``gate_up`` = [gate; up] with the post-attention
+    RMSNorm weight folded in. ``qk_norm`` is None for layers without q/k norms (Llama, Qwen2)."""
 
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
-        self.eps1, self.eps_qk, self.eps2 = _eps(layer.input_layernorm), _eps(attn.q_norm), _eps(
-            layer.post_attention_layernorm)
+        self.eps1, self.eps2 = _eps(layer.input_layernorm), _eps(layer.post_attention_layernorm)
         self.d = attn.head_dim
         self.hq = attn.q_proj.weight.shape[0] // self.d
         self.hkv = attn.k_proj.weight.shape[0] // self.d
         self.scale = float(attn.scaling)
         ln1 = layer.input_layernorm.weight
         self.qkv = _t(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) * ln1[None, :])
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        if all(b is None for b in biases):
-            self.qkv_bias = None
-        else:
-            lin = [attn.q_proj, attn.k_proj, attn.v_proj]
-            self.qkv_bias = torch.cat([b if b is not None else m.weight.new_zeros(m.weight.shape[0])
-                                       for b, m in zip(biases, lin, strict=True)])
-        self.qk_norm = torch.cat([attn.q_norm.weight.expand(self.hq, self.d),
-                                  attn.k_norm.weight.expand(self.hkv, self.d)])
+        self.qkv_bias = _fused_bias([attn.q_proj, attn.k_proj, attn.v_proj])
+        q_norm = getattr(attn, "q_norm", None)
+        self.qk_norm = self.eps_qk = None
+        if q_norm is not None:
+            self.eps_qk = _eps(q_norm)
+            self.qk_norm = torch.cat([q_norm.weight.expand(self.hq, self.d),
+                                      attn.k_norm.weight.expand(self.hkv, self.d)])
         self.o = _t(attn.o_proj.weight)
         self.o_bias = attn.o_proj.bias
         ln2 = layer.post_attention_layernorm.weight
         self.gate_up = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * ln2[None, :])
+        self.gate_up_bias = _fused_bias([mlp.gate_proj, mlp.up_proj])
         self.down = _t(mlp.down_proj.weight)
+        self.down_bias = mlp.down_proj.bias
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kc: Tensor, vc: Tensor, start: int) -> Tensor:
         B, T, _ = x.shape
         d, hq, hkv = self.d, self.hq, self.hkv
         qkv = _mm(_rms(x, None, self.eps1), self.qkv, self.qkv_bias).view(B, T, hq + 2 * hkv, d)
-        qk = _rms(qkv.narrow(2, 0, hq + hkv), self.qk_norm, self.eps_qk)
+        qk = qkv.narrow(2, 0, hq + hkv)
+        if self.qk_norm is not None:
+            qk = _rms(qk, self.qk_norm, self.eps_qk)
         qk = qk * cos + torch.roll(qk, d // 2, -1) * sin                      # RoPE on q and k heads at once
         end = start + T
         kc.narrow(2, start, T).copy_(qk.narrow(2, hq, hkv).transpose(1, 2))
@@ -172,12 +192,14 @@ class _Layer:
                                            vc.narrow(2, 0, end), attn_mask=mask, scale=self.scale,
                                            enable_gqa=hq != hkv)
         x = x + _mm(o.transpose(1, 2).reshape(B, T, hq * d), self.o, self.o_bias)
-        gate, up = _mm(_rms(x, None, self.eps2), self.gate_up).chunk(2, dim=-1)
-        return x + _mm(F.silu(gate) * up, self.down)
+        gate, up = _mm(_rms(x, None, self.eps2), self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
+        return x + _mm(F.silu(gate) * up, self.down, self.down_bias)
 
 
 class _Rope:
-    """cos and signed-sin tables [n, D] from the model's rotary module (default-style RoPE: static inv_freq)."""
+    """cos and signed-sin tables [n, D] from the model's rotary module: ``inv_freq`` and ``attention_scaling`` as
+    the module holds them, so any RoPE whose frequencies are fixed when the module is built (default, linear,
+    llama3, yarn) gives the module's own cos/sin (``tests/models/test_lean.py`` compares them for llama3)."""
 
     def __init__(self, rotary, dtype):
         self.inv_freq = rotary.inv_freq
@@ -218,17 +240,105 @@ def _attn_mask(valid: Tensor, start: int, T: int, dtype) -> Tensor:
     return (mask if mask.dtype == dtype else mask.to(dtype)).unsqueeze(1)
 
 
-def _supported_layer(layer) -> bool:
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm
+LEAN_FAMILIES: tuple[str, ...] = ("Qwen3", "Llama", "Qwen2")
+_DYNAMIC_ROPE = ("dynamic", "longrope")   # rope types whose inv_freq changes with the sequence length
 
-    if type(layer) is not Qwen3DecoderLayer:
-        return False
-    attn, mlp = layer.self_attn, layer.mlp
-    return (getattr(attn.config, "hidden_act", None) == "silu" and attn.sliding_window is None
-            and attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon
-            and all(getattr(m, "bias", None) is None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-            and all(type(n) is Qwen3RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm,
-                                                       attn.q_norm, attn.k_norm)))
+
+@functools.cache
+def _kinds() -> dict[type, tuple[str, bool]]:
+    """Decoder-layer class -> (family, whether it has q/k norms): the layers the lean path covers."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    return {Qwen3DecoderLayer: ("Qwen3", True), LlamaDecoderLayer: ("Llama", False),
+            Qwen2DecoderLayer: ("Qwen2", False)}
+
+
+@functools.cache
+def _rms_classes() -> tuple[type, ...]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    return (Qwen3RMSNorm, LlamaRMSNorm, Qwen2RMSNorm)
+
+
+def _is_rms(norm) -> bool:
+    """True for the x·w RMSNorm classes of Qwen3, Llama and Qwen2 (the same float32 math; not the zero-centred
+    x·(1+w) norms of Qwen3.5 / Qwen3-Next)."""
+    return type(norm) in _rms_classes()
+
+
+def _layer_problem(layer, where: str) -> str:
+    """Why the lean layer cannot reproduce ``layer`` (``where`` names it in the message), or "" if it can."""
+    kind = _kinds().get(type(layer))
+    if kind is None:
+        return (f"{where} is a {type(layer).__name__}, not one of the decoder layers the lean path covers "
+                f"({', '.join(LEAN_FAMILIES)})")
+    attn = layer.self_attn
+    act = getattr(attn.config, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        return f"{where} has hidden_act {act!r} (the lean MLP is SiLU-gated)"
+    if getattr(attn, "sliding_window", None) is not None:
+        return f"{where} uses sliding-window attention (window {attn.sliding_window})"
+    norms = [layer.input_layernorm, layer.post_attention_layernorm] + ([attn.q_norm, attn.k_norm] if kind[1] else [])
+    odd = next((n for n in norms if not _is_rms(n)), None)
+    if odd is not None:
+        return f"{where} has a {type(odd).__name__} norm (the lean path computes x·w RMSNorms)"
+    if kind[1] and attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+        return f"{where} has q_norm and k_norm with different epsilons"
+    return ""
+
+
+def why_not_lean(model) -> str:
+    """Why the lean path cannot decode ``model`` exactly, naming the first thing it cannot reproduce, or "" when
+    it can: a transformers Qwen3, Llama or Qwen2 decoder with SiLU MLPs, full attention on every layer, x·w
+    RMSNorms and RoPE over the whole head with frequencies fixed at build time."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or not hasattr(dec, "layers") or len(dec.layers) == 0:
+        return f"{type(model).__name__} has no decoder layers the lean path can read"
+    for i, layer in enumerate(dec.layers):
+        problem = _layer_problem(layer, f"layer {i}")
+        if problem:
+            return problem
+    rotary = getattr(dec, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return "its decoder has no rotary embedding with an inv_freq buffer"
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    if rope_type.startswith(_DYNAMIC_ROPE):
+        return f"rope_type {rope_type!r} changes its frequencies with the sequence length"
+    if not _is_rms(getattr(dec, "norm", None)):
+        return f"its final norm is a {type(getattr(dec, 'norm', None)).__name__}, not an x·w RMSNorm"
+    head_dim, rotary_dim = dec.layers[0].self_attn.head_dim, 2 * rotary.inv_freq.numel()
+    if rotary_dim != head_dim:
+        return f"RoPE covers {rotary_dim} of {head_dim} head dims (partial rotary)"
+    return ""
+
+
+def why_not_lean_head(head, model) -> str:
+    """Why the lean path cannot run the MTP ``head`` bound to ``model`` (the target's own reason first), or ""
+    when it can: every MTP layer's block a covered decoder layer, its enorm/hnorm/post_norm x·w RMSNorms."""
+    base = why_not_lean(model)
+    return f"the target model cannot use the lean path: {base}" if base else _head_problem(head, model)
+
+
+def _head_problem(head, model) -> str:
+    """Why the lean path cannot run ``head`` on ``model``, given that it can run ``model`` itself."""
+    if head.num_layers < 1 or getattr(head, "_shared", None) is None:
+        return "the head has no layers or is not bound to a model"
+    if head._shared.embed is not model.get_input_embeddings():
+        return "the head is bound to another model's embedding"
+    for i, layer in enumerate(head.layers):
+        problem = _layer_problem(layer.mtp_block, f"its layer {i}'s block")
+        norms = [layer.enorm, layer.hnorm] + ([layer.post_norm] if layer.post_norm is not None else [])
+        if not problem and not all(_is_rms(n) for n in norms):
+            problem = f"its layer {i} has norms {', '.join(type(n).__name__ for n in norms)}, not x·w RMSNorms"
+        if not problem and layer.enorm.variance_epsilon != layer.hnorm.variance_epsilon:
+            problem = f"its layer {i} has enorm and hnorm with different epsilons"
+        if problem:
+            return problem
+    return ""
 
 
 class LeanDecoder:
@@ -236,6 +346,7 @@ class LeanDecoder:
 
     def __init__(self, model):
         dec = model.get_decoder()
+        self.family = _kinds()[type(dec.layers[0])][0]        # "Qwen3", "Llama" or "Qwen2"
         self.sources = _Sources(model)
         self.embed = model.get_input_embeddings().weight
         self.norm = dec.norm.weight
@@ -326,15 +437,11 @@ _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def lean_decoder(model) -> LeanDecoder | None:
     """The lean forward of ``model`` (cached, rebuilt if any weight changed), or None if unsupported
-    (anything but a transformers Qwen3 decoder with default-style RoPE, SiLU MLP and full attention)."""
+    (:func:`why_not_lean` says why)."""
     cached = _DECODERS.get(model)
     if cached is not None and cached.sources.fresh():
         return cached
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    rotary = getattr(dec, "rotary_emb", None)
-    if (dec is None or rotary is None or not hasattr(rotary, "inv_freq") or not hasattr(dec, "norm")
-            or str(getattr(rotary, "rope_type", "default")).startswith(("dynamic", "longrope"))
-            or not all(_supported_layer(layer) for layer in dec.layers)):
+    if why_not_lean(model):
         return None
     with torch.no_grad():
         lean = LeanDecoder(model)
@@ -343,22 +450,11 @@ def lean_decoder(model) -> LeanDecoder | None:
 
 
 def lean_head(head, model, base: LeanDecoder | None = None) -> LeanHead | None:
-    """The lean forward of a bound ``MTPHead`` (all its layers), or None if unsupported. ``base`` =
-    ``lean_decoder(model)`` if the caller already has it."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
+    """The lean forward of a bound ``MTPHead`` (all its layers), or None if unsupported
+    (:func:`why_not_lean_head` says why). ``base`` = ``lean_decoder(model)`` if the caller already has it."""
     base = base or lean_decoder(model)
-    if base is None or head.num_layers < 1:
+    if base is None or _head_problem(head, model) or head._shared.embed.weight is not base.embed:
         return None
-    if getattr(head, "_shared", None) is None or head._shared.embed.weight is not base.embed:
-        return None
-    for layer in head.layers:
-        if not _supported_layer(layer.mtp_block) or not all(type(n) is Qwen3RMSNorm for n in (layer.enorm,
-                                                                                              layer.hnorm)):
-            return None
-        if (layer.post_norm is not None and type(layer.post_norm) is not Qwen3RMSNorm) or (
-                layer.enorm.variance_epsilon != layer.hnorm.variance_epsilon):
-            return None
     cached = _HEADS.get(head)
     if cached is not None and cached.base is base and cached.sources.fresh():
         return cached
