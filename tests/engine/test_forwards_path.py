@@ -17,7 +17,8 @@ from bebop.errors import BebopError
 def llama(tiny_tokenizer):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      hidden_act="gelu")   # an MLP the lean path does not reproduce
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -44,8 +45,8 @@ def test_qwen3_decodes_on_the_lean_path(tiny_model):
 def test_other_families_fall_back_under_auto_and_say_why(llama):
     path = decoding_path(llama)
     assert path.backend == "transformers"
-    assert path.line == ("decoding with transformers' modules (model_type llama: the lean path supports only Qwen3 "
-                         "decoders; float32 on cpu)")
+    assert path.line == ("decoding with transformers' modules (model_type llama: layer 0 has hidden_act 'gelu' (the "
+                         "lean MLP is SiLU-gated); float32 on cpu)")
 
 
 def test_lean_asked_for_on_an_unsupported_model_is_an_error(llama, tiny_tokenizer):
