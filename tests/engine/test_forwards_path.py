@@ -80,3 +80,19 @@ def test_bfloat16_model_decodes_on_the_lean_path_with_float32_probabilities(tiny
     r = generate(model, _prompts(tiny_tokenizer), SamplingParams(), 6, None, generator=torch.Generator().manual_seed(0))
     assert said == ["decoding with the lean path (Qwen3, bfloat16 on cpu)"]
     assert r.logprobs.dtype is torch.float32 and torch.isfinite(r.logprobs).all()
+
+
+def test_mtp_decoding_on_a_hybrid_model_is_refused(tiny_tokenizer):
+    """A KV crop cannot undo a linear-attention state: MTP decoding on Qwen3.5 is an error, plain decoding runs."""
+    from bebop.models.families import build_family_policy
+    from bebop.models.mtp import MTPHead
+    from bebop.models.policy import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_family_policy("qwen3_5", ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                                       intermediate_size=64), tiny_tokenizer).eval()
+    head = MTPHead.from_base(model).eval()
+    params = SamplingParams(temperature=1.0)
+    with pytest.raises(BebopError, match="qwen3_5_text.*linear_attention"):
+        generate_mtp(model, head, [[1, 2, 3]], params, 4, eos_id=None, gamma=2)
+    assert generate(model, [[1, 2, 3]], params, 4, eos_id=None).tokens.shape == (1, 4)

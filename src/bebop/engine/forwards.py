@@ -186,10 +186,27 @@ def _drafter(model: PreTrainedModel, head, lean, batch: int, capacity: int):
     return drafter, mcache
 
 
+def check_rollback(model: PreTrainedModel) -> None:
+    """Speculative decoding rolls rejected drafts back out of the target's cache. Linear-attention layers (Gated
+    DeltaNet in Qwen3.5 / Qwen3-Next) fold every verified token into a recurrent state that a KV crop cannot undo,
+    so MTP decoding on them would silently leave the policy's law; refuse it (plain decoding is exact)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    kinds = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t not in ("full_attention",
+                                                                                       "sliding_attention")})
+    if kinds:
+        raise BebopError(
+            f"MTP decoding on model_type {getattr(cfg, 'model_type', '?')!r} needs a per-row rollback of its "
+            f"{', '.join(kinds)} state, which the engine does not do yet; decode without --mtp (exact), and measure "
+            "heads teacher-forced (bebop analyze entropy, train-mtp's held-out α)"
+        )
+
+
 def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: str = "auto") -> Forwards:
     """The target's (and the head's) forwards for ``batch`` rows (module doc); ``capacity`` is a first
     allocation (lean caches grow on demand). ``backend``: ``"auto"`` (lean when supported, else transformers'),
     ``"lean"`` (an error when unsupported) or ``"transformers"``; the path taken is announced (module doc)."""
+    if head is not None:
+        check_rollback(model)
     lean = lean_decoder(model) if backend in ("auto", LEAN) else None
     path = _path(model, head, backend, lean)
     _announce(path)
