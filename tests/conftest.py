@@ -1,10 +1,17 @@
-"""Shared fixtures: a tiny policy built in seconds (no downloads), torch on one thread for stable CI."""
+"""Shared fixtures: a tiny policy built in seconds (no downloads), torch on one thread for stable CI, and ``cli``:
+the ``bebop`` command line run in this process (no interpreter, torch or transformers start-up per call)."""
 
 from __future__ import annotations
 
+import os
+import random
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +67,57 @@ def dirs(tmp_path_factory, tiny_tokenizer):
     return root
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m bebop.cli ARGS`` in a subprocess, output captured."""
-    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)
+@dataclass(frozen=True)
+class CliResult:
+    """What a finished ``bebop`` run left: exit status and the text it wrote (the fields of CompletedProcess that
+    the tests read)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str) -> CliResult:
+    """``bebop ARGS`` in this process through the real entry point :func:`bebop.cli.app.main` (so a BebopError is
+    one ``error: …`` line on stderr and exit code 2), output captured by typer's CliRunner.
+
+    A subprocess would start from clean global state, so the run leaves none behind: the torch, numpy and
+    ``random`` generators, torch's thread count and transformers' progress-bar switch are restored afterwards,
+    and the engine's decoding-path notice goes nowhere again (``report_paths(None)``, its state at start-up). An
+    unexpected exception is exit code 1 with its traceback on stderr, as Python itself would report it. Tests
+    whose point is the process itself (signals, imports, the ``python -m bebop.cli`` entry) use ``cli_process``."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()  # before imports that may draw
+    from transformers.utils import logging as hf_logging
+    from typer.testing import CliRunner
+
+    from bebop.cli.app import main
+    from bebop.engine.forwards import report_paths
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    code = 0
+    with (CliRunner().isolation(env={"COLUMNS": "160"}) as (out, err, _),  # rich's width when not on a terminal
+          mock.patch.object(sys, "argv", ["bebop", *args])):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # reported as an uncaught exception in a real process would be
+            sys.stderr.write(traceback.format_exc())
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            torch.set_num_threads(threads)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
+            report_paths(None)
+        return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def cli_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m bebop.cli ARGS`` in a subprocess, output captured: for tests of the process itself. torch runs
+    on one thread there too (``OMP_NUM_THREADS``): more threads than free cores only slow a shared machine down."""
+    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})

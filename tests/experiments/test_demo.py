@@ -4,10 +4,9 @@ and ``--model`` skips SFT. The quick numbers are meaningless; only the plumbing 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import cli
 from matplotlib.image import imread
 
 from bebop.experiments.demo import CLAIMS, PLOTS, evaluate_claims, quick_config, run_demo
@@ -16,10 +15,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ("report.md", "summary.json", "losses.json", "sweep.json", "entropy.json", "rl/bench_rl.json",
          "policy/sft_summary.json", "heads/fkl_init/train_mtp_summary.json", "heads/ce/train_mtp_summary.json",
          "heads/e2e_tv/train_mtp_summary.json")
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -216,7 +216,10 @@ def test_resume_continues_without_lost_or_repeated_steps(policy_dirs, tmp_path):
 
 
 def run_cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    """``python -m bebop.cli ARGS`` as a process (so it can be killed), with the test rewards importable and torch
+    on one thread, as in the test process: more threads than free cores only slows a shared machine down."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "bebop.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
@@ -250,19 +253,24 @@ def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
 
 # ---------------------------------------------------------------- Ray
 
-@pytest.mark.slow
-def test_ray_backend_matches_local(policy_dirs, tmp_path):
-    """Two RL steps with rollouts on a Ray actor (weights pushed through the object store each step) give
-    the same rollouts, rewards and losses as the in-process backend for the same seed."""
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module's Ray tests (starting one takes seconds); the test rewards are
+    importable in its workers. Each run's rollout actors are killed when the run closes its workers."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}})
-    try:
-        local = small_config(policy_dirs, tmp_path / "local", steps=2, rollout_threads=1)
-        train_rl(local)
-        train_rl(replace(local, out=str(tmp_path / "ray"), backend="ray"))
-    finally:
-        ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_backend_matches_local(ray_cluster, policy_dirs, tmp_path):
+    """Two RL steps with rollouts on a Ray actor (weights pushed through the object store each step) give
+    the same rollouts, rewards and losses as the in-process backend for the same seed."""
+    local = small_config(policy_dirs, tmp_path / "local", steps=2, rollout_threads=1)
+    train_rl(local)
+    train_rl(replace(local, out=str(tmp_path / "ray"), backend="ray"))
     a, b = read_log(tmp_path / "local"), read_log(tmp_path / "ray")
     assert [r["step"] for r in b] == [0, 1]
     for ra, rb in zip(a, b, strict=True):
@@ -404,10 +412,9 @@ def test_merge_batches_keeps_the_multi_turn_sampled_mask():
 
 
 @pytest.mark.slow
-def test_ray_backend_masks_environment_tokens_like_local(tool_caller_dir, tmp_path, monkeypatch):
+def test_ray_backend_masks_environment_tokens_like_local(ray_cluster, tool_caller_dir, tmp_path, monkeypatch):
     """An agent-task RL step on two Ray workers trains on the same loss mask as the workers' rollouts taken
     in-process: environment replies stay context, never loss terms, after the shards are merged."""
-    ray = pytest.importorskip("ray")
     from bebop.rl import trainer
 
     cfg = small_config(tool_caller_dir, tmp_path / "ray", task="agent", temperature=0.7, max_new_tokens=24, steps=1,
@@ -420,12 +427,7 @@ def test_ray_backend_masks_environment_tokens_like_local(tool_caller_dir, tmp_pa
         return real_update(model, ref_model, opt, batch, *args)
 
     monkeypatch.setattr(trainer, "policy_update", spy)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}})
-    try:
-        train_rl(cfg)
-    finally:
-        ray.shutdown()
+    train_rl(cfg)
     (batch,) = trained
     worker = RolloutWorker(replace(cfg, backend="local"))
     per = cfg.prompts_per_step // 2

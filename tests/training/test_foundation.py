@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, cli_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,11 +15,6 @@ from bebop.errors import BebopError
 from bebop.models.policy import ModelConfig, load_policy, save_policy
 from bebop.tasks import get_task, sample_problems
 from bebop.training.sft import SFT_RECIPES, SFTConfig, encode_example, sft_batch, train_sft, warmup_cosine
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bebop.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
 
 
 @pytest.mark.parametrize("task", ["arith", "countdown"])
@@ -159,14 +152,14 @@ def test_evaluate_reports_accuracy_and_entropy(tiny_model, tiny_tokenizer):
 @pytest.mark.slow
 def test_cli_sft_then_eval_smoke(tmp_path):
     out = tmp_path / "runs" / "base"
-    r = run_cli("sft", "--task", "arith", "--out", str(out), "--steps", "3", "--batch-size", "4",
-                "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
-                "--eval-samples", "4")
+    r = cli("sft", "--task", "arith", "--out", str(out), "--steps", "3", "--batch-size", "4",
+            "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
+            "--eval-samples", "4")
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     lines = (tmp_path / "runs" / "base.sft.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 2
-    r = run_cli("eval", str(out), "--task", "arith", "--samples", "4", "--max-new-tokens", "8", "--json")
+    r = cli("eval", str(out), "--task", "arith", "--samples", "4", "--max-new-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(res) >= {"accuracy", "greedy_accuracy", "entropy"}
@@ -187,8 +180,18 @@ def test_cli_sft_then_eval_smoke(tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_clear_line(args, needle, tmp_path):
-    r = run_cli(*args, "--out", str(tmp_path / "x")) if args[0] == "sft" else run_cli(*args)
+    r = cli(*args, "--out", str(tmp_path / "x")) if args[0] == "sft" else cli(*args)
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists(), "nothing half-written"
+
+
+@pytest.mark.slow
+def test_python_m_bebop_cli_is_the_entry_point_and_reports_bad_input_in_one_line(tmp_path):
+    """The one run through a real ``python -m bebop.cli`` process (the other CLI tests run in-process): the module
+    entry point exists, and a BebopError leaves the process as one ``error: …`` line and exit status 2."""
+    r = cli_process("sft", "--steps", "0", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: steps must be positive, got 0"]
+    assert r.stdout == "" and not (tmp_path / "x").exists()
