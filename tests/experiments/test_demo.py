@@ -227,3 +227,12 @@ def test_report_renders_every_section_from_results_alone():
     assert all(f"plots/{v}" in report for v in PLOTS.values())
     assert report.count("**held**") + report.count("**not held**") == 5
     assert "accuracy τ=1 –" in report
+
+
+def test_demo_arch_reaches_the_sft_stage(tmp_path):
+    """`arch = "llama"` in the demo's TOML trains the demo policy in that family."""
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.config import sft_config
+
+    assert sft_config(DemoConfig(arch="llama"), tmp_path / "p").arch == "llama"
+    assert sft_config(DemoConfig(), tmp_path / "p").arch == "qwen3"

@@ -27,7 +27,7 @@ C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
 SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "data_samples",
-          "heldout_samples", "online_every", "online_steps", "device", "dtype")
+          "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
 """Demo fields that mean the same in every stage config that has a field of that name."""
 
 
@@ -47,6 +47,7 @@ class DemoConfig:
     device: str = "auto"               # every stage: auto | cpu | cuda | cuda:i (auto: CUDA when available)
     dtype: str = "auto"                # every stage: auto | float32 | bfloat16 | float16 (models.device)
     # 1. SFT
+    arch: str = "qwen3"                # policy family (models.families.ARCHS; hybrids cannot MTP-decode yet)
     sft_steps: int | None = None       # None: the task's SFT recipe (training.sft.SFT_RECIPES)
     sft_minutes: float | None = None   # optional wall-clock cap; off, so the run is the same on any machine
     sft_eval_samples: int = 128
