@@ -50,7 +50,7 @@ def peaky_family(request, tiny_tokenizer):
     return family_policy(request.param, tiny_tokenizer)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=["qwen3", *FAMILIES])  # qwen3 too: the toy policy's greedy test, non-vacuous
 def lively_family(request, tiny_tokenizer):
     return family_policy(request.param, tiny_tokenizer, layer_gain=10.0)
 
