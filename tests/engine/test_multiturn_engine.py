@@ -215,7 +215,7 @@ def test_rows_finish_independently(peaky, tiny_tokenizer, strategy):
 
 def test_mtp_training_data_for_the_agent_task_holds_real_environment_replies(tool_caller, tiny_tokenizer):
     """train_mtp's policy samples on a multi-turn task are real episodes: the environment answered every call."""
-    from bebop.training.train_mtp import policy_samples
+    from bebop.training.samples import policy_samples
 
     rows = policy_samples(tool_caller[0], tiny_tokenizer, AgentTask(), 4, 0.0, 40, seed=0)
     for ids, n_prompt in rows:

@@ -20,7 +20,8 @@ from bebop.experiments import analysis, plots
 from bebop.models.checkpoint import save_head
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import save_policy
-from bebop.training.train_mtp import expected_alpha, policy_samples
+from bebop.training.samples import policy_samples
+from bebop.training.train_mtp import expected_alpha
 
 # ------------------------------------------------------------------------------------------------ fits
 

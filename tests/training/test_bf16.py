@@ -16,8 +16,9 @@ from bebop.models.checkpoint import load_head, save_head
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import ModelConfig, load_policy, save_policy
 from bebop.tasks import get_task
+from bebop.training.samples import policy_samples, usable
 from bebop.training.sft import SFTConfig, train_sft
-from bebop.training.train_mtp import TrainMTPConfig, expected_alpha, policy_samples, train_mtp, usable
+from bebop.training.train_mtp import TrainMTPConfig, expected_alpha, train_mtp
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from bebop.models.mtp import MTPHead
 from bebop.models.native import native_keys, save_model_with_head
 from bebop.models.policy import ModelConfig, load_policy, save_policy
 from bebop.tasks import get_task
+from bebop.training.samples import policy_samples
 from bebop.training.sft import SFTConfig, task_corpus, train_sft
-from bebop.training.train_mtp import TrainMTPConfig, pad_batch, policy_samples, teacher_forced, train_mtp
+from bebop.training.train_mtp import TrainMTPConfig, pad_batch, teacher_forced, train_mtp
 
 SHAPE = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
 GAMMA = 2

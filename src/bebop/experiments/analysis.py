@@ -31,7 +31,8 @@ from bebop.experiments.names import DEFAULT_TEMPERATURES, RULE_NAMES
 from bebop.experiments.options import EntropyConfig, SweepConfig
 from bebop.experiments.series import entropy_series, step_series, sweep_series
 from bebop.tasks import get_task
-from bebop.training.train_mtp import pad_batch, policy_samples, teacher_forced
+from bebop.training.samples import policy_samples
+from bebop.training.train_mtp import pad_batch, teacher_forced
 
 __all__ = [
     "DEFAULT_TEMPERATURES",
@@ -111,7 +112,7 @@ def decision_boundary(p: torch.Tensor, q: torch.Tensor, tol: float = 1e-5) -> di
 def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: int, params: SamplingParams,
                      pad_id: int, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Per drafted position t of the policy samples ``data`` (``(ids, prompt_len)`` as from
-    ``train_mtp.policy_samples``), teacher-forced through ``train_mtp.teacher_forced``:
+    ``samples.policy_samples``), teacher-forced through ``train_mtp.teacher_forced``:
 
     ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
     ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`)."""

@@ -21,7 +21,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
-from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.engine.forwards import decoding_path
 from bebop.errors import BebopError
 from bebop.models.checkpoint import NATIVE, export_head, load_head, save_head
@@ -29,8 +28,8 @@ from bebop.models.device import Precision, precision
 from bebop.models.mtp import MTPHead
 from bebop.models.native import has_native_mtp, native_layout
 from bebop.models.policy import load_policy
-from bebop.tasks import get_task, sample_problems
-from bebop.training.multiturn import is_multi_turn, task_env
+from bebop.tasks import get_task
+from bebop.training.samples import training_rows
 from bebop.training.sft import warmup_cosine
 
 
@@ -129,31 +128,6 @@ class _Run:
     log: TextIO
     t0: float
     prec: Precision
-
-
-def policy_samples(model, tokenizer, task, n: int, temperature: float, max_new_tokens: int, seed: int,
-                   batch_size: int = 128) -> list[tuple[list[int], int]]:
-    """``n`` sequences (prompt ids + sampled completion ids) from the policy, with their prompt lengths.
-    Multi-turn tasks (agent) run real episodes, so the completions hold the environment's replies (as
-    context the head drafts after, exactly as in rollouts) instead of replies the policy made up."""
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = []
-    problems = sample_problems(task, n, seed)
-    params = SamplingParams(temperature=temperature)
-    for i in range(0, n, batch_size):
-        chunk = problems[i : i + batch_size]
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
-        turns = Turns(task_env(task, tokenizer, chunk), tokenizer.convert_tokens_to_ids(task.terminator)) \
-            if is_multi_turn(task) else None
-        r = decode(model, None, prompts, DecodeConfig(params, max_new_tokens, tokenizer.eos_token_id,
-                                                      pad_id=tokenizer.pad_token_id, generator=gen), turns)
-        out += [(pr + c, len(pr)) for pr, c in zip(prompts, r.completions(), strict=True)]
-    return out
-
-
-def usable(rows: list[tuple[list[int], int]], gamma: int) -> list[tuple[list[int], int]]:
-    """Sequences with at least one trainable position: ≥ γ + 1 completion tokens."""
-    return [(ids, n) for ids, n in rows if len(ids) - n >= gamma + 1]
 
 
 def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -274,11 +248,7 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, device, prec.dtype)
     model.requires_grad_(False)
-    task = get_task(cfg.task)
-    data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
-    heldout = policy_samples(model, tokenizer, task, cfg.heldout_samples, cfg.temperature, cfg.max_new_tokens,
-                             cfg.seed + 1_000_003)
-    data, heldout = (usable(rows, cfg.gamma_train) for rows in (data, heldout))
+    data, heldout = training_rows(cfg, model, tokenizer)
     if not data or not heldout:
         raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
