@@ -1,5 +1,5 @@
 """The head's training data (DESIGN §4): the policy's own samples at the rollout temperature and length, drawn
-from a task's prompts (the toy world) or a user's prompts, in batches."""
+in batches from a task's prompts."""
 
 from __future__ import annotations
 
