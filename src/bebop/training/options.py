@@ -3,9 +3,10 @@ without loading the model stack (``bebop --help`` stays fast)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bebop.config import check_device, check_dtype, positive
+from bebop.errors import BebopError
 from bebop.tasks import get_task
 
 EVAL_SEED = 10_000  # seed of the evaluation problem stream (SFT uses its own seed)
@@ -32,3 +33,46 @@ class EvalConfig:
         positive("samples", self.samples)
         positive("max_new_tokens", self.max_new_tokens)
         SamplingParams(temperature=self.temperature)
+
+
+SOURCE_FLAGS = {"task": "--task", "prompts": "--prompts", "dataset": "--dataset", "completions": "--completions"}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a head's training (or evaluation) prompts come from: exactly one of a built-in ``task``, a JSONL
+    ``prompts`` file, a ``datasets`` dataset (local file or directory, cached or hub name) with its ``split`` and
+    ``field``, or a JSONL of existing ``completions`` (prompt + completion per line, no generation). None of them
+    means the ``arith`` task."""
+
+    task: str | None = None
+    prompts: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    field: str | None = None
+    completions: str | None = None
+
+    def check(self) -> DataSource:
+        """Raise on more than one source or an unknown task; returns ``self``."""
+        given = [flag for name, flag in SOURCE_FLAGS.items() if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise BebopError(f"give one data source, got {' and '.join(given)}")
+        if self.task is not None:
+            get_task(self.task)
+        if self.field is not None and self.dataset is None:
+            raise BebopError(f"--field {self.field!r} applies only to --dataset")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``task``, ``prompts``, ``dataset`` or ``completions``."""
+        return next((name for name in SOURCE_FLAGS if getattr(self, name) is not None), "task")
+
+    def resolved(self) -> DataSource:
+        """This source, with the ``arith`` task when none is given."""
+        return self if any(getattr(self, n) is not None for n in SOURCE_FLAGS) else replace(self, task="arith")
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name: the task or the file/dataset."""
+        return str(getattr(self.resolved(), self.resolved().kind))

@@ -1,0 +1,102 @@
+"""Multi-process training on ``torch.distributed``: one process per device, started by ``torchrun``.
+
+``init_dist`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins the process group
+(NCCL on CUDA, gloo on CPU); without that environment it is a single process and every helper here is a no-op, so
+the same training code runs under ``bebop train-mtp`` and ``torchrun -m bebop.cli train-mtp``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from bebop.errors import BebopError
+from bebop.models.device import resolve_device
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: global ``rank`` of ``world`` processes, ``local_rank`` on its node."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints progress."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """More than one process, so collectives actually communicate."""
+        return self.world > 1
+
+
+SINGLE = Dist(0, 1, 0)
+
+
+def init_dist(device: str = "auto") -> tuple[Dist, torch.device]:
+    """Join torchrun's process group when its environment is set, and pick this rank's device: ``cuda:LOCAL_RANK``
+    when ``device`` resolves to CUDA (NCCL), else CPU (gloo). Without torchrun: :data:`SINGLE` and ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE, resolve_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise BebopError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local), dev
+
+
+def close_dist(dist: Dist) -> None:
+    """Leave the process group (end of a run)."""
+    if dist.active and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def gather_objects(obj: T, dist: Dist) -> list[T]:
+    """Every rank's ``obj`` (picklable, produced by this job's own ranks), in rank order, on every rank."""
+    if not dist.active:
+        return [obj]
+    out: list[Any] = [None] * dist.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, dist: Dist, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not dist.active:
+        return obj
+    box = [obj if dist.rank == src else None]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every rank."""
+    if dist.active:
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The sum of ``t`` over ranks (in place; returns ``t``)."""
+    if dist.active:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def shard(seq: Sequence[T], dist: Dist) -> list[T]:
+    """This rank's share of ``seq``: every ``world``-th item from ``rank``."""
+    return list(seq[dist.rank :: dist.world])
