@@ -41,7 +41,7 @@ def usable(rows: list[tuple[list[int], int]], gamma: int) -> list[tuple[list[int
 def training_rows(cfg, model, tokenizer) -> tuple[list[tuple[list[int], int]], list[tuple[list[int], int]]]:
     """``(data, heldout)`` for a head-training run ``cfg`` (a ``TrainMTPConfig``): ``cfg.data_samples`` and
     ``cfg.heldout_samples`` policy samples, keeping those with ≥ ``gamma_train`` + 1 completion tokens."""
-    task = get_task(cfg.task)
+    task = get_task(cfg.source.task)
     data = policy_samples(model, tokenizer, task, cfg.data_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
     heldout = policy_samples(model, tokenizer, task, cfg.heldout_samples, cfg.temperature, cfg.max_new_tokens,
                              cfg.seed + HELDOUT_SEED_OFFSET)

@@ -28,7 +28,7 @@ from bebop.models.device import Precision, precision
 from bebop.models.mtp import MTPHead
 from bebop.models.native import has_native_mtp, native_layout
 from bebop.models.policy import load_policy
-from bebop.tasks import get_task
+from bebop.training.options import DataSource
 from bebop.training.samples import training_rows
 from bebop.training.sft import warmup_cosine
 
@@ -48,7 +48,13 @@ class TrainMTPConfig:
 
     model: str = "runs/arith/base"
     out: str = "runs/arith/mtp_e2e_tv"
-    task: str = "arith"
+    task: str | None = None         # built-in task prompts (default ``arith`` when no other source is given)
+    prompts: str | None = None      # JSONL of {"prompt"} or {"messages"} (rendered with the chat template)
+    dataset: str | None = None      # a ``datasets`` dataset: local file/dir, cached or hub name
+    split: str = "train"
+    field: str | None = None        # the dataset's prompt column (default "prompt", else "messages")
+    completions: str | None = None  # JSONL of existing rollouts: prompt + completion, no generation
+    cache_dir: str | None = None    # policy-sample cache (default $BEBOP_CACHE or ~/.cache/bebop/samples); "" = off
     loss: str = "e2e_tv"
     gamma_train: int = 3
     steps: int = 300                # steps of ``loss`` (after the warm stage)
@@ -69,6 +75,7 @@ class TrainMTPConfig:
     warm_lr: float = 5e-3
     device: str = "auto"            # auto | cpu | cuda | cuda:i (auto: CUDA when available)
     dtype: str = "auto"             # backbone and compute dtype; the head trains with float32 weights (models.device)
+    checkpoint_every: int = 100     # steps between atomic checkpoints in ``out/checkpoint`` (0: none); runs resume
 
     def __post_init__(self) -> None:
         for name in (self.loss, self.warm_loss):
@@ -82,9 +89,16 @@ class TrainMTPConfig:
             raise BebopError(f"warm_steps must be >= 0, got {self.warm_steps}")
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
-        get_task(self.task)
+        self.source.check()
+        if self.checkpoint_every < 0:
+            raise BebopError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         check_device(self.device)
         check_dtype(self.dtype)
+
+    @property
+    def source(self) -> DataSource:
+        """The run's prompt source (the ``arith`` task when none is given)."""
+        return DataSource(self.task, self.prompts, self.dataset, self.split, self.field, self.completions).resolved()
 
     def stages(self, warm: bool = True) -> list[Stage]:
         """The training stages in order: the warm stage (only for a fresh head, ``warm``), then ``loss``."""
