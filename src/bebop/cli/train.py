@@ -92,15 +92,35 @@ def eval_cmd(
 
 def train_mtp_cmd(
     model: Annotated[str | None, typer.Option(help="Policy directory (frozen backbone).")] = None,
-    out: Annotated[str | None, typer.Option(help="Output directory for the head.")] = None,
-    task: Annotated[str | None, typer.Option(help="Task whose prompts the policy samples on.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory for the head (and its checkpoint).")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="Built-in task whose prompts the policy samples on (the default source: arith).")] = None,
+    prompts: Annotated[str | None, typer.Option(
+        help='JSONL of prompts: {"prompt": "..."} or {"messages": [...]} per line (chat template applied).')] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="A `datasets` dataset of prompts: local file or directory, cached or hub name.")] = None,
+    split: Annotated[str | None, typer.Option(help="The dataset's split.")] = None,
+    field: Annotated[str | None, typer.Option(
+        help="The dataset's prompt column (default: prompt, else messages).")] = None,
+    completions: Annotated[str | None, typer.Option(
+        help="JSONL of existing rollouts (prompt or messages + completion per line): trains on them, no sampling.")
+    ] = None,
     loss: Annotated[str | None, typer.Option(help="ce, fkl, rkl, tv or e2e_tv.")] = None,
     gamma_train: Annotated[int | None, typer.Option(help="Draft steps unrolled in training.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps of the loss (after the warm stage).")] = None,
+    warm_steps: Annotated[int | None, typer.Option(help="Forward-KL warm-stage steps for a fresh head.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step (per process under torchrun).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature (data and target p).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Rollout length: completion tokens per sample.")] = None,
     data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
+    heldout_samples: Annotated[int | None, typer.Option(
+        help="Held-out samples (a user's prompts: at most a tenth of them are held out).")] = None,
+    cache_dir: Annotated[str | None, typer.Option(
+        help="Policy-sample cache for user prompts (default $BEBOP_CACHE/samples or ~/.cache/bebop/samples; "
+             "'' = off).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Steps between atomic checkpoints in OUT/checkpoint (0 = none); a rerun resumes from it.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     init: Annotated[str | None, typer.Option(
         help="Starting head: 'native' (the checkpoint's own MTP layer) or a head path. Default: the native layer "
@@ -109,15 +129,25 @@ def train_mtp_cmd(
     dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4)."""
+    """Train an MTP head on the policy's own samples with the backbone frozen (DESIGN §4). Multi-GPU:
+    `torchrun --nproc_per_node N -m bebop.cli train-mtp ...` (DDP; only rank 0 writes)."""
+    import os
+
     from bebop.config import make_config
     from bebop.training.train_mtp import TrainMTPConfig, train_mtp
 
-    announce_paths()
-    cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, loss=loss, gamma_train=gamma_train,
-                      steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
-                      data_samples=data_samples, seed=seed, init=init, device=device, dtype=dtype)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        announce_paths()
+    cfg = make_config(TrainMTPConfig, config, model=model, out=out, task=task, prompts=prompts, dataset=dataset,
+                      split=split, field=field, completions=completions, loss=loss, gamma_train=gamma_train,
+                      steps=steps, warm_steps=warm_steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                      max_new_tokens=max_new_tokens, data_samples=data_samples, heldout_samples=heldout_samples,
+                      cache_dir=cache_dir, checkpoint_every=checkpoint_every, seed=seed, init=init, device=device,
+                      dtype=dtype)
     summary = train_mtp(cfg)
+    if not main:
+        return
     console.print(f"saved head to [bold]{cfg.out}[/] (started from: {summary['init']}); "
                   "`bebop export` merges it into a model directory for vLLM / SGLang")
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})
