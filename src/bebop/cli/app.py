@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from bebop.cli import analyze, bench, demo, export, generate, rl, train
+from bebop.cli import analyze, bench, demo, evalmtp, export, generate, rl, train
 from bebop.cli.render import run_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -12,6 +12,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 app.command("sft")(train.sft)
 app.command("eval")(train.eval_cmd)
 app.command("train-mtp")(train.train_mtp_cmd)
+app.command("eval-mtp")(evalmtp.eval_mtp_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("export")(export.export_cmd)
 

@@ -41,6 +41,7 @@ __all__ = [
     "SweepConfig",
     "accept_length",
     "acceptance",
+    "acceptance_given_token",
     "bucket_by_entropy",
     "decision_boundary",
     "boundary_agreement",
@@ -67,6 +68,20 @@ def acceptance(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     of α_RS, so :func:`boundary_agreement` checks the identity rather than restating it). float32."""
     p, q = p.float(), q.float()
     return alpha_rs(p, q), alpha_to(p, q), 0.5 * (p - q).abs().sum(dim=-1)
+
+
+def acceptance_given_token(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_RS, r_TO)``: the chance that a draft step was an acceptance given the token ``y`` [...] the verify
+    step emitted there, for target ``p`` and draft ``q`` [..., V]. RS emits v as an accepted draft with
+    probability min(p(v), q(v)) and emits v at all with probability p(v), so r_RS = min(p(y), q(y)) / p(y)
+    (0 where p(y) = 0); TO accepts exactly when the emitted token is the greedy draft, r_TO = 1[y = argmax q].
+    Averaged over y ~ p these are α_RS and α_TO; along a sample they give the verify steps the engine would
+    take on it. float32."""
+    p, q = p.float(), q.float()
+    y = y.unsqueeze(-1)
+    p_y, q_y = p.gather(-1, y).squeeze(-1), q.gather(-1, y).squeeze(-1)
+    r_rs = torch.where(p_y > 0, torch.minimum(p_y, q_y) / p_y.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return r_rs, (q.argmax(dim=-1) == y.squeeze(-1)).float()
 
 
 def boundary_agreement(tv, alpha_rs, alpha_to, tol: float = 1e-5) -> dict:
@@ -110,21 +125,25 @@ def decision_boundary(p: torch.Tensor, q: torch.Tensor, tol: float = 1e-5) -> di
 
 @torch.no_grad()
 def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: int, params: SamplingParams,
-                     pad_id: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+                     pad_id: int, batch_size: int = 64, given_token: bool = False) -> dict[str, np.ndarray]:
     """Per drafted position t of the policy samples ``data`` (``(ids, prompt_len)`` as from
-    ``samples.policy_samples``), teacher-forced through ``train_mtp.teacher_forced``:
+    ``samples.policy_samples``), teacher-forced through ``train_mtp.teacher_forced`` (positions in row order,
+    then t ascending):
 
     ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
-    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`)."""
+    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`); with ``given_token``
+    also ``accepted_rs`` / ``accepted_to`` [N, γ] (see :func:`acceptance_given_token`, at the sample's tokens)."""
     check_gamma(gamma)
     lm_head = model.get_output_embeddings()
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy_k", "alpha_rs", "alpha_to", "tv")}
+    keys = ("entropy_k", "alpha_rs", "alpha_to", "tv") + (("accepted_rs", "accepted_to") if given_token else ())
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for i in range(0, len(data), batch_size):
         ids, mask, prompt_lens = pad_batch(list(data[i : i + batch_size]), pad_id, model.device)
-        hq, hp, _ = teacher_forced(model, head, ids, mask, prompt_lens, gamma)
+        hq, hp, y = teacher_forced(model, head, ids, mask, prompt_lens, gamma)
         p, q = probs_from_logits(lm_head(hp), params), probs_from_logits(lm_head(hq), params)
         alpha_rs, alpha_to, tv = acceptance(p, q)
-        for key, val in zip(parts, (entropy(p), alpha_rs, alpha_to, tv), strict=True):
+        vals = (entropy(p), alpha_rs, alpha_to, tv) + (acceptance_given_token(p, q, y) if given_token else ())
+        for key, val in zip(parts, vals, strict=True):
             parts[key].append(val.cpu())
     out = {k: torch.cat(v).double().numpy() if v else np.zeros((0, gamma)) for k, v in parts.items()}
     out["entropy"] = out["entropy_k"][:, 0]
