@@ -193,7 +193,8 @@ def test_cli_eval_mtp_on_a_task_writes_json(dirs, tmp_path):
         assert res[rule]["accept_length"] == pytest.approx(float(accept_length(res[rule]["alpha"])))
 
 
-def test_cli_eval_mtp_on_user_prompts_and_rollouts(dirs, tmp_path):
+def test_cli_eval_mtp_on_user_prompts_dataset_and_rollouts(dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"{a}+{b}="}) for a, b in itertools.product(range(3), "12")))
     out = tmp_path / "p.json"
@@ -204,6 +205,11 @@ def test_cli_eval_mtp_on_user_prompts_and_rollouts(dirs, tmp_path):
     res = json.loads(out.read_text())
     assert res["config"]["source"] == "prompts" and res["n_rows"] == 8 and res["max_new_tokens"] == 8
     assert any((tmp_path / "cache").iterdir())  # the samples were cached
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"{a}+2="}) for a in range(5)))
+    r = cli("eval-mtp", *args, "--dataset", str(data), "--field", "question", "--cache-dir", "", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["config"]["source"] == "dataset"
     rollouts = tmp_path / "rollouts.jsonl"
     rollouts.write_text("\n".join(json.dumps({"prompt": f"{a}+1=", "completion": f" {a + 1} {a} {a} {a}"})
                                   for a in range(4)))
