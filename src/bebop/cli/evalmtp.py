@@ -48,7 +48,7 @@ C = EvalMTPConfig
 def eval_rows(model, tokenizer, source: DataSource, cfg: EvalMTPConfig, model_dir: Path):
     """``(rows, budget)``: the policy samples to evaluate on and the rollout budget to count verify steps within.
     Sampled sources are drawn ``sample_length`` tokens long so the last verify step's drafts have their targets;
-    a user's prompts are all used but the one ``source_rows`` holds out (its split always keeps one back). A
+    a user's prompts are all used. A
     user's rollouts are taken whole, with no budget (every position whose γ targets exist)."""
     from bebop.experiments.eval_mtp import sample_length
     from bebop.training.samples import source_rows
@@ -57,7 +57,7 @@ def eval_rows(model, tokenizer, source: DataSource, cfg: EvalMTPConfig, model_di
     budget = None if source.kind == "completions" else cfg.max_new_tokens
     length = cfg.max_new_tokens if budget is None else sample_length(cfg.max_new_tokens, cfg.gamma)
     rows = source_rows(model, tokenizer, source, cfg.samples, cfg.temperature, length, cfg.seed,
-                       cache_dir=cfg.cache_dir, model_dir=str(model_dir), heldout_prompts=0)
+                       cache_dir=cfg.cache_dir, model_dir=str(model_dir), share="all")
     return rows, budget
 
 

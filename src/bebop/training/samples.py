@@ -100,6 +100,15 @@ def split_prompts(n: int, heldout: int, seed: int) -> tuple[list[int], list[int]
     return order[k:], order[:k]
 
 
+def _share(n: int, share: str, heldout: int, seed: int) -> list[int]:
+    if share == "all":
+        if n < 1:
+            raise BebopError("no prompts")
+        return list(range(n))
+    train, held = split_prompts(n, heldout, seed)
+    return held if share == "heldout" else train
+
+
 def _cycle(items: list, n: int) -> list:
     return [items[j % len(items)] for j in range(n)]
 
@@ -119,17 +128,19 @@ def user_prompts(source: DataSource, tokenizer, max_prompt_len: int, dist: Dist 
 
 
 def source_rows(model, tokenizer, source: DataSource, n: int, temperature: float, max_new_tokens: int, seed: int,
-                *, cache_dir: str | None = None, model_dir: str | None = None, heldout: bool = False,
+                *, cache_dir: str | None = None, model_dir: str | None = None, share: str = "train",
                 heldout_prompts: int = 0, split_seed: int | None = None, batch: int = SAMPLE_BATCH,
                 dist: Dist = SINGLE) -> list[Row]:
     """``n`` rows (prompt ids + completion ids, prompt length) from ``source``, the same on every rank:
 
     * built-in task prompts: sampled fresh;
-    * a user's prompts: their training share of :func:`split_prompts` (``split_seed``, default ``seed``;
-      ``heldout_prompts`` = the held-out size asked for), or with ``heldout`` their held-out share, cycled to ``n``
+    * a user's prompts: their ``share`` of :func:`split_prompts` (``"train"``, ``"heldout"`` or ``"all"``;
+      ``split_seed``, default ``seed``; ``heldout_prompts`` = the held-out size asked for), cycled to ``n``
       and sampled ``batch`` at a time (one cache chunk with its own seed) through the cache, keyed by the files in
       ``model_dir`` (no cache without it);
     * a user's rollouts: their share as given, whatever ``n``."""
+    if share not in ("train", "heldout", "all"):
+        raise BebopError(f"share must be train, heldout or all, got {share!r}")
     source = source.resolved()
     if source.kind == "task":
         return policy_samples(model, tokenizer, get_task(source.task), n, temperature, max_new_tokens, seed)
@@ -142,15 +153,13 @@ def source_rows(model, tokenizer, source: DataSource, n: int, temperature: float
         if len(rows) < len(pairs):
             _say(dist, f"[yellow]skipped {len(pairs) - len(rows)} of {len(pairs)} rollouts from {source.label}: "
                        f"prompt + completion longer than the policy's context of {ctx} positions")
-        train, held = split_prompts(len(rows), heldout_prompts, split_seed)
-        return [rows[i] for i in (held if heldout else train)]
+        return [rows[i] for i in _share(len(rows), share, heldout_prompts, split_seed)]
     if max_new_tokens >= ctx:
         raise BebopError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the policy's context of "
                          f"{ctx} positions")
     ps = user_prompts(source, tokenizer, ctx - max_new_tokens, dist)
-    train, held = split_prompts(len(ps.ids), heldout_prompts, split_seed)
-    chosen = held if heldout else train
-    if not heldout and dist.world > len(chosen):
+    chosen = _share(len(ps.ids), share, heldout_prompts, split_seed)
+    if share != "heldout" and dist.world > len(chosen):
         raise BebopError(f"{dist.world} ranks but only {len(chosen)} training prompts: use at most {len(chosen)} "
                          "processes or give more prompts")
     prompts = _cycle([ps.ids[i] for i in chosen], n)
@@ -160,7 +169,7 @@ def source_rows(model, tokenizer, source: DataSource, n: int, temperature: float
     rows = cached_samples(prompts, sampler(model, tokenizer, temperature, max_new_tokens), key_parts=key,
                           cache_dir=cache_path(cache_dir) if model_dir else None, chunk_size=batch, seed=seed,
                           dist=dist,
-                          label=f"{'held-out' if heldout else 'training'} samples from {source.label}")
+                          label=f"{share} samples from {source.label}")
     return rows
 
 
@@ -172,6 +181,6 @@ def training_rows(cfg, model, tokenizer, dist: Dist = SINGLE) -> tuple[list[Row]
                   split_seed=cfg.seed, dist=dist)
     args = (model, tokenizer, cfg.source, cfg.data_samples, cfg.temperature, cfg.max_new_tokens)
     data = source_rows(*args, cfg.seed, **common)
-    held = source_rows(*args[:3], cfg.heldout_samples, *args[4:], cfg.seed + HELDOUT_SEED_OFFSET, heldout=True,
+    held = source_rows(*args[:3], cfg.heldout_samples, *args[4:], cfg.seed + HELDOUT_SEED_OFFSET, share="heldout",
                        **common)
     return usable(data, cfg.gamma_train), usable(held, cfg.gamma_train)
