@@ -48,8 +48,8 @@ C = EvalMTPConfig
 def eval_rows(model, tokenizer, source: DataSource, cfg: EvalMTPConfig, model_dir: Path):
     """``(rows, budget)``: the policy samples to evaluate on and the rollout budget to count verify steps within.
     Sampled sources are drawn ``sample_length`` tokens long so the last verify step's drafts have their targets;
-    a user's prompts are all used. A
-    user's rollouts are taken whole, with no budget (every position whose γ targets exist)."""
+    a user's prompts are all used. A user's rollouts are taken whole, with no budget (every position whose γ
+    targets exist)."""
     from bebop.experiments.eval_mtp import sample_length
     from bebop.training.samples import source_rows
 
