@@ -9,7 +9,9 @@ A run is a list of stages on the same data: by default a forward-KL warm stage, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,14 +25,27 @@ from bebop.core.losses import LOSSES, mtp_loss_from_hidden
 from bebop.core.sampling import SamplingParams, probs_from_logits, total_variation
 from bebop.engine.forwards import decoding_path
 from bebop.errors import BebopError
+from bebop.io import atomic_write_text
 from bebop.models.checkpoint import NATIVE, export_head, load_head, save_head
 from bebop.models.device import Precision, precision
 from bebop.models.mtp import MTPHead
 from bebop.models.native import has_native_mtp, native_layout
 from bebop.models.policy import load_policy
+from bebop.training.distributed import (
+    SINGLE,
+    Dist,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    close_dist,
+    gather_objects,
+    init_dist,
+    shard,
+)
 from bebop.training.options import DataSource
 from bebop.training.samples import training_rows
 from bebop.training.sft import warmup_cosine
+from bebop.training.train_state import CHECKPOINT_DIR, TrainState, check_resumable, load_state, save_state
 
 
 @dataclass
@@ -129,21 +144,6 @@ class Stage:
     lr: float
 
 
-@dataclass
-class _Run:
-    """What every stage of one run shares: the frozen policy, its samples, the config, the log file and the
-    precision (the head's forwards and losses run under its autocast)."""
-
-    cfg: TrainMTPConfig
-    model: object
-    pad_id: int
-    data: list[tuple[list[int], int]]
-    heldout: list[tuple[list[int], int]]
-    log: TextIO
-    t0: float
-    prec: Precision
-
-
 def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded ``(ids, mask, prompt_lens)``."""
     width = max(len(r) for r, _ in rows)
@@ -155,15 +155,16 @@ def pad_batch(rows: list[tuple[list[int], int]], pad_id: int, device) -> tuple[t
     return ids.to(device), mask.to(device), torch.tensor([n for _, n in rows], device=device)
 
 
-def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int):
+def teacher_forced(model, head: MTPHead, ids, mask, prompt_lens, gamma: int, unroll=None):
     """Hidden states over valid positions t: the head's step-k output ``hq`` [N, γ, H], the base model's
     hidden state ``hp`` [N, γ, H] at position t+k (whose LM-head distribution is the target p_k(t)), and the
     data tokens ``y`` [N, γ]. Step k at t consumes x_{t+k}, h^{k-1}_t and predicts x_{t+k+1}.
     Valid: t ≥ prompt_len − 1 (the completion is what gets drafted) and x_{t+γ+1} is a real token.
-    Logits are not formed here, so the memory-bounded losses never hold [N, γ, V]."""
+    Logits are not formed here, so the memory-bounded losses never hold [N, γ, V]. ``unroll`` replaces
+    ``head.unroll`` (the DDP-wrapped head in multi-process training)."""
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    hs = head.unroll(ids, hidden, gamma, attention_mask=mask)
+    hs = (unroll or head.unroll)(ids, hidden, gamma, attention_mask=mask)
     T = ids.shape[1]
     n_pos = T - gamma - 1
     if n_pos <= 0:
@@ -187,10 +188,13 @@ def mixed_autocast(model, head) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id: int, batch_size: int = 64):
+def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id: int, batch_size: int = 64,
+                   dist: Dist = SINGLE):
     """Per-step teacher-forced RS acceptance α_k = E_t[1 − TV(p_k(t), q_k(t))] on ``data``; p and q are
-    computed in float32 from the logits (``probs_from_logits``) whatever dtype the model runs in."""
-    tot = torch.zeros(gamma)
+    computed in float32 from the logits (``probs_from_logits``) whatever dtype the model runs in. Under several
+    processes each rank measures its share of ``data`` and the sums are reduced, so every rank gets the same α."""
+    data = shard(data, dist)
+    tot = torch.zeros(gamma, dtype=torch.float64)
     n = 0
     for i in range(0, len(data), batch_size):
         ids, mask, pl = pad_batch(data[i : i + batch_size], pad_id, model.device)
@@ -199,53 +203,141 @@ def expected_alpha(model, head, data, gamma: int, params: SamplingParams, pad_id
             lm_head = model.get_output_embeddings()
             zq, zp = lm_head(hq), lm_head(hp)
         q, p = probs_from_logits(zq, params), probs_from_logits(zp, params)
-        tot += (1.0 - total_variation(p, q)).sum(0).cpu()
+        tot += (1.0 - total_variation(p, q)).sum(0).double().cpu()
         n += hq.shape[0]
-    return (tot / max(n, 1)).tolist()
+    both = all_reduce_sum(torch.cat([tot, torch.tensor([float(n)], dtype=torch.float64)]), dist)
+    return (both[:gamma] / max(float(both[gamma]), 1.0)).tolist()
 
 
-def _train_stage(run: _Run, head: MTPHead, stage: Stage, gen: torch.Generator) -> list[dict]:
-    """Train ``head`` in place for one stage; returns the logged records (loss, lr, held-out α per step)."""
+class _Unroll(torch.nn.Module):
+    """The head's teacher-forced unroll as ``forward``, so that ``DistributedDataParallel`` can wrap it (DDP hooks
+    only ``forward``). The shared embedding and LM head are not parameters of the head, so they stay frozen and
+    outside DDP."""
+
+    def __init__(self, head: MTPHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, ids, hidden, gamma: int, attention_mask=None):
+        return self.head.unroll(ids, hidden, gamma, attention_mask=attention_mask)
+
+
+@dataclass
+class _Run:
+    """What every stage of one run shares: the frozen policy, its samples, the config, the log file, the precision
+    (the head's forwards and losses run under its autocast), this process's place in the job and the head's
+    trainable unroll (DDP-wrapped under several processes)."""
+
+    cfg: TrainMTPConfig
+    model: object
+    pad_id: int
+    data: list[tuple[list[int], int]]
+    heldout: list[tuple[list[int], int]]
+    log: TextIO | None
+    t0: float
+    prec: Precision
+    dist: Dist
+    unroll: torch.nn.Module
+    history: list[dict]
+    step_seconds: float = 0.0
+
+
+def _batch_loss(run: _Run, head: MTPHead, loss_name: str, idx: list[int]) -> tuple[torch.Tensor, float]:
+    """This rank's share of one global batch: the loss to backpropagate, scaled so that DDP's mean over ranks is
+    the gradient of the mean over the whole batch's valid positions, and that global mean's value."""
     cfg, model = run.cfg, run.model
+    ids, mask, pl = pad_batch([run.data[i] for i in idx], run.pad_id, model.device)
+    with run.prec.autocast():
+        hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train, unroll=run.unroll)
+        w = model.get_output_embeddings().weight   # hidden states meet the LM head in its own dtype
+        loss = mtp_loss_from_hidden(loss_name, hq.to(w.dtype), hp.to(w.dtype), w, cfg.temperature, y,
+                                    torch.ones(len(y), device=model.device))
+    if not run.dist.active:
+        return loss, loss.item()
+    local = torch.tensor([float(len(y)), loss.item() * len(y)], dtype=torch.float64)
+    total = all_reduce_sum(local.clone(), run.dist)
+    share = float(local[0] / total[0]) * run.dist.world
+    return loss * share, float(total[1] / total[0])
+
+
+def _checkpoint(run: _Run, head: MTPHead, opt, scaler, gen: torch.Generator, stage: int, step: int) -> None:
+    """Rank 0 saves where the run stands (continue at ``stage``'s step ``step``)."""
+    if run.dist.is_main:
+        save_state(run.cfg.out, TrainState(stage, step, asdict(run.cfg), list(run.history), head.state_dict(),
+                                           opt.state_dict() if opt is not None else None,
+                                           scaler.state_dict() if scaler is not None and scaler.is_enabled()
+                                           else None, gen.get_state()))
+
+
+def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.Generator,
+                 resume: TrainState | None = None) -> None:
+    """Train ``head`` in place for one stage from step 0 (or from ``resume``'s step with its optimizer state),
+    appending the logged records (loss, lr, held-out α per step) to ``run.history``."""
+    cfg, model, dist = run.cfg, run.model, run.dist
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
     scaler = run.prec.grad_scaler()
+    start = 0
+    if resume is not None:
+        start = resume.step
+        if resume.optimizer is not None:
+            opt.load_state_dict(resume.optimizer)
+        if resume.scaler is not None:
+            scaler.load_state_dict(resume.scaler)
     params = SamplingParams(temperature=cfg.temperature)
-    history = []
     head.train()
     with Progress(
         TextColumn(f"[bold]train-mtp {stage.loss} ({stage.name})"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+        disable=not dist.is_main,
     ) as progress:
-        bar = progress.add_task("train", total=stage.steps, loss=float("nan"))
-        for step in range(stage.steps):
+        bar = progress.add_task("train", total=stage.steps, completed=start, loss=float("nan"))
+        for step in range(start, stage.steps):
+            t_step = time.perf_counter()
             lr = warmup_cosine(step, stage.steps, cfg.warmup, stage.lr, floor=0.0)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = torch.randint(len(run.data), (cfg.batch_size,), generator=gen).tolist()
-            ids, mask, pl = pad_batch([run.data[i] for i in idx], run.pad_id, model.device)
-            with run.prec.autocast():
-                hq, hp, y = teacher_forced(model, head, ids, mask, pl, cfg.gamma_train)
-                w = model.get_output_embeddings().weight   # hidden states meet the LM head in its own dtype
-                loss = mtp_loss_from_hidden(stage.loss, hq.to(w.dtype), hp.to(w.dtype), w, cfg.temperature, y,
-                                            torch.ones(len(y), device=model.device))
+            # one global batch of world × batch_size rows, the same on every rank; each rank takes its slice
+            idx = torch.randint(len(run.data), (dist.world * cfg.batch_size,), generator=gen).tolist()
+            mine = idx[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
+            loss, loss_value = _batch_loss(run, head, stage.loss, mine)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            progress.update(bar, completed=step + 1, loss=loss.item())
+            run.step_seconds += time.perf_counter() - t_step
+            progress.update(bar, completed=step + 1, loss=loss_value)
             if step % cfg.eval_every == 0 or step == stage.steps - 1:
                 head.eval()
-                alpha = expected_alpha(model, head, run.heldout, cfg.gamma_train, params, run.pad_id)
+                alpha = expected_alpha(model, head, run.heldout, cfg.gamma_train, params, run.pad_id, dist=dist)
                 head.train()
-                rec = {"stage": stage.name, "loss_name": stage.loss, "step": step, "loss": loss.item(), "lr": lr,
+                rec = {"stage": stage.name, "loss_name": stage.loss, "step": step, "loss": loss_value, "lr": lr,
                        "grad_norm": float(gnorm), "heldout_alpha": alpha, "elapsed_s": time.perf_counter() - run.t0}
-                history.append(rec)
-                run.log.write(json.dumps(rec) + "\n")
-                run.log.flush()
+                run.history.append(rec)
+                if run.log is not None:
+                    run.log.write(json.dumps(rec) + "\n")
+                    run.log.flush()
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stage.steps:
+                _checkpoint(run, head, opt, scaler, gen, index, step + 1)
     head.eval()
-    return history
+
+
+def _resume_point(cfg: TrainMTPConfig, dist: Dist) -> TrainState | None:
+    """The run's checkpoint when it has one written with the same settings (every rank reads rank 0's)."""
+    state = load_state(cfg.out) if dist.is_main else None
+    if dist.is_main and state is not None:
+        check_resumable(state.config, asdict(cfg), cfg.out)
+    return broadcast_object(state, dist)
+
+
+def _param_digest(head: MTPHead) -> str:
+    """A hash of the head's parameters, to check that every rank ends with the same head."""
+    h = hashlib.sha256()
+    for name, t in sorted(head.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_mtp(cfg: TrainMTPConfig) -> dict:
@@ -256,37 +348,80 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
 
     Precision (``bebop.models.device``): the frozen backbone is loaded in ``cfg.dtype`` on ``cfg.device`` and
     samples the data in it; the head keeps float32 weights and AdamW state, and its forwards and losses run
-    under autocast in ``cfg.dtype`` (losses upcast logits to float32), so the saved head is float32."""
-    prec = precision(cfg.device, cfg.dtype)
-    device = prec.device
+    under autocast in ``cfg.dtype`` (losses upcast logits to float32), so the saved head is float32.
+
+    Under ``torchrun`` each process holds the frozen backbone on its own device and the head in DDP; sampling is
+    sharded, each step's global batch is split over the ranks, and only rank 0 writes. With
+    ``cfg.checkpoint_every`` the run saves ``out/checkpoint`` atomically and a rerun continues from it."""
+    dist, device = init_dist(cfg.device)
+    try:
+        return _train_mtp(cfg, dist, device)
+    finally:
+        close_dist(dist)
+
+
+def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
+    prec = precision(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, device, prec.dtype)
     model.requires_grad_(False)
-    data, heldout = training_rows(cfg, model, tokenizer)
+    data, heldout = training_rows(cfg, model, tokenizer, dist=dist)
     if not data or not heldout:
         raise BebopError(f"no usable training data: every policy sample has fewer than gamma_train + 1 = "
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
+    if dist.world > len(data):
+        raise BebopError(f"{dist.world} ranks but only {len(data)} usable training samples")
     head, start = initial_head(cfg.init, model)
     head = head.to(device, torch.float32)
     stages = cfg.stages(warm=start == "fresh")
     gen = torch.Generator().manual_seed(cfg.seed)
+    resume = _resume_point(cfg, dist)
+    if resume is not None:
+        head.load_state_dict(resume.head)
+        gen.set_state(resume.generator)
+    unroll: torch.nn.Module = _Unroll(head)
+    if dist.active:
+        unroll = torch.nn.parallel.DistributedDataParallel(
+            unroll, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    history: list[dict] = []
-    with (out / "train_mtp.jsonl").open("w") as log:
-        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec)
-        for stage in stages:
-            history += _train_stage(run, head, stage, gen)
-    save_head(head, out, model.config)
-    if native_layout(model.config) is None:  # native families are served through `bebop export` instead
-        export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
-        export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
-                    num_base_layers=model.config.num_hidden_layers)
+    history = list(resume.history) if resume is not None else []
+    log = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "train_mtp.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        log = (out / "train_mtp.jsonl").open("a")
+    try:
+        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec, dist, unroll, history)
+        first = resume.stage if resume is not None else 0
+        for i, stage in enumerate(stages):
+            if i < first:
+                continue
+            _train_stage(run, head, stage, i, gen, resume if i == first else None)
+            if i + 1 < len(stages):
+                _checkpoint(run, head, None, None, gen, i + 1, 0)
+    finally:
+        if log is not None:
+            log.close()
+    digests = gather_objects(_param_digest(head), dist)
+    if len(set(digests)) != 1:
+        raise BebopError(f"ranks ended with different heads (parameter digests {digests})")
     summary = {"config": asdict(cfg), "init": start, "stages": [asdict(s) for s in stages],
                "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0,
+               "step_seconds": run.step_seconds, "resumed_from": None if resume is None else
+               {"stage": resume.stage, "step": resume.step}, "world_size": dist.world, "rank_head_digests": digests,
+               "data": {"source": cfg.source.kind, "label": cfg.source.label, "train_rows": len(data),
+                        "heldout_rows": len(heldout)},
                "device": str(device), "dtype": prec.name, "backend": decoding_path(model).backend}
-    (out / "train_mtp_summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_main:
+        save_head(head, out, model.config)
+        if native_layout(model.config) is None:  # native families are served through `bebop export` instead
+            export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
+            export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
+                        num_base_layers=model.config.num_hidden_layers)
+        atomic_write_text(out / "train_mtp_summary.json", json.dumps(summary, indent=2))
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the finished head replaces it
+    barrier(dist)
     return summary
 
 
