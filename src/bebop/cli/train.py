@@ -119,6 +119,7 @@ def train_mtp_cmd(
     cache_dir: Annotated[str | None, typer.Option(
         help="Policy-sample cache for user prompts (default $BEBOP_CACHE/samples or ~/.cache/bebop/samples; "
              "'' = off).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between held-out α measurements (logged).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between atomic checkpoints in OUT/checkpoint (0 = none); a rerun resumes from it.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
@@ -143,8 +144,8 @@ def train_mtp_cmd(
                       split=split, field=field, completions=completions, loss=loss, gamma_train=gamma_train,
                       steps=steps, warm_steps=warm_steps, batch_size=batch_size, lr=lr, temperature=temperature,
                       max_new_tokens=max_new_tokens, data_samples=data_samples, heldout_samples=heldout_samples,
-                      cache_dir=cache_dir, checkpoint_every=checkpoint_every, seed=seed, init=init, device=device,
-                      dtype=dtype)
+                      cache_dir=cache_dir, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
+                      init=init, device=device, dtype=dtype)
     summary = train_mtp(cfg)
     if not main:
         return

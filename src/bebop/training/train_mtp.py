@@ -381,8 +381,9 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
         gen.set_state(resume.generator)
     unroll: torch.nn.Module = _Unroll(head)
     if dist.active:
+        moe = any(".experts." in name for name, _ in head.named_parameters())  # not every expert runs each step
         unroll = torch.nn.parallel.DistributedDataParallel(
-            unroll, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            unroll, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=moe)
     out = Path(cfg.out)
     t0 = time.perf_counter()
     history = list(resume.history) if resume is not None else []
