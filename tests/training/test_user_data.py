@@ -143,3 +143,23 @@ def test_cli_train_mtp_on_a_local_dataset_file(policy_dir, prompt_texts, tmp_pat
             "--checkpoint-every", "0")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "h" / "mtp.safetensors").exists()
+
+
+def test_train_mtp_on_messages_renders_them_with_the_saved_chat_template(tmp_path, tiny_tokenizer, prompt_texts):
+    """A policy saved with a chat template: messages are rendered by it (the training rows start with the
+    template's rendering, generation prompt included), and the head trains on them."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ bos_token if loop.first else '' }}{{ m['content'] }}"
+                         "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    d = tmp_path / "chat"
+    save_policy(build_tiny_policy(tok, logit_scale=4.0), tok, d)
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in prompt_texts])
+    model, loaded = load_policy(d)
+    assert loaded.chat_template == tok.chat_template
+    cfg = TrainMTPConfig(model=str(d), out=str(tmp_path / "h"), prompts=path, cache_dir="", **SMALL)
+    data, _ = samples.training_rows(cfg, model, loaded)
+    expected = {tuple(tok(f"{t}A:")["input_ids"]) for t in prompt_texts}
+    assert {tuple(ids[:n]) for ids, n in data} <= expected
+    assert len(train_mtp(cfg)["heldout_alpha"]) == 2
