@@ -18,6 +18,16 @@ reported, under RS and under TO:
   its losses average. On a policy whose acceptance varies along the sequence the two differ (the engine starts
   steps where drafts were just rejected more often than where they were accepted).
 
+Where the training unroll and the engine differ: for draft steps k ≥ 2 the head's attention context is not the
+same. ``MTPHead.unroll``
+(training, and this module) lets step k at position t attend to the step-k slots of the earlier positions; the
+engine's head attends to its cache, which holds step-1 slots for the accepted context plus this draft's own
+chain. So ``alpha`` equals the engine's α_1 in expectation always, and α_k for k ≥ 2 when the two contexts give
+the same q_k (tested on the toy policy with a fresh head); on a trained arith head it read 0.932 0.938 0.959
+against the engine's 0.926 0.883 0.895: for k ≥ 2 it is the acceptance of the computation the head was trained
+on, an upper estimate of the engine's. Recomputing q_k with the engine's context on 1,063 positions of that head
+moved α_2 from 0.949 to 0.923 and α_3 from 0.954 to 0.916 (α_1 unchanged): most of the gap.
+
 Counted like the engine (``DecodeMetrics``): verify steps start while fewer than ``max_new_tokens`` tokens have
 been produced, and the drafts of the last step may run past that budget, so exact figures need samples
 ``max_new_tokens + γ − 1`` tokens long (:func:`sample_length`). A step whose drafts run past an EOS that ended the
