@@ -1,5 +1,6 @@
 """Head training under ``torchrun`` with 2 CPU processes (gloo): both ranks end with the same head, the loss curve
-is that of one process with the doubled batch, and a run whose rank is killed resumes from its last checkpoint."""
+is that of one process with the doubled batch, a run whose rank is killed resumes from its last checkpoint, and a
+refused checkpoint or too few rows fail on every rank alike."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import build_tiny_policy
 
 from bebop.models.checkpoint import load_head
 from bebop.models.policy import load_policy, save_policy
-from bebop.training.train_mtp import TrainMTPConfig, train_mtp
-from bebop.training.train_state import CHECKPOINT_DIR
+from bebop.training import train_mtp as tm
+from bebop.training.train_state import CHECKPOINT_DIR, TrainState, save_state
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +55,7 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(policy_dir, tmp_
                     "cpu", *flags(opts))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    one = train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "one"), batch_size=8, device="cpu",
+    one = tm.train_mtp(tm.TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "one"), batch_size=8, device="cpu",
                                    **{**opts, "cache_dir": str(opts["cache_dir"])}))
     two = json.loads((tmp_path / "two" / "train_mtp_summary.json").read_text())
     assert two["world_size"] == 2
@@ -94,3 +97,56 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint(policy_dir, tmp_path):
     assert len(set(summary["rank_head_digests"])) == 1
     steps = [(r["stage"], r["step"]) for r in map(json.loads, (run / "train_mtp.jsonl").read_text().splitlines())]
     assert len(steps) == len(set(steps)) and steps[-1] == ("main", 399)  # nothing repeated, finished
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, cfg: tm.TrainMTPConfig, rows: int | None, report) -> None:
+    """One gloo rank of a 2-process job (torchrun's environment set by hand) running ``train_mtp``; writes the
+    error it ended with to ``report/RANK``. ``rows`` replaces the training data by that many rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+
+    def no_sampling(*args, **kwargs):
+        if rows is None:
+            raise AssertionError("sampled before checking the checkpoint")
+        return [([1, 2, 3, 4, 5, 6], 2)] * rows, [([1, 2, 3, 4, 5, 6], 2)]
+
+    tm.training_rows = no_sampling
+    try:
+        tm.train_mtp(cfg)
+        msg = "finished"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        msg = f"{type(e).__name__}: {e}"
+    (report / str(rank)).write_text(msg)
+
+
+def two_ranks(cfg: tm.TrainMTPConfig, tmp_path, rows: int | None = None) -> list[str]:
+    """Each rank's ending (``finished`` or its error) for ``cfg`` over 2 spawned gloo processes."""
+    report = tmp_path / "report"
+    report.mkdir()
+    mp.spawn(_rank_main, args=(_free_port(), cfg, rows, report), nprocs=2, join=True)
+    return [(report / str(r)).read_text() for r in range(2)]
+
+
+def test_a_checkpoint_with_other_settings_fails_on_every_rank_before_sampling(policy_dir, tmp_path):
+    cfg = tm.TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "run"), batch_size=4, device="cpu",
+                            **{**COMMON, "steps": 4})
+    save_state(cfg.out, TrainState(1, 2, {**asdict(cfg), "lr": 2e-3}, head={"x": torch.zeros(1)}))
+    ends = two_ranks(cfg, tmp_path)
+    assert ends[0] == ends[1] and ends[0].startswith("BebopError: the checkpoint in"), ends
+    assert "lr: 0.002 → 0.001" in ends[0]
+
+
+def test_more_ranks_than_usable_rows_fails_on_every_rank(policy_dir, tmp_path):
+    cfg = tm.TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "run"), batch_size=4, device="cpu",
+                            **{**COMMON, "steps": 4})
+    ends = two_ranks(cfg, tmp_path, rows=1)
+    assert ends == ["BebopError: 2 ranks but only 1 usable training samples"] * 2

@@ -91,9 +91,15 @@ def barrier(dist: Dist) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """The sum of ``t`` over ranks (in place; returns ``t``)."""
-    if dist.active:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    """The sum of ``t`` over ranks (in place; returns ``t``). NCCL reduces only CUDA tensors, so under NCCL a CPU
+    tensor is reduced on this rank's CUDA device and copied back."""
+    if not dist.active:
+        return t
+    if t.device.type != "cuda" and tdist.get_backend() == "nccl":
+        on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+        tdist.all_reduce(on_device, op=tdist.ReduceOp.SUM)
+        return t.copy_(on_device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 
 

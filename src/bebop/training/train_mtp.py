@@ -324,11 +324,20 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.
 
 
 def _resume_point(cfg: TrainMTPConfig, dist: Dist) -> TrainState | None:
-    """The run's checkpoint when it has one written with the same settings (every rank reads rank 0's)."""
-    state = load_state(cfg.out) if dist.is_main else None
-    if dist.is_main and state is not None:
-        check_resumable(state.config, asdict(cfg), cfg.out)
-    return broadcast_object(state, dist)
+    """The run's checkpoint when it has one written with the same settings (every rank gets rank 0's). An unreadable
+    checkpoint or other settings raise on every rank, so no rank is left waiting for the others."""
+    state, error = None, None
+    if dist.is_main:
+        try:
+            state = load_state(cfg.out)
+            if state is not None:
+                check_resumable(state.config, asdict(cfg), cfg.out)
+        except BebopError as e:
+            state, error = None, str(e)
+    state, error = broadcast_object((state, error), dist)
+    if error is not None:
+        raise BebopError(error)
+    return state
 
 
 def _param_digest(head: MTPHead) -> str:
@@ -361,6 +370,7 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
 
 
 def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
+    resume = _resume_point(cfg, dist)  # before sampling: a checkpoint with other settings fails fast
     prec = precision(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, device, prec.dtype)
@@ -375,7 +385,6 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
     head = head.to(device, torch.float32)
     stages = cfg.stages(warm=start == "fresh")
     gen = torch.Generator().manual_seed(cfg.seed)
-    resume = _resume_point(cfg, dist)
     if resume is not None:
         head.load_state_dict(resume.head)
         gen.set_state(resume.generator)
