@@ -169,14 +169,19 @@ def test_unroll_alignment(model, head):
     pos = torch.arange(t)[None].expand(b, t)
     with torch.no_grad():
         h1, h2, h3 = head.unroll(ids, hid, steps=3)
-        # step 1 at position t consumes x_{t+1} and h^0_t
+        # step 1 at position t consumes x_{t+1} and h^0_t, causal over the step-1 slots
         ref1 = head(ids[:, 1:], hid[:, :-1], pos[:, :-1] + 1)
         torch.testing.assert_close(h1[:, :-1], ref1, atol=1e-5, rtol=0)
-        # step 2 at position t consumes x_{t+2} and h^1_t
-        ref2 = head(ids[:, 2:], h1[:, :-2], pos[:, :-2] + 2)
-        torch.testing.assert_close(h2[:, :-2], ref2, atol=1e-5, rtol=0)
-        ref3 = head(ids[:, 3:], h2[:, :-3], pos[:, :-3] + 3)
-        torch.testing.assert_close(h3[:, :-3], ref3, atol=1e-5, rtol=0)
+        # step k >= 2 at position t drafts as the engine does: its head cache holds the step-1 slots 0..t, then
+        # this draft's chain (step 2 consumes x_{t+2} and h^1_t, step 3 x_{t+3} and h^2_t)
+        for s in range(t - 3):
+            cache = head.new_cache()
+            g = head(ids[:, 1 : s + 2], hid[:, : s + 1], pos[:, : s + 1] + 1, cache=cache)[:, -1:]
+            torch.testing.assert_close(g[:, 0], h1[:, s], atol=1e-5, rtol=0)
+            for k, hk in ((2, h2), (3, h3)):
+                g = head(ids[:, s + k : s + k + 1], g, pos[:, s : s + 1] + k,
+                         attention_mask=torch.ones(b, s + k, dtype=torch.long), cache=cache)
+                torch.testing.assert_close(g[:, 0], hk[:, s], atol=1e-5, rtol=0)
         # with left padding: each row equals the unpadded row alone
         am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
         u1, u2 = head.unroll(ids, hid, steps=2, attention_mask=am)

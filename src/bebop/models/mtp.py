@@ -267,6 +267,26 @@ class MTPHead(nn.Module):
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
 
+    @staticmethod
+    def _chain_mask(context: torch.Tensor | None, blocks: int, t: int, device) -> torch.Tensor:
+        """Boolean 4D mask [B|1, 1, T, (blocks+1)·T] for one draft step of the unroll over a cache of ``blocks``
+        earlier T-slot blocks of the same MTP layer, laid out as the engine's head cache is when it drafts from
+        position t: with ``context`` (layer 0; [B, T] real step-1 slots, or all real when its rows are None) the
+        first block holds the step-1 slots of the context (slot s ≤ t, real) and the later blocks this draft's own
+        chain (slot t only); without it (layers ≠ 0) every block is chain. The query's own slot is always seen."""
+        q = torch.arange(t, device=device)[:, None]
+        s = torch.arange(t, device=device)[None, :]
+        own = (s == q)[None]                                           # [1, T, T]
+        parts = []
+        for b in range(blocks + 1):
+            if b == 0 and context is not None:
+                seen = (s <= q)[None] & (context.bool()[:, None, :] | own)   # [B, T, T]
+                parts.append(seen)
+            else:
+                parts.append(own)
+        width = max(p.shape[0] for p in parts)
+        return torch.cat([p.expand(width, t, t) for p in parts], dim=-1)[:, None]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -281,8 +301,9 @@ class MTPHead(nn.Module):
         ``input_ids`` [B, T]: the tokens consumed (``x_{t+k}`` or drafts); ``hidden`` [B, T, H]: ``h^{k-1}`` for
         the same slots (h^0 = base last hidden state after the final norm); ``position_ids`` [B, T] (or [1, T]);
         ``attention_mask`` [B, past+T] over (cached slots + new slots), 1 = real, 0 = hole/padding — holes may be
-        anywhere; ``cache``: a transformers Cache owned by the caller, of which this call reads and appends
-        layer index ``layer`` (``past`` = its current length). Returns ``h^k`` [B, T, H] after ``post_norm``.
+        anywhere — or a boolean [B|1, 1, T, past+T] mask of the keys each new slot sees; ``cache``: a transformers
+        Cache owned by the caller, of which this call reads and appends layer index ``layer`` (``past`` = its
+        current length). Returns ``h^k`` [B, T, H] after ``post_norm``.
         """
         shared = self._bound()
         if not 0 <= layer < self.num_layers:
@@ -295,7 +316,11 @@ class MTPHead(nn.Module):
         if position_ids.dim() != 2 or position_ids.shape[1] != t or position_ids.shape[0] not in (1, b):
             raise BebopError(f"position_ids must be [B, T] = {(b, t)}, got shape {tuple(position_ids.shape)}")
         past = cache.get_seq_length(layer) if cache is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
+        full = attention_mask is not None and attention_mask.dim() == 4
+        if full and (attention_mask.shape[0] not in (1, b) or tuple(attention_mask.shape[1:]) != (1, t, past + t)):
+            raise BebopError(f"a 4D attention_mask must be [B|1, 1, T, past+T] = [{b}|1, 1, {t}, {past + t}], "
+                             f"got shape {tuple(attention_mask.shape)}")
+        if not full and attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
             raise BebopError(
                 f"attention_mask must be [B, past+T] = {(b, past + t)} (cache holds {past} slots), "
                 f"got shape {tuple(attention_mask.shape)}"
@@ -303,7 +328,11 @@ class MTPHead(nn.Module):
         embeds = shared.embed(input_ids)
         hidden = hidden.to(embeds.dtype)
         position_embeddings = shared.rotary(embeds, position_ids)
-        mask = self._mask(attention_mask, b, past, t, embeds.dtype, embeds.device)
+        if full:
+            mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device)
+            mask.masked_fill_(~attention_mask.to(embeds.device), torch.finfo(embeds.dtype).min)
+        else:
+            mask = self._mask(attention_mask, b, past, t, embeds.dtype, embeds.device)
         return self.layers[layer](
             inputs_embeds=embeds,
             previous_hidden_state=hidden,
@@ -332,10 +361,16 @@ class MTPHead(nn.Module):
         [B, T, H]. **Alignment:** at position t, step k consumes token ``x_{t+k}`` and ``h^{k-1}_t`` and its
         logits predict ``x_{t+k+1}``. Position t of step k is meaningful only if ``t + k + 1 < T`` (for
         the prediction target) — later positions are computed on padding token 0 and are garbage for the
-        caller to mask. Step k uses MTP layer ``(k-1) % num_layers``; each step runs causal self-attention over
-        its own slots (slot t of step k sees slots <= t of step k). With ``attention_mask`` [B, T] (1 = real),
-        slot t of step k is a visible key only if both ``x_t``'s and ``x_{t+k}``'s slots are real; positions
-        default to ``cumsum(mask) - 1`` (or ``arange(T)``), plus k (the consumed token's position).
+        caller to mask. Step k uses MTP layer ``(k-1) % num_layers``.
+
+        **Attention context = the engine's head cache.** Step 1 runs causal self-attention over the step-1 slots
+        (slot t sees slots ≤ t), as the engine's cache holds them for the accepted context. Step k ≥ 2 at
+        position t drafts from there: with layer 0 it sees the step-1 slots ≤ t and this draft's own earlier
+        layer-0 slots at t (its chain), with another layer only that layer's chain at t — exactly the keys the
+        engine's head attends to when it drafts d_k after position t (``engine.step``), so the unrolled q_k is
+        the q_k that decoding draws from. With ``attention_mask`` [B, T] (1 = real), a step-1 slot t is a visible
+        key only if both ``x_t``'s and ``x_{t+1}``'s slots are real; positions default to ``cumsum(mask) - 1`` (or
+        ``arange(T)``), plus k (the consumed token's position).
         """
         if not isinstance(steps, int) or steps < 1:
             raise BebopError(f"steps must be a positive int, got {steps!r}")
@@ -352,12 +387,22 @@ class MTPHead(nn.Module):
                 position_ids = torch.arange(t, device=device)[None].expand(b, t)
         outs: list[torch.Tensor] = []
         h = hidden
+        cache = self.new_cache()
+        blocks = [0] * self.num_layers          # T-slot blocks each layer's cache holds
+        context = torch.ones((1, t), dtype=torch.bool, device=device)
         for k in range(1, steps + 1):
+            layer = (k - 1) % self.num_layers
             tokens = torch.nn.functional.pad(input_ids[:, k:], (0, min(k, t)), value=0)
-            mask_k = None
-            if attention_mask is not None:
-                shifted = torch.nn.functional.pad(attention_mask[:, k:], (0, min(k, t)), value=0)
-                mask_k = attention_mask.bool() & shifted.bool()
-            h = self.forward(tokens, h, position_ids + k, attention_mask=mask_k, layer=(k - 1) % self.num_layers)
+            if k == 1:
+                mask_1 = None
+                if attention_mask is not None:
+                    shifted = torch.nn.functional.pad(attention_mask[:, 1:], (0, min(1, t)), value=0)
+                    mask_1 = attention_mask.bool() & shifted.bool()
+                    context = mask_1
+                h = self.forward(tokens, h, position_ids + 1, attention_mask=mask_1, cache=cache, layer=0)
+            else:
+                chain = self._chain_mask(context if layer == 0 else None, blocks[layer], t, device)
+                h = self.forward(tokens, h, position_ids + k, attention_mask=chain, cache=cache, layer=layer)
+            blocks[layer] += 1
             outs.append(h)
         return outs
