@@ -138,8 +138,7 @@ def eval_mtp_cmd(
     dtype: DtypeOpt = C.dtype,
 ) -> None:
     """An MTP head's acceptance on your data: α_k under RS and TO, accept length and α by entropy, teacher-forced
-    along the policy's own samples (α_1 is the engine's in expectation; α_k for k ≥ 2 the training unroll's, see
-    docs/data.md)."""
+    along the policy's own samples (the engine's α_k in expectation, drafts past an EOS left out)."""
     cfg = EvalMTPConfig(temperature=temperature, gamma=gamma, samples=samples, max_new_tokens=max_new_tokens,
                         seed=seed, buckets=buckets, batch_size=batch_size, cache_dir=cache_dir, device=device,
                         dtype=dtype)

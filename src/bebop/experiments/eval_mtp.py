@@ -18,21 +18,19 @@ reported, under RS and under TO:
   its losses average. On a policy whose acceptance varies along the sequence the two differ (the engine starts
   steps where drafts were just rejected more often than where they were accepted).
 
-Where the training unroll and the engine differ: for draft steps k ≥ 2 the head's attention context is not the
-same. ``MTPHead.unroll``
-(training, and this module) lets step k at position t attend to the step-k slots of the earlier positions; the
-engine's head attends to its cache, which holds step-1 slots for the accepted context plus this draft's own
-chain. So ``alpha`` equals the engine's α_1 in expectation always, and α_k for k ≥ 2 when the two contexts give
-the same q_k (tested on the toy policy with a fresh head); on a trained arith head it read 0.932 0.938 0.959
-against the engine's 0.926 0.883 0.895: for k ≥ 2 it is the acceptance of the computation the head was trained
-on, an upper estimate of the engine's. Recomputing q_k with the engine's context on 1,063 positions of that head
-moved α_2 from 0.949 to 0.923 and α_3 from 0.954 to 0.916 (α_1 unchanged): most of the gap.
+The head's q_k come from ``MTPHead.unroll``, whose attention context is the engine's head cache (step-1 slots of
+the context, then the draft's own chain), so they are the q_k decoding draws from. Measured on the default arith
+head with a 16-token budget (no sample reaches EOS): ``alpha`` 0.964 0.951 0.963 against the engine's 0.964 0.956
+0.959 over 512 samples.
 
 Counted like the engine (``DecodeMetrics``): verify steps start while fewer than ``max_new_tokens`` tokens have
 been produced, and the drafts of the last step may run past that budget, so exact figures need samples
 ``max_new_tokens + γ − 1`` tokens long (:func:`sample_length`). A step whose drafts run past an EOS that ended the
-sample is left out (the engine still judges drafts after an accepted EOS draft, against a context the sample does
-not have); its weight is the chance of drafting across the EOS, small for rollouts much longer than γ.
+sample is left out: the engine still judges drafts after an accepted EOS draft, against a context the sample does
+not have, and counts them in its α_k. Those drafts change no emitted token, so leaving them out is the acceptance
+that matters, but it reads higher than the engine's counters wherever many steps cross an EOS: on the arith
+task's 25-token answers (about seven verify steps each, the last of which can cross the EOS) ``alpha`` read 0.962 0.964 0.974 against
+the engine's 0.948 0.924 0.943. On rollouts much longer than γ the difference vanishes.
 
 Standard errors treat sequences as the independent units (positions within a sequence are correlated): for a
 ratio Σ a_i / Σ b_i over sequences i, se = sqrt(n/(n−1) Σ (a_i − α b_i)²) / Σ b_i (the delta method)."""
