@@ -29,8 +29,8 @@ been produced, and the drafts of the last step may run past that budget, so exac
 sample is left out: the engine still judges drafts after an accepted EOS draft, against a context the sample does
 not have, and counts them in its α_k. Those drafts change no emitted token, so leaving them out is the acceptance
 that matters, but it reads higher than the engine's counters wherever many steps cross an EOS: on the arith
-task's 25-token answers (about seven verify steps each, the last of which can cross the EOS) ``alpha`` read 0.962 0.964 0.974 against
-the engine's 0.948 0.924 0.943. On rollouts much longer than γ the difference vanishes.
+task's 25-token answers (about seven verify steps each, the last of which can cross the EOS) ``alpha`` read
+0.962 0.964 0.974 against the engine's 0.948 0.924 0.943. On rollouts much longer than γ the difference vanishes.
 
 Standard errors treat sequences as the independent units (positions within a sequence are correlated): for a
 ratio Σ a_i / Σ b_i over sequences i, se = sqrt(n/(n−1) Σ (a_i − α b_i)²) / Σ b_i (the delta method)."""
