@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import DeviceOpt, DtypeOpt, JsonOpt
+from bebop.cli.options import (
+    CacheDirOpt,
+    CompletionsOpt,
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    JsonOpt,
+    PromptsOpt,
+    TaskSourceOpt,
+)
 from bebop.cli.render import announce_paths, console, fmt, print_dict, table, write_json, wrote
 from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
@@ -111,17 +121,12 @@ def eval_mtp_cmd(
     model: Annotated[Path, typer.Option(help="Policy directory.")],
     mtp: Annotated[Path, typer.Option(
         help="MTP head (dir or .safetensors, or native = the model's own MTP layer).")],
-    task: Annotated[str | None, typer.Option(
-        help="Built-in task whose prompts the policy samples on (the default source: arith).")] = None,
-    prompts: Annotated[str | None, typer.Option(
-        help='JSONL of prompts: {"prompt": "..."} or {"messages": [...]} per line (chat template applied).')] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="A `datasets` dataset of prompts: local file or directory, cached or hub name.")] = None,
+    task: TaskSourceOpt = None,
+    prompts: PromptsOpt = None,
+    dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option(help="The dataset's split.")] = "train",
-    field: Annotated[str | None, typer.Option(
-        help="The dataset's prompt column (default: prompt, else messages).")] = None,
-    completions: Annotated[str | None, typer.Option(
-        help="JSONL of existing rollouts (prompt or messages + completion per line): evaluated as given.")] = None,
+    field: FieldOpt = None,
+    completions: CompletionsOpt = None,
     temperature: Annotated[float, typer.Option(help="Rollout temperature (samples, p and q).")] = C.temperature,
     gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = C.gamma,
     samples: Annotated[int, typer.Option(help="Policy samples to evaluate on (prompts are cycled).")] = C.samples,
@@ -130,9 +135,7 @@ def eval_mtp_cmd(
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = C.seed,
     buckets: Annotated[int, typer.Option(help="Equal-width entropy buckets.")] = C.buckets,
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher-forced forward.")] = C.batch_size,
-    cache_dir: Annotated[str | None, typer.Option(
-        help="Policy-sample cache for user prompts (default $BEBOP_CACHE/samples or ~/.cache/bebop/samples; "
-             "'' = off).")] = None,
+    cache_dir: CacheDirOpt = None,
     json_path: JsonOpt = None,
     device: DeviceOpt = C.device,
     dtype: DtypeOpt = C.dtype,

@@ -21,3 +21,16 @@ TrainDtypeOpt = Annotated[str, typer.Option(help=DTYPE_HELP + TRAINED)]
 # training commands whose options fall back to a TOML file: None = not given here
 TomlDeviceOpt = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " Default: auto.")]
 TomlDtypeOpt = Annotated[str | None, typer.Option("--dtype", help=DTYPE_HELP + TRAINED + " Default: auto.")]
+
+# where a head's prompts come from (train-mtp, eval-mtp): one of these, none = the arith task
+TaskSourceOpt = Annotated[str | None, typer.Option(
+    help="Built-in task whose prompts the policy samples on (the default source: arith).")]
+PromptsOpt = Annotated[str | None, typer.Option(
+    help='JSONL of prompts: {"prompt": "..."} or {"messages": [...]} per line (chat template applied).')]
+DatasetOpt = Annotated[str | None, typer.Option(
+    help="A `datasets` dataset of prompts: local file or directory, cached or hub name.")]
+FieldOpt = Annotated[str | None, typer.Option(help="The dataset's prompt column (default: prompt, else messages).")]
+CompletionsOpt = Annotated[str | None, typer.Option(
+    help="JSONL of existing rollouts (prompt or messages + completion per line), used as given: no sampling.")]
+CacheDirOpt = Annotated[str | None, typer.Option(
+    help="Policy-sample cache for user prompts (default $BEBOP_CACHE/samples or ~/.cache/bebop/samples; '' = off).")]

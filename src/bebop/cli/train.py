@@ -11,7 +11,19 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import ConfigOpt, DeviceOpt, DtypeOpt, TomlDeviceOpt, TomlDtypeOpt
+from bebop.cli.options import (
+    CacheDirOpt,
+    CompletionsOpt,
+    ConfigOpt,
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    PromptsOpt,
+    TaskSourceOpt,
+    TomlDeviceOpt,
+    TomlDtypeOpt,
+)
 from bebop.cli.render import announce_paths, console, print_dict
 from bebop.training.options import EvalConfig
 
@@ -93,18 +105,12 @@ def eval_cmd(
 def train_mtp_cmd(
     model: Annotated[str | None, typer.Option(help="Policy directory (frozen backbone).")] = None,
     out: Annotated[str | None, typer.Option(help="Output directory for the head (and its checkpoint).")] = None,
-    task: Annotated[str | None, typer.Option(
-        help="Built-in task whose prompts the policy samples on (the default source: arith).")] = None,
-    prompts: Annotated[str | None, typer.Option(
-        help='JSONL of prompts: {"prompt": "..."} or {"messages": [...]} per line (chat template applied).')] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="A `datasets` dataset of prompts: local file or directory, cached or hub name.")] = None,
+    task: TaskSourceOpt = None,
+    prompts: PromptsOpt = None,
+    dataset: DatasetOpt = None,
     split: Annotated[str | None, typer.Option(help="The dataset's split.")] = None,
-    field: Annotated[str | None, typer.Option(
-        help="The dataset's prompt column (default: prompt, else messages).")] = None,
-    completions: Annotated[str | None, typer.Option(
-        help="JSONL of existing rollouts (prompt or messages + completion per line): trains on them, no sampling.")
-    ] = None,
+    field: FieldOpt = None,
+    completions: CompletionsOpt = None,
     loss: Annotated[str | None, typer.Option(help="ce, fkl, rkl, tv or e2e_tv.")] = None,
     gamma_train: Annotated[int | None, typer.Option(help="Draft steps unrolled in training.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps of the loss (after the warm stage).")] = None,
@@ -116,9 +122,7 @@ def train_mtp_cmd(
     data_samples: Annotated[int | None, typer.Option(help="Policy samples used as training data.")] = None,
     heldout_samples: Annotated[int | None, typer.Option(
         help="Held-out samples (a user's prompts: at most a tenth of them are held out).")] = None,
-    cache_dir: Annotated[str | None, typer.Option(
-        help="Policy-sample cache for user prompts (default $BEBOP_CACHE/samples or ~/.cache/bebop/samples; "
-             "'' = off).")] = None,
+    cache_dir: CacheDirOpt = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between held-out α measurements (logged).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between atomic checkpoints in OUT/checkpoint (0 = none); a rerun resumes from it.")] = None,
