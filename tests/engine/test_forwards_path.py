@@ -82,8 +82,9 @@ def test_bfloat16_model_decodes_on_the_lean_path_with_float32_probabilities(tiny
     assert r.logprobs.dtype is torch.float32 and torch.isfinite(r.logprobs).all()
 
 
-def test_mtp_decoding_on_a_hybrid_model_is_refused(tiny_tokenizer):
-    """A KV crop cannot undo a linear-attention state: MTP decoding on Qwen3.5 is an error, plain decoding runs."""
+def test_mtp_decoding_on_a_hybrid_model_through_transformers_is_refused(tiny_tokenizer, said):
+    """A KV crop cannot undo a linear-attention state: MTP decoding on Qwen3.5 through transformers' modules is an
+    error; plain decoding runs there, and MTP decoding runs on the hybrid path."""
     from bebop.models.families import build_family_policy
     from bebop.models.mtp import MTPHead
     from bebop.models.policy import ModelConfig
@@ -93,6 +94,9 @@ def test_mtp_decoding_on_a_hybrid_model_is_refused(tiny_tokenizer):
                                                        intermediate_size=64), tiny_tokenizer).eval()
     head = MTPHead.from_base(model).eval()
     params = SamplingParams(temperature=1.0)
-    with pytest.raises(BebopError, match="qwen3_5_text.*linear_attention"):
-        generate_mtp(model, head, [[1, 2, 3]], params, 4, eos_id=None, gamma=2)
-    assert generate(model, [[1, 2, 3]], params, 4, eos_id=None).tokens.shape == (1, 4)
+    with pytest.raises(BebopError, match="qwen3_5_text.*linear_attention.*backend 'auto'"):
+        generate_mtp(model, head, [[1, 2, 3]], params, 4, eos_id=None, gamma=2, backend="transformers")
+    assert generate(model, [[1, 2, 3]], params, 4, eos_id=None, backend="transformers").tokens.shape == (1, 4)
+    assert generate_mtp(model, head, [[1, 2, 3]], params, 4, eos_id=None, gamma=2).tokens.shape == (1, 4)
+    assert said[-1] == "decoding with the lean path (Qwen3.5 hybrid: 1 Gated DeltaNet + 1 attention layers, " \
+                       "float32 on cpu)"

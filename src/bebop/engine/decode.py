@@ -236,7 +236,7 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
     B = len(prompts)
     P = max(len(p) for p in prompts)
     metrics = DecodeMetrics(gamma=G)
-    cfg = SpecConfig(forwards(model, head, B, P + 2 * (max_new_tokens + G + 1), dc.backend), params, rule, pad_id,
+    cfg = SpecConfig(forwards(model, head, B, P + 2 * (max_new_tokens + G + 1), dc.backend, G), params, rule, pad_id,
                      dc.generator, metrics)
     pre = prefill(cfg, prompts, P + (max_new_tokens + 1) * (G + 1), device)
     st = pre.state

@@ -4,6 +4,10 @@ Both plain and MTP decoding run the target (and the head) through the same backe
 (static KV slots written in place, fused projections over the model's own weights, same math as transformers)
 when the model is a supported Qwen3, Llama or Qwen2 decoder and ``backend="auto"`` or ``"lean"``, transformers'
 own modules with a ``DynamicCache`` otherwise (``backend="transformers"``, or ``"auto"`` on any other model).
+Hybrid linear-attention models (Qwen3.5, Qwen3-Next) take ``bebop.models.hybrid`` instead of the lean decoder:
+its forwards keep what rolls a row's recurrent and convolution state back to its accepted position, which
+``Forwards.keep`` does after every verify; transformers' caches cannot, so MTP decoding on a hybrid model needs
+that path.
 ``"lean"`` on a model the lean path does not cover is an error, never a quiet fallback; which path runs, and why
 not the lean one (``bebop.models.lean.why_not_lean``), is said once per command (:func:`decoding_path`,
 :func:`report_paths`). Plain and MTP decoding are thus always compared on equal forwards.
@@ -29,6 +33,16 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from bebop.errors import BebopError
+from bebop.models.hybrid import (
+    GAMMA_MAX,
+    HybridCache,
+    HybridDecoder,
+    hybrid_decoder,
+    hybrid_head,
+    is_hybrid,
+    why_not_hybrid,
+    why_not_hybrid_head,
+)
 from bebop.models.lean import StaticKV, lean_decoder, lean_head, why_not_lean, why_not_lean_head
 
 BACKENDS = ("auto", "lean", "transformers")
@@ -80,11 +94,26 @@ def _announce(path: DecodingPath) -> None:
 
 def _why_not_lean(model: PreTrainedModel) -> str:
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    return f"model_type {model_type}: {why_not_lean(model)}"
+    return f"model_type {model_type}: {why_not_hybrid(model) if is_hybrid(model) else why_not_lean(model)}"
+
+
+def _lean_for(model: PreTrainedModel, backend: str):
+    """The lean forwards of ``model`` under ``backend``: a ``HybridDecoder`` for hybrid linear-attention models, a
+    ``LeanDecoder`` for the dense families, or None (unsupported, or backend "transformers")."""
+    if backend not in ("auto", LEAN):
+        return None
+    return hybrid_decoder(model) if is_hybrid(model) else lean_decoder(model)
+
+
+def _lean_head(head, model: PreTrainedModel, lean):
+    """The lean forwards of ``head`` over the target's lean forwards ``lean``, or None."""
+    if lean is None:
+        return None
+    return hybrid_head(head, model) if isinstance(lean, HybridDecoder) else lean_head(head, model, lean)
 
 
 def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
-    """The :class:`DecodingPath` of ``forwards`` given the lean decoder it got (None when not lean)."""
+    """The :class:`DecodingPath` of ``forwards`` given the lean forwards it got (None when not lean)."""
     if backend not in BACKENDS:
         raise BebopError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     weight = model.get_input_embeddings().weight
@@ -94,10 +123,13 @@ def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
         reason = "backend 'transformers' asked for" if backend == TRANSFORMERS else _why_not_lean(model)
         if backend == LEAN:
             raise BebopError(f"backend 'lean' asked for, but {reason}; use backend 'auto' or 'transformers'")
+        if head is not None:
+            check_rollback(model, reason)
         return DecodingPath(TRANSFORMERS, reason=reason, **desc)
     head_reason = ""
-    if head is not None and lean_head(head, model, lean) is None:
-        head_reason = why_not_lean_head(head, model) or "it is not bound to the model's own embedding"
+    if head is not None and _lean_head(head, model, lean) is None:
+        why = why_not_hybrid_head if isinstance(lean, HybridDecoder) else why_not_lean_head
+        head_reason = why(head, model) or "it is not bound to the model's own embedding"
         if backend == LEAN:
             raise BebopError(f"backend 'lean' asked for, but the MTP head cannot use it: {head_reason}")
     return DecodingPath(LEAN, head_reason=head_reason, family=lean.family, **desc)
@@ -106,7 +138,7 @@ def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
 def decoding_path(model: PreTrainedModel, head=None, backend: str = "auto") -> DecodingPath:
     """Which path :func:`forwards` takes for ``model`` (and ``head``) under ``backend``, without building caches.
     ``backend="lean"`` on a model (or head) the lean path does not cover raises a BebopError saying why."""
-    return _path(model, head, backend, lean_decoder(model) if backend in ("auto", LEAN) else None)
+    return _path(model, head, backend, _lean_for(model, backend))
 
 
 @dataclass
@@ -115,7 +147,10 @@ class Forwards:
     ``drafter(ids, hidden, pos, valid, start, layer=0) -> h^k [B, T, H]`` (None without a head) write slots
     ``start..start+T-1`` of their own cache (anything at or after ``start`` is dropped) and attend to the slots
     marked valid; ``lm_head(hidden) -> logits``; ``select(rows)`` keeps only batch rows ``rows`` in every cache
-    (so finished rows can leave the batch); ``layers`` = the head's MTP layers."""
+    (so finished rows can leave the batch); ``layers`` = the head's MTP layers. ``keep(last [B])`` (hybrid models
+    only, else None): after a target forward, row b keeps the linear-attention state after its new token
+    ``last[b]`` (−1: none of them) — the rollback that holes give the KV slots; a forward not followed by ``keep``
+    keeps all its tokens."""
 
     target: Callable[..., Tensor]
     drafter: Callable[..., Tensor] | None
@@ -123,6 +158,7 @@ class Forwards:
     select: Callable[[Tensor], None]
     layers: int = 1
     path: DecodingPath | None = None
+    keep: Callable[[Tensor], None] | None = None
 
 
 def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch.Tensor:
@@ -160,7 +196,7 @@ def _crop_to(cache: DynamicCache, length: int) -> None:
 def _lm_head(model: PreTrainedModel, lean):
     """The LM head as a function: the lean one when available, a plain ``F.linear`` when it is an
     ``nn.Linear`` (no module-call overhead), else the module."""
-    if lean is not None and lean.lm_t is not None:
+    if lean is not None and getattr(lean, "lm_t", None) is not None:
         return lean.logits
     lm = model.get_output_embeddings()
     if type(lm) is torch.nn.Linear:
@@ -171,7 +207,7 @@ def _lm_head(model: PreTrainedModel, lean):
 
 def _drafter(model: PreTrainedModel, head, lean, batch: int, capacity: int):
     """(drafter, its cache) over the lean head when supported, else over ``head`` with a ``DynamicCache``."""
-    lhead = lean_head(head, model, lean) if lean is not None else None
+    lhead = _lean_head(head, model, lean)
     if lhead is not None:
         mcache = lhead.new_cache(batch, capacity)
 
@@ -186,31 +222,42 @@ def _drafter(model: PreTrainedModel, head, lean, batch: int, capacity: int):
     return drafter, mcache
 
 
-def check_rollback(model: PreTrainedModel) -> None:
-    """Speculative decoding rolls rejected drafts back out of the target's cache. Linear-attention layers (Gated
-    DeltaNet in Qwen3.5 / Qwen3-Next) fold every verified token into a recurrent state that a KV crop cannot undo,
-    so MTP decoding on them would silently leave the policy's law; refuse it (plain decoding is exact)."""
+def check_rollback(model: PreTrainedModel, reason: str = "") -> None:
+    """Speculative decoding rolls rejected drafts back out of the target's state. On a hybrid model the
+    linear-attention layers (Gated DeltaNet) fold every verified token into a recurrent state that only the hybrid
+    forwards (``bebop.models.hybrid``) can roll back per row; transformers' caches cannot, so MTP decoding through
+    transformers' modules would silently leave the policy's law: refuse it (plain decoding is exact there)."""
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     kinds = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t not in ("full_attention",
                                                                                        "sliding_attention")})
     if kinds:
         raise BebopError(
             f"MTP decoding on model_type {getattr(cfg, 'model_type', '?')!r} needs a per-row rollback of its "
-            f"{', '.join(kinds)} state, which the engine does not do yet; decode without --mtp (exact), and measure "
-            "heads teacher-forced (bebop analyze entropy, train-mtp's held-out α)"
+            f"{', '.join(kinds)} state, which only the engine's hybrid path does, and it cannot run here "
+            f"({reason or 'transformers path'}); use backend 'auto', or decode without --mtp (exact)"
         )
 
 
-def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: str = "auto") -> Forwards:
+def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: str = "auto",
+             gamma: int = 0) -> Forwards:
     """The target's (and the head's) forwards for ``batch`` rows (module doc); ``capacity`` is a first
     allocation (lean caches grow on demand). ``backend``: ``"auto"`` (lean when supported, else transformers'),
-    ``"lean"`` (an error when unsupported) or ``"transformers"``; the path taken is announced (module doc)."""
-    if head is not None:
-        check_rollback(model)
-    lean = lean_decoder(model) if backend in ("auto", LEAN) else None
+    ``"lean"`` (an error when unsupported) or ``"transformers"``; the path taken is announced (module doc).
+    ``gamma``: the longest draft the caller will verify (a hybrid model's rollback has a maximum)."""
+    lean = _lean_for(model, backend)
     path = _path(model, head, backend, lean)
     _announce(path)
-    if lean is not None:
+    keep = None
+    if isinstance(lean, HybridDecoder):
+        if gamma > GAMMA_MAX:
+            raise BebopError(f"gamma {gamma} is larger than the maximum draft length on hybrid linear-attention "
+                             f"models ({GAMMA_MAX}: a verify keeps gamma+1 recurrent states per layer and row)")
+        tcache = lean.new_cache(batch, capacity)
+        keep = tcache.keep
+
+        def target(ids, pos, valid, start):
+            return lean(ids, pos, valid, tcache, start)
+    elif lean is not None:
         tcache = lean.new_cache(batch, capacity)
 
         def target(ids, pos, valid, start):
@@ -233,11 +280,13 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: s
             if isinstance(c, StaticKV):
                 c.k, c.v = c.k[:, rows], c.v[:, rows]
                 c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
+            elif isinstance(c, HybridCache):
+                c.select(rows)
             else:
                 c.batch_select_indices(rows)
 
     layers = head.num_layers if head is not None else 1
-    return Forwards(target, drafter, _lm_head(model, lean), select, layers, path)
+    return Forwards(target, drafter, _lm_head(model, lean), select, layers, path, keep)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -262,7 +311,7 @@ def forward_costs(model, head, prompt_ids: list[list[int]], gamma: int, repeats:
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
-    fw = forwards(model, head, B, P + gamma + 1, backend)
+    fw = forwards(model, head, B, P + gamma + 1, backend, gamma)
     hid = fw.target(ids, pos, valid[:, :P], 0)
     fw.drafter(ids, hid, pos, valid[:, :P], 0)
 

@@ -8,7 +8,8 @@ position t+1 (cache slot s) and g the head's output at t:
             t+k-1 with MTP layer (k−1) mod L (``forwards`` module doc) giving q_k, d_k.
   verify:   one target forward over [x, d_1..d_γ] (target slots s..s+γ) gives p_1..p_{γ+1}; the rule accepts
             a drafts and draws the correction/bonus token e.
-  roll back: slots s..s+a stay valid in both caches, s+a+1..s+γ become holes; the head overwrites its slots
+  roll back: slots s..s+a stay valid in both caches, s+a+1..s+γ become holes (a hybrid model's linear-attention
+            layers keep their state after slot s+a, ``Forwards.keep``); the head overwrites its slots
             s..s+γ, re-reading positions t+1..t+a+1 with the TRUE target hiddens of [x, d_1..d_a] and the tokens
             [d_1..d_a, e]; its output at slot s+a is the next g.
 
@@ -214,6 +215,8 @@ def _roll_back(cfg: SpecConfig, st: SpecState, toks: Tensor, vhid: Tensor, vpos:
     target's hiddens (its output at slot s+a is the next g); x, its position and the used length move on."""
     s, G = st.length, toks.shape[1] - 1
     st.valid.narrow(1, s, G + 1).copy_(kept)
+    if cfg.fw.keep is not None:                                       # linear-attention state: the same cut
+        cfg.fw.keep(kept.sum(1) - 1)
     if G:
         gh = cfg.fw.drafter(toks, vhid, vpos, st.valid.narrow(1, 0, s + G + 1), s)
         cfg.metrics.draft_forwards += 1

@@ -255,6 +255,8 @@ def _prefill_replies(cfg: SpecConfig, st: SpecState, ep: _Episodes, env_tok: tor
     vpos = st.pos_x.unsqueeze(1) + jw
     st.valid.narrow(1, s, W + 1).copy_(jw <= m.unsqueeze(1))
     hid = cfg.fw.target(vin, vpos, st.valid.narrow(1, 0, s + W + 1), s)
+    if cfg.fw.keep is not None:                                       # linear-attention state after e_m
+        cfg.fw.keep(m)
     cfg.metrics.target_forwards += 1
     p = cfg.probs(hid[st.rows, m])
     st.x = sample(p, cfg.generator)
@@ -315,7 +317,7 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
     capacity = P + (2 if G else 1) * (lim.max_new_tokens + G + 1)
     metrics = DecodeMetrics(gamma=G)
     metrics.reached, metrics.accepted_k, metrics.expected_k = ([0.0] * G for _ in range(3))
-    cfg = SpecConfig(forwards(model, head, B, capacity, dc.backend), dc.params, dc.rule, dc.pad_id, dc.generator,
+    cfg = SpecConfig(forwards(model, head, B, capacity, dc.backend, G), dc.params, dc.rule, dc.pad_id, dc.generator,
                      metrics)
     pre = prefill(cfg, prompts, capacity, device)
     st = pre.state
