@@ -346,11 +346,15 @@ class HybridDecoder:
                                else _Attention(layer, rope))
         self.attn = [i for i, layer in enumerate(self.layers) if isinstance(layer, _Attention)]
         self.lm_head = model.get_output_embeddings()
+        self.mode = "store"
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
-    def new_cache(self, batch: int, capacity: int, mode: str = "store") -> HybridCache:
+    def new_cache(self, batch: int, capacity: int, mode: str | None = None) -> HybridCache:
+        """A fresh cache for ``batch`` rows (KV ``capacity`` slots, grown on demand); ``mode`` (default
+        :attr:`mode`, which the engine's caches take): how per-token linear states are kept (module doc)."""
+        mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise BebopError(f"unknown linear-state mode {mode!r}; expected one of {', '.join(MODES)}")
         w = self.embed.weight
