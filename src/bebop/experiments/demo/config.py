@@ -47,7 +47,7 @@ class DemoConfig:
     device: str = "auto"               # every stage: auto | cpu | cuda | cuda:i (auto: CUDA when available)
     dtype: str = "auto"                # every stage: auto | float32 | bfloat16 | float16 (models.device)
     # 1. SFT
-    arch: str = "qwen3"                # policy family (models.families.ARCHS; hybrids cannot MTP-decode yet)
+    arch: str = "qwen3"                # policy family (models.families.ARCHS)
     sft_steps: int | None = None       # None: the task's SFT recipe (training.sft.SFT_RECIPES)
     sft_minutes: float | None = None   # optional wall-clock cap; off, so the run is the same on any machine
     sft_eval_samples: int = 128
