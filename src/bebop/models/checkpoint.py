@@ -375,6 +375,12 @@ def load_head(path: str | Path, model: PreTrainedModel) -> MTPHead:
     layout = _detect_layout(tensors.keys(), file)
 
     model_vocab, model_hidden = model.get_input_embeddings().weight.shape
+    made_for, model_type = str(info.get("model_type", "")), str(getattr(_text_config(model.config), "model_type", ""))
+    if made_for and model_type and made_for.removesuffix("_text") != model_type.removesuffix("_text"):
+        raise BebopError(
+            f"MTP checkpoint {file} was made for a model_type {made_for!r} model, but the model is {model_type!r}: "
+            "a head's block is a layer of its model's family; train one for this model (bebop train-mtp)"
+        )
     if "hidden_size" in info and int(info["hidden_size"]) != model_hidden:
         raise BebopError(
             f"MTP checkpoint {file} has hidden size {info['hidden_size']} but the model has hidden size {model_hidden}"
