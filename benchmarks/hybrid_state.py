@@ -30,7 +30,8 @@ def pending_bytes(cache) -> int:
     the current one) with q, k, v, g, β (recompute), counted exactly from the tensors."""
     total = 0
     for s in cache.linear:
-        held = [s.full, s.states, *(s.qkvgb or ())] + ([s.rec] if s.states is None else [])
+        states = s.states if isinstance(s.states, list) else [s.states]
+        held = [s.full, *states, *(s.qkvgb or ())] + ([s.rec] if s.states is None else [])
         total += sum(t.numel() * t.element_size() for t in held if t is not None)
     return total
 

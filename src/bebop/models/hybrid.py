@@ -174,7 +174,7 @@ class LinearState:
         self.conv = torch.zeros((batch, channels, kernel - 1), dtype=dtype, device=device)
         self.rec = torch.zeros((batch, heads, dk, dv), dtype=torch.float32, device=device)
         self.full: Tensor | None = None        # [B, C, K−1+T] the convolution input of the last forward
-        self.states: Tensor | None = None      # store mode: [T+1, B, H, d_k, d_v]
+        self.states: Tensor | list | None = None   # store mode: [T+1, B, H, d_k, d_v]; [before, after] if T = 1
         self.qkvgb: tuple | None = None        # recompute mode: (q, k, v, g, β, the state before) of the last forward
 
     def commit_all(self) -> None:
@@ -189,7 +189,9 @@ class LinearState:
         B, C, _ = self.full.shape
         idx = (last + 1).unsqueeze(1) + torch.arange(K1, device=last.device)               # [B, K−1]
         self.conv = self.full.gather(2, idx.unsqueeze(1).expand(B, C, K1))
-        if self.states is not None:
+        if isinstance(self.states, list):                     # one token: the state before or after it
+            self.rec = torch.where((last >= 0)[:, None, None, None], self.states[1], self.states[0])
+        elif self.states is not None:
             self.rec = self.states[last + 1, torch.arange(B, device=last.device)]
         elif self.qkvgb is not None:
             self.rec = select_state(*self.qkvgb, last)
@@ -307,8 +309,11 @@ class _Linear:
             q, k = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (q, k))
             q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))
             q, k = _l2norm(q) / (q.shape[-1] ** 0.5), _l2norm(k)
-            o, kept = delta_rule(q, k, v, g, beta, st.rec, keep_states=mode == "store")
-            if mode == "store":
+            one = T == 1                                  # plain decoding: no stack, the state before is kept
+            o, kept = delta_rule(q, k, v, g, beta, st.rec, keep_states=mode == "store" and not one)
+            if mode == "store" and one:
+                st.states, st.qkvgb, st.rec = [st.rec, kept], None, kept
+            elif mode == "store":
                 st.states, st.qkvgb, st.rec = kept, None, kept[-1]
             else:
                 st.states, st.qkvgb, st.rec = None, (q, k, v, g, beta, st.rec), kept
