@@ -14,11 +14,11 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev,ray]"
+	$(BIN)/pip install --quiet -e ".[dev,ray,trl]"
 	touch $@
 
 help:
-	@echo "make install    virtual env in $(VENV) with bebop and its dev + ray extras (CPU torch)"
+	@echo "make install    virtual env in $(VENV) with bebop and its dev + ray + trl extras (CPU torch)"
 	@echo "make demo       install, then the end-to-end demo into runs/demo"
 	@echo "make test       lint + every test, slow lanes included (what CI runs)"
 	@echo "make test-fast  lint + the tests not marked slow (inner loop, a few minutes on 2 cores)"

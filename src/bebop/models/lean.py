@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LeanDecoder", "LeanHead", "StaticKV", "lean_decoder", "lean_head", "why_not_lean", "why_not_lean_head"]
+__all__ = ["LeanDecoder", "LeanHead", "StaticKV", "forget", "lean_decoder", "lean_head", "why_not_lean",
+           "why_not_lean_head"]
 
 
 def _rms(x: Tensor, w: Tensor | None, eps: Tensor) -> Tensor:
@@ -433,6 +434,15 @@ class LeanHead:
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget(*modules) -> None:
+    """Drop the lean forwards cached for these models or heads, so the next call rebuilds them from the current
+    weights. Needed after weights are written without bumping their version counters (``param.data`` writes,
+    which some trainers' optimizers do), which the freshness check cannot see."""
+    for m in modules:
+        _DECODERS.pop(m, None)
+        _HEADS.pop(m, None)
 
 
 def lean_decoder(model) -> LeanDecoder | None:
