@@ -37,13 +37,18 @@ def sequence_law(model, prompt, params, length):
 
 
 def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
-    """Chi-square goodness of fit; cells with expected count < 5 are merged into one."""
+    """Chi-square goodness of fit; cells with expected count < 5 are merged into one (dropped when the law gives
+    them no mass at all, and any draw there fails the test)."""
     n = len(observed_codes)
     counts = np.bincount(observed_codes, minlength=len(law)).astype(float)
     expected = law * n
     big = expected >= 5
     obs, exp = counts[big], expected[big]
     if not big.all():
-        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+        small_obs, small_exp = counts[~big].sum(), expected[~big].sum()
+        if small_exp > 0:
+            obs, exp = np.append(obs, small_obs), np.append(exp, small_exp)
+        elif small_obs > 0:      # draws in cells of probability 0: impossible under the law
+            return 0.0
     exp *= obs.sum() / exp.sum()
     return float(chisquare(obs, exp).pvalue)

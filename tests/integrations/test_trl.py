@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_policy
-from laws import exact_logprobs
+from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs
 
 from bebop.core.sampling import SamplingParams
 from bebop.errors import BebopError
@@ -75,6 +76,82 @@ def test_rollouts_follow_the_trainers_current_policy(tiny_tokenizer, tmp_path):
     assert len(rollout.history) == 2
 
 
+class Stub:
+    """The attributes of a GRPOTrainer that the rollout function reads."""
+
+    def __init__(self, model, tok, args):
+        self.model, self.processing_class, self.args = model, tok, args
+
+    def _tokenize_prompts(self, prompts):
+        return [self.processing_class(p)["input_ids"] for p in prompts], None, {}
+
+
+@pytest.mark.parametrize("with_head", [True, False], ids=["mtp", "plain"])
+def test_logprobs_equal_the_trainers_own_recomputation(tiny_tokenizer, tmp_path, with_head):
+    """At τ = 1 without top-p/top-k (where TRL's per-token log-probs and the sampling law coincide), the returned
+    log-probs equal what GRPOTrainer itself computes for the policy, to 1e-4 in float32; the policy's weights
+    change over two steps and rewards reach the reward function."""
+    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=3.0)
+    weights_before = model.get_input_embeddings().weight.detach().clone()
+    rollout = BebopRollout(MTPHead.from_base(model) if with_head else None, gamma=3, seed=0)
+    checked, rewarded = [], []
+
+    def recorded(prompts, trainer):
+        out = rollout(prompts, trainer)
+        rows = [p + c for p, c in zip(out["prompt_ids"], out["completion_ids"], strict=True)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        keep = width - min(map(len, out["prompt_ids"]))
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+        for i, (p, lp) in enumerate(zip(out["prompt_ids"], out["logprobs"], strict=True)):
+            start = len(p) - (width - keep)
+            checked.append(float((torch.tensor(lp) - logps[i, start:start + len(lp)]).abs().max()))
+        return out
+
+    def reward(prompts, completions, **kw):
+        rewarded.append(len(completions))
+        return [float(len(c)) / 10 for c in completions]
+
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=_config(tmp_path, top_p=1.0), train_dataset=ds,
+                              processing_class=tiny_tokenizer, rollout_func=recorded)
+    trainer.train()
+    assert len(checked) == 16 and max(checked) < 1e-4
+    assert rewarded == [8, 8]
+    assert not torch.equal(weights_before, model.get_input_embeddings().weight)
+
+
+@pytest.mark.slow
+def test_first_token_follows_plain_sampling(tiny_tokenizer, tmp_path):
+    """10^5 rollouts of one prompt at τ = 0.8, top-p 0.9 through the rollout function: the first completion token's
+    counts against the exact law under the same transforms (χ²)."""
+    from bebop.core.sampling import probs_from_logits
+
+    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=6.0)
+    rollout = BebopRollout(MTPHead.from_base(model), gamma=3, seed=7)
+    args = _config(tmp_path, temperature=0.8, top_p=0.9, max_completion_length=2)
+    n = 100_000
+    out = rollout([PROMPTS[0]] * n, Stub(model, tiny_tokenizer, args))
+    first = np.array([c[0] for c in out["completion_ids"]])
+    prompt = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        law = probs_from_logits(model(torch.tensor([prompt])).logits[0, -1], sampling_params(args))
+    assert chisq_pvalue(first, law.double().numpy()) > P_FALSE_ALARM
+
+
+def test_a_head_that_does_not_fit_the_model_is_refused(tiny_tokenizer, tmp_path):
+    from bebop.models.policy import ModelConfig, build_policy
+
+    model = build_tiny_policy(tiny_tokenizer, seed=1)
+    other = build_policy(ModelConfig(num_layers=2, hidden_size=48, num_heads=2, num_kv_heads=1,
+                                     intermediate_size=64), tiny_tokenizer)
+    rollout = BebopRollout(MTPHead.from_base(other), gamma=3)
+    with pytest.raises(BebopError, match="hidden size 48"):
+        rollout(PROMPTS, Stub(model, tiny_tokenizer, _config(tmp_path)))
+
+
 def test_completions_stop_at_eos_and_include_it(tiny_tokenizer, tmp_path):
     model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=3.0)
     rollout = BebopRollout(MTPHead.from_base(model), gamma=2, seed=0)
@@ -82,17 +159,7 @@ def test_completions_stop_at_eos_and_include_it(tiny_tokenizer, tmp_path):
     with torch.no_grad():                                # make EOS likely after any token
         model.get_output_embeddings().weight[eos] += 0.5 * model.get_output_embeddings().weight.mean(0)
 
-    class Stub:                                           # the attributes of a GRPOTrainer the rollout reads
-        args = _config(tmp_path, max_completion_length=40, temperature=1.0, top_p=1.0)
-        processing_class = tiny_tokenizer
-
-        def __init__(self):
-            self.model = model
-
-        def _tokenize_prompts(self, prompts):
-            return [tiny_tokenizer(p)["input_ids"] for p in prompts], None, {}
-
-    out = rollout(PROMPTS * 8, Stub())
+    out = rollout(PROMPTS * 8, Stub(model, tiny_tokenizer, _config(tmp_path, max_completion_length=40, top_p=1.0)))
     ends = [c for c in out["completion_ids"] if eos in c]
     assert ends and all(c.index(eos) == len(c) - 1 for c in ends)           # EOS ends a completion, included
     assert all(len(c) <= 40 for c in out["completion_ids"])

@@ -26,7 +26,7 @@ the optimizers of transformers' ``Trainer`` can update parameters without moving
 (one copy of the weights per generation batch). Under the trainer's mixed precision (``bf16=True``, TRL's default
 where supported) generation runs inside the trainer's autocast, as TRL's own generation does.
 
-Decode metrics (per-step α, accept length, tokens/s) are added to the trainer's logged metrics under
+Decode metrics (per-step α, accept length, tokens/s, seconds) are added to the trainer's logged metrics under
 ``bebop/…`` and kept on the returned function's ``history`` list.
 
 Multi-turn tool use through TRL's ``env_mask`` is not offered here: TRL runs its own tool loop after the rollout
@@ -74,12 +74,13 @@ def sampling_params(args: Any) -> SamplingParams:
 @dataclass
 class BebopRollout:
     """A ``rollout_func`` for TRL's ``GRPOTrainer`` (module doc). ``head``: an ``MTPHead``, a head path
-    (directory or ``.safetensors``), or ``"native"`` (the policy checkpoint's own MTP layer); ``gamma``: draft
+    (directory or ``.safetensors``), ``"native"`` (the policy checkpoint's own MTP layer), or None (Bebop's plain
+    decoding, one target forward per token); ``gamma``: draft
     length, or ``"auto"`` (adaptive drafting up to ``gamma_max``, ``bebop.experimental.adaptive``); ``rule``:
     ``rejection`` or ``target_only`` (``auto`` with ``gamma="auto"``: RS or TO per row); ``backend``: the engine's
     forwards; ``seed``: the rollouts' random generator (None: torch's global one)."""
 
-    head: MTPHead | str | Path
+    head: MTPHead | str | Path | None
     gamma: int | str = 3
     rule: str = "rejection"
     backend: str = "auto"
@@ -96,8 +97,10 @@ class BebopRollout:
                                      or self.gamma < 1):
             raise BebopError(f"gamma must be an integer >= 1 or 'auto', got {self.gamma!r}")
 
-    def _head_for(self, model) -> MTPHead:
+    def _head_for(self, model) -> MTPHead | None:
         """The frozen head, loaded (once) for ``model`` and bound to its embedding and LM head."""
+        if self.head is None:
+            return None
         if self._head is None:
             self._head = load_head(self.head, model)
         if self._bound_to is not model:
@@ -111,7 +114,7 @@ class BebopRollout:
     def _gamma(self, model, head: MTPHead, prompt_ids: list[list[int]], cfg: DecodeConfig):
         """The fixed γ, or (``"auto"``) an adaptive drafting policy calibrated once, on the first batch, for this
         batch size (``bebop.experimental.adaptive.calibrate``)."""
-        if self.gamma != "auto":
+        if self.gamma != "auto" or head is None:
             return self.gamma
         if self._policy is None:
             from bebop.experimental.adaptive import calibrate
@@ -137,7 +140,7 @@ class BebopRollout:
         model.eval()
         try:
             head = self._head_for(model)
-            forget(model, head)          # the trainer's optimizer may write weights without bumping their versions
+            forget(model, *([head] if head is not None else []))   # optimizers may write weights unversioned
             cfg.gamma = self._gamma(model, head, prompt_ids, cfg)
             t0 = time.perf_counter()
             out = decode(model, head, prompt_ids, cfg)
@@ -147,8 +150,9 @@ class BebopRollout:
         completions = out.completions()
         logprobs = [row[: len(c)].tolist() for row, c in zip(out.logprobs, completions, strict=True)]
         m = out.metrics
-        metrics = {"accept_length": m.accept_length, "tokens_per_s": m.tokens / max(seconds, 1e-9),
-                   **{f"alpha_{k + 1}": a for k, a in enumerate(m.alpha)}}
+        metrics = {"tokens_per_s": m.tokens / max(seconds, 1e-9), "rollout_s": seconds}
+        if head is not None:
+            metrics.update(accept_length=m.accept_length, **{f"alpha_{k + 1}": a for k, a in enumerate(m.alpha)})
         self.history.append(metrics)
         logged = getattr(trainer, "_metrics", None)
         if isinstance(logged, dict) and "train" in logged:
@@ -157,7 +161,7 @@ class BebopRollout:
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
 
 
-def mtp_rollout_func(head: MTPHead | str | Path, gamma: int | str = 3, rule: str = "rejection",
+def mtp_rollout_func(head: MTPHead | str | Path | None, gamma: int | str = 3, rule: str = "rejection",
                      backend: str = "auto", seed: int | None = None) -> Callable[[list, Any], dict[str, list]]:
     """``GRPOTrainer(..., rollout_func=mtp_rollout_func(head, gamma=3))``: see :class:`BebopRollout`."""
     return BebopRollout(head, gamma, rule, backend, seed)
