@@ -1,17 +1,20 @@
-"""TRL's ``GRPOTrainer`` vs ``bebop rl`` on the same policy, task, prompts and settings, side by side in one run.
+"""TRL's ``GRPOTrainer`` — generating with its built-in ``model.generate``, with Bebop's plain decoding, and with
+Bebop's MTP-RS (γ = 3) through ``bebop.integrations.trl`` — and ``bebop rl``, on the same policy, task, prompts and
+settings, side by side in one run.
 
-    nice -n 5 python benchmarks/trl_grpo.py --model runs/arith/base --mtp runs/arith/mtp_e2e_tv --steps 6
+    python benchmarks/trl_grpo.py --model runs/arith/base --mtp runs/arith/mtp_e2e_tv --threads 1
 
-One RL step on both sides = 16 prompts × 8 completions sampled at τ = 1 (≤ 96 new tokens), rewarded by
+One RL step on every side = 8 prompts × 8 completions sampled at τ = 1 (≤ 96 new tokens), rewarded by
 ``task.reward``, then ONE AdamW step (lr 2e-4, betas 0.9/0.99, no weight decay, grad clip 1.0) on the
 clipped-ratio GRPO loss (ε = 0.2, group-std-normalised advantages, per-sequence token mean, no KL), fp32, CPU,
-forward/backward in 2 micro-batches of 64 rows. Step s uses the same 16 problems on both sides
-(``sample_problems(task, 16, step_seed(seed, s))``, as bebop's rollout worker draws them).
+forward/backward in micro-batches of 64 rows, 10 steps. Step s uses the same problems on every side
+(``sample_problems(task, prompts, step_seed(seed, s))``, as bebop's rollout worker draws them). "rollout s" is
+generation alone for bebop rl and the Bebop rollout functions, generation + reward scoring for TRL's built-in path.
 
 TRL batch arithmetic (trl 1.16): ``per_device_train_batch_size`` counts completions, generation happens once per
 ``steps_per_generation`` micro-steps (default = ``gradient_accumulation_steps``) for ``generation_batch_size =
-per_device_train_batch_size × steps_per_generation`` completions. So per_device 64 × grad-accum 2 → one generation
-of 128 = 16 × 8 completions per optimizer step, and (grad-accum a multiple of steps_per_generation, one iteration)
+per_device_train_batch_size × steps_per_generation`` completions. So per_device 64 × grad-accum 1 → one generation
+of 64 = 8 × 8 completions per optimizer step, and (grad-accum a multiple of steps_per_generation, one iteration)
 no extra "old log-prob" forward. TRL's step is timed from ``on_step_begin`` to ``on_step_end``: it contains
 generation (``model.generate``), reward scoring, both forward/backward micro-batches and the optimizer step.
 Bebop's ``step_s`` (from ``rl.jsonl``) is rollout + update wall time. Both means skip the first step (warm-up).
@@ -109,8 +112,14 @@ def run_bebop(args, strategy: str, out: Path) -> dict:
 
 # ---------------------------------------------------------------- TRL
 
-def run_trl(args, out: Path) -> dict:
-    """Time ``GRPOTrainer`` for ``args.steps`` optimizer steps; returns figures or ``{"error": why}``."""
+ROLLOUTS = {"generate": "transformers model.generate (TRL's built-in; no vLLM, no paged/continuous)",
+            "bebop-plain": "bebop.integrations.trl rollout_func, Bebop plain decoding",
+            "bebop-mtp": "bebop.integrations.trl rollout_func, Bebop MTP-RS at γ = 3 with --mtp"}
+
+
+def run_trl(args, out: Path, rollout: str = "generate") -> dict:
+    """Time ``GRPOTrainer`` for ``args.steps`` optimizer steps with generation by ``rollout`` (:data:`ROLLOUTS`);
+    returns figures or ``{"error": why}``."""
     try:
         import datasets
         import trl
@@ -160,7 +169,7 @@ def run_trl(args, out: Path) -> dict:
         output_dir=str(out),
         max_steps=args.steps,
         per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=args.prompts * args.group // MICRO_BATCH,   # → generation_batch_size 128
+        gradient_accumulation_steps=args.prompts * args.group // MICRO_BATCH,   # → generation_batch_size P × G
         num_generations=args.group,
         max_completion_length=args.max_new_tokens,
         temperature=args.temperature, top_p=1.0, top_k=0,
@@ -179,9 +188,14 @@ def run_trl(args, out: Path) -> dict:
             "steps_per_generation", "num_generations", "max_completion_length", "loss_type", "beta",
             "gradient_checkpointing", "bf16", "use_vllm", "use_transformers_continuous_batching")},
     }
+    rollout_func = None
+    if rollout != "generate":
+        from bebop.integrations.trl import BebopRollout
+
+        rollout_func = BebopRollout(args.mtp if rollout == "bebop-mtp" else None, gamma=3, seed=args.seed)
     try:
         trainer = GRPOTrainer(model=model, reward_funcs=arith_reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[timer])
+                              processing_class=tokenizer, callbacks=[timer], rollout_func=rollout_func)
         trl_ids, _, _ = trainer._tokenize_prompts([p.prompt for p in problems[: args.prompts]])
         res["prompt_ids_match_bebop"] = [list(x) for x in trl_ids] == bebop_ids
         res["prompt_starts_with_bos"] = all(x[0] == tokenizer.bos_token_id for x in trl_ids)
@@ -206,13 +220,19 @@ def run_trl(args, out: Path) -> dict:
         res["traceback"] = traceback.format_exc(limit=8)
         return res
     res.update(
-        trl_version=trl.__version__, generation_path="transformers model.generate (no vLLM, no paged/continuous)",
+        trl_version=trl.__version__, generation_path=ROLLOUTS[rollout],
         step_s=timer.times, mean_step_s=mean(timed(timer.times)),
         step_cpu_s=timer.cpu, mean_step_cpu_s=mean(timed(timer.cpu)),
         generate_and_score_s=gen_s, mean_generate_and_score_s=mean(timed(gen_s)),
         reward=[mean(r) for r in rewards_per_step], mean_tokens=tokens_per_step,
         completions_per_step=[len(r) for r in rewards_per_step], problems_per_step=problems_per_step,
     )
+    if rollout_func is not None:
+        hist = rollout_func.history
+        res["rollout_s"] = [h["rollout_s"] for h in hist]
+        res["mean_rollout_s"] = mean(timed(res["rollout_s"]))
+        if rollout == "bebop-mtp":
+            res["accept_length"] = [h["accept_length"] for h in hist]
     if len(timer.times) != args.steps:
         res["error"] = f"expected {args.steps} optimizer steps, timed {len(timer.times)}"
     return res
@@ -244,8 +264,8 @@ def main() -> None:
     ap.add_argument("--model", default="runs/arith/base")
     ap.add_argument("--mtp", default=None, help="MTP head dir: also time bebop with mtp_strategy=frozen")
     ap.add_argument("--task", default="arith")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL num_generations)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -265,8 +285,10 @@ def main() -> None:
         for name, strategy in runs:
             console.print(f"[bold]{name}[/]: {args.steps} GRPO steps …")
             results[name] = run_bebop(args, strategy, Path(tmp) / strategy)
-        console.print(f"[bold]TRL GRPOTrainer[/]: {args.steps} GRPO steps …")
-        results["TRL GRPOTrainer"] = run_trl(args, Path(tmp) / "trl")
+        for rollout in ("generate", "bebop-plain", "bebop-mtp")[: 3 if args.mtp else 2]:
+            name = "TRL GRPOTrainer" + ("" if rollout == "generate" else f" + {rollout}")
+            console.print(f"[bold]{name}[/]: {args.steps} GRPO steps …")
+            results[name] = run_trl(args, Path(tmp) / f"trl_{rollout}", rollout)
 
     trl, trl_mean, trl_cpu = results["TRL GRPOTrainer"], None, None
     if "mean_step_s" in trl:
@@ -275,11 +297,11 @@ def main() -> None:
                         f"tokens, τ={args.temperature}, {args.steps} steps (first skipped), "
                         f"{torch.get_num_threads()} torch threads")
     for c in ("framework", "mean step s", "min step s", "steps/s", "rollout s", "CPU s/step", "reward",
-              "ratio vs TRL", "CPU ratio vs TRL"):
+              "last reward", "accept len", "ratio vs TRL", "CPU ratio vs TRL"):
         table.add_column(c, justify="right")
     for name, r in results.items():
         if "mean_step_s" not in r:
-            table.add_row(name, *["-"] * 6, f"failed: {r.get('error', '?')[:60]}", "-")
+            table.add_row(name, *["-"] * 8, f"failed: {r.get('error', '?')[:60]}", "-")
             continue
         r["steps_per_s"] = 1.0 / r["mean_step_s"]
         r["min_step_s"] = min(timed(r["step_s"]))
@@ -287,13 +309,17 @@ def main() -> None:
             r["speedup_vs_trl"] = trl_mean / r["mean_step_s"]
             r["cpu_speedup_vs_trl"] = trl_cpu / r["mean_step_cpu_s"]
         rollout = r.get("mean_rollout_s", r.get("mean_generate_and_score_s"))
+        acc = r.get("accept_length")
+        acc = [a for a in acc if a is not None] if acc else None
         table.add_row(name, f"{r['mean_step_s']:.2f}", f"{r['min_step_s']:.2f}", f"{r['steps_per_s']:.3f}",
                       f"{rollout:.2f}", f"{r['mean_step_cpu_s']:.2f}", f"{mean(r['reward']):.3f}",
+                      f"{r['reward'][-1]:.3f}", f"{mean(acc):.2f}" if acc else "-",
                       f"{r['speedup_vs_trl']:.2f}×" if trl_mean else "-",
                       f"{r['cpu_speedup_vs_trl']:.2f}×" if trl_mean else "-")
     console.print(table)
-    if "error" in results["TRL GRPOTrainer"]:
-        console.print(f"[red]TRL did not run:[/] {results['TRL GRPOTrainer']['error']}")
+    for name, r in results.items():
+        if name.startswith("TRL") and "error" in r:
+            console.print(f"[red]{name} did not run:[/] {r['error']}")
 
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     settings.update(bebop_source=bebop_source(), micro_batch=MICRO_BATCH, optimizer_steps_per_batch=1, kl=0.0,
