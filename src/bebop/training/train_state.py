@@ -37,27 +37,33 @@ class TrainState:
     generator: torch.Tensor | None = None
 
 
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_optimizer(sd: dict[str, Any], prefix: str = "optimizer.") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer ``state_dict`` as safetensors-ready tensors named ``{prefix}{param index}.{name}`` and a
+    JSON-ready rest (``param_groups`` and the non-tensor per-parameter values)."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for name, value in st.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                        prefix: str = "optimizer.") -> dict[str, Any]:
+    """The ``state_dict`` that :func:`flatten_optimizer` took apart (JSON turned the betas tuples into lists)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
+        if key.startswith(prefix):
+            idx, name = key.removeprefix(prefix).split(".", 1)
             state.setdefault(int(idx), {})[name] = value
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else g
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def save_state(out: str | Path, st: TrainState) -> Path:
@@ -66,7 +72,7 @@ def save_state(out: str | Path, st: TrainState) -> Path:
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "stage": st.stage, "step": st.step,
                             "config": st.config, "history": st.history, "optimizer": None, "scaler": st.scaler}
     if st.optimizer is not None:
-        opt_tensors, meta["optimizer"] = _flatten_optimizer(st.optimizer)
+        opt_tensors, meta["optimizer"] = flatten_optimizer(st.optimizer)
         tensors.update(opt_tensors)
     if st.generator is not None:
         tensors["generator"] = st.generator.cpu()
@@ -91,7 +97,7 @@ def load_state(out: str | Path) -> TrainState | None:
         raise BebopError(f"checkpoint {d} has format version {meta.get('format_version')!r}, this Bebop reads "
                          f"{FORMAT_VERSION}; remove it to start over")
     head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
-    opt = _unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] is not None else None
+    opt = unflatten_optimizer(tensors, meta["optimizer"]) if meta["optimizer"] is not None else None
     return TrainState(meta["stage"], meta["step"], meta["config"], meta["history"], head, opt, meta["scaler"],
                       tensors.get("generator"))
 
