@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -240,6 +241,8 @@ class _Run:
     unroll: torch.nn.Module
     history: list[dict]
     step_seconds: float = 0.0
+    stages: tuple[Stage, ...] = ()
+    checkpoint: tuple[int, int] | None = None      # (stage index, step) of the last checkpoint written
 
 
 def _batch_loss(run: _Run, head: MTPHead, loss_name: str, idx: list[int]) -> tuple[torch.Tensor, float]:
@@ -260,8 +263,22 @@ def _batch_loss(run: _Run, head: MTPHead, loss_name: str, idx: list[int]) -> tup
     return loss * share, float(total[1] / total[0])
 
 
+def _non_finite(run: _Run, stage: Stage, step: int, what: str, value: float) -> BebopError:
+    """The error a run stops with when ``what`` is NaN or inf at ``stage``'s step ``step``: raised before that
+    step's optimizer step and before any checkpoint is written, so the last checkpoint is the last good state."""
+    where = Path(run.cfg.out) / CHECKPOINT_DIR
+    if run.checkpoint is None:
+        hint = "no checkpoint was written yet"
+    else:
+        hint = (f"the last checkpoint ({run.stages[run.checkpoint[0]].name} stage, step {run.checkpoint[1]}) in "
+                f"{where} is intact: rerun the same command to resume from it")
+    return BebopError(f"train-mtp stopped at step {step} of the {stage.name} stage: non-finite {what} ({value}); "
+                      f"the optimizer step was not taken, {hint}")
+
+
 def _checkpoint(run: _Run, head: MTPHead, opt, scaler, gen: torch.Generator, stage: int, step: int) -> None:
     """Rank 0 saves where the run stands (continue at ``stage``'s step ``step``)."""
+    run.checkpoint = (stage, step)
     if run.dist.is_main:
         save_state(run.cfg.out, TrainState(stage, step, asdict(run.cfg), list(run.history), head.state_dict(),
                                            opt.state_dict() if opt is not None else None,
@@ -300,10 +317,16 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.
             idx = torch.randint(len(run.data), (dist.world * cfg.batch_size,), generator=gen).tolist()
             mine = idx[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
             loss, loss_value = _batch_loss(run, head, stage.loss, mine)
+            if not math.isfinite(loss_value):   # the global batch's loss: the same value on every rank
+                raise _non_finite(run, stage, step, f"{stage.loss} loss", loss_value)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            # after DDP's all-reduce every rank holds the same gradients, hence the same norm: all stop together.
+            # Under float16 the gradient scaler skips steps with inf/NaN gradients itself.
+            if not scaler.is_enabled() and not bool(torch.isfinite(gnorm)):
+                raise _non_finite(run, stage, step, "gradient norm", float(gnorm))
             scaler.step(opt)
             scaler.update()
             run.step_seconds += time.perf_counter() - t_step
@@ -402,7 +425,8 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
         atomic_write_text(out / "train_mtp.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         log = (out / "train_mtp.jsonl").open("a")
     try:
-        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec, dist, unroll, history)
+        run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec, dist, unroll, history,
+                   stages=tuple(stages), checkpoint=None if resume is None else (resume.stage, resume.step))
         first = resume.stage if resume is not None else 0
         for i, stage in enumerate(stages):
             if i < first:
