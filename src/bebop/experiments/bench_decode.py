@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bebop.core.sampling import SamplingParams
+from bebop.core.speed import speedup_limit
 from bebop.engine.decode import DecodeConfig, DecodeMetrics, forward_costs, left_pad, median_seconds
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
@@ -126,8 +127,7 @@ def _speed_limit(run: _Run, prompts: list[list[int]], accept_length: float, spee
     """Measured forward costs and the speed model's limit (module doc) with the fraction of it reached."""
     gamma = run.cfg.gamma
     costs = forward_costs(run.model, run.head, prompts, gamma)
-    cost_ratio = (costs["c_verify"] + gamma * costs["c_draft"]) / costs["c_1"]
-    limit = accept_length / cost_ratio          # accept length = 1 + E[A]
+    limit = speedup_limit(accept_length, costs["c_1"], costs["c_verify"], costs["c_draft"], gamma)
     return {**costs, "speedup_limit": limit, "fraction_of_limit": speedup / limit}
 
 
