@@ -22,7 +22,16 @@ from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import RLConfig
 from bebop.rl.rollout import RolloutBatch, RolloutWorker, check_ray_address, merge_batches, snapshot
-from bebop.rl.trainer import CHECKPOINT, head_update, policy_update, save_checkpoint, train_rl, training_batch
+from bebop.rl.trainer import (
+    CHECKPOINT,
+    STATE_JSON,
+    head_update,
+    policy_update,
+    read_checkpoint,
+    save_checkpoint,
+    train_rl,
+    training_batch,
+)
 
 TESTS = Path(__file__).parent
 REWARD = "rl_rewards:digit_fraction"
@@ -158,17 +167,22 @@ def test_gradient_isolation_between_head_and_policy(policy_dirs, tmp_path):
 # ---------------------------------------------------------------- checkpoints, runs, resume
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    from bebop.rl import trainer
+
     path = tmp_path / CHECKPOINT
-    save_checkpoint(path, {"step": 1})
+    state = {"step": 1, "policy": {"w": torch.ones(2)}, "opt": None, "head": None, "head_opt": None,
+             "head_gen": torch.Generator().get_state(), "torch_rng": torch.get_rng_state(), "py_rng": (3, (1,), None),
+             "summary": {}}
+    save_checkpoint(path, state)
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr(trainer, "save_file", boom)
     with pytest.raises(RuntimeError):
-        save_checkpoint(path, {"step": 2})
-    assert torch.load(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+        save_checkpoint(path, {**state, "step": 2})
+    assert read_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in path.iterdir()) == ["state-00000001.safetensors", "state.json"]
 
 
 def read_log(out: Path) -> list[dict]:
@@ -234,7 +248,7 @@ def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
     proc = run_cli(*args)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (out / CHECKPOINT).exists() and (out / "rl.jsonl").exists() and \
+        if (out / CHECKPOINT / STATE_JSON).exists() and (out / "rl.jsonl").exists() and \
                 len((out / "rl.jsonl").read_text().splitlines()) >= 5:
             break
         time.sleep(0.05)
@@ -242,13 +256,15 @@ def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
     proc.wait()
     killed_at = len(read_log(out))
     assert 5 <= killed_at < 40
-    assert not [p for p in out.iterdir() if p.name.startswith(f".{CHECKPOINT}")]   # no half-written checkpoint
+    assert read_checkpoint(out / CHECKPOINT)["step"] <= killed_at   # the last committed checkpoint reads back
     proc = run_cli("rl", "--resume", str(out))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(40))
     assert (out / "policy" / "config.json").is_file()
+    names = sorted(p.name for p in (out / CHECKPOINT).iterdir())
+    assert names == ["state-00000040.safetensors", STATE_JSON]           # no half-written or superseded file left
 
 
 # ---------------------------------------------------------------- Ray
@@ -308,7 +324,7 @@ def test_unreachable_ray_address_is_a_clear_error():
 
 def test_resume_without_checkpoint_is_a_clear_error(policy_dirs, tmp_path):
     cfg = small_config(policy_dirs, tmp_path / "empty")
-    with pytest.raises(BebopError, match="no checkpoint.pt"):
+    with pytest.raises(BebopError, match="cannot resume: no checkpoint in"):
         train_rl(cfg, resume=True)
 
 

@@ -17,7 +17,7 @@ def rl_cmd(
     task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
     model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
     mtp: Annotated[str | None, typer.Option(help="MTP head directory (needed by --mtp-strategy frozen).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint.pt, policy/, mtp/.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint/, policy/, mtp/.")] = None,
     mtp_strategy: Annotated[str | None, typer.Option(help="none, frozen, online-ce or online-tv.")] = None,
     rule: Annotated[str | None, typer.Option(help="Verification rule: rejection or target_only.")] = None,
     gamma: Annotated[int | None, typer.Option(help="Draft length γ.")] = None,
@@ -46,6 +46,9 @@ def rl_cmd(
     dtype: TomlDtypeOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Resume the run in this directory from its checkpoint.")]
     = None,
+    convert_checkpoint: Annotated[bool, typer.Option(
+        "--convert-checkpoint", help="With --resume: first convert a legacy pickle checkpoint.pt (read with "
+        "torch.load(weights_only=True): tensors and plain containers only, never code).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """GRPO on a task with MTP-accelerated rollouts (DESIGN §5); resumable with --resume DIR."""
@@ -54,11 +57,14 @@ def rl_cmd(
     from bebop.rl.trainer import train_rl
 
     announce_paths()
+    if convert_checkpoint and resume is None:
+        raise BebopError("--convert-checkpoint needs --resume DIR: it converts that run's legacy checkpoint.pt")
     if resume is not None:
         saved = resume / "rl_config.json"
         if not saved.is_file():
             raise BebopError(f"cannot resume: {resume} has no rl_config.json")
-        cfg = from_dict(RLConfig, json.loads(saved.read_text()), str(saved))
+        # the run continues where it lies now (a run directory may have been moved or handed over)
+        cfg = from_dict(RLConfig, {**json.loads(saved.read_text()), "out": str(resume)}, str(saved))
     else:
         cfg = make_config(
             RLConfig, config, task=task, model=model, mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule,
@@ -68,7 +74,7 @@ def rl_cmd(
             ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
             seed=seed, device=device, dtype=dtype,
         )
-    summary = train_rl(cfg, resume=resume is not None, console=console)
+    summary = train_rl(cfg, resume=resume is not None, console=console, convert=convert_checkpoint)
     print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
     for when in ("eval_before", "eval_after"):
         if when in summary:

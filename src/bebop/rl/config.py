@@ -85,6 +85,7 @@ class RLConfig:
     ray_address: str | None = None
     ray_workers: int = 1
     rollout_threads: int = 0            # torch threads in each rollout worker (0 = default)
+    rollout_retries: int = 1            # Ray: times a step's shard is re-run on a fresh worker after one died
     checkpoint_every: int = 5
     eval_samples: int = 256             # held-out accuracy before and after RL (0 = skip)
     reward: str | None = None           # "module:function" replacing the task's reward
@@ -105,6 +106,8 @@ class RLConfig:
             raise BebopError(f"group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}")
         if self.max_staleness < 0:
             raise BebopError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.rollout_retries < 0:
+            raise BebopError(f"rollout_retries must be >= 0, got {self.rollout_retries}")
         check_gamma(self.gamma)
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")

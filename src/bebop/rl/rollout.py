@@ -43,6 +43,7 @@ class RolloutBatch:
     metrics: DecodeMetrics = field(default_factory=DecodeMetrics)
     seconds: float = 0.0               # wall time of the slowest worker
     sampled: list[list[int]] | None = None   # multi-turn: 1 = model token, 0 = environment token (no loss)
+    retries: list[dict] = field(default_factory=list)   # Ray: shards re-run on a fresh worker after one died
 
     @property
     def num_tokens(self) -> int:
@@ -154,16 +155,38 @@ class LocalBackend:
 
 
 class _RayFuture:
-    """The Ray workers' shards of one step, merged into one batch on ``result()``."""
+    """The Ray workers' shards of one step, merged into one batch on ``result()``. A shard whose worker died
+    mid-step (its process crashed or was killed) is re-run on a fresh worker, up to ``backend.retries`` times;
+    the shard is a pure function of (step, weights, offset), so the retried step equals the one that would have
+    been. Each retry is recorded in the batch's ``retries``."""
 
-    def __init__(self, refs: list, step: int, version: int) -> None:
-        self.refs, self.step, self.version = refs, step, version
+    def __init__(self, backend: RayBackend, step: int, version: int, weights) -> None:
+        self.backend, self.step, self.version, self.weights = backend, step, version, weights
+        self.shards = [backend.launch(i, step, version, weights) for i in range(len(backend.actors))]
 
     def result(self) -> RolloutBatch:
-        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
 
-        parts = ray.get(self.refs)
-        return merge_batches(parts, self.step, self.version)
+        parts, retries = [], []
+        for i, (actor, ref) in enumerate(self.shards):
+            attempt = 0
+            while True:
+                try:
+                    parts.append(self.backend.ray.get(ref))
+                    break
+                except (RayActorError, WorkerCrashedError) as e:
+                    reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+                    if attempt >= self.backend.retries:
+                        raise BebopError(f"Ray rollout worker {i} died during the rollouts of step {self.step} "
+                                         f"({reason}), {attempt} retries used (rollout_retries = "
+                                         f"{self.backend.retries})") from None
+                    attempt += 1
+                    retries.append({"worker": i, "attempt": attempt, "error": reason})
+                    self.backend.replace(i, actor)
+                    actor, ref = self.backend.launch(i, self.step, self.version, self.weights)
+        batch = merge_batches(parts, self.step, self.version)
+        batch.retries = retries
+        return batch
 
 
 def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> RolloutBatch:
@@ -222,18 +245,29 @@ class RayBackend:
         if cfg.prompts_per_step % workers:
             raise BebopError(f"prompts_per_step {cfg.prompts_per_step} does not split over {workers} Ray workers")
         self.ray = ray
+        self.cfg = cfg
+        self.retries = cfg.rollout_retries
         self.per = cfg.prompts_per_step // workers
-        self.actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(cfg) for _ in range(workers)]
+        self.worker_class = ray.remote(num_cpus=1)(RolloutWorker)
+        self.actors = [self.worker_class.remote(cfg) for _ in range(workers)]
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> _RayFuture:
         """Push the weights once, then ask every worker for its share of step ``step``'s prompts."""
-        ref = self.ray.put((policy_state, head_state))
-        refs = [a.run.remote(step, version, ref, i * self.per, self.per) for i, a in enumerate(self.actors)]
-        return _RayFuture(refs, step, version)
+        return _RayFuture(self, step, version, self.ray.put((policy_state, head_state)))
+
+    def launch(self, i: int, step: int, version: int, weights) -> tuple:
+        """Worker ``i``'s shard of step ``step``: (the actor it runs on, its object ref)."""
+        actor = self.actors[i]
+        return actor, actor.run.remote(step, version, weights, i * self.per, self.per)
+
+    def replace(self, i: int, dead) -> None:
+        """A fresh actor in slot ``i`` for the ``dead`` one (unless another step's shard replaced it already)."""
+        if self.actors[i] is dead:
+            self.ray.kill(dead)
+            self.actors[i] = self.worker_class.remote(self.cfg)
 
     def close(self) -> None:
         """Stop the worker actors (a Ray started by this process stays up for the next run)."""
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []
-

@@ -11,23 +11,29 @@ head trains, and the head is not in the policy loss).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import pickle
 import random
+import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.core.losses import mtp_loss_from_hidden
 from bebop.errors import BebopError
-from bebop.io import atomic_write
+from bebop.io import atomic_write, atomic_write_json, atomic_write_text, disk_full_is_clear
 from bebop.models.checkpoint import load_head, save_head
 from bebop.models.device import precision
 from bebop.models.mtp import MTPHead
@@ -43,30 +49,170 @@ from bebop.tasks import get_task
 from bebop.training.evaluate import evaluate
 from bebop.training.sft import warmup_cosine
 from bebop.training.train_mtp import pad_batch, teacher_forced
+from bebop.training.train_state import flatten_optimizer, unflatten_optimizer
 
 # ---------------------------------------------------------------- checkpoints
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"              # RUN/checkpoint/: state.json + state-<step>.safetensors, no pickle
+LEGACY_CHECKPOINT = "checkpoint.pt"    # the old pickle format: refused, converted only on request
+STATE_JSON = "state.json"
+FORMAT = "bebop-rl-checkpoint"
+FORMAT_VERSION = 1
+_OPTIMIZERS = ("opt", "head_opt")
+_MODULES = ("policy", "head")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``: a crash
-    leaves either the previous checkpoint or the new one, never a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write ``state`` (a :meth:`Learner.checkpoint` dict) into the checkpoint directory ``path`` as ONE unit:
+    its tensors (policy, head, both optimizers' tensors, RNG states) go to ``state-<step>.safetensors`` (temp
+    file, fsync, rename), then ``state.json`` (everything else, and the tensor file's name, size and sha256) is
+    renamed over the previous one: that rename is the commit. A crash or a full disk anywhere before it leaves
+    the previous ``state.json`` and the tensor file it names untouched; tensor files no longer named are
+    removed after the commit."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": state["step"],
+                  "summary": state["summary"]}
+    for name in _MODULES:
+        if state.get(name) is not None:
+            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in state[name].items()})
+        meta[name] = state.get(name) is not None
+    for name in _OPTIMIZERS:
+        meta[name] = None
+        if state.get(name) is not None:
+            opt_tensors, meta[name] = flatten_optimizer(state[name], f"{name}.")
+            tensors.update(opt_tensors)
+    tensors["rng.torch"] = state["torch_rng"].contiguous()
+    tensors["rng.head_gen"] = state["head_gen"].contiguous()
+    for i, t in enumerate(state.get("cuda_rng") or []):
+        tensors[f"rng.cuda.{i}"] = t.contiguous()
+    meta["cuda_rng"] = len(state.get("cuda_rng") or [])
+    meta["py_rng"] = state["py_rng"]
+    meta["np_rng"] = None
+    if state.get("np_rng") is not None:
+        kind, keys, pos, has_gauss, cached = state["np_rng"]
+        tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+        meta["np_rng"] = {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": cached}
+    name = f"state-{state['step']:08d}.safetensors"
+    if name == _committed_file(path):      # the same step saved again: never overwrite the committed file
+        name = f"state-{state['step']:08d}.1.safetensors"
+    atomic_write(path / name, lambda tmp: save_file(tensors, str(tmp)))
+    try:
+        meta["tensors"] = {"file": name, "bytes": (path / name).stat().st_size, "sha256": _sha256(path / name)}
+        atomic_write_json(path / STATE_JSON, meta, indent=None)
+    except Exception:               # not committed: the new tensor file is no checkpoint's (and frees the space)
+        (path / name).unlink(missing_ok=True)
+        raise
+    for p in path.iterdir():   # superseded tensor files, temp files of a write that crashed
+        if p.is_file() and p.name not in (name, STATE_JSON):
+            p.unlink(missing_ok=True)
+
+
+def _committed_file(path: Path) -> str | None:
+    """The tensor file named by ``path``'s current ``state.json``, if any."""
+    try:
+        return json.loads((path / STATE_JSON).read_text())["tensors"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The :meth:`Learner.checkpoint` dict stored in checkpoint directory ``path`` (never unpickles anything);
+    a missing, truncated or altered tensor file is a BebopError naming it."""
+    where = path / STATE_JSON
+    try:
+        meta = json.loads(where.read_text())
+    except (OSError, ValueError) as e:
+        raise BebopError(f"cannot resume: unreadable checkpoint {where}: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise BebopError(f"cannot resume: {where} is not a Bebop RL checkpoint of format version {FORMAT_VERSION} "
+                         f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
+    info = meta["tensors"]
+    file = path / info["file"]
+    if not file.is_file() or file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+        raise BebopError(f"cannot resume: checkpoint tensors {file} are missing or do not match the sha256 in "
+                         f"{where}")
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - safetensors' own parse errors
+        raise BebopError(f"cannot resume: corrupt checkpoint tensors {file}: {e}") from None
+    state = {"step": meta["step"], "summary": meta["summary"], "torch_rng": tensors["rng.torch"],
+             "head_gen": tensors["rng.head_gen"],
+             "cuda_rng": [tensors[f"rng.cuda.{i}"] for i in range(meta["cuda_rng"])],
+             "py_rng": (meta["py_rng"][0], tuple(meta["py_rng"][1]), meta["py_rng"][2])}
+    for name in _MODULES:
+        state[name] = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")} \
+            if meta[name] else None
+    for name in _OPTIMIZERS:
+        state[name] = unflatten_optimizer(tensors, meta[name], f"{name}.") if meta[name] is not None else None
+    state["np_rng"] = None
+    if meta["np_rng"] is not None:
+        r = meta["np_rng"]
+        state["np_rng"] = (r["kind"], tensors["rng.numpy"].numpy().astype(np.uint32), r["pos"], r["has_gauss"],
+                           r["cached_gaussian"])
+    return state
+
+
+def convert_legacy_checkpoint(out: Path) -> Path:
+    """Rewrite ``out/checkpoint.pt`` (the old pickle format) as ``out/checkpoint/``. It is read with
+    ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain containers and refuses any
+    other object, so a crafted file cannot run code; the old file is left in place (never read again)."""
+    legacy = out / LEGACY_CHECKPOINT
+    if not legacy.is_file():
+        raise BebopError(f"nothing to convert: no {LEGACY_CHECKPOINT} in {out}")
+    if (out / CHECKPOINT / STATE_JSON).is_file():
+        raise BebopError(f"will not convert {legacy}: {out / CHECKPOINT} already holds a checkpoint in the current "
+                         f"format; resume without --convert-checkpoint")
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        keys = {"step", "policy", "opt", "head", "head_opt", "head_gen", "torch_rng", "py_rng", "summary"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError(f"not an RL checkpoint (keys {sorted(state) if isinstance(state, dict) else state!r})")
+    except pickle.UnpicklingError as e:   # the safe unpickler met an object it does not build: nothing ran
+        why = next((ln.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0] for ln in str(e).splitlines()
+                    if "WeightsUnpickler error" in ln), str(e).splitlines()[0])
+        raise BebopError(f"cannot convert {legacy}: it holds more than tensors and plain containers ({why}); "
+                         f"refused without running it") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise BebopError(f"cannot convert {legacy}: {str(e).splitlines()[0]}") from None
+    save_checkpoint(out / CHECKPOINT, state)
+    return out / CHECKPOINT
 
 
 def load_checkpoint(out: Path) -> dict:
-    """The checkpoint in run directory ``out``; a missing or unreadable one is a BebopError naming it."""
-    path = out / CHECKPOINT
-    if not path.is_file():
-        raise BebopError(f"cannot resume: no {CHECKPOINT} in {out}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise BebopError(f"cannot resume: corrupt checkpoint {path}: {e}") from None
+    """The checkpoint of run directory ``out``. Only ``out/checkpoint/`` is read (safetensors + JSON); a legacy
+    pickle ``checkpoint.pt`` is refused without being opened, with how to convert it."""
+    if (out / CHECKPOINT / STATE_JSON).is_file():
+        return read_checkpoint(out / CHECKPOINT)
+    if (out / LEGACY_CHECKPOINT).exists():
+        raise BebopError(
+            f"cannot resume: {out / LEGACY_CHECKPOINT} is in the old pickle format, which Bebop no longer loads "
+            f"(unpickling a file can run arbitrary code); convert it with `bebop rl --resume {out} "
+            f"--convert-checkpoint` (reads it with torch.load(weights_only=True): tensors and plain containers "
+            f"only, never code), or start a new run in another --out")
+    raise BebopError(f"cannot resume: no checkpoint in {out} (expected {out / CHECKPOINT / STATE_JSON})")
 
 
 # ---------------------------------------------------------------- one RL step's pieces
+
+class NonFiniteError(BebopError):
+    """NaN or inf in a tensor of the update: raised before the optimizer step, so weights and checkpoint stay
+    as they were."""
+
+
+def check_rollouts(batch: RolloutBatch) -> None:
+    """The behaviour log-probs handed back by the engine are finite (plain floats: no device sync)."""
+    if not all(math.isfinite(x) for lp in batch.logprobs for x in lp) or not math.isfinite(batch.entropy_sum):
+        raise NonFiniteError("non-finite rollout log-probs or entropy (the behaviour policy's logits)")
+
 
 def training_batch(batch: RolloutBatch, pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """Right-padded ``ids``, ``mask``, completion mask (policy-sampled tokens only) and behaviour log-probs
@@ -94,6 +240,8 @@ def policy_update(model: PreTrainedModel, ref_model: PreTrainedModel | None, opt
     n = ids.shape[0]
     opt.zero_grad(set_to_none=True)
     stats = {"loss": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0}
+    bad_lp = torch.zeros((), dtype=torch.bool, device=device)     # device-side flags: no sync per micro-batch
+    bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     for i in range(0, n, cfg.micro_batch):
         sl = slice(i, i + cfg.micro_batch)
         with prec.autocast():  # float32 master weights, forwards in cfg.dtype (bebop.models.device)
@@ -103,11 +251,20 @@ def policy_update(model: PreTrainedModel, ref_model: PreTrainedModel | None, opt
                 with torch.no_grad():
                     ref_lp = completion_logprobs(ref_model, ids[sl], mask[sl], comp[sl], cfg.temperature).float()
         loss, st = grpo_loss(lp, blp[sl], adv[sl], comp[sl, 1:], cfg.clip_low, cfg.clip_high, cfg.kl_coef, ref_lp)
+        bad_lp |= ~torch.isfinite(lp).all()
+        bad_loss |= ~torch.isfinite(loss)
         w = lp.shape[0] / n
         (loss * w).backward()
         for k in stats:
             stats[k] += getattr(st, k) * w
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    flags = torch.stack([bad_lp, bad_loss, ~torch.isfinite(gnorm)]).tolist()   # one sync per optimizer step
+    for bad, what in zip(flags, ("policy log-probs (the policy's logits)", "GRPO loss", "policy gradient norm"),
+                         strict=True):
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite {what} in the policy update; the optimizer step was not taken")
+    stats["grad_norm"] = float(gnorm)
     opt.step()
     return stats
 
@@ -134,11 +291,14 @@ def head_update(model: PreTrainedModel, head: MTPHead, opt: torch.optim.Optimize
                 w = model.get_output_embeddings().weight   # hidden states meet the LM head in its own dtype
                 loss = mtp_loss_from_hidden(loss_name, hq.to(w.dtype), hp.to(w.dtype), w, cfg.temperature, y,
                                             torch.ones(len(y), device=device))
+            last = loss.item()
+            if not math.isfinite(last):
+                raise NonFiniteError(f"non-finite MTP head loss ({last}) in the online head re-training; the head's "
+                                     f"optimizer step was not taken")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.online_grad_clip)
             opt.step()
-            last = loss.item()
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
@@ -159,6 +319,8 @@ def step_record(step: int, batch: RolloutBatch, cfg: RLConfig) -> dict:
         "rollout_tokens": tokens, "rollout_s": batch.seconds,
         "rollout_tokens_per_s": tokens / batch.seconds if batch.seconds > 0 else 0.0,
     }
+    if batch.retries:      # a Ray worker died mid-step and its shard was re-run on a fresh one
+        rec["rollout_retries"] = batch.retries
     if cfg.use_mtp:
         rec.update(alpha=m.alpha, expected_alpha=m.expected_alpha, accept_length=m.accept_length,
                    target_forwards=m.target_forwards, draft_forwards=m.draft_forwards)
@@ -216,7 +378,8 @@ class Learner:
             "step": step, "policy": snapshot(self.model), "opt": self.opt.state_dict(),
             "head": snapshot(self.head), "head_opt": self.head_opt.state_dict() if self.head_opt else None,
             "head_gen": self.head_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "py_rng": random.getstate(), "summary": summary,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "py_rng": random.getstate(), "np_rng": np.random.get_state(), "summary": summary,
         }
 
     def restore(self, ck: dict) -> None:
@@ -229,20 +392,51 @@ class Learner:
             self.head_opt.load_state_dict(ck["head_opt"])
         self.head_gen.set_state(ck["head_gen"])
         torch.set_rng_state(ck["torch_rng"])
+        if ck.get("cuda_rng") and torch.cuda.is_available():
+            n = min(len(ck["cuda_rng"]), torch.cuda.device_count())
+            torch.cuda.set_rng_state_all(ck["cuda_rng"][:n])
         random.setstate(ck["py_rng"])
+        if ck.get("np_rng") is not None:     # absent from converted legacy checkpoints
+            np.random.set_state(ck["np_rng"])
 
 
-def resume_from(out: Path, learner: Learner) -> tuple[int, dict]:
-    """Restore ``learner`` from ``out``'s checkpoint and drop log lines of steps after it (a crash between a
-    step's log line and the next checkpoint would otherwise repeat them); returns (next step, summary)."""
-    ck = load_checkpoint(out)
+def resume_from(out: Path, learner: Learner, ck: dict | None = None) -> tuple[int, dict]:
+    """Restore ``learner`` from ``out``'s checkpoint (``ck`` when already read) and drop log lines of steps after
+    it (a crash between a step's log line and the next checkpoint would otherwise repeat them); returns (next
+    step, summary)."""
+    ck = load_checkpoint(out) if ck is None else ck
     learner.restore(ck)
     start = ck["step"]
     log_path = out / "rl.jsonl"
     if log_path.exists():
         keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-        log_path.write_text("".join(ln + "\n" for ln in keep))
+        atomic_write_text(log_path, "".join(ln + "\n" for ln in keep))
+    log_event(out, {"event": "resumed", "step": start})
     return start, ck["summary"]
+
+
+EVENTS = "events.jsonl"
+
+
+def log_event(out: Path, event: dict) -> None:
+    """Append ``event`` to ``RUN/events.jsonl``, the run's record of faults and resumes (``rl.jsonl`` keeps one
+    record per step). Best effort: a full disk must not hide the error being reported."""
+    try:
+        with (out / EVENTS).open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+    except OSError:
+        pass
+
+
+def stopped(e: BebopError, step: int, checkpoint_step: int | None, out: Path) -> BebopError:
+    """The one error a run stops with at ``step`` (logged to ``events.jsonl``), saying what survives."""
+    if checkpoint_step is None:
+        hint = "no checkpoint was written yet: rerun from the start"
+    else:
+        hint = (f"the last checkpoint (step {checkpoint_step}) in {out / CHECKPOINT} is intact: continue with "
+                f"`bebop rl --resume {out}`")
+    log_event(out, {"event": "stopped", "step": step, "error": str(e), "checkpoint_step": checkpoint_step})
+    return type(e)(f"RL step {step}: {e}; the run stopped, {hint}")
 
 
 def make_backend(cfg: RLConfig) -> LocalBackend | RayBackend:
@@ -303,45 +497,62 @@ def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, consol
     log_path = out / "rl.jsonl"
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
     title = f"bebop rl {cfg.task} · {cfg.mtp_strategy}"
+    checkpoint_step = start if (out / CHECKPOINT / STATE_JSON).is_file() else None
     backend = make_backend(cfg)
     queue = RolloutQueue(cfg, backend, start)
     t_prev = time.perf_counter()
+    step = start
     try:
         with log_path.open("a") as log, Live(live_table(rows, title), console=console, refresh_per_second=2) as live:
             for step in range(start, cfg.steps):
                 batch, wait_s = queue.take(step, learner)
+                check_rollouts(batch)
+                for r in batch.retries:
+                    log_event(out, {"event": "rollout_retry", "step": step, **r})
                 rec = {**step_record(step, batch, cfg), "wait_s": wait_s, **train_step(cfg, learner, step, batch)}
                 now = time.perf_counter()
                 rec["step_s"], t_prev = now - t_prev, now
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                with disk_full_is_clear(log_path):
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
                     save_checkpoint(out / CHECKPOINT, learner.checkpoint(step + 1, summary))
+                    checkpoint_step = step + 1
                 rows.append(rec)
                 live.update(live_table(rows, title))
         console.print()
+    except BebopError as e:    # a non-finite update, a full disk, rollout workers lost for good
+        raise stopped(e, step, checkpoint_step, out) from e
     finally:
         backend.close()
     return rows
 
 
-def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None) -> dict:
-    """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint.pt`` every ``checkpoint_every``
-    steps, and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into ``cfg.out``. Held-out
-    accuracy is measured before (not on resume) and after, when ``eval_samples`` > 0."""
+def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None, convert: bool = False) -> dict:
+    """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint/`` every ``checkpoint_every`` steps,
+    ``events.jsonl`` (faults and resumes), and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into
+    ``cfg.out``. Held-out accuracy is measured before (not on resume) and after, when ``eval_samples`` > 0.
+    ``convert`` (with ``resume``): first rewrite a legacy pickle ``checkpoint.pt`` in the current format."""
     console = console or Console()
     out = Path(cfg.out)
+    ck = None
+    if resume:   # before any model is loaded: a missing or refused checkpoint fails at once
+        if convert:
+            console.print(f"converted {out / LEGACY_CHECKPOINT} to {convert_legacy_checkpoint(out)}")
+        ck = load_checkpoint(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     learner = Learner.build(cfg)
     task = get_task(cfg.task)
     summary: dict = {"config": asdict(cfg)}
     start = 0
-    if resume:
-        start, summary = resume_from(out, learner)
+    if ck is not None:
+        start, summary = resume_from(out, learner, ck)
         console.print(f"resuming {out} at step {start}")
-    else:
+    else:             # a new run in this directory: the previous run's log and checkpoint go
         (out / "rl.jsonl").unlink(missing_ok=True)
+        (out / EVENTS).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         if cfg.eval_samples:
             summary["eval_before"] = evaluate(learner.model, learner.tokenizer, task, samples=cfg.eval_samples,
                                               temperature=cfg.temperature)
