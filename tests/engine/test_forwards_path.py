@@ -100,3 +100,14 @@ def test_mtp_decoding_on_a_hybrid_model_through_transformers_is_refused(tiny_tok
     assert generate_mtp(model, head, [[1, 2, 3]], params, 4, eos_id=None, gamma=2).tokens.shape == (1, 4)
     assert said[-1] == "decoding with the lean path (Qwen3.5 hybrid: 1 Gated DeltaNet + 1 attention layers, " \
                        "float32 on cpu)"
+
+
+def test_a_completion_limit_beyond_the_context_is_refused_before_decoding(tiny_model, tiny_tokenizer):
+    limit = tiny_model.config.max_position_embeddings
+    prompts = _prompts(tiny_tokenizer)
+    longest = max(map(len, prompts))
+    with pytest.raises(BebopError, match=f"max_new_tokens {limit}.*context of {limit}.*at most {limit - longest}"):
+        generate(tiny_model, prompts, SamplingParams(), limit, None)
+    with pytest.raises(BebopError, match="max_new_tokens must be an integer >= 1, got 0"):
+        generate(tiny_model, prompts, SamplingParams(), 0, None)
+    assert generate(tiny_model, prompts, SamplingParams(), limit - longest, None).tokens.shape[1] <= limit - longest

@@ -19,7 +19,15 @@ from bebop.config import check_gamma
 from bebop.core.acceptance import alpha_rs, alpha_to
 from bebop.core.sampling import RULES, SamplingParams, exp_noise, probs_fast, race, sample
 from bebop.engine.drafting import AUTO, Drafting, DraftPolicy
-from bebop.engine.forwards import BACKENDS, forward_costs, forwards, left_pad, median_seconds, target_forward
+from bebop.engine.forwards import (
+    BACKENDS,
+    check_context,
+    forward_costs,
+    forwards,
+    left_pad,
+    median_seconds,
+    target_forward,
+)
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.step import SpecConfig, SpecState, Step, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
@@ -137,6 +145,7 @@ def generate(
     backend: str = "auto",
 ) -> Rollout:
     """Plain autoregressive sampling from p (DESIGN §1) with a KV cache; one target forward per token."""
+    check_context(model, prompts, max_new_tokens)
     device = model.device
     t0 = time.perf_counter()
     ids, mask = left_pad(prompts, pad_id, device)
@@ -231,6 +240,7 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
     [B, γ_t], its acceptance chance r_k given d_k [B, γ_t], rows live at the step [B]) as device tensors."""
     params, max_new_tokens, eos_id, pad_id, gamma = dc.params, dc.max_new_tokens, dc.eos_id, dc.pad_id, dc.gamma
     G, rule, auto_rule, policy = _policy(gamma, dc.rule, params)
+    check_context(model, prompts, max_new_tokens)
     device = model.device
     t0 = time.perf_counter()
     B = len(prompts)

@@ -41,6 +41,7 @@ from bebop.models.hybrid import (
     hybrid_head,
     is_hybrid,
     why_not_hybrid,
+    why_not_hybrid_blocks,
     why_not_hybrid_head,
 )
 from bebop.models.lean import StaticKV, lean_decoder, lean_head, why_not_lean, why_not_lean_head
@@ -127,6 +128,10 @@ def _path(model: PreTrainedModel, head, backend: str, lean) -> DecodingPath:
             check_rollback(model, reason)
         return DecodingPath(TRANSFORMERS, reason=reason, **desc)
     head_reason = ""
+    foreign = why_not_hybrid_blocks(head, model) if head is not None and isinstance(lean, HybridDecoder) else ""
+    if foreign:   # transformers' modules would fail on its shapes, not fall back
+        raise BebopError(f"the MTP head cannot draft for this hybrid model: {foreign}; use a head of the model's "
+                         "family (MTPHead.from_base, or train one: bebop train-mtp)")
     if head is not None and _lean_head(head, model, lean) is None:
         why = why_not_hybrid_head if isinstance(lean, HybridDecoder) else why_not_lean_head
         head_reason = why(head, model) or "it is not bound to the model's own embedding"
@@ -287,6 +292,24 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: s
 
     layers = head.num_layers if head is not None else 1
     return Forwards(target, drafter, _lm_head(model, lean), select, layers, path, keep)
+
+
+def check_context(model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """One clear error, before any decoding, when the longest prompt plus the completion limit does not fit in the
+    model's context (``max_position_embeddings``), or when the limit or a prompt is empty."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BebopError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BebopError("every prompt needs at least one token (got an empty prompt or no prompts)")
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise BebopError(
+            f"a {longest}-token prompt plus max_new_tokens {max_new_tokens} is {longest + max_new_tokens} positions, "
+            f"beyond the model's context of {limit} (max_position_embeddings); lower max_new_tokens to at most "
+            f"{max(0, limit - longest)}"
+        )
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 from bebop.config import check_gamma
 from bebop.core.sampling import RULES, SamplingParams, sample
 from bebop.engine.decode import DecodeConfig, Rollout, pack, prefill
-from bebop.engine.forwards import forwards
+from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
@@ -308,8 +308,7 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
         check_gamma(dc.gamma)
         if dc.rule not in RULES:
             raise BebopError(f"unknown verification rule {dc.rule!r}; expected one of {', '.join(RULES)}")
-    if lim.max_new_tokens < 1:
-        raise BebopError(f"max_new_tokens must be >= 1, got {lim.max_new_tokens}")
+    check_context(model, prompts, lim.max_new_tokens)
     G = dc.gamma if head is not None else 0
     device = model.device
     t0 = time.perf_counter()
