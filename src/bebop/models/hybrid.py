@@ -53,7 +53,8 @@ from bebop.errors import BebopError
 from bebop.models.lean import StaticKV, _attn_mask
 
 __all__ = ["GAMMA_MAX", "MODES", "HybridCache", "HybridDecoder", "HybridHead", "LinearState", "delta_rule",
-           "hybrid_decoder", "hybrid_head", "is_hybrid", "select_state", "why_not_hybrid", "why_not_hybrid_head"]
+           "hybrid_decoder", "hybrid_head", "is_hybrid", "select_state", "why_not_hybrid", "why_not_hybrid_blocks",
+           "why_not_hybrid_head"]
 
 MODES = ("store", "recompute")
 GAMMA_MAX = 16
@@ -111,6 +112,13 @@ def why_not_hybrid_head(head, model) -> str:
         return f"the target model cannot use the hybrid path: {base}"
     if getattr(head, "_shared", None) is None or head._shared.embed is not model.get_input_embeddings():
         return "the head is not bound to this model's embedding"
+    return why_not_hybrid_blocks(head, model)
+
+
+def why_not_hybrid_blocks(head, model) -> str:
+    """Why ``head``'s blocks are not full-attention layers of the hybrid ``model``'s family, or "" when they are.
+    Such a head cannot draft for a hybrid model on any path: transformers' modules would run its blocks with the
+    model's rotary embedding (partial, Qwen3.5's), which another family's attention does not take."""
     for i, layer in enumerate(head.layers):
         block = layer.mtp_block
         if _family_module(block) not in _MODULES or getattr(block, "self_attn", None) is None:
