@@ -36,6 +36,27 @@ def sequence_law(model, prompt, params, length):
     return law.double().numpy()
 
 
+def sequence_law_eos(model, prompt, params, length, eos_id, pad_id):
+    """Exact probability of every ``length``-token output after ``prompt`` when decoding stops at ``eos_id``: a
+    sequence whose token i is EOS has every later cell ``pad_id`` (as ``engine.decode.pack`` writes it), so those
+    cells carry probability 1 on ``pad_id`` after an EOS. Codes as ``sequence_law`` (t_0·V^(length-1) + … + t_last).
+    Unambiguous even when ``pad_id`` can be sampled: a cell after an EOS is always padding."""
+    V = model.config.vocab_size
+    law = torch.ones(1, dtype=torch.float64)
+    prefixes = torch.tensor([prompt])
+    ended = torch.zeros(1, dtype=torch.bool)
+    pad = torch.nn.functional.one_hot(torch.tensor(pad_id), V).double()
+    with torch.no_grad():
+        for _ in range(length):
+            p = probs_from_logits(model(prefixes).logits[:, -1], params).double()   # [n, V]
+            p = torch.where(ended[:, None], pad, p)
+            law = (law[:, None] * p).reshape(-1)
+            nxt = torch.arange(V).repeat(len(p))
+            ended = ended.repeat_interleave(V) | (nxt == eos_id)
+            prefixes = torch.cat([prefixes.repeat_interleave(V, 0), nxt[:, None]], 1)
+    return law.numpy()
+
+
 def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
     """Chi-square goodness of fit; cells with expected count < 5 are merged into one (dropped when the law gives
     them no mass at all, and any draw there fails the test)."""
