@@ -252,7 +252,7 @@ def test_ray_worker_killed_mid_step_is_retried_on_a_fresh_worker(ray_cluster, po
     """The rollout worker's process dies while grading step 1 (``os._exit`` inside its reward): the step's
     shard is re-run on a fresh worker, the run goes on, its record and events.jsonl say so, and the run equals
     the in-process one."""
-    (ray_cluster / "die_at_call").write_text("17")   # the first row of step 1: 16 rows per step
+    (ray_cluster / "die_at_call").write_text("2")   # grading step 1: one reward call per step
     cfg = small_config(policy_dirs, tmp_path / "run", backend="ray", rollout_threads=1,
                        reward="fault_rewards:dies_once")
     train_rl(cfg)
@@ -274,7 +274,7 @@ def test_ray_worker_killed_mid_step_is_retried_on_a_fresh_worker(ray_cluster, po
 def test_ray_worker_death_without_retries_stops_cleanly_and_resumes(ray_cluster, policy_dirs, reference, tmp_path):
     """With ``rollout_retries = 0`` the same death stops the run at step 1 with one error; events.jsonl says
     so; ``--resume`` continues from the step-1 checkpoint to the uninterrupted run's figures."""
-    (ray_cluster / "die_at_call").write_text("17")   # the first row of step 1: 16 rows per step
+    (ray_cluster / "die_at_call").write_text("2")   # grading step 1: one reward call per step
     cfg = small_config(policy_dirs, tmp_path / "run", backend="ray", rollout_threads=1, rollout_retries=0,
                        reward="fault_rewards:dies_once")
     with pytest.raises(BebopError, match=r"^RL step 1: Ray rollout worker 0 died during the rollouts of step 1 "

@@ -1,37 +1,32 @@
-"""RL configuration (DESIGN §5): the ``bebop rl`` options as one dataclass, the rollout strategies and rules,
-and the reward loader (a reward is a plain function of (problem, completion text))."""
+"""RL configuration (DESIGN §5): the ``bebop rl`` options as one dataclass, the rollout strategies and rules, and
+the prompt source (a built-in task, or a user's ``--prompts`` / ``--dataset``) with its reward functions
+(:mod:`bebop.rl.rewards`: TRL's signature)."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
-from bebop.tasks import Problem, get_task
+from bebop.rl.rewards import Rewards, parse_weights
+from bebop.tasks import get_task
+from bebop.training.options import DataSource
 
 STRATEGIES = ("none", "frozen", "online-ce", "online-tv")
 RULES_RL = ("rejection", "target_only")
 
 
-def load_reward(task_name: str, reward: str | None) -> Callable[[Problem, str], float]:
-    """The reward function: ``reward`` = ``"package.module:function"`` taking (problem, completion text) and
-    returning a float, or the task's own reward when None."""
-    task = get_task(task_name)
+def reward_specs(reward: list[str] | str | None) -> list[str] | None:
+    """``reward`` as a list of ``module:function`` specs (one string is one spec), or None for the task's own."""
     if reward is None:
-        fn = getattr(task, "reward", None)
-        if not callable(fn):
-            raise BebopError(f"task {task_name!r} has no reward function; pass --reward module:function")
-        return fn
-    module, _, name = reward.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name) if name else None
-    except (ImportError, AttributeError) as e:
-        raise BebopError(f"cannot load reward {reward!r}: {e}") from None
-    if not callable(fn):
-        raise BebopError(f"reward {reward!r} is not a callable 'module:function'")
-    return fn
+        return None
+    specs = [reward] if isinstance(reward, str) else list(reward)
+    if not specs:
+        return None
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise BebopError(f"reward {spec!r} is not 'module:function' or 'path/to/file.py:function'")
+    return specs
 
 
 ONLINE_LOSS = {"online-ce": "ce", "online-tv": "e2e_tv"}
@@ -53,7 +48,11 @@ def _concrete_device(device: str, dtype: str) -> str:
 class RLConfig:
     """Every ``bebop rl`` setting; invalid combinations fail at construction, before any model is loaded."""
 
-    task: str = "arith"
+    task: str | None = None             # built-in task (arith when neither prompts nor dataset is given)
+    prompts: str | None = None          # JSONL of {"prompt"} / {"messages"} (+ columns for the rewards)
+    dataset: str | None = None          # a ``datasets`` dataset: local file or directory, cached or hub name
+    split: str = "train"
+    field: str | None = None            # the dataset's prompt column (default prompt, else messages)
     model: str = "runs/arith/base"
     mtp: str | None = None              # head dir or "native"; needed for `frozen`, optional start for online ones
     out: str = "runs/arith/rl"
@@ -87,14 +86,29 @@ class RLConfig:
     rollout_threads: int = 0            # torch threads in each rollout worker (0 = default)
     rollout_retries: int = 1            # Ray: times a step's shard is re-run on a fresh worker after one died
     checkpoint_every: int = 5
-    eval_samples: int = 256             # held-out accuracy before and after RL (0 = skip)
-    reward: str | None = None           # "module:function" replacing the task's reward
+    eval_samples: int = 256             # held-out accuracy (task) or mean reward (user prompts) before/after (0 = skip)
+    reward: list[str] | None = None     # "module:function" or "file.py:function" (TRL's signature); None = task's
+    reward_weights: list[float] | None = None   # one per reward (default all 1)
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:i; "auto" is resolved here (CUDA when available)
     dtype: str = "auto"                 # compute dtype: auto | float32 | bfloat16 | float16 (models.device)
 
     def __post_init__(self) -> None:
-        load_reward(self.task, self.reward)
+        source = DataSource(self.task, self.prompts, self.dataset, self.split, self.field).check()
+        if source.kind == "task" and self.task is None:
+            self.task = "arith"
+        self.reward = reward_specs(self.reward)
+        if self.reward is None:
+            if self.reward_weights is not None:
+                raise BebopError("--reward-weights needs --reward (one weight per reward function)")
+            if self.user_prompts:
+                raise BebopError(f"--{source.kind} needs a reward function: pass --reward module:function "
+                                 "(TRL's signature f(prompts, completions, **columns) -> list[float])")
+            if not callable(getattr(get_task(self.task), "reward", None)):
+                raise BebopError(f"task {self.task!r} has no reward function; pass --reward module:function")
+        else:
+            self.reward_weights = parse_weights(self.reward_weights, len(self.reward))
+            Rewards(self.reward, self.reward_weights)      # importable, callable, TRL's arguments
         self.device = _concrete_device(self.device, self.dtype)
         if self.mtp_strategy not in STRATEGIES:
             raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -116,6 +130,21 @@ class RLConfig:
         for name in ("steps", "prompts_per_step", "max_new_tokens", "lr", "micro_batch", "online_every",
                      "online_steps", "online_lr", "online_gamma_train", "checkpoint_every", "ray_workers"):
             positive(name, getattr(self, name))
+
+    @property
+    def user_prompts(self) -> bool:
+        """Whether prompts come from the user (``--prompts`` or ``--dataset``) rather than a built-in task."""
+        return self.prompts is not None or self.dataset is not None
+
+    @property
+    def source(self) -> DataSource:
+        """The run's prompt source."""
+        return DataSource(self.task, self.prompts, self.dataset, self.split, self.field)
+
+    @property
+    def label(self) -> str:
+        """The task name, or the prompts file or dataset (titles and messages)."""
+        return self.source.label
 
     @property
     def staleness_bound(self) -> int:

@@ -3,8 +3,9 @@ completions per prompt through the engine, grades them, and hands back plain CPU
 that run workers in-process (synchronously or on a background thread) or as Ray actors.
 
 A rollout for RL step ``s`` is fully determined by (config, s, the pushed weights): its prompts come from
-the problem stream seeded by (seed, s) and its sampling generator is seeded by (seed, s) plus the offset of
-the worker's first prompt, so a resumed run, and a Ray run with one worker, reproduce a local run's rollouts
+the problem stream seeded by (seed, s), or for a user's prompts from the seeded per-epoch permutation of
+:func:`bebop.rl.data.step_positions`, and its sampling generator is seeded by (seed, s) plus the offset of the
+worker's first prompt, so a resumed run, and a Ray run with one worker, reproduce a local run's rollouts
 (W > 1 workers sample their shards with W different generators).
 """
 
@@ -24,8 +25,10 @@ from bebop.errors import BebopError
 from bebop.models.checkpoint import load_head
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy
-from bebop.rl.config import RLConfig, load_reward
-from bebop.tasks import get_task, sample_problems
+from bebop.rl.config import RLConfig
+from bebop.rl.data import UserPrompts, load_user_prompts, reward_inputs, step_positions
+from bebop.rl.rewards import Rewards, Row
+from bebop.tasks import Problem, get_task, sample_problems
 from bebop.training.multiturn import is_multi_turn, task_env
 
 
@@ -44,6 +47,7 @@ class RolloutBatch:
     seconds: float = 0.0               # wall time of the slowest worker
     sampled: list[list[int]] | None = None   # multi-turn: 1 = model token, 0 = environment token (no loss)
     retries: list[dict] = field(default_factory=list)   # Ray: shards re-run on a fresh worker after one died
+    reward_parts: dict[str, list[float | None]] | None = None   # --reward: each function's value per row
 
     @property
     def num_tokens(self) -> int:
@@ -58,22 +62,44 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-class RolloutWorker:
-    """Holds the behaviour policy (+ head). ``set_weights`` then ``rollout(step, version)``."""
+def load_prompts_for(cfg: RLConfig, tokenizer, model) -> UserPrompts:
+    """``cfg``'s user prompts (``--prompts`` / ``--dataset``), those that leave room for ``max_new_tokens`` in the
+    policy's context, split into training and held-out prompts (held out only when ``eval_samples`` > 0)."""
+    from bebop.training.samples import context_length
 
-    def __init__(self, cfg: RLConfig) -> None:
+    room = context_length(model) - cfg.max_new_tokens
+    if room < 1:
+        raise BebopError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's context "
+                         f"of {context_length(model)} positions")
+    return load_user_prompts(cfg.source, tokenizer, room, cfg.eval_samples, cfg.seed)
+
+
+def task_columns(problems: list[Problem]) -> dict[str, list]:
+    """A task's problem fields as reward-function columns: ``answer`` and each key of ``Problem.data``."""
+    keys = dict.fromkeys(k for p in problems for k in p.data if k not in ("answer", "prompts", "completions",
+                                                                          "completion_ids"))
+    return {"answer": [p.answer for p in problems], **{k: [p.data.get(k) for p in problems] for k in keys}}
+
+
+class RolloutWorker:
+    """Holds the behaviour policy (+ head). ``set_weights`` then ``rollout(step, version)``. ``data``: the user's
+    prompts when already loaded (the trainer hands its copy over); otherwise loaded here when ``cfg`` has some."""
+
+    def __init__(self, cfg: RLConfig, data: UserPrompts | None = None) -> None:
         if cfg.rollout_threads:
             torch.set_num_threads(cfg.rollout_threads)
         self.cfg = cfg
-        self.task = get_task(cfg.task)
-        self.reward = load_reward(cfg.task, cfg.reward)
+        self.task = None if cfg.user_prompts else get_task(cfg.task)
+        self.rewards = Rewards(cfg.reward, cfg.reward_weights) if cfg.reward else None
         self.model, self.tokenizer = load_policy(cfg.model, cfg.device, cfg.dtype)
+        self.data = data if data is not None or not cfg.user_prompts else \
+            load_prompts_for(cfg, self.tokenizer, self.model)
         self.head = None
         if cfg.use_mtp:
             self.head = load_head(cfg.mtp, self.model) if cfg.mtp else MTPHead.from_base(self.model)
             self.head = self.head.to(cfg.device).eval()
         self.params = SamplingParams(temperature=cfg.temperature)
-        self.multi_turn = is_multi_turn(self.task)
+        self.multi_turn = self.task is not None and is_multi_turn(self.task)
         self.stop_id = self.tokenizer.convert_tokens_to_ids(self.task.terminator) if self.multi_turn else None
 
     def set_weights(self, policy_state: dict, head_state: dict | None = None) -> None:
@@ -87,9 +113,14 @@ class RolloutWorker:
         """Rollouts of step ``step`` for its prompts [offset, offset + count) (all by default)."""
         s = self.cfg
         t0 = time.perf_counter()
-        problems = sample_problems(self.task, s.prompts_per_step, step_seed(s.seed, step))
-        problems = problems[offset : None if count is None else offset + count]
-        prompt_ids = [self.tokenizer(p.prompt)["input_ids"] for p in problems]
+        end = None if count is None else offset + count
+        if self.data is None:
+            problems = sample_problems(self.task, s.prompts_per_step, step_seed(s.seed, step))[offset:end]
+            prompt_ids = [self.tokenizer(p.prompt)["input_ids"] for p in problems]
+        else:
+            positions = step_positions(len(self.data.train), s.prompts_per_step, s.seed, step)[offset:end]
+            picks = [self.data.train[k] for k in positions]
+            prompt_ids = [self.data.ids[p] for p in picks]
         prompts = [ids for ids in prompt_ids for _ in range(s.group_size)]
         gen = torch.Generator(device=self.model.device).manual_seed(step_seed(s.seed, step) + offset)
         tok = self.tokenizer
@@ -101,8 +132,10 @@ class RolloutWorker:
         chunk = s.rollout_batch or len(prompts)
         for i in range(0, len(prompts), chunk):     # engine calls of at most `rollout_batch` rows
             rows = prompts[i : i + chunk]
-            row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
-            turns = Turns(task_env(self.task, tok, row_problems), self.stop_id) if self.multi_turn else None
+            turns = None
+            if self.multi_turn:
+                row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
+                turns = Turns(task_env(self.task, tok, row_problems), self.stop_id)
             r = decode(self.model, self.head, rows, DecodeConfig(self.params, s.max_new_tokens, tok.eos_token_id,
                                                                  s.gamma, s.rule, tok.pad_token_id, gen), turns)
             if sampled is not None:                 # multi-turn: environment replies prefilled, not sampled
@@ -112,17 +145,44 @@ class RolloutWorker:
             entropy_sum += float((r.entropy * r.sampled_mask).sum())
             metrics.merge(r.metrics)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        rewards = [float(self.reward(problems[i // s.group_size], t)) for i, t in enumerate(texts)]
+        first_row = offset * s.group_size
+        if self.data is not None:
+            rewards, parts = self.grade_user(picks, texts, completions, first_row)
+        else:
+            rewards, parts = self.grade_task(problems, texts, completions, first_row)
         return RolloutBatch(
             step=step, version=version, prompts=prompts, completions=completions, logprobs=logprobs,
             rewards=rewards, entropy_sum=entropy_sum, metrics=metrics, seconds=time.perf_counter() - t0,
-            sampled=sampled,
+            sampled=sampled, reward_parts=parts,
         )
+
+    def grade_user(self, picks: list[int], texts: list[str], completion_ids: list[list[int]],
+                   first_row: int) -> tuple[list[float], dict]:
+        """The ``--reward`` functions on the completions of the user's prompts ``picks`` (G rows each)."""
+        prompts, completions, columns, rows = reward_inputs(self.data, picks, texts, self.cfg.group_size)
+        return self.rewards.score(prompts, completions, completion_ids, columns, _offset_rows(rows, first_row))
+
+    def grade_task(self, problems: list[Problem], texts: list[str], completion_ids: list[list[int]],
+                   first_row: int) -> tuple[list[float], dict | None]:
+        """The task's own reward, or the ``--reward`` functions with the problem fields as columns."""
+        rows_of = [p for p in problems for _ in range(self.cfg.group_size)]
+        if self.rewards is None:
+            return [float(self.task.reward(p, t)) for p, t in zip(rows_of, texts, strict=True)], None
+        rows = _offset_rows([Row(p.prompt) for p in rows_of], first_row)
+        return self.rewards.score([p.prompt for p in rows_of], texts, completion_ids, task_columns(rows_of), rows)
 
     def run(self, step: int, version: int, weights: tuple, offset: int = 0, count: int | None = None) -> RolloutBatch:
         """``set_weights(*weights)`` then ``rollout`` (one remote call per step for Ray actors)."""
         self.set_weights(*weights)
         return self.rollout(step, version, offset, count)
+
+
+def _offset_rows(rows: list[Row], first: int) -> list[Row]:
+    """``rows`` with each described by its row number in the whole step (a Ray shard's first row is ``first``)."""
+    if not first:
+        return rows
+    return [Row(r.prompt, f"{r.source + ', ' if r.source else ''}row {first + i} of the step") for i, r in
+            enumerate(rows)]
 
 
 def snapshot(module: torch.nn.Module | None) -> dict | None:
@@ -136,8 +196,8 @@ class LocalBackend:
     """In-process worker. ``threaded=False``: ``submit`` runs the rollout at once (synchronous RL);
     ``threaded=True``: on one background thread, so rollouts overlap training (asynchronous RL)."""
 
-    def __init__(self, cfg: RLConfig, threaded: bool) -> None:
-        self.worker = RolloutWorker(cfg)
+    def __init__(self, cfg: RLConfig, threaded: bool, data: UserPrompts | None = None) -> None:
+        self.worker = RolloutWorker(cfg, data)
         self.pool = ThreadPoolExecutor(max_workers=1) if threaded else None
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> Future:
@@ -165,7 +225,7 @@ class _RayFuture:
         self.shards = [backend.launch(i, step, version, weights) for i in range(len(backend.actors))]
 
     def result(self) -> RolloutBatch:
-        from ray.exceptions import RayActorError, WorkerCrashedError
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
         parts, retries = [], []
         for i, (actor, ref) in enumerate(self.shards):
@@ -174,6 +234,10 @@ class _RayFuture:
                 try:
                     parts.append(self.backend.ray.get(ref))
                     break
+                except RayTaskError as e:     # a BebopError in the worker (a failing reward): the error itself
+                    if isinstance(e.cause, BebopError):
+                        raise type(e.cause)(str(e.cause)) from None
+                    raise
                 except (RayActorError, WorkerCrashedError) as e:
                     reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
                     if attempt >= self.backend.retries:
@@ -197,7 +261,8 @@ def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> Rollout
         raise BebopError("cannot merge multi-turn rollout shards with single-turn ones")
     out = RolloutBatch(step=step, version=version, prompts=[], completions=[], logprobs=[], rewards=[],
                        entropy_sum=0.0, seconds=max(p.seconds for p in parts),
-                       sampled=[] if multi_turn == {True} else None)
+                       sampled=[] if multi_turn == {True} else None,
+                       reward_parts=None if parts[0].reward_parts is None else {k: [] for k in parts[0].reward_parts})
     for p in parts:
         out.prompts += p.prompts
         out.completions += p.completions
@@ -207,6 +272,9 @@ def merge_batches(parts: list[RolloutBatch], step: int, version: int) -> Rollout
         out.metrics.merge(p.metrics)
         if out.sampled is not None:
             out.sampled += p.sampled
+        if out.reward_parts is not None:
+            for k, v in p.reward_parts.items():
+                out.reward_parts[k] += v
     return out
 
 
@@ -230,7 +298,7 @@ class RayBackend:
     and every worker samples its share of the step's prompts. ``address=None`` starts a local Ray."""
 
     def __init__(self, cfg: RLConfig, workers: int = 1, address: str | None = None,
-                 num_cpus: int | None = None) -> None:
+                 num_cpus: int | None = None, data: UserPrompts | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -249,7 +317,8 @@ class RayBackend:
         self.retries = cfg.rollout_retries
         self.per = cfg.prompts_per_step // workers
         self.worker_class = ray.remote(num_cpus=1)(RolloutWorker)
-        self.actors = [self.worker_class.remote(cfg) for _ in range(workers)]
+        self.data = None if data is None else ray.put(data)    # the user's prompts, shipped once to all actors
+        self.actors = [self.worker_class.remote(cfg, self.data) for _ in range(workers)]
 
     def submit(self, step: int, version: int, policy_state: dict, head_state: dict | None) -> _RayFuture:
         """Push the weights once, then ask every worker for its share of step ``step``'s prompts."""
@@ -264,7 +333,7 @@ class RayBackend:
         """A fresh actor in slot ``i`` for the ``dead`` one (unless another step's shard replaced it already)."""
         if self.actors[i] is dead:
             self.ray.kill(dead)
-            self.actors[i] = self.worker_class.remote(self.cfg)
+            self.actors[i] = self.worker_class.remote(self.cfg, self.data)
 
     def close(self) -> None:
         """Stop the worker actors (a Ray started by this process stays up for the next run)."""

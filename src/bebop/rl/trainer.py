@@ -39,10 +39,13 @@ from bebop.models.device import precision
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import load_policy, save_policy
 from bebop.rl.config import ONLINE_LOSS, RLConfig
+from bebop.rl.data import UserPrompts, evaluate_rewards
+from bebop.rl.rewards import Rewards, reward_means
 from bebop.rl.rollout import (
     LocalBackend,
     RayBackend,
     RolloutBatch,
+    load_prompts_for,
     snapshot,
 )
 from bebop.tasks import get_task
@@ -313,12 +316,14 @@ def step_record(step: int, batch: RolloutBatch, cfg: RLConfig) -> dict:
     rec = {
         "step": step, "version": batch.version, "staleness": step - batch.version,
         "reward": sum(batch.rewards) / len(batch.rewards),
-        "accuracy": sum(r >= 1.0 for r in batch.rewards) / len(batch.rewards),
+        **({} if cfg.user_prompts else {"accuracy": sum(r >= 1.0 for r in batch.rewards) / len(batch.rewards)}),
         "entropy": batch.entropy_sum / max(tokens, 1),
         "mean_tokens": tokens / len(batch.completions),
         "rollout_tokens": tokens, "rollout_s": batch.seconds,
         "rollout_tokens_per_s": tokens / batch.seconds if batch.seconds > 0 else 0.0,
     }
+    if batch.reward_parts is not None:      # each --reward function's mean (rows where it returned None left out)
+        rec.update(reward_means(batch.reward_parts))
     if batch.retries:      # a Ray worker died mid-step and its shard was re-run on a fresh one
         rec["rollout_retries"] = batch.retries
     if cfg.use_mtp:
@@ -439,11 +444,12 @@ def stopped(e: BebopError, step: int, checkpoint_step: int | None, out: Path) ->
     return type(e)(f"RL step {step}: {e}; the run stopped, {hint}")
 
 
-def make_backend(cfg: RLConfig) -> LocalBackend | RayBackend:
-    """Ray actors for ``--backend ray``; otherwise in-process, on a background thread when asynchronous."""
+def make_backend(cfg: RLConfig, data: UserPrompts | None = None) -> LocalBackend | RayBackend:
+    """Ray actors for ``--backend ray``; otherwise in-process, on a background thread when asynchronous. ``data``:
+    the user's prompts, already loaded (handed to every worker)."""
     if cfg.backend == "ray":
-        return RayBackend(cfg, workers=cfg.ray_workers, address=cfg.ray_address)
-    return LocalBackend(cfg, threaded=cfg.async_rollouts)
+        return RayBackend(cfg, workers=cfg.ray_workers, address=cfg.ray_address, data=data)
+    return LocalBackend(cfg, threaded=cfg.async_rollouts, data=data)
 
 
 # ---------------------------------------------------------------- the loop
@@ -488,7 +494,8 @@ class RolloutQueue:
         return batch, time.perf_counter() - t_wait
 
 
-def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, console: Console) -> list[dict]:
+def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, console: Console,
+              data: UserPrompts | None = None) -> list[dict]:
     """RL steps ``start``..``cfg.steps - 1``: each takes its rollouts, trains, checkpoints every
     ``checkpoint_every`` steps (and after the last) and appends its record to ``rl.jsonl``. The record is
     written before the checkpoint: a crash between the two leaves a line that resuming drops and redoes,
@@ -496,9 +503,9 @@ def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, consol
     out = Path(cfg.out)
     log_path = out / "rl.jsonl"
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
-    title = f"bebop rl {cfg.task} · {cfg.mtp_strategy}"
+    title = f"bebop rl {cfg.label} · {cfg.mtp_strategy}"
     checkpoint_step = start if (out / CHECKPOINT / STATE_JSON).is_file() else None
-    backend = make_backend(cfg)
+    backend = make_backend(cfg, data)
     queue = RolloutQueue(cfg, backend, start)
     t_prev = time.perf_counter()
     step = start
@@ -531,7 +538,8 @@ def run_steps(cfg: RLConfig, learner: Learner, start: int, summary: dict, consol
 def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None, convert: bool = False) -> dict:
     """Run GRPO; writes ``rl.jsonl`` (one record per step), ``checkpoint/`` every ``checkpoint_every`` steps,
     ``events.jsonl`` (faults and resumes), and at the end ``policy/`` (+ ``mtp/``) and ``rl_summary.json`` into
-    ``cfg.out``. Held-out accuracy is measured before (not on resume) and after, when ``eval_samples`` > 0.
+    ``cfg.out``. When ``eval_samples`` > 0 the policy is evaluated before (not on resume) and after RL: a task's
+    held-out accuracy, or for a user's prompts the mean reward on the held-out prompts (:func:`held_out_eval`).
     ``convert`` (with ``resume``): first rewrite a legacy pickle ``checkpoint.pt`` in the current format."""
     console = console or Console()
     out = Path(cfg.out)
@@ -540,10 +548,16 @@ def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None
         if convert:
             console.print(f"converted {out / LEGACY_CHECKPOINT} to {convert_legacy_checkpoint(out)}")
         ck = load_checkpoint(out)
+    learner = Learner.build(cfg)
+    data = None
+    if cfg.user_prompts:   # read and checked before the run directory is touched: a bad file writes nothing
+        data = load_prompts_for(cfg, learner.tokenizer, learner.model)
+        if data.skipped:
+            console.print(f"[yellow]skipped {data.skipped} of {data.skipped + len(data.ids)} prompts from "
+                          f"{data.label}: longer than the policy's context leaves room for with max_new_tokens "
+                          f"{cfg.max_new_tokens}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    learner = Learner.build(cfg)
-    task = get_task(cfg.task)
     summary: dict = {"config": asdict(cfg)}
     start = 0
     if ck is not None:
@@ -554,20 +568,33 @@ def train_rl(cfg: RLConfig, resume: bool = False, console: Console | None = None
         (out / EVENTS).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         if cfg.eval_samples:
-            summary["eval_before"] = evaluate(learner.model, learner.tokenizer, task, samples=cfg.eval_samples,
-                                              temperature=cfg.temperature)
+            summary["eval_before"] = held_out_eval(cfg, learner, data, "before")
     learner.model.train()
-    rows = run_steps(cfg, learner, start, summary, console)
+    rows = run_steps(cfg, learner, start, summary, console, data)
     learner.model.eval()
     save_policy(learner.model, learner.tokenizer, out / "policy")
     if learner.head is not None:
         save_head(learner.head, out / "mtp", learner.model.config)
     if cfg.eval_samples:
-        summary["eval_after"] = evaluate(learner.model, learner.tokenizer, task, samples=cfg.eval_samples,
-                                         temperature=cfg.temperature)
+        summary["eval_after"] = held_out_eval(cfg, learner, data, "after")
     summary.update(rl_summary(rows))
     (out / "rl_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def held_out_eval(cfg: RLConfig, learner: Learner, data: UserPrompts | None, when: str) -> dict:
+    """The evaluation ``when`` ("before" / "after") RL: for a task, its accuracy on ``eval_samples`` fresh problems
+    (:func:`bebop.training.evaluate.evaluate`); for a user's prompts, the mean reward (weighted total and each
+    function's) of ``eval_samples`` plain samples at the rollout temperature over the held-out prompts, the same
+    prompts and sampling seed before and after."""
+    if data is None:
+        return evaluate(learner.model, learner.tokenizer, get_task(cfg.task), samples=cfg.eval_samples,
+                        temperature=cfg.temperature)
+    try:
+        return evaluate_rewards(learner.model, learner.tokenizer, data, Rewards(cfg.reward, cfg.reward_weights),
+                                cfg.eval_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+    except BebopError as e:
+        raise type(e)(f"held-out evaluation {when} RL: {e}") from e
 
 
 def rl_summary(rows: list[dict]) -> dict:

@@ -149,15 +149,8 @@ def _load(name_or_path: str, split: str, cache_dir: str | Path | None):
     return datasets.load_dataset(str(path) if path.is_dir() else name_or_path, **kwargs)
 
 
-def read_dataset(name_or_path: str, split: str = "train", field: str | None = None, *,
-                 cache_dir: str | Path | None = None) -> list[dict]:
-    """The prompts of a ``datasets`` dataset as records ``{"prompt": text}`` or ``{"messages": [...]}``, one per
-    row of ``split``. ``name_or_path`` is a local json/jsonl/csv/parquet/text/arrow file (builder chosen by its
-    extension), a local directory (``datasets`` infers the format and the splits from the file names) or a hub
-    name (the offline cache when ``HF_DATASETS_OFFLINE=1``). ``field`` picks the column, by default ``prompt``,
-    else ``messages``; its values are text or lists of messages. A missing split lists the splits, a missing
-    column lists the columns, and an empty dataset is an error naming it. ``cache_dir`` is where ``datasets``
-    keeps its Arrow copy (its default cache when None)."""
+def _open_dataset(name_or_path: str, split: str, field: str | None, cache_dir: str | Path | None):
+    """``(dataset, prompt column, label)`` of :func:`read_dataset`'s arguments, with its checks."""
     label = f"dataset {name_or_path} split {split!r}"
     try:
         ds = _load(name_or_path, split, cache_dir)
@@ -185,12 +178,33 @@ def read_dataset(name_or_path: str, split: str = "train", field: str | None = No
         raise BebopError(f"{label} has no column {field!r}; its columns: {', '.join(columns)}")
     if len(ds) == 0:
         raise BebopError(f"{label} is empty")
+    return ds, field, label
+
+
+def read_dataset(name_or_path: str, split: str = "train", field: str | None = None, *,
+                 cache_dir: str | Path | None = None) -> list[dict]:
+    """The prompts of a ``datasets`` dataset as records ``{"prompt": text}`` or ``{"messages": [...]}``, one per
+    row of ``split``. ``name_or_path`` is a local json/jsonl/csv/parquet/text/arrow file (builder chosen by its
+    extension), a local directory (``datasets`` infers the format and the splits from the file names) or a hub
+    name (the offline cache when ``HF_DATASETS_OFFLINE=1``). ``field`` picks the column, by default ``prompt``,
+    else ``messages``; its values are text or lists of messages. A missing split lists the splits, a missing
+    column lists the columns, and an empty dataset is an error naming it. ``cache_dir`` is where ``datasets``
+    keeps its Arrow copy (its default cache when None)."""
+    ds, field, label = _open_dataset(name_or_path, split, field, cache_dir)
     records = []
     for i, value in enumerate(ds[field]):
         record = {"messages": value} if isinstance(value, list) else {"prompt": value}
         _check_text_or_messages(record, next(iter(record)), f"{label} row {i} (column {field!r})")
         records.append(record)
     return records
+
+
+def dataset_columns(name_or_path: str, split: str = "train", field: str | None = None, *,
+                    cache_dir: str | Path | None = None) -> tuple[str, str, dict[str, list]]:
+    """``(label, prompt column, columns)`` of :func:`read_dataset`'s dataset: every column as a list with one value
+    per row (``bebop rl`` hands the columns other than the prompt to its reward functions)."""
+    ds, field, label = _open_dataset(name_or_path, split, field, cache_dir)
+    return label, field, {c: list(ds[c]) for c in ds.column_names}
 
 
 # ------------------------------------------------------------------------------------------------------- rendering
@@ -300,6 +314,13 @@ def _source_rows(source: DataSource) -> tuple[str, list[tuple[str, dict]]]:
         records = read_dataset(source.dataset, source.split, source.field)
         return label, [(f"{label} row {i}", r) for i, r in enumerate(records)]
     raise BebopError(f"task {source.label!r} has no prompt file; its prompts come from bebop.tasks")
+
+
+def source_records(source: DataSource) -> tuple[str, list[tuple[str, dict]]]:
+    """``(label, [(where, record), ...])``: the checked records of a ``--prompts``, ``--dataset`` or ``--completions``
+    source in input order (``where`` names the file and 1-based line, or the dataset row), as :func:`load_prompts`
+    reads them; a JSONL record keeps all its keys, a dataset record only its prompt (see :func:`dataset_columns`)."""
+    return _source_rows(source)
 
 
 def load_prompts(tokenizer, source: DataSource, max_prompt_len: int) -> PromptSet:
