@@ -71,6 +71,24 @@ def positive(name: str, value: float) -> None:
         raise BebopError(f"{name} must be positive, got {value!r}")
 
 
+def non_negative(name: str, value: float) -> None:
+    """Raise a BebopError unless ``value`` >= 0 (counts where 0 means off)."""
+    if not value >= 0:
+        raise BebopError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` if it is a directory with a ``config.json`` (the first thing ``load_policy`` checks), else a
+    BebopError naming it: commands whose output directory is created before the model loads call this first, so
+    a mistyped path writes nothing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BebopError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise BebopError(f"model directory {path} has no config.json")
+    return path
+
+
 def check_gamma(value: int, name: str = "gamma") -> int:
     """The one draft-length check: γ counts drafted tokens per verify step (DESIGN §3), so γ ≥ 1."""
     if not isinstance(value, int) or isinstance(value, bool):

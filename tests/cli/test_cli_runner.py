@@ -52,6 +52,18 @@ def test_an_unexpected_exception_is_status_1_with_its_traceback(tmp_path, monkey
     assert "Traceback (most recent call last)" in r.stderr and "RuntimeError: disk on fire" in r.stderr
 
 
-def test_a_usage_error_is_clicks_status_2_with_its_message():
+def test_a_usage_error_is_one_error_line_and_status_2_like_a_bebop_error():
+    """click's usage errors (unknown flag, wrong type, missing option) skip its usage panel: one line, no box."""
     r = cli("sft", "--no-such-flag")
-    assert r.returncode == 2 and "No such option" in r.stderr and "--no-such-flag" in r.stderr
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.strip().splitlines() == ["error: no such option: --no-such-flag"]
+    r = cli("sft", "--steps", "abc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: invalid value for '--steps': ") and "(got 'abc')" in r.stderr
+
+
+def test_help_and_a_bare_group_still_show_help():
+    r = cli("--help")
+    assert r.returncode == 0 and "Usage: bebop" in r.stdout
+    r = cli("bench")                                       # no_args_is_help: click's help, then status 2
+    assert r.returncode == 2 and "decode" in r.stdout and r.stderr == ""

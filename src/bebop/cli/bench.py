@@ -23,6 +23,8 @@ from bebop.cli.render import (
     rl_bench_table,
     write_json,
 )
+from bebop.cli.rl import check_inputs
+from bebop.config import positive
 from bebop.errors import BebopError
 from bebop.experiments.options import DecodeBenchConfig, LossBenchConfig
 
@@ -66,6 +68,7 @@ def bench_decode_cmd(
                             temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
                             max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed,
                             threads=threads, device=device, dtype=dtype)
+    positive("max_new_tokens", cfg.max_new_tokens)
     announce_paths()
     the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
     results = bench_decode(the_model, tokenizer, head, cfg)
@@ -100,6 +103,7 @@ def bench_losses_cmd(
     cfg = LossBenchConfig(task=task, losses=tuple(x.strip() for x in losses.split(",") if x.strip()), gamma=gamma,
                           gamma_train=gamma_train, steps=steps, lr=lr, data_samples=data_samples, init=init,
                           eval_prompts=eval_prompts, seed=seed, out=str(out), device=device, dtype=dtype)
+    positive("eval_prompts", cfg.eval_prompts)
     announce_paths()
     results = bench_losses(str(model), cfg.out, cfg)
     console.print(losses_table(results, f"bench losses: {task}, γ={gamma}, {steps} steps each"))
@@ -130,7 +134,7 @@ def bench_rl_cmd(
 ) -> None:
     """Short GRPO runs per rollout method, side by side: step time, rollout time, accept-length drift, accuracy."""
     from bebop.config import make_config
-    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl
+    from bebop.experiments.bench_rl import RLBenchConfig, bench_rl, method_config
 
     announce_paths()
     cfg = make_config(RLBenchConfig, config, model=model, mtp=mtp, mtp_ce=mtp_ce, task=task, out=out,
@@ -138,7 +142,8 @@ def bench_rl_cmd(
                       **{"rl.prompts_per_step": prompts_per_step, "rl.group_size": group_size, "rl.lr": lr,
                          "rl.rollout_batch": rollout_batch, "rl.seed": seed, "rl.device": device,
                          "rl.dtype": dtype})
-    cfg.method_list()
+    for name in cfg.method_list():
+        check_inputs(method_config(cfg, name))  # before the first run creates OUT
     results = bench_rl(cfg, console=console)
     console.print(rl_bench_table(results, f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)"))
     write_json(json_path, results)

@@ -24,7 +24,7 @@ def demo_cmd(
 ) -> None:
     """SFT policy → MTP heads (CE, e2e TV) → τ sweep → entropy analysis → short RL runs → report.md, plots and
     summary.json with a held / not-held verdict for each claim of DESIGN §6."""
-    from bebop.config import make_config, read_toml
+    from bebop.config import check_model_dir, make_config, read_toml
     from bebop.experiments.demo import QUICK, DemoConfig, run_demo
 
     file_keys = set(read_toml(config)) if config is not None else set()
@@ -32,4 +32,6 @@ def demo_cmd(
     announce_paths()
     cfg = make_config(DemoConfig, config, **preset, out=out, model=model, fresh=fresh or None, device=device,
                       dtype=dtype)
+    if cfg.model:
+        check_model_dir(cfg.model)  # before run_demo creates OUT
     run_demo(cfg, console=console)

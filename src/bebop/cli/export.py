@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bebop.cli.render import console
+from bebop.errors import BebopError
+
+SHARD_SIZE = re.compile(r"\s*(\d+(\.\d*)?)\s*(KB|MB|GB|TB)\s*", re.IGNORECASE)
+
+
+def check_shard_size(text: str) -> str:
+    """``--max-shard-size`` as huggingface_hub reads it: a positive number and a unit KB, MB, GB or TB."""
+    m = SHARD_SIZE.fullmatch(text)
+    if m is None or not float(m.group(1)) > 0:
+        raise BebopError(f"--max-shard-size must be a positive size with a unit KB, MB, GB or TB (like 5GB), "
+                         f"got {text!r}")
+    return text
 
 
 def export_cmd(
@@ -25,6 +38,7 @@ def export_cmd(
     from bebop.models.serving import serve_commands
 
     check_gamma(gamma)
+    check_shard_size(max_shard_size)
     done = export_model(model, mtp, out, max_shard_size)
     console.print(f"wrote [bold]{done.out}[/]: {done.num_layers} MTP layer(s) in the {done.layout} layout, "
                   f"{done.dtype} weights")

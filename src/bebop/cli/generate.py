@@ -10,7 +10,7 @@ import typer
 
 from bebop.cli.options import DeviceOpt, DtypeOpt
 from bebop.cli.render import announce_paths, console, print_dict
-from bebop.config import check_gamma
+from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
 
 AUTO_GAMMA_MAX = 5  # longest draft ``--gamma auto`` may plan
@@ -32,6 +32,12 @@ class GenerateConfig:
     backend: str = "auto"             # auto (lean when supported) | lean (an error when not) | transformers
     device: str = "auto"
     dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_dtype(self.dtype)
+        positive("n", self.n)
+        positive("max_new_tokens", self.max_new_tokens)
 
 
 G = GenerateConfig

@@ -7,9 +7,17 @@ import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
+import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+try:
+    from typer._click.exceptions import UsageError  # typer >= 0.22 vendors click
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click.exceptions import UsageError
 
 from bebop.errors import BebopError
 from bebop.experiments.names import RULE_NAMES
@@ -67,14 +75,42 @@ def wrote(path: Path) -> None:
     console.print(f"wrote [bold]{path}[/]")
 
 
+def usage_message(e: UsageError) -> str:
+    """A click usage error on one line that names the bad value: typer checks a flag's type with pydantic, whose
+    message leaves the value out, so it is taken from the validation error the usage error was raised from."""
+    msg = e.format_message()
+    errors = getattr(e.__cause__, "errors", None)
+    if callable(errors) and getattr(e, "param", None) is not None:
+        (first, *_) = errors() or [{}]
+        if "input" in first and not isinstance(first["input"], (list, tuple, dict)):
+            msg = f"{msg} (got {first['input']!r})"
+    msg = " ".join(msg.split())
+    return msg[:1].lower() + msg[1:]
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: MESSAGE`` as one line on stderr (no markup read from the message) and exit with 2."""
+    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def run_app(app) -> None:
-    """Run the typer ``app``; a :class:`BebopError` becomes one ``error: …`` line on stderr and exit code 2, so
-    bad input never shows a traceback."""
+    """Run the typer ``app``; a :class:`BebopError` or a usage error (unknown flag, a value of the wrong type, a
+    missing option) becomes one ``error: …`` line on stderr and exit code 2, so bad input never shows a traceback
+    or a usage panel."""
     try:
-        app()
+        code = app(standalone_mode=False)  # click errors reach us instead of click's own report
     except BebopError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(e))
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is already printed
+            sys.exit(e.exit_code)
+        fail(usage_message(e))
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(code), Ctrl-C (130)
+        sys.exit(code)
 
 
 # ---------------------------------------------------------------------------------------------- bench tables

@@ -13,6 +13,19 @@ from bebop.cli.render import announce_paths, console, print_dict
 from bebop.errors import BebopError
 
 
+def check_inputs(cfg) -> None:
+    """What ``RLConfig`` leaves to the run, checked before it starts: counts that may be 0 but not negative, and
+    that the policy and the head exist (the trainer creates the run directory before it loads them), so a
+    mistyped path or value writes nothing."""
+    from bebop.config import check_model_dir, non_negative
+
+    for name in ("eval_samples", "rollout_batch", "kl_coef"):
+        non_negative(name, getattr(cfg, name))
+    check_model_dir(cfg.model)
+    if cfg.mtp not in (None, "native") and not Path(cfg.mtp).exists():
+        raise BebopError(f"MTP checkpoint not found: {cfg.mtp}")
+
+
 def rl_cmd(
     task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
     model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
@@ -74,6 +87,8 @@ def rl_cmd(
             ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
             seed=seed, device=device, dtype=dtype,
         )
+    if resume is None:
+        check_inputs(cfg)
     summary = train_rl(cfg, resume=resume is not None, console=console, convert=convert_checkpoint)
     print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
     for when in ("eval_before", "eval_after"):

@@ -52,7 +52,7 @@ def sft(
     config: ConfigOpt = None,
 ) -> None:
     """Train a tiny policy (Qwen3 by default, or --arch) from scratch on a task's reference solutions (SFT)."""
-    from bebop.config import make_config
+    from bebop.config import make_config, non_negative
     from bebop.training.sft import SFTConfig, train_sft
 
     announce_paths()
@@ -63,6 +63,7 @@ def sft(
             "model.num_kv_heads": kv_heads, "model.intermediate_size": intermediate,
         },
     )
+    non_negative("eval_samples", cfg.eval_samples)
     summary = train_sft(cfg)
     console.print(f"saved policy to [bold]{cfg.out}[/] after {summary['steps']} steps "
                   f"in {summary['train_seconds']:.0f}s ({summary['dtype']} compute on {summary['device']})")
