@@ -246,11 +246,16 @@ def test_misuse_is_refused(tiny_tokenizer):
         with pytest.raises(BebopError, match="keep\\(\\) called with no pending forward"):
             cache.keep(torch.tensor([0]))
         dec(ids, pos, valid, cache, 0)
+        with pytest.raises(BebopError, match="a prefill keeps every token.*cannot be rolled back"):
+            cache.keep(torch.tensor([2]))                            # a prefill is never rolled back
+        cache = dec.new_cache(1, 8)
+        dec(ids, pos, valid, cache, 0)
+        dec(ids, pos + 3, torch.ones(1, 6, dtype=torch.bool), cache, 3)
         cache.keep(torch.tensor([2]))
         with pytest.raises(BebopError, match="keep\\(\\) called with no pending forward"):
             cache.keep(torch.tensor([2]))                            # a second keep of the same forward
         long = torch.randint(3, 50, (1, STEPWISE_MAX + 1))
         cache = dec.new_cache(1, 8)
         dec(long, torch.arange(STEPWISE_MAX + 1)[None], torch.ones(1, STEPWISE_MAX + 1, dtype=torch.bool), cache, 0)
-        with pytest.raises(BebopError, match="long prefill.*cannot be rolled back"):
+        with pytest.raises(BebopError, match="a prefill keeps every token.*cannot be rolled back"):
             cache.keep(torch.tensor([0]))

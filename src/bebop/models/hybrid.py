@@ -32,8 +32,8 @@ each token are kept is ``mode``:
 
 ``docs/hybrid.md`` measures both.
 
-A prefill over more than :data:`STEPWISE_MAX` tokens uses transformers' chunked delta rule, which returns only the
-final state; a prefill keeps every token anyway.
+A prefill keeps every token, so it keeps no per-token states; over more than :data:`STEPWISE_MAX` tokens it runs
+transformers' chunked delta rule.
 
 Left padding: padded prompt positions are zeroed before the linear layers, as transformers does
 (``apply_mask_to_padding_states``); with a zero initial state they leave the state at zero.
@@ -122,7 +122,7 @@ def why_not_hybrid_blocks(head, model) -> str:
     for i, layer in enumerate(head.layers):
         block = layer.mtp_block
         if _family_module(block) not in _MODULES or getattr(block, "self_attn", None) is None:
-            return (f"its layer {i}'s block is a {type(block).__name__} without full attention, not a layer of the "
+            return (f"its layer {i}'s block is a {type(block).__name__}, not a full-attention layer of the "
                     f"model's family ({getattr(_text_config(model), 'model_type', '?')})")
     return ""
 
@@ -204,7 +204,7 @@ class LinearState:
         elif self.qkvgb is not None:
             self.rec = select_state(*self.qkvgb, last)
         else:
-            raise BebopError("this forward kept only its final state (a long prefill); it cannot be rolled back")
+            raise BebopError("a prefill keeps every token and only its final state; it cannot be rolled back")
         self.full = self.states = self.qkvgb = None
 
     def select(self, rows: Tensor) -> None:
@@ -318,8 +318,10 @@ class _Linear:
             q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))
             q, k = _l2norm(q) / (q.shape[-1] ** 0.5), _l2norm(k)
             one = T == 1                                  # plain decoding: no stack, the state before is kept
-            o, kept = delta_rule(q, k, v, g, beta, st.rec, keep_states=mode == "store" and not one)
-            if mode == "store" and one:
+            o, kept = delta_rule(q, k, v, g, beta, st.rec, keep_states=mode == "store" and not (one or prefill))
+            if prefill:                                   # a prefill keeps all its tokens: nothing to roll back
+                st.states, st.qkvgb, st.rec = None, None, kept
+            elif mode == "store" and one:
                 st.states, st.qkvgb, st.rec = [st.rec, kept], None, kept
             elif mode == "store":
                 st.states, st.qkvgb, st.rec = kept, None, kept[-1]
