@@ -51,7 +51,7 @@ def _jsonl_rows(path: str | Path, need: Sequence[str] = PROMPT_FIELDS, *,
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BebopError(f"{where} is not JSON ({e.msg} at column {e.colno})") from None
+                raise BebopError(f"{where} is not JSON ({e.msg.removesuffix(' at')}, column {e.colno})") from None
             if not isinstance(record, dict):
                 raise BebopError(f"{where} is a JSON {type(record).__name__}, not an object")
             _check_record(record, where, need, completions=completions)
