@@ -1,4 +1,5 @@
-"""``bebop rl``: GRPO with MTP-accelerated rollouts; options unset here come from the TOML file, then ``RLConfig``."""
+"""``bebop rl``: GRPO with MTP-accelerated rollouts on a task or a user's prompts and reward functions; options unset
+here come from the TOML file, then ``RLConfig``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from bebop.cli.options import ConfigOpt, TomlDeviceOpt, TomlDtypeOpt
+from bebop.cli.options import ConfigOpt, DatasetOpt, FieldOpt, PromptsOpt, TomlDeviceOpt, TomlDtypeOpt
 from bebop.cli.render import announce_paths, console, print_dict
 from bebop.errors import BebopError
 
@@ -27,7 +28,13 @@ def check_inputs(cfg) -> None:
 
 
 def rl_cmd(
-    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent.")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="Task: arith, countdown, code, agent (the default source: arith; its own reward unless --reward).")]
+    = None,
+    prompts: PromptsOpt = None,
+    dataset: DatasetOpt = None,
+    split: Annotated[str | None, typer.Option(help="The dataset's split.")] = None,
+    field: FieldOpt = None,
     model: Annotated[str | None, typer.Option(help="SFT policy directory to start from.")] = None,
     mtp: Annotated[str | None, typer.Option(help="MTP head directory (needed by --mtp-strategy frozen).")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory: rl.jsonl, checkpoint/, policy/, mtp/.")] = None,
@@ -38,6 +45,8 @@ def rl_cmd(
     prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Completion length limit (TRL's max_completion_length).")]
+    = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
     rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
     kl_coef: Annotated[float | None, typer.Option(help="KL-to-reference coefficient (0 = off).")] = None,
@@ -50,10 +59,16 @@ def rl_cmd(
     = None,
     ray_workers: Annotated[int | None, typer.Option(help="Ray rollout actors.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint period in steps.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out problems evaluated before/after (0 = skip).")]
+    eval_samples: Annotated[int | None, typer.Option(
+        help="Samples evaluated before/after: task accuracy, or mean reward on held-out prompts (0 = skip).")]
     = None,
-    reward: Annotated[str | None, typer.Option(help="Reward function 'module:function' (default: the task's).")]
+    reward: Annotated[list[str] | None, typer.Option(
+        help="Reward function in TRL's form f(prompts, completions, **columns), one float per completion: "
+             "module:function or path/to/file.py:function; repeatable (needed with --prompts/--dataset; default: "
+             "the task's).")]
     = None,
+    reward_weights: Annotated[str | None, typer.Option(
+        help="Comma-separated weight per --reward (default 1 each): a row's reward is Σ wᵢ·fᵢ.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     device: TomlDeviceOpt = None,
     dtype: TomlDtypeOpt = None,
@@ -64,7 +79,8 @@ def rl_cmd(
         "torch.load(weights_only=True): tensors and plain containers only, never code).")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """GRPO on a task with MTP-accelerated rollouts (DESIGN §5); resumable with --resume DIR."""
+    """GRPO with MTP-accelerated rollouts (DESIGN §5) on a task, or on your prompts (--prompts/--dataset) with
+    reward functions in TRL's form (--reward); resumable with --resume DIR."""
     from bebop.config import from_dict, make_config
     from bebop.rl.config import RLConfig
     from bebop.rl.trainer import train_rl
@@ -80,17 +96,19 @@ def rl_cmd(
         cfg = from_dict(RLConfig, {**json.loads(saved.read_text()), "out": str(resume)}, str(saved))
     else:
         cfg = make_config(
-            RLConfig, config, task=task, model=model, mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule,
-            gamma=gamma, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
-            temperature=temperature, lr=lr, rollout_batch=rollout_batch, kl_coef=kl_coef, async_rollouts=async_rollouts,
-            max_staleness=max_staleness, online_every=online_every, backend=backend, ray_address=ray_address,
-            ray_workers=ray_workers, checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward,
-            seed=seed, device=device, dtype=dtype,
+            RLConfig, config, task=task, prompts=prompts, dataset=dataset, split=split, field=field, model=model,
+            mtp=mtp, out=out, mtp_strategy=mtp_strategy, rule=rule, gamma=gamma, steps=steps,
+            prompts_per_step=prompts_per_step, group_size=group_size, temperature=temperature,
+            max_new_tokens=max_new_tokens, lr=lr,
+            rollout_batch=rollout_batch, kl_coef=kl_coef, async_rollouts=async_rollouts, max_staleness=max_staleness,
+            online_every=online_every, backend=backend, ray_address=ray_address, ray_workers=ray_workers,
+            checkpoint_every=checkpoint_every, eval_samples=eval_samples, reward=reward or None,
+            reward_weights=reward_weights, seed=seed, device=device, dtype=dtype,
         )
     if resume is None:
         check_inputs(cfg)
     summary = train_rl(cfg, resume=resume is not None, console=console, convert=convert_checkpoint)
-    print_dict(f"rl {cfg.task} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
+    print_dict(f"rl {cfg.label} · {cfg.mtp_strategy}", {k: v for k, v in summary.items() if k != "config"})
     for when in ("eval_before", "eval_after"):
         if when in summary:
             print_dict(when, summary[when])

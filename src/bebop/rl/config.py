@@ -107,7 +107,8 @@ class RLConfig:
             if not callable(getattr(get_task(self.task), "reward", None)):
                 raise BebopError(f"task {self.task!r} has no reward function; pass --reward module:function")
         else:
-            self.reward_weights = parse_weights(self.reward_weights, len(self.reward))
+            if self.reward_weights is not None:    # None stays None (all 1), so replace(cfg, reward=…) works
+                self.reward_weights = parse_weights(self.reward_weights, len(self.reward))
             Rewards(self.reward, self.reward_weights)      # importable, callable, TRL's arguments
         self.device = _concrete_device(self.device, self.dtype)
         if self.mtp_strategy not in STRATEGIES:
