@@ -191,3 +191,48 @@ def test_sampling_settings_map_one_to_one(tmp_path):
 def test_bad_gamma_is_refused():
     with pytest.raises(BebopError, match="gamma must be"):
         BebopRollout("unused", gamma=0)
+
+
+def test_multi_turn_rollouts_mark_environment_tokens(tiny_tokenizer, tmp_path):
+    """A row that emits the stop token gets the environment's reply prefilled; env_mask marks the reply 0, its
+    log-probs are 0, and the model's tokens keep a fresh full forward's log-probs over the whole transcript. A real
+    GRPOTrainer step accepts the env_mask."""
+    model = build_tiny_policy(tiny_tokenizer, seed=1, logit_scale=3.0)
+    prompt_ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        stop = int(model(torch.tensor([prompt_ids])).logits[0, -1].argmax())     # the likeliest first token
+    reply = tiny_tokenizer("= 3\n", add_special_tokens=False)["input_ids"]
+    seen = []
+
+    def env(prompt, transcript):
+        seen.append(prompt)
+        return reply if len(seen) < 50 else None
+
+    args = _config(tmp_path, top_p=1.0, max_completion_length=24, max_steps=1)
+    rollout = BebopRollout(MTPHead.from_base(model), gamma=3, seed=0, env=env, stop=stop, max_turns=2)
+    out = rollout(PROMPTS * 4, Stub(model, tiny_tokenizer, args))
+    masks = out["env_mask"]
+    assert seen and set(seen) <= set(PROMPTS)
+    assert any(0 in m for m in masks)
+    params = sampling_params(args)
+    for p, c, lp, m in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"], masks, strict=True):
+        assert len(c) == len(lp) == len(m)
+        ref = exact_logprobs(model, p, c, params)
+        model_tok = torch.tensor(m, dtype=torch.bool)
+        torch.testing.assert_close(torch.tensor(lp)[model_tok], ref[model_tok], atol=2e-4, rtol=0)
+        assert all(x == 0.0 for x, k in zip(lp, m, strict=True) if not k)
+        for i in (i for i, k in enumerate(m) if not k):                  # environment tokens are the reply's
+            assert c[i] in reply
+
+    seen.clear()
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=ds,
+                              processing_class=tiny_tokenizer,
+                              rollout_func=BebopRollout(MTPHead.from_base(model), seed=0, env=env, stop=stop))
+    trainer.train()
+    assert seen
+
+
+def test_multi_turn_needs_env_and_stop():
+    with pytest.raises(BebopError, match="need both env= and stop="):
+        BebopRollout("unused", env=lambda p, t: None)

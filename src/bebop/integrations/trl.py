@@ -29,9 +29,14 @@ where supported) generation runs inside the trainer's autocast, as TRL's own gen
 Decode metrics (per-step α, accept length, tokens/s, seconds) are added to the trainer's logged metrics under
 ``bebop/…`` and kept on the returned function's ``history`` list.
 
-Multi-turn tool use through TRL's ``env_mask`` is not offered here: TRL runs its own tool loop after the rollout
-function returns (``tools=`` / ``environment_factory=``), and a Bebop multi-turn episode (``bebop.engine.turns``)
-needs the environment inside the decoding loop. ``AsyncGRPOTrainer``'s ``rollout_worker`` protocol (experimental
+**Multi-turn episodes** (``env=``): a row pauses when it emits ``stop`` (a token id or token string, e.g. the end of
+a tool call), ``env(prompt, transcript)`` answers with the reply's token ids (or None to end the row), and the reply
+is prefilled into the caches and decoding resumes with MTP drafting (``bebop.engine.turns``; no prefix is ever
+recomputed). ``prompt`` is the row's TRL prompt (text or messages), ``transcript`` the row's token ids after it so
+far. The completion then holds model and environment tokens, and the returned ``env_mask`` (1 = model token,
+0 = environment token) tells TRL which tokens carry the loss; environment tokens get log-prob 0. This replaces
+TRL's own tool loop (``tools=`` / ``environment_factory=``), which runs after the rollout function and re-generates
+through ``model.generate``; pass one or the other. ``AsyncGRPOTrainer``'s ``rollout_worker`` protocol (experimental
 in TRL 1.16) is built around a vLLM server with weight transfer (``pause``, ``send_weights``, NCCL groups); it is not
 wrapped until that protocol settles.
 """
@@ -47,7 +52,7 @@ from typing import Any
 import torch
 
 from bebop.core.sampling import SamplingParams
-from bebop.engine.dispatch import DecodeConfig, decode
+from bebop.engine.dispatch import DecodeConfig, Turns, decode
 from bebop.errors import BebopError
 from bebop.models.checkpoint import load_head
 from bebop.models.lean import forget
@@ -78,7 +83,8 @@ class BebopRollout:
     decoding, one target forward per token); ``gamma``: draft
     length, or ``"auto"`` (adaptive drafting up to ``gamma_max``, ``bebop.experimental.adaptive``); ``rule``:
     ``rejection`` or ``target_only`` (``auto`` with ``gamma="auto"``: RS or TO per row); ``backend``: the engine's
-    forwards; ``seed``: the rollouts' random generator (None: torch's global one)."""
+    forwards; ``seed``: the rollouts' random generator (None: torch's global one); ``env``, ``stop``,
+    ``turn_tokens``, ``max_turns``: multi-turn episodes (module doc)."""
 
     head: MTPHead | str | Path | None
     gamma: int | str = 3
@@ -86,6 +92,10 @@ class BebopRollout:
     backend: str = "auto"
     seed: int | None = None
     gamma_max: int = 5
+    env: Callable[[Any, list[int]], list[int] | None] | None = None
+    stop: int | str | None = None
+    turn_tokens: int | None = None
+    max_turns: int | None = None
 
     def __post_init__(self) -> None:
         self._policy = None
@@ -96,6 +106,8 @@ class BebopRollout:
         if self.gamma != "auto" and (isinstance(self.gamma, bool) or not isinstance(self.gamma, int)
                                      or self.gamma < 1):
             raise BebopError(f"gamma must be an integer >= 1 or 'auto', got {self.gamma!r}")
+        if (self.env is None) != (self.stop is None):
+            raise BebopError("multi-turn rollouts need both env= and stop= (the token that hands the turn over)")
 
     def _head_for(self, model) -> MTPHead | None:
         """The frozen head, loaded (once) for ``model`` and bound to its embedding and LM head."""
@@ -143,12 +155,16 @@ class BebopRollout:
             forget(model, *([head] if head is not None else []))   # optimizers may write weights unversioned
             cfg.gamma = self._gamma(model, head, prompt_ids, cfg)
             t0 = time.perf_counter()
-            out = decode(model, head, prompt_ids, cfg)
+            out = decode(model, head, prompt_ids, cfg, self._turns(prompts, tok))
             seconds = time.perf_counter() - t0
         finally:
             model.train(was_training)
         completions = out.completions()
         logprobs = [row[: len(c)].tolist() for row, c in zip(out.logprobs, completions, strict=True)]
+        extra = {}
+        if self.env is not None:
+            extra["env_mask"] = [row[: len(c)].long().tolist() for row, c in zip(out.sampled_mask, completions,
+                                                                                  strict=True)]
         m = out.metrics
         metrics = {"tokens_per_s": m.tokens / max(seconds, 1e-9), "rollout_s": seconds}
         if head is not None:
@@ -158,10 +174,25 @@ class BebopRollout:
         if isinstance(logged, dict) and "train" in logged:
             for k, v in metrics.items():
                 logged["train"][f"bebop/{k}"].append(float(v))
-        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
+        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs, **extra}
+
+    def _turns(self, prompts: list, tok) -> Turns | None:
+        """The engine's environment for this batch: row b's replies come from ``env(prompts[b], transcript)``."""
+        if self.env is None:
+            return None
+        stop = self.stop if isinstance(self.stop, int) else tok.convert_tokens_to_ids(self.stop)
+        if not isinstance(stop, int) or stop < 0 or (isinstance(self.stop, str) and stop == tok.unk_token_id):
+            raise BebopError(f"stop token {self.stop!r} is not in the tokenizer's vocabulary")
+
+        def env(row: int, transcript: list[int]) -> list[int] | None:
+            reply = self.env(prompts[row], transcript)
+            return None if reply is None else [int(t) for t in reply]
+
+        return Turns(env, stop, self.turn_tokens, self.max_turns)
 
 
 def mtp_rollout_func(head: MTPHead | str | Path | None, gamma: int | str = 3, rule: str = "rejection",
-                     backend: str = "auto", seed: int | None = None) -> Callable[[list, Any], dict[str, list]]:
-    """``GRPOTrainer(..., rollout_func=mtp_rollout_func(head, gamma=3))``: see :class:`BebopRollout`."""
-    return BebopRollout(head, gamma, rule, backend, seed)
+                     backend: str = "auto", seed: int | None = None, **turns: Any) -> Callable[[list, Any], dict]:
+    """``GRPOTrainer(..., rollout_func=mtp_rollout_func(head, gamma=3))``: see :class:`BebopRollout` (``turns``:
+    ``env``, ``stop``, ``turn_tokens``, ``max_turns`` for multi-turn episodes)."""
+    return BebopRollout(head, gamma, rule, backend, seed, **turns)
