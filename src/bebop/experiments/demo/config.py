@@ -179,6 +179,6 @@ def rl_config(cfg: DemoConfig, policy: Path, dirs: Mapping[str, Path], out: Path
     from bebop.rl.config import RLConfig
 
     rl = derive(RLConfig, cfg, "rl_", {"prompts_per_step": "rl_prompts", "group_size": "rl_group"},
-                mtp_strategy="none", checkpoint_every=cfg.rl_steps)
+                mtp_strategy="none", checkpoint_every=cfg.rl_steps, prompts=None)   # rl_prompts: prompts per step
     return derive(RLBenchConfig, cfg, "rl_", model=str(policy), mtp=str(dirs["e2e_tv"]), mtp_ce=str(dirs["ce"]),
                   out=str(out), rl=rl)
