@@ -130,7 +130,7 @@ def _step1_prompt(row: int) -> str:
     ("inf_at_2", r"returned inf for row 2 of 8 \(prompt {p2}, tests/rl/data/prompts.jsonl line \d+\)"),
     ("text_at_1", r"returned 'high' \(str\), not a number, for row 1 of 8 \(prompt {p1}, "),
     ("short", r"returned 7 values for 8 completions \(one per completion expected\)"),
-])
+], ids=["raises", "nan", "inf", "not-a-number", "wrong-length"])
 def test_failing_reward_stops_before_the_update_and_the_checkpoint(dirs, tmp_path, fn, expect):
     """A reward function failing while grading step 1 stops the run with one error naming the function and the
     row: step 1 is not logged, the step-1 checkpoint (after step 0) is the last one and intact, no policy is
@@ -165,7 +165,8 @@ def test_failing_reward_stops_before_the_update_and_the_checkpoint(dirs, tmp_pat
     (["--reward", f"{REWARDS}:digits", "--reward-weights", "heavy"], "--reward-weights: 'heavy' is not a number"),
     (["--reward", f"{REWARDS}:digits", "--task", "arith"], "give one data source, got --task and --prompts"),
     ([], "--prompts needs a reward function: pass --reward module:function"),
-])
+], ids=["no-such-file", "no-such-module", "no-such-function", "not-callable", "old-signature", "not-module-function",
+        "weight-count", "weight-not-number", "task-and-prompts", "prompts-without-reward"])
 def test_bad_reward_input_is_one_error_and_writes_nothing(dirs, tmp_path, args, message):
     out = tmp_path / "run"
     r = cli("rl", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--prompts", PROMPTS, *args,
