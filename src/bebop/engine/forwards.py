@@ -282,10 +282,7 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: s
 
     def select(rows: torch.Tensor) -> None:
         for c in caches:
-            if isinstance(c, StaticKV):
-                c.k, c.v = c.k[:, rows], c.v[:, rows]
-                c.layers = list(zip(c.k.unbind(0), c.v.unbind(0), strict=True))
-            elif isinstance(c, HybridCache):
+            if isinstance(c, StaticKV | HybridCache):
                 c.select(rows)
             else:
                 c.batch_select_indices(rows)

@@ -80,11 +80,11 @@ def sampling_params(args: Any) -> SamplingParams:
 class BebopRollout:
     """A ``rollout_func`` for TRL's ``GRPOTrainer`` (module doc). ``head``: an ``MTPHead``, a head path
     (directory or ``.safetensors``), ``"native"`` (the policy checkpoint's own MTP layer), or None (Bebop's plain
-    decoding, one target forward per token); ``gamma``: draft
-    length, or ``"auto"`` (adaptive drafting up to ``gamma_max``, ``bebop.experimental.adaptive``); ``rule``:
-    ``rejection`` or ``target_only`` (``auto`` with ``gamma="auto"``: RS or TO per row); ``backend``: the engine's
-    forwards; ``seed``: the rollouts' random generator (None: torch's global one); ``env``, ``stop``,
-    ``turn_tokens``, ``max_turns``: multi-turn episodes (module doc)."""
+    decoding, one target forward per token); ``gamma``: draft length, or ``"auto"`` (adaptive drafting up to
+    ``gamma_max``, ``bebop.experimental.adaptive``); ``rule``: ``rejection`` or ``target_only`` (``auto`` with
+    ``gamma="auto"``: RS or TO per row); ``backend``: the engine's forwards; ``seed``: the rollouts' random
+    generator (None: torch's global one); ``env``, ``stop``, ``turn_tokens``, ``max_turns``: multi-turn episodes
+    (module doc)."""
 
     head: MTPHead | str | Path | None
     gamma: int | str = 3

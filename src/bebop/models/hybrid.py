@@ -229,8 +229,7 @@ class HybridCache:
         self.pending = False
 
     def select(self, rows: Tensor) -> None:
-        self.kv.k, self.kv.v = self.kv.k[:, rows], self.kv.v[:, rows]
-        self.kv.layers = list(zip(self.kv.k.unbind(0), self.kv.v.unbind(0), strict=True))
+        self.kv.select(rows)
         for s in self.linear:
             s.select(rows)
         self.pending = False

@@ -129,6 +129,11 @@ class StaticKV:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch rows ``rows``."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
+
     def ensure(self, n: int) -> None:
         if n <= self.capacity:
             return
