@@ -1,8 +1,9 @@
-"""Exact laws and goodness-of-fit helpers shared by the statistical (χ²) tests of every sampling path."""
+"""Exact laws, goodness-of-fit helpers and exactness checks shared by the tests of every sampling path and family."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import chisquare
 
@@ -73,3 +74,41 @@ def chisq_pvalue(observed_codes: np.ndarray, law: np.ndarray) -> float:
             return 0.0
     exp *= obs.sum() / exp.sum()
     return float(chisquare(obs, exp).pvalue)
+
+
+def check_greedy_mtp_equals_plain(model, head, tokenizer, rule):
+    """τ = 0: MTP decoding under ``rule`` emits plain greedy decoding's tokens exactly, on a varied greedy path with
+    drafts both accepted and rejected (so the comparison is not vacuous)."""
+    from bebop.core.sampling import SamplingParams
+    from bebop.engine.decode import generate, generate_mtp
+
+    prompts, _ = prompts_for(tokenizer, 4)
+    params = SamplingParams(temperature=0.0)
+    plain = generate(model, prompts, params, 30, eos_id=None)
+    mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=3, rule=rule)
+    assert torch.equal(plain.tokens, mtp.tokens)
+    assert all(len(set(row)) >= 5 for row in plain.tokens.tolist())       # a varied greedy path, not one token
+    assert 1.0 < mtp.metrics.accept_length < 4.0                          # drafts both accepted and rejected
+
+
+def check_agent_rollouts_equal_reprefill(pairs, tokenizer, budget):
+    """τ = 0 on the agent task: for each (model, head) of ``pairs``, native plain and native MTP rollouts equal the
+    re-prefill reference (every round re-prefills each row's whole context) token for token; the first pair's
+    model must call tools badly, so the environment is exercised."""
+    from bebop.core.sampling import SamplingParams
+    from bebop.tasks import sample_problems
+    from bebop.tasks.agent import AgentTask
+    from bebop.training.multiturn import rollout_multi_turn, rollout_multi_turn_reprefill
+
+    task = AgentTask()
+    problems = sample_problems(task, 6, 0)
+    params = SamplingParams(temperature=0.0)
+    for model, head in pairs:
+        ref = rollout_multi_turn_reprefill(model, tokenizer, task, problems, params, budget, turn_tokens=16)
+        plain = rollout_multi_turn(model, tokenizer, task, problems, params, budget, turn_tokens=16)
+        mtp = rollout_multi_turn(model, tokenizer, task, problems, params, budget, turn_tokens=16, head=head)
+        assert plain[0] == ref[0] and mtp[0] == ref[0]
+        assert plain[2] == ref[2] == mtp[2]
+        assert plain[1] == pytest.approx(ref[1], abs=1e-3) and mtp[1] == pytest.approx(ref[1], abs=1e-3)
+    texts = rollout_multi_turn(pairs[0][0], tokenizer, task, problems, params, budget)[0]
+    assert all(t.count("\nerror: bad json\n") >= 2 for t in texts)   # the environment was exercised

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law
+from laws import P_FALSE_ALARM, check_greedy_mtp_equals_plain, chisq_pvalue, exact_logprobs, prompts_for, sequence_law
 
 from bebop.core.sampling import SamplingParams
-from bebop.engine.decode import generate, generate_mtp
+from bebop.engine.decode import generate_mtp
 from bebop.engine.forwards import decoding_path
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import ModelConfig, build_policy
@@ -68,13 +68,7 @@ def test_each_family_decodes_on_its_path_and_the_head_with_it(peaky_family):
 @pytest.mark.parametrize("rule", ["greedy", "rejection", "target_only"])
 def test_greedy_mtp_equals_plain_greedy_token_for_token(lively_family, tiny_tokenizer, rule):
     _, model, head = lively_family
-    prompts, _ = prompts_for(tiny_tokenizer, 4)
-    params = SamplingParams(temperature=0.0)
-    plain = generate(model, prompts, params, 30, eos_id=None)
-    mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=3, rule=rule)
-    assert torch.equal(plain.tokens, mtp.tokens)
-    assert all(len(set(row)) >= 5 for row in plain.tokens.tolist())       # a varied greedy path, not one token
-    assert 1.0 < mtp.metrics.accept_length < 4.0                          # drafts both accepted and rejected
+    check_greedy_mtp_equals_plain(model, head, tiny_tokenizer, rule)
 
 
 @pytest.mark.parametrize("rule", ["rejection", "target_only"])

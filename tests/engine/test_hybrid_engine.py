@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law_eos
+from laws import (
+    P_FALSE_ALARM,
+    check_agent_rollouts_equal_reprefill,
+    check_greedy_mtp_equals_plain,
+    chisq_pvalue,
+    exact_logprobs,
+    prompts_for,
+    sequence_law_eos,
+)
 
 import bebop.models.hybrid as hybrid_module
 from bebop.core.sampling import SamplingParams, probs_from_logits
@@ -27,9 +35,6 @@ from bebop.models.families import build_family_policy
 from bebop.models.hybrid import GAMMA_MAX, MODES, HybridCache, LinearState, hybrid_decoder
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import ModelConfig
-from bebop.tasks import sample_problems
-from bebop.tasks.agent import AgentTask
-from bebop.training.multiturn import rollout_multi_turn, rollout_multi_turn_reprefill
 
 HYBRIDS = ["qwen3_5", "qwen3_next"]
 SHAPE = ModelConfig(num_layers=4, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -83,14 +88,7 @@ def test_a_hybrid_and_its_head_decode_on_the_hybrid_path(lively):
 
 @pytest.mark.parametrize("rule", ["greedy", "rejection", "target_only"])
 def test_greedy_mtp_equals_plain_greedy_token_for_token(lively, tiny_tokenizer, rule):
-    model, head = lively
-    prompts, _ = prompts_for(tiny_tokenizer, 4)
-    params = SamplingParams(temperature=0.0)
-    plain = generate(model, prompts, params, 30, eos_id=None)
-    mtp = generate_mtp(model, head, prompts, params, 30, eos_id=None, gamma=3, rule=rule)
-    assert torch.equal(plain.tokens, mtp.tokens)
-    assert all(len(set(row)) >= 5 for row in plain.tokens.tolist())       # a varied greedy path, not one token
-    assert 1.0 < mtp.metrics.accept_length < 4.0                          # drafts both accepted and rejected
+    check_greedy_mtp_equals_plain(*lively, tiny_tokenizer, rule)
 
 
 @pytest.mark.parametrize("rule", ["rejection", "target_only"])
@@ -176,18 +174,7 @@ def tool_caller(lively, tiny_tokenizer):
 def test_greedy_native_agent_rollout_equals_the_reprefill_reference(tool_caller, lively, tiny_tokenizer, budget):
     """τ = 0 on the agent task: native plain and native MTP rollouts on a hybrid equal the re-prefill reference
     (``rollout_multi_turn_reprefill``: every round re-prefills each row's whole context) token for token."""
-    task = AgentTask()
-    problems = sample_problems(task, 6, 0)
-    params = SamplingParams(temperature=0.0)
-    for model, head in (tool_caller, lively):
-        ref = rollout_multi_turn_reprefill(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16)
-        plain = rollout_multi_turn(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16)
-        mtp = rollout_multi_turn(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16, head=head)
-        assert plain[0] == ref[0] and mtp[0] == ref[0]
-        assert plain[2] == ref[2] == mtp[2]
-        assert plain[1] == pytest.approx(ref[1], abs=1e-3) and mtp[1] == pytest.approx(ref[1], abs=1e-3)
-    texts = rollout_multi_turn(tool_caller[0], tiny_tokenizer, task, problems, params, budget)[0]
-    assert all(t.count("\nerror: bad json\n") >= 2 for t in texts)   # the environment was exercised
+    check_agent_rollouts_equal_reprefill([tool_caller, lively], tiny_tokenizer, budget)
 
 
 # ---------------------------------------------------------------------------------------------- adaptive γ

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_policy
-from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for
+from laws import P_FALSE_ALARM, check_agent_rollouts_equal_reprefill, chisq_pvalue, exact_logprobs, prompts_for
 
 from bebop.core.sampling import SamplingParams, probs_from_logits
 from bebop.engine.turns import generate_turns
 from bebop.models.mtp import MTPHead
-from bebop.tasks import sample_problems
 from bebop.tasks.agent import AgentTask
-from bebop.training.multiturn import rollout_multi_turn, rollout_multi_turn_reprefill
 
 STOP = 7      # the toy environment's terminator: the peaky policy's most likely first token (p ≈ 0.25)
 REPLY = [5, 6]  # what the toy environment appends after every terminator
@@ -158,18 +156,7 @@ def tool_caller(tiny_tokenizer):
 @pytest.mark.parametrize("budget", [100, 21])
 def test_greedy_native_agent_rollout_equals_the_reprefill_reference(tool_caller, peaky, tiny_tokenizer, budget):
     """τ = 0 on the agent task: native plain and native MTP equal the re-prefill reference token for token."""
-    task = AgentTask()
-    problems = sample_problems(task, 6, 0)
-    params = SamplingParams(temperature=0.0)
-    for model, head in (tool_caller, peaky):
-        ref = rollout_multi_turn_reprefill(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16)
-        plain = rollout_multi_turn(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16)
-        mtp = rollout_multi_turn(model, tiny_tokenizer, task, problems, params, budget, turn_tokens=16, head=head)
-        assert plain[0] == ref[0] and mtp[0] == ref[0]
-        assert plain[2] == ref[2] == mtp[2]
-        assert plain[1] == pytest.approx(ref[1], abs=1e-3) and mtp[1] == pytest.approx(ref[1], abs=1e-3)
-    texts = rollout_multi_turn(tool_caller[0], tiny_tokenizer, task, problems, params, budget)[0]
-    assert all(t.count("\nerror: bad json\n") >= 2 for t in texts)   # the environment was exercised
+    check_agent_rollouts_equal_reprefill([tool_caller, peaky], tiny_tokenizer, budget)
 
 
 @pytest.mark.parametrize("strategy", ["none", "greedy", "rejection"])
