@@ -30,6 +30,11 @@ class DecodeMetrics:
     accepted: int = 0               # accepted drafts, summed over row-steps
     drafted: int = 0                # drafts verified, summed over row-steps
     target_only_drafts: int = 0     # drafts verified with TO (rule "auto")
+    slot_steps: int = 0             # batch slots summed over decode forwards (continuous batching counts them)
+    live_steps: int = 0             # live rows summed over the same forwards: utilization = live / slots
+    cache_slots: int = 0            # cache slots each live row attended to, summed over its steps
+    kept_slots: int = 0             # slots of its own context (prompt + kept tokens) among them
+    prefills: int = 0               # prefill forwards (one per admitted group of rows)
     reached: list[float] = field(default_factory=list)    # per step k: row-steps where draft k was judged
     accepted_k: list[float] = field(default_factory=list)  # per step k: row-steps where draft k was accepted
     expected_k: list[float] = field(default_factory=list)  # per step k: Σ of expected α_k over reached rows
@@ -40,7 +45,8 @@ class DecodeMetrics:
             self.gamma = other.gamma
             self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
         for name in ("tokens", "seconds", "decode_seconds", "target_forwards", "draft_forwards", "steps", "accepted",
-                     "drafted", "target_only_drafts"):
+                     "drafted", "target_only_drafts", "slot_steps", "live_steps", "cache_slots", "kept_slots",
+                     "prefills"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("reached", "accepted_k", "expected_k"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
@@ -64,6 +70,17 @@ class DecodeMetrics:
         return 1.0 + self.accepted / self.steps if self.steps else 1.0
 
     @property
+    def utilization(self) -> float | None:
+        """Live rows ÷ batch slots per decode forward (None where not counted)."""
+        return self.live_steps / self.slot_steps if self.slot_steps else None
+
+    @property
+    def slots_per_token(self) -> float | None:
+        """Cache slots a live row attends to per slot of its own context: 1 for a cache without holes or padding;
+        rejected drafts, left padding and other rows' longer contexts add to it (None where not counted)."""
+        return self.cache_slots / self.kept_slots if self.kept_slots else None
+
+    @property
     def mean_gamma(self) -> float:
         return self.drafted / self.steps if self.steps else 0.0
 
@@ -78,6 +95,7 @@ class DecodeMetrics:
             "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards, "alpha": self.alpha, "expected_alpha": self.expected_alpha,
             "accept_length": self.accept_length, "accept_length_counts_bonus": True,
+            "utilization": self.utilization, "slots_per_token": self.slots_per_token, "prefills": self.prefills,
         }
 
 
