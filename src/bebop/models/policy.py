@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,9 @@ from bebop.models.device import resolve_device, resolve_dtype
 @dataclass
 class ModelConfig:
     """Shape of the toy policy. Default: 8 narrow layers, so that one MTP layer costs ~1/8 of the target
-    (real MTP models: 1 MTP layer vs 40-60 backbone layers; DESIGN §8)."""
+    (real MTP models: 1 MTP layer vs 40-60 backbone layers; DESIGN §8). ``max_positions`` is the context
+    (``max_position_embeddings``): 256 fits every short-answer task; a task whose completions run longer declares
+    the context it needs (``context``) and ``bebop sft`` widens the policy to it (:meth:`with_context`)."""
 
     num_layers: int = 8
     hidden_size: int = 128
@@ -41,6 +43,11 @@ class ModelConfig:
             raise BebopError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise BebopError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+
+    def with_context(self, positions: int) -> ModelConfig:
+        """This shape with a context of at least ``positions`` (a larger ``max_positions`` is kept)."""
+        positive("context", positions)
+        return self if positions <= self.max_positions else replace(self, max_positions=positions)
 
 
 def build_policy(cfg: ModelConfig, tokenizer, arch: str = "qwen3") -> PreTrainedModel:

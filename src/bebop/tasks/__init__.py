@@ -8,9 +8,11 @@ from bebop.tasks.arith import ArithTask
 from bebop.tasks.base import Problem, Task, sample_problems
 from bebop.tasks.code import CodeTask
 from bebop.tasks.countdown import CountdownTask
+from bebop.tasks.search import SearchTask
 
 __all__ = [
-    "TASKS", "AgentTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "Task", "get_task", "sample_problems",
+    "TASKS", "AgentTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "SearchTask", "Task", "get_task",
+    "sample_problems",
 ]
 
 TASKS: dict[str, Task] = {
@@ -18,6 +20,7 @@ TASKS: dict[str, Task] = {
     "countdown": CountdownTask(),
     "code": CodeTask(),
     "agent": AgentTask(),
+    "search": SearchTask(),  # long completions: a written depth-first search (context 4,096)
 }
 
 
