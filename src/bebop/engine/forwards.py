@@ -164,6 +164,25 @@ class Forwards:
     layers: int = 1
     path: DecodingPath | None = None
     keep: Callable[[Tensor], None] | None = None
+    caches: tuple = ()
+
+    def compact(self, order: Tensor, length: int) -> None:
+        """Row b's cache slots become ``order[b, :length]`` in every cache (target and head share the slot layout):
+        what drops the holes that rejected drafts and finished rows leave (``engine.continuous``)."""
+        for c in self.caches:
+            if isinstance(c, DynamicCache):
+                _dynamic_compact(c, order, length)
+            else:
+                c.compact(order, length)
+
+    def put(self, rows: Tensor, src: Forwards, width: int) -> None:
+        """Batch rows ``rows`` take slots ``0..width-1`` (and any linear-attention state) of every row of ``src``'s
+        caches: forwards of the same model and head over ``len(rows)`` rows, e.g. joining rows' prefill."""
+        for c, sc in zip(self.caches, src.caches, strict=True):
+            if isinstance(c, DynamicCache):
+                _dynamic_put(c, rows, sc, width)
+            else:
+                c.put(rows, sc, width)
 
 
 def target_forward(model: PreTrainedModel, ids, mask, positions, cache) -> torch.Tensor:
@@ -190,6 +209,39 @@ def _crop_layer(cache: DynamicCache, layer: int, length: int) -> None:
     n = cache.layers[layer].get_seq_length() if layer < len(cache.layers) else 0
     if n > length:
         cache.layers[layer].crop(length - n)
+
+
+def _dynamic_layers(cache: DynamicCache):
+    """The layers of a transformers ``DynamicCache`` that hold keys/values, refusing layer kinds whose slots are not
+    one per token (sliding windows)."""
+    for layer in cache.layers:
+        if type(layer).__name__ != "DynamicLayer":
+            raise BebopError(f"continuous batching cannot move the slots of a {type(layer).__name__} cache layer; "
+                             "decode this model without a rollout batch")
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            yield layer
+
+
+def _dynamic_compact(cache: DynamicCache, order: Tensor, length: int) -> None:
+    rows = torch.arange(order.shape[0], device=order.device).unsqueeze(1)
+    for layer in _dynamic_layers(cache):
+        n = layer.keys.shape[2]
+        idx = order.clamp(max=n - 1)            # a head's scratch layer may hold fewer slots than the target
+        layer.keys = layer.keys.transpose(1, 2)[rows, idx].transpose(1, 2).contiguous()
+        layer.values = layer.values.transpose(1, 2)[rows, idx].transpose(1, 2).contiguous()
+
+
+def _dynamic_put(cache: DynamicCache, rows: Tensor, src: DynamicCache, width: int) -> None:
+    held = {id(layer) for layer in _dynamic_layers(cache)}
+    for layer, sl in zip(cache.layers, src.layers, strict=False):
+        if id(layer) not in held or getattr(sl, "keys", None) is None or not sl.keys.numel():
+            continue
+        for name in ("keys", "values"):
+            t, st = getattr(layer, name), getattr(sl, name)
+            if t.shape[2] < width:
+                t = F.pad(t, (0, 0, 0, width - t.shape[2]))
+            t[rows, :, :width] = st[:, :, :width]
+            setattr(layer, name, t)
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:
@@ -288,7 +340,7 @@ def forwards(model: PreTrainedModel, head, batch: int, capacity: int, backend: s
                 c.batch_select_indices(rows)
 
     layers = head.num_layers if head is not None else 1
-    return Forwards(target, drafter, _lm_head(model, lean), select, layers, path, keep)
+    return Forwards(target, drafter, _lm_head(model, lean), select, layers, path, keep, tuple(caches))
 
 
 def check_context(model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -234,6 +234,21 @@ class HybridCache:
             s.select(rows)
         self.pending = False
 
+    def compact(self, order: Tensor, length: int) -> None:
+        """The attention slots of row b become ``order[b, :length]`` (``StaticKV.compact``); linear states have no
+        slots."""
+        self.kv.compact(order, length)
+
+    def put(self, rows: Tensor, src: HybridCache, width: int) -> None:
+        """Batch rows ``rows`` take ``src``'s rows (a joining row's prefill): its attention slots ``0..width-1`` and
+        its linear-attention states; every row's pending forward is kept whole first."""
+        for s in (*self.linear, *src.linear):
+            s.commit_all()
+        self.kv.put(rows, src.kv, width)
+        for dst, s in zip(self.linear, src.linear, strict=True):
+            dst.conv[rows], dst.rec[rows] = s.conv, s.rec
+        self.pending = False
+
 
 # --------------------------------------------------------------------------------------------- layers
 

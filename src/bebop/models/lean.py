@@ -134,6 +134,22 @@ class StaticKV:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
+    def compact(self, order: Tensor, length: int) -> None:
+        """Row b keeps slots ``order[b, :length]`` (in that order) as its slots ``0..length-1``: one gather per
+        cache, indexing whole [H, D] blocks (so the index is [B, length], not the cache's size)."""
+        rows = torch.arange(order.shape[0], device=order.device).unsqueeze(1)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            kept = t.permute(1, 3, 0, 2, 4)[rows, order].permute(2, 0, 3, 1, 4)       # [L, B, H, length, D]
+            t.narrow(3, 0, length).copy_(kept)
+
+    def put(self, rows: Tensor, src: StaticKV, width: int) -> None:
+        """Batch rows ``rows`` take slots ``0..width-1`` of every row of ``src`` (a cache of ``len(rows)`` rows, e.g.
+        a joining row's prefill); their other slots are left for the caller's validity mask to hide."""
+        self.ensure(width)
+        for name in ("k", "v"):
+            getattr(self, name)[:, rows, :, :width] = getattr(src, name)[:, :, :, :width]
+
     def ensure(self, n: int) -> None:
         if n <= self.capacity:
             return
