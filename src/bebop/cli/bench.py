@@ -50,6 +50,12 @@ def bench_decode_cmd(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, D.batch_sizes)),
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = D.temperature,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = D.max_new_tokens,
+    lengths: Annotated[str | None, typer.Option(
+        help="Comma-separated completion lengths, e.g. 128,512,2048,4096: measure per-token cost against length "
+             "instead (every row decodes exactly L tokens, no EOS; plain and MTP at fixed γ; KV-cache slots per "
+             "kept token). Runs on the loaded policy and head when its context holds the prompt and the longest "
+             "length, else on a random-initialised toy-shape policy with that length + 512 positions and a "
+             "warm-started head.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = D.repeats,
     prompts: Annotated[int, typer.Option(help="Prompts per batch size (consecutive batches).")] = D.num_prompts,
     seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = D.seed,
@@ -60,9 +66,14 @@ def bench_decode_cmd(
     dtype: DtypeOpt = D.dtype,
 ) -> None:
     """Plain vs MTP decoding vs transformers' generate() — or, with --gamma auto, adaptive γ vs every fixed
-    γ — measured side by side in one run."""
+    γ; or, with --lengths, per-token cost against completion length — measured side by side in one run."""
     from bebop.engine.forwards import decoding_path
     from bebop.experiments.bench_decode import bench_decode
+
+    if lengths is not None:
+        _bench_lengths(model, mtp, task, rule, gamma, batch_sizes, temperature, lengths, repeats, seed, threads,
+                       json_path, device, dtype)
+        return
 
     cfg = DecodeBenchConfig(task=task, gamma=parse_gamma(gamma), rule=rule, gamma_max=gamma_max,
                             temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
@@ -78,6 +89,71 @@ def bench_decode_cmd(
         console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"))
     write_json(json_path, {"config": asdict(cfg), "backend": decoding_path(the_model, head).backend,
                            "results": results})
+
+
+def _bench_lengths(model: Path, mtp: Path, task: str, rule: str, gamma: str, batch_sizes: str, temperature: float,
+                   lengths: str, repeats: int, seed: int, threads: int, json_path: Path | None, device: str,
+                   dtype: str) -> None:
+    """``bench decode --lengths``: per-token cost against forced completion lengths (``experiments.bench_length``)
+    on the loaded policy when its context holds the prompts and the longest length, else on a random-initialised
+    toy-shape one."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bebop.engine.forwards import decoding_path
+    from bebop.experiments.bench_length import (
+        CONTEXT_MARGIN,
+        LengthBenchConfig,
+        bench_length,
+        context_of,
+        length_policy,
+        needed_context,
+        write_length_json,
+    )
+
+    if gamma == "auto":
+        raise BebopError("--lengths measures a fixed γ: pass --gamma 1..8, not auto")
+    cfg = LengthBenchConfig(lengths=_ints("--lengths", lengths), batch_sizes=_ints("--batch-sizes", batch_sizes),
+                            gamma=parse_gamma(gamma), rule=rule, temperature=temperature, repeats=repeats, task=task,
+                            seed=seed, threads=threads)
+    announce_paths()
+    the_model, tokenizer, head = load_model_and_head(model, mtp, device, dtype)
+    context = context_of(the_model)
+    policy = {"kind": "loaded", "model": str(model), "mtp": str(mtp), "context": context}
+    if context is not None and context < needed_context(tokenizer, cfg):
+        ref = the_model.get_input_embeddings().weight
+        the_model, head = length_policy(tokenizer, cfg.lengths[-1] + CONTEXT_MARGIN, cfg.shape, cfg.seed)
+        the_model, head = the_model.to(device=ref.device, dtype=ref.dtype), head.to(device=ref.device, dtype=ref.dtype)
+        policy = {"kind": "random-init", "tokenizer": str(model), "context": cfg.lengths[-1] + CONTEXT_MARGIN,
+                  "shape": asdict(cfg.shape), "head": "MTPHead.from_base", "loaded_context": context}
+        console.print(f"{model} holds {context} positions: measuring a random-initialised toy-shape policy with "
+                      f"{policy['context']} positions and a warm-started head")
+    total = len(cfg.batch_sizes) * len(cfg.lengths) * cfg.repeats * 2
+    with Progress(TextColumn("[bold]bench lengths"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("lengths", total=total, label="")
+        results = bench_length(the_model, tokenizer, head, cfg,
+                               progress=lambda label: bar.update(job, advance=1, label=label))
+    console.print(_length_table(results, f"bench decode --lengths: {task} prompts, γ={cfg.gamma}, rule={rule}, "
+                                         f"τ={temperature}, {policy['kind']} policy ({policy['context']} positions)"))
+    policy["backend"] = decoding_path(the_model, head).backend
+    write_length_json(json_path, cfg, results, policy)
+
+
+def _length_table(results: dict, title: str):
+    """One row per (batch, mode, length) of ``bench decode --lengths``, every figure from its JSON results."""
+    from bebop.cli.render import fmt, table
+
+    cols = ["batch", "mode", "length", "ms/token", "window", "ms/token in window", "growth", "accept len",
+            "slots/token", "MTP speedup"]
+    rows = []
+    for bs, r in results.items():
+        for mode in ("plain", "mtp"):
+            for length, row in r[mode].items():
+                rows.append((bs, mode, length, f"{1e3 * row['seconds_per_token']:.3f}", row["window"],
+                             f"{1e3 * row['window_seconds_per_token']:.3f}", f"{row['growth']:.2f}x",
+                             fmt(row.get("accept_length"), ".2f"), f"{row['slots_per_token']:.2f}",
+                             f"{r['speedup'][length]:.2f}x" if mode == "mtp" else ""))
+    return table(title, cols, rows)
 
 
 def bench_losses_cmd(
