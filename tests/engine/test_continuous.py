@@ -11,6 +11,7 @@ import bebop.engine.continuous as continuous
 from bebop.core.sampling import SamplingParams
 from bebop.engine.continuous import continuous_decode
 from bebop.engine.decode import DecodeConfig, generate, generate_mtp
+from bebop.engine.turns import Turns, turns_decode
 from bebop.errors import BebopError
 from bebop.models.families import build_family_policy
 from bebop.models.mtp import MTPHead
@@ -148,8 +149,7 @@ def test_bad_slot_count_is_one_clear_error(peaky, slots):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rule", "temperature", "top_p"), [("rejection", 1.0, None), ("target_only", 1.0, 0.9),
-                                                            ("plain", 0.8, None)])
+@pytest.mark.parametrize(("rule", "temperature", "top_p"), [("rejection", 1.0, None), ("target_only", 0.8, 0.9)])
 def test_rows_joining_mid_run_have_the_plain_sampling_law(peaky, tiny_tokenizer, rule, temperature, top_p):
     """10^5 requests of up to 3 tokens through 256 slots, EOS = the likeliest first token (rows end after 1, 2 or 3
     tokens, so nearly every request joins mid-run, next to rows at other depths), against the exact law with EOS."""
@@ -161,9 +161,9 @@ def test_rows_joining_mid_run_have_the_plain_sampling_law(peaky, tiny_tokenizer,
 
     with torch.no_grad():
         eos = int(probs_from_logits(model(torch.tensor([pa])).logits[0, -1], params).argmax())
-    dc = DecodeConfig(params, length, eos, 2, "rejection" if rule == "plain" else rule, 0,
+    dc = DecodeConfig(params, length, eos, 2, rule, 0,
                       torch.Generator().manual_seed(11))
-    r = continuous_decode(model, None if rule == "plain" else head, prompts, dc, slots=256)
+    r = continuous_decode(model, head, prompts, dc, slots=256)
     assert r.metrics.prefills > 300
     ends = r.lengths.bincount(minlength=length + 1)
     assert (ends[1:] > 500).all()                                # rows end at every step
@@ -173,3 +173,73 @@ def test_rows_joining_mid_run_have_the_plain_sampling_law(peaky, tiny_tokenizer,
     for parity, prompt in ((0, pa), (1, pb)):
         law = sequence_law_eos(model, prompt, params, length, eos, 0)
         assert chisq_pvalue(codes[parity::2], law) > P_FALSE_ALARM
+
+
+# ---------------------------------------------------------------------------------------------- multi-turn
+
+
+def multi_turn_rows(tok, n):
+    """``n`` prompts and per-row environment replies of ragged lengths (none for some rows)."""
+    prompts = varied_prompts(tok, n)
+    kinds = ([5, 6], [5], [], [6, 5, 6, 5, 6, 5, 6], [5, 6, 5], [6])
+    return prompts, {row: kinds[row % 6] for row in range(n)}
+
+
+@pytest.mark.parametrize("strategy", ["none", "rejection", "target_only"])
+def test_multi_turn_continuous_equals_static_turns_at_greedy(tiny_tokenizer, strategy):
+    """τ = 0: continuous multi-turn rollouts (rows pausing for the environment while others decode or join) equal
+    the static multi-turn engine's transcripts, sampled masks and turn counts, row for row."""
+    model, head = lively_policy("qwen3", tiny_tokenizer)
+    prompts, replies = multi_turn_rows(tiny_tokenizer, 12)
+    ref0 = generate(model, prompts, GREEDY, 30, eos_id=None).tokens
+    stop = int(ref0[1, 3])                                       # a terminator the greedy paths emit partway
+    eos = int(ref0[0, 9]) if int(ref0[0, 9]) != stop else None
+    turns = Turns(lambda row, t: replies[row], stop, turn_tokens=12, max_turns=3)
+    dc = DecodeConfig(GREEDY, 40, eos, 3, "greedy" if strategy == "none" else strategy)
+    h = None if strategy == "none" else head
+    ref = turns_decode(model, h, prompts, dc, turns)
+    r = continuous_decode(model, h, prompts, dc, slots=4, turns=turns)
+    assert int(ref.turns.sum()) >= 6 and r.metrics.prefills >= 3
+    assert torch.equal(r.lengths, ref.lengths) and torch.equal(r.turns, ref.turns)
+    w = int(ref.lengths.max())
+    assert torch.equal(r.tokens[:, :w] * r.mask[:, :w], ref.tokens[:, :w] * ref.mask[:, :w])
+    assert torch.equal(r.sampled[:, :w], ref.sampled[:, :w])
+    assert r.metrics.tokens == ref.metrics.tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_5"])
+def test_multi_turn_continuous_logprobs_match_a_full_forward(tiny_tokenizer, arch):
+    """τ = 1: every model token's log-prob equals a fresh forward over prompt + transcript; environment tokens are
+    not sampled and carry log-prob 0."""
+    model, head = lively_policy(arch, tiny_tokenizer)
+    prompts, replies = multi_turn_rows(tiny_tokenizer, 10)
+    params = SamplingParams(temperature=1.0, top_k=8)
+    sample = generate(model, prompts, params, 30, eos_id=None, generator=torch.Generator().manual_seed(1)).tokens
+    stop = int(sample.flatten().mode().values)                  # the likeliest terminator under sampling
+    dc = DecodeConfig(params, 36, None, 3, "rejection", generator=torch.Generator().manual_seed(2))
+    r = continuous_decode(model, head, prompts, dc, slots=3, turns=Turns(lambda row, t: replies[row], stop))
+    assert int(r.turns.sum()) >= 3 and r.metrics.prefills >= 3
+    for b, comp in enumerate(r.completions()):
+        m = r.sampled[b, : len(comp)]
+        assert (~m).sum() > 0 or r.turns[b] == 0 or not replies[b]
+        ref = exact_logprobs(model, prompts[b], comp, params)
+        torch.testing.assert_close(r.logprobs[b, : len(comp)][m], ref[m], atol=2e-4, rtol=0)
+        assert (r.logprobs[b, : len(comp)][~m] == 0).all()
+
+
+@pytest.mark.slow
+def test_multi_turn_rows_joining_mid_run_have_the_plain_sampling_law(peaky, tiny_tokenizer):
+    """4·10⁴ transcripts (budget 4 transcript tokens, the toy environment inserting 2 after every terminator)
+    through 256 slots against their exact law (``test_multiturn_engine.transcript_law``)."""
+    from test_multiturn_engine import STOP, law_pvalue, toy_env, transcript_law
+
+    model, head = peaky
+    n, budget = 40_000, 4
+    prompts, (pa, pb) = prompts_for(tiny_tokenizer, n)
+    params = SamplingParams(temperature=1.0)
+    dc = DecodeConfig(params, budget, None, 2, "rejection", generator=torch.Generator().manual_seed(5))
+    r = continuous_decode(model, head, prompts, dc, slots=256, turns=Turns(toy_env, STOP))
+    assert float((r.turns > 0).float().mean()) > 0.2 and r.metrics.prefills > 100
+    comps = r.completions()
+    for parity, prompt in ((0, pa), (1, pb)):
+        assert law_pvalue(comps[parity::2], transcript_law(model, prompt, params, budget)) > P_FALSE_ALARM

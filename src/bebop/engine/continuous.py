@@ -33,10 +33,12 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from bebop.core.acceptance import alpha_rs, alpha_to
+from bebop.core.sampling import sample
 from bebop.engine.decode import DecodeConfig, Rollout, _policy, prefill
 from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
-from bebop.engine.step import SpecConfig, SpecState, StepPlan, spec_step
+from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
+from bebop.engine.turns import TurnRollout, Turns
 from bebop.errors import BebopError
 
 __all__ = ["COMPACT_WASTE", "continuous_decode"]
@@ -48,27 +50,48 @@ COMPACT_MIN = 16
 
 
 class _Slots:
-    """Which request each slot holds (``req`` [B], −1 before any), the tokens it has emitted (``n``) and whether the
-    slot is free (``done``). Tensors are replaced, never written in place: the output events keep references."""
+    """Per slot: the request it holds (``req`` [B]), its transcript tokens so far (``n``), the model tokens it may still
+    emit in its current turn (``room``), and whether it is ``paused`` (waiting for the environment, multi-turn) or
+    free (``done``: finished, or never filled). Tensors are replaced, never written in place: the output events keep
+    references to them."""
 
-    def __init__(self, req: Tensor, n: Tensor, done: Tensor, eos_id: int | None, max_new_tokens: int) -> None:
-        self.req, self.n, self.done = req, n, done
-        self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
+    def __init__(self, B: int, device, eos_id: int | None, max_new_tokens: int, stop_id: int | None = None,
+                 turn_cap: int | None = None) -> None:
+        self.req = torch.arange(B, device=device)
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+        self.room = torch.zeros(B, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.paused = torch.zeros(B, dtype=torch.bool, device=device)
+        self.eos_id, self.max_new_tokens, self.stop_id = eos_id, max_new_tokens, stop_id
+        self.turn_cap = max_new_tokens if turn_cap is None else turn_cap
+
+    def ends(self, toks: Tensor) -> Tensor:
+        """Tokens that end a row's block: EOS, and the environment's terminator in multi-turn."""
+        hit = torch.zeros_like(toks, dtype=torch.bool)
+        for t in (self.eos_id, self.stop_id):
+            if t is not None:
+                hit |= toks == t
+        return hit
 
     def cut(self, a: Tensor, toks: Tensor) -> Tensor:
-        """The last kept index of each row's block: after its first EOS among the emitted, and at its budget."""
+        """The last kept index of each row's block: after its first EOS (or terminator) among the emitted, and at its
+        room (``spec_step`` treats the cut as a rejection there)."""
         G = toks.shape[1] - 1
-        last = torch.minimum(a, self.max_new_tokens - self.n - 1)
-        if self.eos_id is not None:
-            j = torch.arange(G + 1, device=toks.device)
-            hit = (toks == self.eos_id) & (j <= a.unsqueeze(1))
-            last = torch.minimum(last, torch.where(hit.any(1), hit.long().argmax(1), G + 1))
-        return last.clamp_min(0)
+        j = torch.arange(G + 1, device=toks.device)
+        hit = self.ends(toks) & (j <= a.unsqueeze(1))
+        first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
+        return torch.minimum(torch.minimum(a, first), self.room - 1).clamp_min(0)
 
-    def finished(self, x: Tensor) -> Tensor:
-        """Rows whose last emitted token ``x`` is EOS or whose budget is used up."""
-        out = self.n >= self.max_new_tokens
-        return out | (x == self.eos_id) if self.eos_id is not None else out
+    def advance(self, rows: Tensor, count: Tensor, last: Tensor) -> None:
+        """Book ``count`` tokens ending with ``last`` for the rows marked in ``rows``; a row whose token is the
+        terminator pauses, one that hit EOS or its room finishes."""
+        self.n = self.n + count * rows
+        self.room = self.room - count * rows
+        is_stop = last == self.stop_id if self.stop_id is not None and self.stop_id != self.eos_id else \
+            torch.zeros_like(rows)
+        end = rows & (is_stop | (self.room <= 0) | self.ends(last))
+        self.paused = self.paused | (end & is_stop)
+        self.done = self.done | (end & ~is_stop)
 
 
 def _admit(cfg: SpecConfig, st: SpecState, sl: _Slots, rows: list[int], ids: list[int], prompts: list[list[int]],
@@ -96,14 +119,18 @@ def _admit(cfg: SpecConfig, st: SpecState, sl: _Slots, rows: list[int], ids: lis
         st.g = st.g.index_put((r,), pre.state.g)
     req = torch.tensor(ids, dtype=torch.long, device=device)
     sl.req = sl.req.index_put((r,), req)
-    sl.n = sl.n.index_put((r,), torch.ones_like(req))
-    sl.done = sl.done.index_put((r,), sl.finished(st.x)[r])
+    zero = torch.zeros_like(req)
+    sl.n, sl.done, sl.paused = sl.n.index_put((r,), zero), sl.done.index_put((r,), zero.bool()), \
+        sl.paused.index_put((r,), zero.bool())
+    sl.room = sl.room.index_put((r,), torch.full_like(req, min(sl.max_new_tokens, sl.turn_cap)))
+    joined = torch.zeros_like(sl.done).index_put((r,), torch.ones_like(req, dtype=torch.bool))
+    sl.advance(joined, joined.long(), st.x)
     ones = torch.ones((len(ids), 1), dtype=torch.bool, device=device)
-    events.append((req, pre.first_x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones))
+    events.append((req, pre.first_x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones, None))
 
 
 def _compact(fw, st: SpecState, sl: _Slots, longest: int) -> None:
-    """Move every live row's valid slots to columns 0..count−1 (in order) and forget the free rows' slots; the used
+    """Move every held row's valid slots to columns 0..count−1 (in order) and forget the free rows' slots; the used
     length becomes the longest row's count."""
     valid = st.valid.narrow(1, 0, st.length) & ~sl.done.unsqueeze(1)
     order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
@@ -114,59 +141,172 @@ def _compact(fw, st: SpecState, sl: _Slots, longest: int) -> None:
     st.length = longest
 
 
-def _by_request(events: list, n_requests: int, width: int, pad_id: int) -> tuple[Tensor, ...]:
+class _Transcripts:
+    """Each request's transcript on the host, brought up to date from the events not read yet (multi-turn: the
+    environment reads them), so every event is copied to the host once."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.tokens: dict[int, list[int]] = {}
+
+    def update(self, events: list) -> None:
+        new = events[self.read:]
+        self.read = len(events)
+        if not new:
+            return
+        rid = torch.cat([e[0].unsqueeze(1).expand_as(e[4]).reshape(-1) for e in new])
+        emit = torch.cat([e[4].reshape(-1) for e in new])
+        toks = torch.cat([e[1].reshape(-1) for e in new])
+        pairs = torch.stack([rid[emit], toks[emit]], 1).tolist()
+        for r, t in pairs:
+            self.tokens.setdefault(r, []).append(t)
+
+
+def _environment(cfg: SpecConfig, st: SpecState, sl: _Slots, turns, events: list, seen: _Transcripts,
+                 turns_taken: list[int]) -> None:
+    """Multi-turn: every paused slot's transcript goes to ``turns.env``; the replies of the rows that go on are
+    prefilled in one forward over all slots (the others write holes and keep their state), and the next model token
+    is sampled after each reply (as ``engine.turns``, whose stopping rules these are)."""
+    device, B = st.x.device, st.x.shape[0]
+    paused = sl.paused.nonzero().squeeze(1).tolist()
+    seen.update(events)
+    req_host = sl.req.tolist()
+    replies: dict[int, list[int]] = {}
+    resume: list[int] = []
+    for b in paused:
+        r = req_host[b]
+        reply = None
+        transcript = seen.tokens[r]
+        if turns.max_turns is None or turns_taken[r] < turns.max_turns:
+            reply = turns.env(r, list(transcript))
+        if reply is None:
+            continue
+        replies[b] = list(reply)
+        turns_taken[r] += 1
+        if len(transcript) + len(reply) < sl.max_new_tokens:
+            resume.append(b)
+    sl.done = sl.done | sl.paused                                    # rows that do not resume end here
+    sl.paused = torch.zeros_like(sl.paused)
+    if not replies:
+        return
+    W = max(len(v) for v in replies.values())
+    env_tok = torch.full((B, W + 1), cfg.pad_id, dtype=torch.long)
+    m = torch.zeros(B, dtype=torch.long)
+    got = torch.zeros(B, dtype=torch.bool)
+    for b, reply in replies.items():
+        env_tok[b, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+        m[b], got[b] = len(reply), True
+    env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
+    jw = torch.arange(W + 1, device=device)
+    events.append((sl.req, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
+                   (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool, device=device)))
+    if not resume:
+        return
+    res = torch.zeros(B, dtype=torch.bool)
+    res[resume] = True
+    res = res.to(device)
+    sl.done = sl.done & ~res
+    _prefill_replies(cfg, st, sl, env_tok, m, res, events)
+
+
+def _prefill_replies(cfg: SpecConfig, st: SpecState, sl: _Slots, env_tok: Tensor, m: Tensor, res: Tensor,
+                     events: list) -> None:
+    """One target forward over ``[x, e_1..e_m]`` for the resuming rows ``res`` (holes elsewhere) and one head catch-up
+    over the same slots; each resuming row samples its next model token after e_m."""
+    device, W = st.x.device, env_tok.shape[1] - 1
+    s = st.length
+    st.ensure(s + W + 1)
+    jw = torch.arange(W + 1, device=device)
+    vin = torch.cat([st.x.unsqueeze(1), env_tok[:, :W]], dim=1)
+    vpos = st.pos_x.unsqueeze(1) + jw
+    st.valid.narrow(1, s, W + 1).copy_((jw <= m.unsqueeze(1)) & res.unsqueeze(1))
+    hid = cfg.fw.target(vin, vpos, st.valid.narrow(1, 0, s + W + 1), s)
+    if cfg.fw.keep is not None:                                   # linear-attention state: after e_m, or unchanged
+        cfg.fw.keep(torch.where(res, m, -1))
+    cfg.metrics.target_forwards += 1
+    p = cfg.probs(hid[st.rows, m])
+    x = sample(p, cfg.generator)
+    pt, h = emitted(p, x)
+    events.append((sl.req, x[:, None], pt[:, None], h[:, None], res[:, None], res[:, None]))
+    if cfg.fw.drafter is not None:
+        htoks = env_tok.scatter(1, m.unsqueeze(1), x.unsqueeze(1))   # [e_1..e_m, x', pad...]
+        g = cfg.fw.drafter(htoks, hid, vpos, st.valid.narrow(1, 0, s + W + 1), s)[st.rows, m]
+        st.g = torch.where(res.unsqueeze(1), g, st.g)
+        cfg.metrics.draft_forwards += 1
+    st.x = torch.where(res, x, st.x)
+    st.pos_x = torch.where(res, st.pos_x + m + 1, st.pos_x)
+    st.length = s + W + 1
+    sl.n = sl.n + m * res
+    sl.room = torch.where(res, torch.clamp(sl.max_new_tokens - sl.n, max=sl.turn_cap), sl.room)
+    sl.advance(res, res.long(), st.x)
+
+
+def _by_request(events: list, n_requests: int, width: int | None, pad_id: int) -> tuple[Tensor, ...]:
     """Output tensors [N, width] in request order from the time-ordered events (request of each row [b], tokens,
-    p(token), H(p), emitted [b, w]): (tokens padded with ``pad_id``, log p, H(p), emitted count [N])."""
+    p(token), H(p), emitted [b, w], sampled [b, w] or None = all emitted): (tokens padded with ``pad_id``, log p,
+    H(p), emitted count [N], sampled mask). ``width`` None: the longest request's."""
     rid = torch.cat([e[0].unsqueeze(1).expand_as(e[4]).reshape(-1) for e in events])
     emit = torch.cat([e[4].reshape(-1) for e in events])
+    smp = torch.cat([(e[5] if e[5] is not None else e[4]).reshape(-1) for e in events])[emit]
     fields = [torch.cat([e[k].reshape(-1) for e in events])[emit] for k in (1, 2, 3)]
     rid = rid[emit]
     order = torch.sort(rid, stable=True).indices                  # a request's tokens stay in time order
-    rid = rid[order]
+    rid, smp = rid[order], smp[order]
     toks, p, h = (f[order] for f in fields)
     counts = torch.bincount(rid, minlength=n_requests)
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0
     col = torch.arange(rid.shape[0], device=rid.device) - (counts.cumsum(0) - counts)[rid]
-    out = torch.full((n_requests, width), pad_id, dtype=torch.long, device=rid.device).index_put_((rid, col), toks)
-    logp = torch.zeros((n_requests, width), device=rid.device).index_put_((rid, col), p.clamp_min(1e-30).log())
-    ent = torch.zeros((n_requests, width), device=rid.device).index_put_((rid, col), h.float())
-    return out, logp, ent, counts
+    shape, dev = (n_requests, width), rid.device
+    out = torch.full(shape, pad_id, dtype=torch.long, device=dev).index_put_((rid, col), toks)
+    sampled = torch.zeros(shape, dtype=torch.bool, device=dev).index_put_((rid, col), smp)
+    logp = torch.zeros(shape, device=dev).index_put_((rid, col), torch.where(smp, p.clamp_min(1e-30).log(), 0.0))
+    ent = torch.zeros(shape, device=dev).index_put_((rid, col), torch.where(smp, h.float(), 0.0))
+    return out, logp, ent, counts, sampled
 
 
 @torch.inference_mode()
-def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: DecodeConfig,
-                      slots: int) -> Rollout:
+def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: DecodeConfig, slots: int,
+                      turns: Turns | None = None) -> Rollout:
     """Decode ``prompts`` with at most ``slots`` rows in flight (module doc): plain sampling with ``head=None``, else
-    MTP speculative sampling with a fixed γ or a drafting policy, as ``decode.mtp_decode``. Each request's output has
-    the law it would have decoded alone; rows come back in request order."""
+    MTP speculative sampling with a fixed γ or a drafting policy, as ``decode.mtp_decode``; with ``turns``,
+    multi-turn episodes as ``turns.turns_decode`` (fixed γ), returned as a ``TurnRollout``. Each request's output
+    has the law it would have decoded alone; rows come back in request order."""
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise BebopError(f"slots (the rollout batch) must be an integer >= 1, got {slots!r}")
     if head is None:
         G, rule, auto_rule, policy = 0, dc.rule, False, False
     else:
         G, rule, auto_rule, policy = _policy(dc.gamma, dc.rule, dc.params)
+        if turns is not None and policy:
+            raise BebopError("multi-turn decoding drafts a fixed gamma; pass an integer gamma with turns")
     check_context(model, prompts, dc.max_new_tokens)
     device = model.device
     t0 = time.perf_counter()
     N = len(prompts)
     B = min(slots, N)
     metrics = DecodeMetrics(gamma=G)
+    metrics.reached, metrics.accepted_k, metrics.expected_k = ([0.0] * G for _ in range(3))
     P = max(len(p) for p in prompts)
-    G_fw = G if head is not None else 0
 
     def new_forwards(rows: int, capacity: int):
-        return forwards(model, head, rows, capacity, dc.backend, G_fw)
+        return forwards(model, head, rows, capacity, dc.backend, G)
 
     fw = new_forwards(B, P + 2 * (min(dc.max_new_tokens, 512) + G + 1))
     cfg = SpecConfig(fw, dc.params, rule, dc.pad_id, dc.generator, metrics)
-    pre = prefill(cfg, prompts[:B], P + (G + 1), device)
+    sl = _Slots(B, device, dc.eos_id, dc.max_new_tokens, turns.stop_id if turns else None,
+                turns.turn_tokens if turns else None)
+    events: list = []
+    pre = prefill(cfg, prompts[:B], P + G + 1, device)
     metrics.prefills += 1
     st = pre.state
-    sl = _Slots(torch.arange(B, device=device), torch.ones(B, dtype=torch.long, device=device), None, dc.eos_id,
-                dc.max_new_tokens)
-    sl.done = sl.finished(st.x)
-    ones = torch.ones((B, 1), dtype=torch.bool, device=device)
-    events: list = [(sl.req, pre.first_x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones)]
+    everyone = torch.ones(B, dtype=torch.bool, device=device)
+    sl.room = torch.full_like(sl.room, min(dc.max_new_tokens, sl.turn_cap))
+    sl.advance(everyone, everyone.long(), st.x)
+    events.append((sl.req, pre.first_x[:, None], pre.first_p[:, None], pre.first_h[:, None], everyone[:, None], None))
     waiting = B                                                   # the next request to admit
+    turns_taken = [0] * N
+    seen = _Transcripts()
     planner = dc.gamma.start(B, rule, auto_rule, device, dc.eos_id) if policy else None
     plan = StepPlan(G, G, planner=planner)
     history: list = []
@@ -174,40 +314,46 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     step = None
     t_decode = time.perf_counter()
     while True:
-        valid = st.valid.narrow(1, 0, st.length) & ~sl.done.unsqueeze(1)
-        host = torch.cat([sl.done.long(), valid.sum(1).max().unsqueeze(0)]).tolist()   # the step's host sync
-        free, longest = [b for b in range(B) if host[b]], host[B]
+        held = ~sl.done
+        valid = st.valid.narrow(1, 0, st.length) & held.unsqueeze(1)
+        flags = torch.cat([sl.done.long(), sl.paused.long(), valid.sum(1).max().unsqueeze(0)]).tolist()   # the sync
+        free, longest, any_paused = [b for b in range(B) if flags[b]], flags[2 * B], any(flags[B: 2 * B])
+        if any_paused:
+            _environment(cfg, st, sl, turns, events, seen, turns_taken)
+            continue
         if longest and st.length - longest > max(COMPACT_MIN, COMPACT_WASTE * st.length):
             _compact(fw, st, sl, longest)
         if free and waiting < N:
             take = free[: N - waiting]
             _admit(cfg, st, sl, take, list(range(waiting, waiting + len(take))), prompts, new_forwards, events)
             waiting += len(take)
-        elif len(free) == B:
+            continue                                               # a joiner may pause or end at its first token
+        if len(free) == B:
             break
-        live = ~sl.done
+        live = ~(sl.done | sl.paused)
         if planner is not None:
             plan.q1 = cfg.probs(st.g)
             alphas = None
             if step is not None and auto_rule and planner.learning:
                 alphas = torch.cat([alpha_rs(step.p[:, : step.gamma], torch.stack(step.raw, 1)),
                                     alpha_to(step.p[:, : step.gamma], torch.stack(step.raw, 1))], dim=1)
-            _, plan.gamma, plan.to_rows = planner.step(sl.done, plan.q1, *(() if step is None else
-                                                                            (step.accepted, step.ratio, alphas)))
+            _, plan.gamma, plan.to_rows = planner.step(~live, plan.q1, *(() if step is None else
+                                                                         (step.accepted, step.ratio, alphas)))
         step = spec_step(cfg, st, plan, sl.cut if G else None, live)
-        events.append((sl.req, step.toks, step.p_tok, step.ent, step.kept))
+        events.append((sl.req, step.toks, step.p_tok, step.ent, step.kept, None))
         if G:
             to = None if plan.to_rows is None else plan.to_rows * step.gamma
-            history.append((step.accepted, sl.done, step.expected_alpha, step.gamma, to))
-        kept_now = (st.valid.narrow(1, 0, st.length) & live.unsqueeze(1)).sum()
+            history.append((step.accepted, ~live, step.expected_alpha, step.gamma, to))
         n_live = live.sum()
+        kept_now = (st.valid.narrow(1, 0, st.length) & live.unsqueeze(1)).sum()
         acc += torch.stack([torch.full_like(n_live, B), n_live, n_live * st.length, kept_now])
-        sl.n = sl.n + (step.cut + 1) * live
-        sl.done = sl.done | (live & sl.finished(step.toks[st.rows, step.cut]))
-    out, logp, ent, n = _by_request(events, N, dc.max_new_tokens, dc.pad_id)
+        sl.advance(live, step.cut + 1, step.toks[st.rows, step.cut])
+    out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
-    metrics.tokens = int(n.sum())
+    metrics.tokens = int(sampled.sum())
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(G, history))
+    if turns is not None:
+        return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(turns_taken))
     return Rollout(out, n, logp, ent, metrics)
