@@ -351,12 +351,22 @@ def test_bench_rl_runs_methods_side_by_side(policy_dirs, tmp_path):
         RLBenchConfig(methods="rs-ce").method_list()
 
 
-def test_rollout_batch_splits_engine_calls(policy_dirs, tmp_path):
-    whole = RolloutWorker(small_config(policy_dirs, tmp_path)).rollout(0, 0)
-    split = RolloutWorker(small_config(policy_dirs, tmp_path, rollout_batch=3)).rollout(0, 0)
-    assert split.prompts == whole.prompts and len(split.completions) == 16
-    assert split.metrics.target_forwards > whole.metrics.target_forwards       # 6 engine calls instead of 1
-    assert sum(split.metrics.reached) > 0 and split.metrics.tokens == split.num_tokens
+def test_rollout_batch_runs_continuous_batching(policy_dirs, tmp_path):
+    """``rollout_batch`` B: the step's rows go through B slots (continuous batching), in request order; at τ = 0 the
+    rollouts equal one static batch's."""
+    from bebop.core.sampling import SamplingParams
+
+    def greedy(**kw):
+        worker = RolloutWorker(small_config(policy_dirs, tmp_path, **kw))
+        worker.params = SamplingParams(temperature=0.0)           # RL refuses τ = 0; the comparison needs it
+        return worker.rollout(0, 0)
+
+    whole, slots = greedy(), greedy(rollout_batch=3)
+    assert slots.prompts == whole.prompts and slots.completions == whole.completions
+    assert slots.rewards == whole.rewards and slots.metrics.prefills > 5 and whole.metrics.prefills == 0
+    sampled = RolloutWorker(small_config(policy_dirs, tmp_path, rollout_batch=3)).rollout(0, 0)
+    assert len(sampled.completions) == 16 and sampled.metrics.tokens == sampled.num_tokens
+    assert sum(sampled.metrics.reached) > 0 and 0 < sampled.metrics.utilization <= 1
 
 
 def test_bench_rl_config_flags_override_the_shared_rl_settings():

@@ -201,7 +201,8 @@ def bench_rl_cmd(
     prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Samples per prompt.")] = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
-    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(
+        help="Rows in flight per rollout worker (continuous batching; 0 = one static batch).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (same for every method).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results JSON here.")] = None,
     device: TomlDeviceOpt = None,

@@ -48,7 +48,8 @@ def rl_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Completion length limit (TRL's max_completion_length).")]
     = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
-    rollout_batch: Annotated[int | None, typer.Option(help="Rows per engine call (0 = the whole step).")] = None,
+    rollout_batch: Annotated[int | None, typer.Option(
+        help="Rows in flight per rollout worker (continuous batching; 0 = one static batch).")] = None,
     kl_coef: Annotated[float | None, typer.Option(help="KL-to-reference coefficient (0 = off).")] = None,
     async_rollouts: Annotated[bool | None, typer.Option("--async/--sync", help="Overlap rollouts with training.")]
     = None,

@@ -64,7 +64,7 @@ class RLConfig:
     group_size: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 96
-    rollout_batch: int = 0              # rows per engine call (0 = all prompts × G at once)
+    rollout_batch: int = 0              # rows in flight per worker, continuous batching (0 = one static batch)
     lr: float = 2e-4
     warmup: int = 3
     weight_decay: float = 0.0

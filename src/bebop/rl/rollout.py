@@ -129,21 +129,17 @@ class RolloutWorker:
         sampled: list[list[int]] | None = [] if self.multi_turn else None
         entropy_sum = 0.0
         metrics = DecodeMetrics()
-        chunk = s.rollout_batch or len(prompts)
-        for i in range(0, len(prompts), chunk):     # engine calls of at most `rollout_batch` rows
-            rows = prompts[i : i + chunk]
-            turns = None
-            if self.multi_turn:
-                row_problems = [problems[j // s.group_size] for j in range(i, i + len(rows))]
-                turns = Turns(task_env(self.task, tok, row_problems), self.stop_id)
-            r = decode(self.model, self.head, rows, DecodeConfig(self.params, s.max_new_tokens, tok.eos_token_id,
-                                                                 s.gamma, s.rule, tok.pad_token_id, gen), turns)
-            if sampled is not None:                 # multi-turn: environment replies prefilled, not sampled
-                sampled += [m[:n].tolist() for m, n in zip(r.sampled.cpu(), r.lengths.tolist(), strict=True)]
-            completions += r.completions()
-            logprobs += [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
-            entropy_sum += float((r.entropy * r.sampled_mask).sum())
-            metrics.merge(r.metrics)
+        turns = None
+        if self.multi_turn:
+            turns = Turns(task_env(self.task, tok, [p for p in problems for _ in range(s.group_size)]), self.stop_id)
+        dc = DecodeConfig(self.params, s.max_new_tokens, tok.eos_token_id, s.gamma, s.rule, tok.pad_token_id, gen)
+        r = decode(self.model, self.head, prompts, dc, turns, s.rollout_batch or None)   # continuous with B slots
+        if sampled is not None:                     # multi-turn: environment replies prefilled, not sampled
+            sampled += [m[:n].tolist() for m, n in zip(r.sampled.cpu(), r.lengths.tolist(), strict=True)]
+        completions += r.completions()
+        logprobs += [row[:n].tolist() for row, n in zip(r.logprobs.cpu(), r.lengths.tolist(), strict=True)]
+        entropy_sum += float((r.entropy * r.sampled_mask).sum())
+        metrics.merge(r.metrics)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         first_row = offset * s.group_size
         if self.data is not None:

@@ -73,7 +73,7 @@ class DemoConfig:
     rl_prompts: int = 8
     rl_group: int = 8
     rl_lr: float = 2e-4                # small enough that reward does not collapse within rl_steps
-    rl_rollout_batch: int = 0          # rows per engine call in RL rollouts (0 = all prompts × group at once)
+    rl_rollout_batch: int = 0          # rows in flight per rollout worker, continuous batching (0 = one static batch)
     online_every: int = 4
     online_steps: int = 20
     rl_eval_samples: int = 0
