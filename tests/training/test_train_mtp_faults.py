@@ -4,20 +4,27 @@ good checkpoint to the uninterrupted run's head. Under two DDP ranks a NaN on on
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket
 import time
+import traceback
+import weakref
 from dataclasses import asdict
 
 import pytest
 import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 from conftest import build_tiny_policy
+from torch.nn.parallel import DistributedDataParallel
 
 from bebop.errors import BebopError
 from bebop.models.checkpoint import load_head
 from bebop.models.policy import load_policy, save_policy
 from bebop.training import train_mtp as tm
+from bebop.training.distributed import process_group
 from bebop.training.train_state import CHECKPOINT_DIR, load_state
 
 SMALL = {"gamma_train": 2, "batch_size": 4, "data_samples": 24, "heldout_samples": 8, "max_new_tokens": 12,
@@ -116,6 +123,24 @@ def test_non_finite_before_any_checkpoint_says_so(policy_dir, tmp_path, monkeypa
         tm.train_mtp(tm.TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "run"), **SMALL))
 
 
+def test_a_failed_blocks_frames_are_released_before_the_group_is_left(monkeypatch):
+    """What a failed call's frames held (under DDP: the wrapper, whose Reducer holds the process group) is freed
+    when the exception leaves ``process_group``, before ``close_dist``; the traceback keeps its lines."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    held = []
+
+    def fail():
+        wrapper = torch.nn.Linear(1, 1)
+        held.append(weakref.ref(wrapper))
+        raise BebopError("stopped")
+
+    with pytest.raises(BebopError, match="^stopped$") as err:
+        with process_group("cpu"):
+            fail()
+    assert held[0]() is None
+    assert [f.name for f in traceback.extract_tb(err.value.__traceback__)][-1] == "fail"
+
+
 # ---------------------------------------------------------------- two DDP ranks
 
 def _free_port() -> int:
@@ -126,10 +151,29 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, port: int, cfg: tm.TrainMTPConfig, nan_call: int | None, report) -> None:
     """One gloo rank of a 2-process job running ``train_mtp`` on fixed rows; rank 1's loss is NaN on its
-    ``nan_call``-th step. Writes how the rank ended to ``report/RANK``."""
+    ``nan_call``-th step. Writes how the rank ended to ``report/RANK``, how many DDP wrappers were still alive
+    when the process group was destroyed to ``report/ddpRANK`` (a wrapper that outlives the group frees it later
+    with the GIL held, which can deadlock: ``distributed.close_dist``), and its threads' Python stacks to
+    ``report/stackRANK`` on SIGUSR1 (the watchdog asks before it kills a rank)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, file=(report / f"stack{rank}").open("w"), all_threads=True)
+    wrappers = []
+    ddp_init = DistributedDataParallel.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        ddp_init(self, *args, **kwargs)
+        wrappers.append(weakref.ref(self))
+
+    destroy = tdist.destroy_process_group
+
+    def tracked_destroy(*args, **kwargs):
+        (report / f"ddp{rank}").write_text(str(sum(w() is not None for w in wrappers)))
+        return destroy(*args, **kwargs)
+
+    DistributedDataParallel.__init__ = tracked_init
+    tdist.destroy_process_group = tracked_destroy
     rows = [([1 + (i + j) % 20 for j in range(8)], 2) for i in range(16)]
     tm.training_rows = lambda *a, **k: (rows, rows[:4])
     if rank == 1 and nan_call is not None:
@@ -143,9 +187,11 @@ def _rank_main(rank: int, port: int, cfg: tm.TrainMTPConfig, nan_call: int | Non
 
 
 def two_ranks(cfg: tm.TrainMTPConfig, report, nan_call: int | None, timeout: float = 240.0) -> list[str]:
-    """How each of two spawned gloo ranks ended. A rank that has not finished after ``timeout`` seconds is killed
-    and the test is skipped, naming the rank: an intermittent hang of one rank after a NaN stop (seen once in
-    about five runs, cause not yet found) must not hang the whole suite."""
+    """How each of two spawned gloo ranks ended; each destroyed its process group with no DDP wrapper left alive.
+    A rank that has not finished after ``timeout`` seconds (about ten times the usual) fails the test with its
+    threads' Python stacks, and is killed so the suite goes on. Such a hang was a DDP wrapper kept alive by a
+    failed run's traceback past ``destroy_process_group``, whose Reducer then freed the gloo group with the GIL
+    held while a gloo worker waited for the GIL (``distributed.close_dist``)."""
     report.mkdir()
     ctx = mp.start_processes(_rank_main, args=(_free_port(), cfg, nan_call, report), nprocs=2, join=False,
                              start_method="spawn")
@@ -154,8 +200,14 @@ def two_ranks(cfg: tm.TrainMTPConfig, report, nan_call: int | None, timeout: flo
         if time.monotonic() >= deadline:
             missing = [r for r in range(2) if not (report / str(r)).exists()]
             for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(2.0)
+            for p in ctx.processes:
                 p.kill()
-            pytest.skip(f"rank(s) {missing} still running after {timeout:.0f} s (known intermittent hang)")
+            stacks = "\n".join(f"rank {r}:\n{(report / f'stack{r}').read_text()}" for r in missing)
+            pytest.fail(f"rank(s) {missing} still running after {timeout:.0f} s; their stacks:\n{stacks}")
+    assert [(report / f"ddp{r}").read_text() for r in range(2)] == ["0", "0"], "a DDP wrapper outlived the group"
     return [(report / str(r)).read_text() for r in range(2)]
 
 

@@ -6,8 +6,11 @@ the same training code runs under ``bebop train-mtp`` and ``torchrun -m bebop.cl
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,9 +64,48 @@ def init_dist(device: str = "auto") -> tuple[Dist, torch.device]:
 
 
 def close_dist(dist: Dist) -> None:
-    """Leave the process group (end of a run)."""
+    """Leave the process group (end of a run, finished or failed).
+
+    The group must be freed here, by ``destroy_process_group``, and not later by a ``DistributedDataParallel``
+    wrapper that outlived the run: the gloo group's destructor joins its worker threads, and a worker that has
+    just finished a collective still has to take the GIL to release that collective's tensors. Python's last
+    reference to the group is released with the GIL dropped, so the worker finishes and the join returns; a DDP
+    Reducer's reference is released with the GIL held, and then the join waits for the worker, which waits for
+    the GIL, for ever (the two-rank NaN test caught this one process in a few runs). So every wrapper must be gone
+    before this call: wrappers in reference cycles are collected here, and a failed run's frames are cleared by
+    :func:`process_group` (an exception's traceback keeps the frames that hold the wrapper alive)."""
     if dist.active and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
+
+
+def release_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames that ``exc``'s traceback (and those of the exceptions
+    chained to it) keep alive, so that what they held (a DDP wrapper, its Reducer and through it the process
+    group) is freed now. The traceback itself (files, lines) is kept."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """:func:`init_dist` for the ``with`` block, then :func:`close_dist` however the block ends; an exception
+    leaving the block first has its frames released (:func:`release_frames`), so no DDP wrapper created inside
+    the block outlives the group. Every rank leaves alike, whether it finished or raised."""
+    dist, dev = init_dist(device)
+    try:
+        yield dist, dev
+    except BaseException as e:
+        release_frames(e)
+        raise
+    finally:
+        close_dist(dist)
 
 
 def gather_objects(obj: T, dist: Dist) -> list[T]:

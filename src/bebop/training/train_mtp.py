@@ -38,9 +38,8 @@ from bebop.training.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
-    close_dist,
     gather_objects,
-    init_dist,
+    process_group,
     shard,
 )
 from bebop.training.options import DataSource
@@ -385,11 +384,8 @@ def train_mtp(cfg: TrainMTPConfig) -> dict:
     Under ``torchrun`` each process holds the frozen backbone on its own device and the head in DDP; sampling is
     sharded, each step's global batch is split over the ranks, and only rank 0 writes. With
     ``cfg.checkpoint_every`` the run saves ``out/checkpoint`` atomically and a rerun continues from it."""
-    dist, device = init_dist(cfg.device)
-    try:
+    with process_group(cfg.device) as (dist, device):
         return _train_mtp(cfg, dist, device)
-    finally:
-        close_dist(dist)
 
 
 def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
