@@ -290,6 +290,11 @@ def decode_bytes(model, head, batch: int, slots: int, gamma: int, mode: str | No
     return out
 
 
+_LABELS = {"target_kv": "target KV", "head_kv": "head KV", "linear_state": "linear state",
+           "step_state": "pending linear state", "masks": "masks", "transients": "transients",
+           "lean_weight_copies": "lean weight copies"}
+
+
 def _largest_batch(budget: float, est: dict) -> int:
     return max(0, math.floor((budget - est["fixed"]) / est["per_row"]))
 
@@ -309,9 +314,7 @@ def check_batch_fits(model, head, batch: int, slots: int, gamma: int, *, prompt_
     est.update(available=avail, available_from=source, largest_batch=largest)
     if est["total"] <= budget:
         return est
-    parts = ", ".join(f"{name.replace('_', ' ')} {format_bytes(est[name])}" for name in
-                      ("target_kv", "head_kv", "linear_state", "step_state", "transients", "lean_weight_copies")
-                      if est[name])
+    parts = ", ".join(f"{label} {format_bytes(est[name])}" for name, label in _LABELS.items() if est[name])
     kind = "an estimate from the config, " if est["estimate"] else ""
     advice = (f"the largest batch that fits is {largest}" if largest >= 1 else
               "not even one row fits: lower max_new_tokens, the prompt length or gamma")
