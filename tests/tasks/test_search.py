@@ -193,3 +193,20 @@ def test_sft_widens_the_context_for_search_only() -> None:
     assert SFTConfig(task="agent").model.max_positions == 256
     assert eval_tokens(get_task("search")) == S.COMPLETION_TOKENS
     assert eval_tokens(get_task("arith")) == 96
+
+
+def test_search_policy_context_holds_the_budget_and_refuses_more(tiny_tokenizer) -> None:
+    """A policy built the way ``bebop sft --task search`` builds it holds a prompt plus the task's completion
+    budget; a limit beyond its 4,096 positions is refused before any decoding."""
+    from bebop.engine.forwards import check_context
+    from bebop.errors import BebopError
+    from bebop.models.policy import ModelConfig, build_policy
+
+    tiny = ModelConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model = build_policy(SFTConfig(task="search", model=tiny).model, tiny_tokenizer)
+    assert model.config.max_position_embeddings == 4096
+    task = get_task("search")
+    prompts = [tiny_tokenizer(p.prompt)["input_ids"] for p in sample_problems(task, 8, 0)]
+    check_context(model, prompts, task.completion_tokens)
+    with pytest.raises(BebopError, match="beyond the model's context of 4096"):
+        check_context(model, prompts, 4096)

@@ -245,13 +245,14 @@ def train_sft(cfg: SFTConfig) -> dict:
             scaler.step(opt)
             scaler.update()
             elapsed = time.perf_counter() - t0
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
+            if step % cfg.log_every == 0 or step == cfg.steps - 1 or out_of_time:  # the last step is always logged
                 rec = {"step": step, "loss": loss.item(), "lr": lr, "elapsed_s": elapsed}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 progress.update(bar, loss=rec["loss"])
             progress.update(bar, completed=step + 1)
-            if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
+            if out_of_time:
                 break
     model.eval()
     train_seconds = time.perf_counter() - t0
