@@ -3,7 +3,9 @@
 Every row is decoded to exactly L tokens (no EOS: ``eos_id`` None, ``max_new_tokens`` = L), so each length costs
 the same work whatever the policy samples. Per batch size, mode (plain, MTP) and length L the benchmark reports:
 
-- ``seconds_per_token``: decode seconds (prefill excluded) ÷ tokens emitted (all rows), median over repeats;
+- ``seconds_per_token``: decode seconds (prefill excluded) ÷ tokens emitted in them (all rows; the engine's
+  ``decode_tokens`` where it counts them, which leave out each row's first token, sampled from the prefill), median
+  over repeats;
 - ``window_seconds_per_token``: the cost of the tokens between the previous length and L, (T(L) − T(L_prev)) ÷
   (tokens(L) − tokens(L_prev)) — the marginal per-token cost at that depth of the context (for the first length,
   its own per-token cost);
@@ -168,12 +170,13 @@ def _bench_batch(model, head, prompts: list[list[int]], cfg: LengthBenchConfig, 
             m = last[name][length]
             sec = statistics.median(seconds[name][length])
             slots, source = slots_per_token(m, prompts, cfg.gamma if name == "mtp" else None)
-            row = {"length": length, "tokens": m.tokens, "decode_seconds": sec, "seconds_per_token": sec / m.tokens,
+            timed = getattr(m, "decode_tokens", 0) or m.tokens     # the tokens emitted within decode_seconds
+            row = {"length": length, "tokens": m.tokens, "decode_seconds": sec, "seconds_per_token": sec / timed,
                    "target_forwards": m.target_forwards, "slots_per_token": slots, "slots_per_token_source": source}
             if prev is None:
                 row["window"], row["window_seconds_per_token"] = f"0-{length}", row["seconds_per_token"]
             else:
-                dt, dn = sec - prev["decode_seconds"], m.tokens - prev["tokens"]
+                dt, dn = sec - prev["decode_seconds"], m.tokens - prev["tokens"]   # same first-token offset
                 row["window"], row["window_seconds_per_token"] = f"{prev['length']}-{length}", dt / dn
             if name == "mtp":
                 row["accept_length"] = m.accept_length
