@@ -88,6 +88,9 @@ CASES = {
     "bench-rl-unknown-method": (f"bench rl {M} --out {{out}} --methods rs-magic", "'rs-magic'"),
     "bench-rl-model-missing": ("bench rl --model {bad}/nope --out {out} --methods none --steps 1", "nope"),
     "bench-rl-head-missing": (f"bench rl {M} --mtp {{bad}}/nope --out {{out}} --steps 1", "nope"),
+    # bench batching
+    "bench-batching-batch-zero": (f"bench batching {MH} --batch 0 --json {{out}}/b.json", "0"),
+    "bench-batching-unknown-task": (f"bench batching {MH} --task chess --json {{out}}/b.json", "'chess'"),
     # rl
     "rl-gamma-zero": (f"rl {MH} --out {{out}} --gamma 0", "0"),
     "rl-unknown-strategy": (f"rl {M} --out {{out}} --mtp-strategy sometimes", "'sometimes'"),

@@ -15,7 +15,8 @@ from bebop.cli import app
 GOLDEN = Path(__file__).parent / "golden" / "help"
 COMMANDS = [
     [], ["sft"], ["eval"], ["train-mtp"], ["eval-mtp"], ["generate"], ["export"], ["bench"], ["bench", "decode"],
-    ["bench", "losses"], ["bench", "rl"], ["rl"], ["demo"], ["analyze"], ["analyze", "sweep"], ["analyze", "entropy"],
+    ["bench", "losses"], ["bench", "rl"], ["bench", "batching"], ["rl"], ["demo"], ["analyze"], ["analyze", "sweep"],
+    ["analyze", "entropy"],
 ]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

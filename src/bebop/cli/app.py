@@ -21,6 +21,7 @@ app.add_typer(bench_app, name="bench")
 bench_app.command("decode")(bench.bench_decode_cmd)
 bench_app.command("losses")(bench.bench_losses_cmd)
 bench_app.command("rl")(bench.bench_rl_cmd)
+bench_app.command("batching")(bench.bench_batching_cmd)
 
 app.command("rl")(rl.rl_cmd)
 app.command("demo")(demo.demo_cmd)

@@ -26,9 +26,9 @@ from bebop.cli.render import (
 from bebop.cli.rl import check_inputs
 from bebop.config import positive
 from bebop.errors import BebopError
-from bebop.experiments.options import DecodeBenchConfig, LossBenchConfig
+from bebop.experiments.options import BatchingBenchConfig, DecodeBenchConfig, LossBenchConfig
 
-D, L = DecodeBenchConfig, LossBenchConfig
+D, L, K = DecodeBenchConfig, LossBenchConfig, BatchingBenchConfig
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -224,3 +224,55 @@ def bench_rl_cmd(
     results = bench_rl(cfg, console=console)
     console.print(rl_bench_table(results, f"bench rl: {cfg.task}, {cfg.steps} steps (timing means skip step 0)"))
     write_json(json_path, results)
+
+
+def bench_batching_cmd(
+    model: Annotated[Path, typer.Option(help="Policy directory.")],
+    mtp: Annotated[Path, typer.Option(help="MTP head (dir or .safetensors, or native = the model's own MTP layer).")],
+    task: Annotated[str, typer.Option(help="Task whose prompts are decoded.")] = K.task,
+    batch: Annotated[int, typer.Option(help="Rows per static batch = slots of continuous batching.")] = K.batch,
+    prompts: Annotated[int, typer.Option(help="Prompts of the step.")] = K.prompts,
+    group_size: Annotated[int, typer.Option(help="Samples per prompt (rows = prompts x group size).")] = K.group_size,
+    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = K.gamma,
+    rule: Annotated[str, typer.Option(help="rejection or target_only.")] = K.rule,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = K.temperature,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = K.max_new_tokens,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = K.repeats,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and sampling.")] = K.seed,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (1: steadiest when shared).")] = K.threads,
+    json_path: JsonOpt = None,
+    device: DeviceOpt = K.device,
+    dtype: DtypeOpt = K.dtype,
+) -> None:
+    """Static against continuous batching on one RL step's rows (prompts x group size), plain and MTP, side by side:
+    tokens/s, row utilization, cache slots per kept token, accept length."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bebop.cli.render import fmt, table
+    from bebop.experiments.bench_batching import bench_batching
+
+    cfg = BatchingBenchConfig(task=task, batch=batch, prompts=prompts, group_size=group_size, gamma=gamma, rule=rule,
+                              temperature=temperature, max_new_tokens=max_new_tokens, repeats=repeats, seed=seed,
+                              threads=threads, device=device, dtype=dtype)
+    announce_paths()
+    the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
+    with Progress(TextColumn("[bold]bench batching"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("batching", total=4 * (cfg.repeats + 1), label="")
+        res = bench_batching(the_model, tokenizer, head, cfg,
+                             progress=lambda label: bar.update(job, advance=1, label=label))
+    rows = []
+    for kind in ("plain", "mtp"):
+        for mode in ("static", "continuous"):
+            r = res[kind][mode]
+            c = r["completion_tokens"]
+            rows.append((kind, mode, f"{r['tokens_per_s']:.0f}", f"{r['utilization']:.0%}",
+                         fmt(r["slots_per_token"], ".2f"), fmt(r["accept_length"], ".2f"),
+                         f"{c['min']} / {c['median']} / {c['max']}",
+                         f"{res[kind]['continuous_vs_static']:.2f}x" if mode == "continuous" else "",
+                         f"{res['mtp_speedup'][mode]:.2f}x" if kind == "mtp" else ""))
+    console.print(table(f"bench batching: {task}, {res['rows']} rows through batch {batch}, gamma={gamma}, "
+                        f"rule={rule}, tau={temperature}",
+                        ["decoding", "batching", "tok/s", "utilization", "slots/token", "accept len",
+                         "completion min / median / max", "continuous / static", "MTP / plain"], rows))
+    write_json(json_path, {"config": asdict(cfg), "results": res})

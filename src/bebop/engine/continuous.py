@@ -45,6 +45,9 @@ __all__ = ["COMPACT_WASTE", "continuous_decode"]
 
 COMPACT_WASTE = 0.1
 """Compact the caches when the longest live row's holes pass this share of the columns."""
+ADMIT_FRACTION = 0.25
+"""Waiting rows join once this share of the slots is free (or nothing is left live, or the last rows fit): each
+admission is one prefill forward, so admitting one row at a time would cost a forward per row."""
 COMPACT_MIN = 16
 """…and number at least this many columns (a gather of a tiny cache is not worth it)."""
 
@@ -323,7 +326,8 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
             continue
         if longest and st.length - longest > max(COMPACT_MIN, COMPACT_WASTE * st.length):
             _compact(fw, st, sl, longest)
-        if free and waiting < N:
+        live_left = len(free) < B and not all(flags[b] or flags[B + b] for b in range(B))
+        if free and waiting < N and (len(free) >= ADMIT_FRACTION * B or N - waiting <= len(free) or not live_left):
             take = free[: N - waiting]
             _admit(cfg, st, sl, take, list(range(waiting, waiting + len(take))), prompts, new_forwards, events)
             waiting += len(take)

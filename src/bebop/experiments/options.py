@@ -11,7 +11,7 @@ from bebop.errors import BebopError
 from bebop.experiments.names import DEFAULT_TEMPERATURES
 from bebop.tasks import get_task
 
-__all__ = ["DecodeBenchConfig", "EntropyConfig", "LossBenchConfig", "SweepConfig"]
+__all__ = ["BatchingBenchConfig", "DecodeBenchConfig", "EntropyConfig", "LossBenchConfig", "SweepConfig"]
 
 
 @dataclass
@@ -146,3 +146,36 @@ class EntropyConfig:
         check_gamma(self.gamma)
         for name in ("samples", "buckets", "max_new_tokens", "batch_size"):
             positive(name, getattr(self, name))
+
+
+@dataclass
+class BatchingBenchConfig:
+    """Options of ``bebop bench batching``: an RL step's rows (``prompts`` × ``group_size``) decoded in static batches
+    of ``batch`` rows and through continuous batching with ``batch`` slots, plain and MTP."""
+
+    task: str = "arith"
+    batch: int = 8
+    prompts: int = 16
+    group_size: int = 4
+    gamma: int = 3
+    rule: str = "rejection"
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    repeats: int = 3
+    seed: int = 0
+    threads: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        from bebop.core.sampling import RULES, SamplingParams
+
+        get_task(self.task)
+        check_device(self.device)
+        check_dtype(self.dtype)
+        SamplingParams(temperature=self.temperature)
+        check_gamma(self.gamma)
+        if self.rule not in RULES:
+            raise BebopError(f"unknown rule {self.rule!r}; choose one of: {', '.join(RULES)}")
+        for name in ("batch", "prompts", "group_size", "max_new_tokens", "repeats", "threads"):
+            positive(name.replace("_", "-"), getattr(self, name))
