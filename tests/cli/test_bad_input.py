@@ -186,3 +186,14 @@ def test_the_sweep_covers_every_command():
     covered = {tuple(line.split()[:2 if line.startswith(("bench", "analyze")) else 1]) for line, _ in CASES.values()}
     assert covered == {tuple(c) for c in COMMANDS if c not in ([], ["bench"], ["analyze"])}
     assert len(CASES) >= 30
+
+
+def test_a_batch_too_large_for_memory_is_one_error_before_decoding(dirs, monkeypatch):
+    """``generate`` under a memory limit: one ``error:`` line naming the batch and the largest one that fits."""
+    monkeypatch.setenv("BEBOP_MEMORY_LIMIT", "200KiB")
+    r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--task", "arith", "--n", "64",
+            "--max-new-tokens", "64")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "a batch of 64 rows" in lines[0] and "largest batch that fits is" in lines[0]
+    assert "Traceback" not in r.stderr

@@ -103,6 +103,7 @@ def run_generate(model_dir: Path, mtp_dir: Path | None, prompt: list[str] | None
 
     from bebop.core.sampling import SamplingParams
     from bebop.engine.decode import DecodeConfig, generate, generate_mtp
+    from bebop.engine.dispatch import check_memory
     from bebop.engine.forwards import BACKENDS, decoding_path
     from bebop.experimental.adaptive import as_policy, calibrate
     from bebop.tasks import get_task, sample_problems
@@ -117,6 +118,8 @@ def run_generate(model_dir: Path, mtp_dir: Path | None, prompt: list[str] | None
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    check_memory(model, head, prompts, DecodeConfig(params, cfg.max_new_tokens, eos, AUTO_GAMMA_MAX if g == "auto"
+                                                    else g, pad_id=pad, backend=cfg.backend))
     if head is None:
         r = generate(model, prompts, params, cfg.max_new_tokens, eos, pad, gen, backend=cfg.backend)
     else:
