@@ -22,9 +22,10 @@ columns (every slot a row may occupy in the call, holes included):
 * **masks** — the ``[B, slots]`` validity mask and one forward's additive attention mask.
 * **transients** — the larger of a decoding step's and the prefill's short-lived tensors: per step about eight
   ``[B, γ+1, V]`` float32 tensors (logits, probabilities, the exponential races, the stacked drafts' q, entropy and
-  verification temporaries); per prefill the ``[B, P, P]`` attention mask and one layer's activations over the
-  prompt; on the transformers path a layer's cache copy while it grows, and MLA's per-layer expansion of the latent
-  to full keys and values.
+  verification temporaries, the previous step's p and q until the next step replaces them), plus a fixed
+  allowance for random draws made ahead (:data:`DRAWS_AHEAD`); per prefill the ``[B, P, P]`` attention mask and
+  one layer's activations over the prompt; on the transformers path a layer's cache copy while it grows, and
+  MLA's per-layer expansion of the latent to full keys and values.
 * **lean weight copies** (lean path only) — the lean forwards keep transposed, fused copies of every matmul
   weight (``bebop.models.lean`` module doc); they count as a fixed cost until they are built (cached per model).
 
@@ -44,8 +45,8 @@ from bebop.errors import BebopError
 from bebop.models import hybrid as hybrid_mod
 from bebop.models import lean as lean_mod
 
-__all__ = ["FRACTION", "LIMIT_ENV", "available_bytes", "check_batch_fits", "decode_bytes", "format_bytes",
-           "parse_bytes"]
+__all__ = ["DRAWS_AHEAD", "FRACTION", "LIMIT_ENV", "available_bytes", "check_batch_fits", "decode_bytes",
+           "format_bytes", "parse_bytes"]
 
 LIMIT_ENV = "BEBOP_MEMORY_LIMIT"
 """Environment variable that overrides the available memory: bytes, or a number with a KiB/MiB/GiB/TiB suffix."""
@@ -53,7 +54,11 @@ FRACTION = 0.9
 """The share of the available memory a decoding call may plan to use; the rest is headroom for the allocator's
 fragmentation and for what the estimate leaves out (small per-step tensors, the Python side)."""
 STEP_PROB_COPIES = 8
-"""How many ``[B, γ+1, V]`` float32 tensors a decoding step holds at its peak (module doc)."""
+"""How many ``[B, γ+1, V]`` float32 tensors a decoding step holds at its peak (module doc); measured on CPU with
+the profiler's memory timeline, a step of the lean path held about 5.3 beyond the draws made ahead."""
+DRAWS_AHEAD = 64 << 20
+"""A fixed allowance for random draws made ahead of the steps that use them: a decode loop may draw its
+exponential races in chunks of up to 32 MiB (or one step's, when larger), two of them alive while one refills."""
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -205,7 +210,8 @@ def decode_bytes(model, head, batch: int, slots: int, gamma: int, mode: str | No
                  prompt_len: int = 0, backend: str = "auto") -> dict:
     """Bytes a decoding call of ``batch`` rows over ``slots`` cache columns allocates beyond the weights (module
     doc): ``target_kv``, ``linear_state``, ``step_state`` (a hybrid forward's pending linear state),
-    ``head_kv``, ``masks``, ``transients`` and ``lean_weight_copies`` (still to be built), their sum ``total``
+    ``head_kv``, ``masks``, ``transients`` (with the fixed :data:`DRAWS_AHEAD`) and ``lean_weight_copies`` (still
+    to be built), their sum ``total``
     (``prefill_state``, the hybrid prefill's pending convolution input, is part of ``transients``),
     ``per_row`` and ``fixed`` (``total = fixed + batch · per_row``), and ``path``, ``estimate`` (True when read
     from a transformers-path config rather than the engine's own caches) and ``notes``.
@@ -283,8 +289,10 @@ def decode_bytes(model, head, batch: int, slots: int, gamma: int, mode: str | No
     per_row = sum(row.values())
     copies, pending = _lean_copies(model, head) if path == "lean" else (0, 0)
     out = {name: batch * value for name, value in row.items()}
-    out.update(prefill_state=batch * prefill_state, lean_weight_copies=pending, total=batch * per_row + pending,
-               per_row=per_row, fixed=pending,
+    out["transients"] += DRAWS_AHEAD
+    fixed = pending + DRAWS_AHEAD
+    out.update(prefill_state=batch * prefill_state, lean_weight_copies=pending, total=batch * per_row + fixed,
+               per_row=per_row, fixed=fixed,
                batch=batch, slots=slots, gamma=gamma, prompt_len=prompt_len, path=path, mode=mode,
                estimate=path == "transformers", notes=notes, lean_weight_copies_all=copies)
     return out
