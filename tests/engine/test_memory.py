@@ -21,11 +21,11 @@ import bebop.engine.forwards as forwards_module
 import bebop.models.mtp as mtp_module
 from bebop.engine.forwards import forwards
 from bebop.engine.memory import (
-    DRAWS_AHEAD,
     LIMIT_ENV,
     available_bytes,
     check_batch_fits,
     decode_bytes,
+    draws_ahead,
     format_bytes,
     parse_bytes,
 )
@@ -176,15 +176,15 @@ def test_lean_weight_copies_count_until_built(tiny_tokenizer):
     before = decode_bytes(model, None, 2, 16, 0)
     built = lean.lean_decoder(model)
     copies = sum(nbytes(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in built.layers) + nbytes(built.lm_t)
-    assert before["lean_weight_copies"] == copies and before["fixed"] == copies + DRAWS_AHEAD
+    assert before["fixed"] == before["lean_weight_copies"] == copies
     after = decode_bytes(model, None, 2, 16, 0)
-    assert after["fixed"] == DRAWS_AHEAD and after["total"] == before["total"] - copies
+    assert after["fixed"] == 0 and after["total"] == before["total"] - copies
 
 
 def test_estimate_is_linear_in_the_batch_and_grows_with_slots_and_gamma(policy):
     arch, model, head = policy
     one, many = decode_bytes(model, head, 1, SLOTS, GAMMA), decode_bytes(model, head, 7, SLOTS, GAMMA)
-    assert many["total"] - many["fixed"] == 7 * one["per_row"]
+    assert many["total"] - many["fixed"] - many["draws"] == 7 * one["per_row"] and many["draws"] == 7 * one["draws"]
     assert decode_bytes(model, head, 1, 2 * SLOTS, GAMMA)["target_kv"] == 2 * one["target_kv"]
     assert decode_bytes(model, head, 1, SLOTS, 7)["transients"] > one["transients"]
     plain = decode_bytes(model, None, 1, SLOTS, 0)
@@ -196,7 +196,7 @@ def test_the_limit_refuses_a_batch_and_names_the_largest_that_fits(policy, monke
     error naming the batch, the estimate, the limit and 10; batch 10 passes and batch 11 does not."""
     _, model, head = policy
     one = decode_bytes(model, head, 1, SLOTS, GAMMA, prompt_len=PROMPT)
-    limit = int((one["fixed"] + 10.5 * one["per_row"]) / 0.9)
+    limit = int((one["fixed"] + 10.5 * (one["per_row"] + one["draws"])) / 0.9)   # draws: linear below their cap
     monkeypatch.setenv(LIMIT_ENV, str(limit))
     with pytest.raises(BebopError) as err:
         check_batch_fits(model, head, 64, SLOTS, GAMMA, prompt_len=PROMPT)
@@ -222,6 +222,14 @@ def test_a_fitting_batch_passes_on_the_hosts_memory(tiny_model, monkeypatch):
     assert 0 < avail <= total
     est = check_batch_fits(tiny_model, None, 4, 64, 0, prompt_len=8)
     assert est["largest_batch"] >= 4 and est["available_from"] == "MemAvailable in /proc/meminfo"
+
+
+def test_draws_ahead_are_capped():
+    """Random draws made ahead grow with the batch up to two chunks of 32 MiB, or two steps' when larger."""
+    step = 4 * 4 * 152_000                                        # one row's [γ+1, V] noise, γ = 3
+    assert draws_ahead(1, 3, 100) == 2 * 64 * 4 * 4 * 100         # 64 steps' worth for a small vocabulary
+    assert draws_ahead(1, 3, 152_000) == draws_ahead(8, 3, 152_000) == 2 * (32 << 20)
+    assert draws_ahead(512, 3, 152_000) == 2 * 512 * step         # one step is beyond 32 MiB
 
 
 @pytest.mark.parametrize("text, value", [("4096", 4096), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29),

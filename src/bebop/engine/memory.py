@@ -22,14 +22,15 @@ columns (every slot a row may occupy in the call, holes included):
 * **masks** — the ``[B, slots]`` validity mask and one forward's additive attention mask.
 * **transients** — the larger of a decoding step's and the prefill's short-lived tensors: per step about eight
   ``[B, γ+1, V]`` float32 tensors (logits, probabilities, the exponential races, the stacked drafts' q, entropy and
-  verification temporaries, the previous step's p and q until the next step replaces them), plus a fixed
-  allowance for random draws made ahead (:data:`DRAWS_AHEAD`); per prefill the ``[B, P, P]`` attention mask and
+  verification temporaries, the previous step's p and q until the next step replaces them), plus the random
+  draws made ahead (:func:`draws_ahead`); per prefill the ``[B, P, P]`` attention mask and
   one layer's activations over the prompt; on the transformers path a layer's cache copy while it grows, and
   MLA's per-layer expansion of the latent to full keys and values.
 * **lean weight copies** (lean path only) — the lean forwards keep transposed, fused copies of every matmul
   weight (``bebop.models.lean`` module doc); they count as a fixed cost until they are built (cached per model).
 
-Every per-row term is linear in the batch, so the largest batch that fits is ``(budget − fixed) // per_row``.
+Every term but the draws made ahead is linear in the batch, and those are capped; the largest batch that fits is
+found by bisection on the (increasing) total.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from bebop.errors import BebopError
 from bebop.models import hybrid as hybrid_mod
 from bebop.models import lean as lean_mod
 
-__all__ = ["DRAWS_AHEAD", "FRACTION", "LIMIT_ENV", "available_bytes", "check_batch_fits", "decode_bytes",
-           "format_bytes", "parse_bytes"]
+__all__ = ["DRAW_CHUNK_BYTES", "DRAW_CHUNK_STEPS", "FRACTION", "LIMIT_ENV", "available_bytes", "check_batch_fits",
+           "decode_bytes", "draws_ahead", "format_bytes", "parse_bytes"]
 
 LIMIT_ENV = "BEBOP_MEMORY_LIMIT"
 """Environment variable that overrides the available memory: bytes, or a number with a KiB/MiB/GiB/TiB suffix."""
@@ -56,9 +57,9 @@ fragmentation and for what the estimate leaves out (small per-step tensors, the 
 STEP_PROB_COPIES = 8
 """How many ``[B, γ+1, V]`` float32 tensors a decoding step holds at its peak (module doc); measured on CPU with
 the profiler's memory timeline, a step of the lean path held about 5.3 beyond the draws made ahead."""
-DRAWS_AHEAD = 64 << 20
-"""A fixed allowance for random draws made ahead of the steps that use them: a decode loop may draw its
-exponential races in chunks of up to 32 MiB (or one step's, when larger), two of them alive while one refills."""
+DRAW_CHUNK_STEPS, DRAW_CHUNK_BYTES = 64, 32 << 20
+"""The decode loop may draw its exponential races ahead, in chunks of at most this many steps and bytes (one
+step's when that is larger); two chunks are alive while one refills (:func:`draws_ahead`)."""
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -210,10 +211,10 @@ def decode_bytes(model, head, batch: int, slots: int, gamma: int, mode: str | No
                  prompt_len: int = 0, backend: str = "auto") -> dict:
     """Bytes a decoding call of ``batch`` rows over ``slots`` cache columns allocates beyond the weights (module
     doc): ``target_kv``, ``linear_state``, ``step_state`` (a hybrid forward's pending linear state),
-    ``head_kv``, ``masks``, ``transients`` (with the fixed :data:`DRAWS_AHEAD`) and ``lean_weight_copies`` (still
-    to be built), their sum ``total``
+    ``head_kv``, ``masks``, ``transients`` (with :func:`draws_ahead`) and ``lean_weight_copies`` (still to be
+    built), their sum ``total``
     (``prefill_state``, the hybrid prefill's pending convolution input, is part of ``transients``),
-    ``per_row`` and ``fixed`` (``total = fixed + batch · per_row``), and ``path``, ``estimate`` (True when read
+    ``per_row`` and ``fixed`` (``total = fixed + batch · per_row + draws``), and ``path``, ``estimate`` (True when read
     from a transformers-path config rather than the engine's own caches) and ``notes``.
 
     ``gamma``: the longest draft verified (0 for plain decoding); ``mode``: the hybrid linear-state mode (default
@@ -289,10 +290,10 @@ def decode_bytes(model, head, batch: int, slots: int, gamma: int, mode: str | No
     per_row = sum(row.values())
     copies, pending = _lean_copies(model, head) if path == "lean" else (0, 0)
     out = {name: batch * value for name, value in row.items()}
-    out["transients"] += DRAWS_AHEAD
-    fixed = pending + DRAWS_AHEAD
-    out.update(prefill_state=batch * prefill_state, lean_weight_copies=pending, total=batch * per_row + fixed,
-               per_row=per_row, fixed=fixed,
+    draws = draws_ahead(batch, gamma, vocab)
+    out["transients"] += draws
+    out.update(prefill_state=batch * prefill_state, lean_weight_copies=pending,
+               total=batch * per_row + pending + draws, per_row=per_row, fixed=pending, draws=draws, vocab=vocab,
                batch=batch, slots=slots, gamma=gamma, prompt_len=prompt_len, path=path, mode=mode,
                estimate=path == "transformers", notes=notes, lean_weight_copies_all=copies)
     return out
@@ -303,8 +304,23 @@ _LABELS = {"target_kv": "target KV", "head_kv": "head KV", "linear_state": "line
            "lean_weight_copies": "lean weight copies"}
 
 
+def draws_ahead(batch: int, gamma: int, vocab: int) -> int:
+    """Bytes of random draws made ahead for ``batch`` rows: two chunks of Exp(1) noise ``[γ+1, B, V]`` (float32)
+    per step, each at most :data:`DRAW_CHUNK_STEPS` steps and :data:`DRAW_CHUNK_BYTES` (or one step)."""
+    step = 4 * (gamma + 1) * batch * vocab
+    return 2 * min(DRAW_CHUNK_STEPS * step, max(DRAW_CHUNK_BYTES, step))
+
+
 def _largest_batch(budget: float, est: dict) -> int:
-    return max(0, math.floor((budget - est["fixed"]) / est["per_row"]))
+    """The largest batch whose total is within ``budget`` (0 when not even one row fits)."""
+    def total(b: int) -> int:
+        return est["fixed"] + b * est["per_row"] + draws_ahead(b, est["gamma"], est["vocab"])
+
+    lo, hi = 0, max(1, math.ceil(budget / est["per_row"]))   # total(hi) > budget: per-row bytes alone exceed it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 def check_batch_fits(model, head, batch: int, slots: int, gamma: int, *, prompt_len: int = 0,
