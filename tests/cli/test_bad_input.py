@@ -190,7 +190,7 @@ def test_the_sweep_covers_every_command():
 
 def test_a_batch_too_large_for_memory_is_one_error_before_decoding(dirs, monkeypatch):
     """``generate`` under a memory limit: one ``error:`` line naming the batch and the largest one that fits."""
-    monkeypatch.setenv("BEBOP_MEMORY_LIMIT", "200KiB")
+    monkeypatch.setenv("BEBOP_MEMORY_LIMIT", "2MiB")
     r = cli("generate", "--model", str(dirs / "base"), "--mtp", str(dirs / "head"), "--task", "arith", "--n", "64",
             "--max-new-tokens", "64")
     assert r.returncode == 2, r.stderr
