@@ -133,7 +133,9 @@ def bench_length(model, tokenizer, head, cfg: LengthBenchConfig, progress=None) 
     """Per batch size, per mode (``plain``, ``mtp``) and per length: decode seconds, tokens, per-token cost, the
     cost within the window since the previous length, growth over the first length, accept length (MTP) and cache
     slots per kept token (module doc). Plain and MTP runs of one length and repeat run back to back with the same
-    seed. ``progress``: an optional callable given a short label after each timed call.
+    seed; every repeat visits every length (forward, then backward order), so the repeats of one length are spread
+    over the run and the median drops a load swing. ``progress``: an optional callable given a short label after
+    each timed call.
 
     Raises a ``BebopError`` before any decoding when the longest length does not fit the model's context."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -154,10 +156,11 @@ def _bench_batch(model, head, prompts: list[list[int]], cfg: LengthBenchConfig, 
         _run(model, h, prompts, cfg, cfg.lengths[0], pad_id, cfg.seed)
     seconds: dict[str, dict[int, list[float]]] = {m: {n: [] for n in cfg.lengths} for m in modes}
     last: dict[str, dict[int, DecodeMetrics]] = {m: {} for m in modes}
-    for length in cfg.lengths:
-        for rep in range(cfg.repeats):
+    for rep in range(cfg.repeats):  # each repeat visits every length, in alternating order: a load swing on a
+        order = cfg.lengths if rep % 2 == 0 else cfg.lengths[::-1]   # shared machine hits one sample per length
+        for length in order:
             seed = (cfg.seed * 1000 + rep) * 100_003 + length
-            for name, h in modes.items():
+            for name, h in (modes.items() if rep % 2 == 0 else reversed(modes.items())):
                 m = _run(model, h, prompts, cfg, length, pad_id, seed)
                 if progress is not None:
                     progress(f"batch {len(prompts)} {name} L={length} rep {rep + 1}/{cfg.repeats}")
