@@ -8,6 +8,7 @@ import torch
 from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law_eos
 
 import bebop.engine.continuous as continuous
+import bebop.engine.slots as slots_module
 from bebop.core.sampling import SamplingParams
 from bebop.engine.continuous import continuous_decode
 from bebop.engine.decode import DecodeConfig, generate, generate_mtp
@@ -58,7 +59,7 @@ def an_eos(model, prompts, length=12):
 
 def spy_compactions(monkeypatch) -> list:
     """Records every compaction, made frequent (any 2 hole columns) so that tests exercise it many times."""
-    monkeypatch.setattr(continuous, "COMPACT_MIN", 2)
+    monkeypatch.setattr(slots_module, "COMPACT_MIN", 2)
     calls: list = []
     real = continuous._compact
 

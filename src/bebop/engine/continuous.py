@@ -13,10 +13,9 @@ How (each row's law is DESIGN §3's, unchanged):
 * **step**: ``step.spec_step`` over every slot with ``live`` = the rows still decoding (plain decoding is its γ = 0
   case). A row's block is cut after its first EOS and at its token budget; the cut acts as a rejection there, so the
   emitted prefix keeps the plain-sampling law. Free slots ride along and write holes;
-* **compact**: holes accumulate (rejected drafts, finished rows' contexts, a joiner's unused columns). When the longest
-  live row's holes pass :data:`COMPACT_WASTE` of the columns, every cache is compacted (``Forwards.compact``): each
-  row's valid slots move left, in order. Attention over a row's valid slots does not depend on where they sit
-  (positions are explicit), so outputs keep their law.
+* **compact**: holes accumulate (rejected drafts, finished rows' contexts, a joiner's unused columns); ``slots``
+  compacts every cache when the longest held row's holes pass ``slots.COMPACT_WASTE`` of the columns, checked at
+  every step's sync.
 
 Outputs come back in request order, as ``Rollout`` rows of ``max_new_tokens`` columns. Per step there is one host sync
 (which slots are free, the longest row), plus the drafting policy's own when one is given.
@@ -37,19 +36,16 @@ from bebop.core.sampling import sample
 from bebop.engine.decode import DecodeConfig, Rollout, _policy, prefill
 from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
+from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE, compact, longest_row, wasteful
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
 from bebop.engine.turns import TurnRollout, Turns
 from bebop.errors import BebopError
 
-__all__ = ["COMPACT_WASTE", "continuous_decode"]
+__all__ = ["ADMIT_FRACTION", "COMPACT_MIN", "COMPACT_WASTE", "continuous_decode"]
 
-COMPACT_WASTE = 0.1
-"""Compact the caches when the longest live row's holes pass this share of the columns."""
 ADMIT_FRACTION = 0.25
 """Waiting rows join once this share of the slots is free (or nothing is left live, or the last rows fit): each
 admission is one prefill forward, so admitting one row at a time would cost a forward per row."""
-COMPACT_MIN = 16
-"""…and number at least this many columns (a gather of a tiny cache is not worth it)."""
 
 
 class _Slots:
@@ -133,15 +129,8 @@ def _admit(cfg: SpecConfig, st: SpecState, sl: _Slots, rows: list[int], ids: lis
 
 
 def _compact(fw, st: SpecState, sl: _Slots, longest: int) -> None:
-    """Move every held row's valid slots to columns 0..count−1 (in order) and forget the free rows' slots; the used
-    length becomes the longest row's count."""
-    valid = st.valid.narrow(1, 0, st.length) & ~sl.done.unsqueeze(1)
-    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
-    fw.compact(order, longest)
-    counts = valid.sum(1, keepdim=True)
-    st.valid.zero_()
-    st.valid.narrow(1, 0, longest).copy_(torch.arange(longest, device=valid.device) < counts)
-    st.length = longest
+    """``slots.compact`` over the held rows (free slots' contexts are forgotten)."""
+    compact(fw, st, ~sl.done, longest)
 
 
 class _Transcripts:
@@ -317,14 +306,12 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     step = None
     t_decode = time.perf_counter()
     while True:
-        held = ~sl.done
-        valid = st.valid.narrow(1, 0, st.length) & held.unsqueeze(1)
-        flags = torch.cat([sl.done.long(), sl.paused.long(), valid.sum(1).max().unsqueeze(0)]).tolist()   # the sync
+        flags = torch.cat([sl.done.long(), sl.paused.long(), longest_row(st, ~sl.done).unsqueeze(0)]).tolist()  # sync
         free, longest, any_paused = [b for b in range(B) if flags[b]], flags[2 * B], any(flags[B: 2 * B])
         if any_paused:
             _environment(cfg, st, sl, turns, events, seen, turns_taken)
             continue
-        if longest and st.length - longest > max(COMPACT_MIN, COMPACT_WASTE * st.length):
+        if wasteful(st.length, longest):
             _compact(fw, st, sl, longest)
         live_left = len(free) < B and not all(flags[b] or flags[B + b] for b in range(B))
         if free and waiting < N and (len(free) >= ADMIT_FRACTION * B or N - waiting <= len(free) or not live_left):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from bebop.engine.continuous import COMPACT_MIN, COMPACT_WASTE, continuous_decode
+from bebop.engine.continuous import continuous_decode
 from bebop.engine.decode import DecodeConfig, Rollout, generate, mtp_decode
 from bebop.engine.forwards import check_context
 from bebop.engine.memory import check_batch_fits
+from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE
 from bebop.engine.turns import Turns, turns_decode
 
 __all__ = ["DecodeConfig", "Turns", "check_memory", "decode", "decode_slots"]
@@ -39,7 +40,7 @@ def decode(model: PreTrainedModel, head, prompts: list[list[int]], cfg: DecodeCo
 def decode_slots(prompt_len: int, cfg: DecodeConfig, gamma: int, turns: Turns | None, slots: int | None) -> int:
     """The cache columns a decoding call may use: the prompt plus one per token for plain decoding, γ+1 per verify
     for MTP decoding (rejected drafts stay holes), and, with continuous batching, the longest row plus the holes
-    compaction lets pass (``continuous.COMPACT_WASTE``, at least ``COMPACT_MIN``)."""
+    compaction lets pass (``slots.COMPACT_WASTE``, at least ``COMPACT_MIN``)."""
     n = cfg.max_new_tokens
     if slots is not None:
         row = prompt_len + n + gamma + 1
