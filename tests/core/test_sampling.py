@@ -21,6 +21,7 @@ from scipy import stats
 
 from bebop.core.sampling import (
     PAD_ID,
+    NoiseBank,
     SamplingParams,
     draft_tokens,
     entropy,
@@ -28,6 +29,7 @@ from bebop.core.sampling import (
     probs_fast,
     probs_from_logits,
     race,
+    rs_step,
     sample,
     total_variation,
     verify,
@@ -667,3 +669,44 @@ def test_verify_rs_equals_verify_rejection(gamma: int) -> None:
     before = torch.arange(gamma + 1)[None, :] < a[:, None]
     assert torch.equal(toks[before], ref.tokens[before])
     assert torch.equal(kept, torch.arange(gamma + 1)[None, :] <= a[:, None])
+
+
+def test_rs_step_with_drawn_ahead_uniforms_equals_verify_rs() -> None:
+    """Uniforms passed in (as the decode loop's ``NoiseBank`` does) give the verdict ``verify_rs`` draws itself
+    from the same stream, and the sixth output is the emitted token at index A (the next step's input)."""
+    B, gamma, V = 32, 3, 10
+    g = _gen(4)
+    p = torch.softmax(torch.randn(B, gamma + 1, V, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(B, gamma, V, generator=g) * 2, -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, gamma)
+    vin = torch.cat([torch.zeros(B, 1, dtype=torch.long), drafts], 1)
+    q_pad = torch.cat([q, torch.zeros(B, 1, V)], 1)
+    noise, j = exp_noise((B, V), "cpu", _gen(5)), torch.arange(gamma + 1)
+    ref = verify_rs(p, q_pad, vin, j, torch.arange(B), PAD_ID, noise, _gen(6))
+    u = torch.rand((B, gamma), generator=_gen(6))
+    out = rs_step(p, q_pad, vin, j, PAD_ID, noise, None, u)
+    for a, b in zip(ref, out[:5], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(out[5], out[2].gather(1, out[0][:, None]).squeeze(1))
+    assert (out[0] < gamma).any() and (out[0] > 0).any()      # both rejections and acceptances were exercised
+
+
+def test_noise_bank_chunks_grow_and_every_step_gets_fresh_draws() -> None:
+    """Chunks double from ``first`` to ``max_steps`` (capped by ``max_bytes``); no two steps share a draw; the
+    draws are Exp(1) and U[0, 1) (Kolmogorov–Smirnov over 40 steps × 600 values)."""
+    bank = NoiseBank((3, 200), (200,), "cpu", _gen(7), first=4, max_steps=16)
+    exps, us, chunks = [], [], []
+    for _ in range(40):
+        e, u = bank.next()
+        assert e.shape == (3, 200) and u.shape == (200,)
+        exps.append(e.clone())
+        us.append(u.clone())
+        chunks.append(bank.chunk)
+    assert chunks[:4] == [4] * 4 and chunks[4:12] == [8] * 8 and set(chunks[12:]) == {16}
+    flat_e, flat_u = torch.stack(exps).flatten(), torch.stack(us).flatten()
+    assert len({tuple(e[0, :8].tolist()) for e in exps}) == len({tuple(u[:8].tolist()) for u in us}) == 40
+    assert stats.kstest(flat_e.double().numpy(), "expon").pvalue > P_VALUE_FLOOR
+    assert stats.kstest(flat_u.double().numpy(), "uniform").pvalue > P_VALUE_FLOOR
+    capped = NoiseBank((2, 3), None, "cpu", max_bytes=4 * 2 * 3 * 3)       # three steps' worth at most
+    assert max((capped.next(), capped.chunk)[1] for _ in range(10)) == 3
+    assert capped.next()[1] is None

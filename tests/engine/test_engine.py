@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from laws import P_FALSE_ALARM, chisq_pvalue, exact_logprobs, prompts_for, sequence_law
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import generate, generate_mtp
@@ -147,3 +148,71 @@ def test_rule_auto_needs_a_drafting_policy(peaky):
     model, head = peaky
     with pytest.raises(BebopError, match="drafting policy"):
         generate_mtp(model, head, [[1, 2]], SamplingParams(), 4, eos_id=None, gamma=2, rule="auto")
+
+
+class _Syncs(TorchDispatchMode):
+    """Counts host synchronisations (``bool()``/``.item()``/``int()`` on a tensor, ``nonzero``) by phase: inside
+    ``spec_step`` (``inside`` > 0) or between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = 0
+        self.in_step = self.between = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero,
+                                   torch.ops.aten.item, torch.ops.aten.nonzero):
+            if self.inside:
+                self.in_step += 1
+            else:
+                self.between += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_mtp_decode_syncs_the_host_once_per_verify_step(peaky, tiny_tokenizer, monkeypatch):
+    """No host synchronisation inside a step (drafts, verify, roll back); one per verify step in the loop (is
+    every row done?), plus a fixed few per call (the first check, the token count, the acceptance counters)."""
+    import bebop.engine.decode as decode
+
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 4)
+    counter = _Syncs()
+    real = decode.spec_step
+
+    def counted(*args, **kwargs):
+        counter.inside += 1
+        try:
+            return real(*args, **kwargs)
+        finally:
+            counter.inside -= 1
+
+    monkeypatch.setattr(decode, "spec_step", counted)
+    gen = torch.Generator().manual_seed(0)
+    generate_mtp(model, head, prompts, SamplingParams(1.0), 16, eos_id=None, gamma=3, generator=gen)  # warm
+    counter.in_step = counter.between = 0
+    with counter:
+        r = generate_mtp(model, head, prompts, SamplingParams(1.0), 16, eos_id=None, gamma=3, generator=gen)
+    steps = r.metrics.target_forwards
+    assert steps >= 4 and counter.in_step == 0
+    assert steps <= counter.between <= steps + 8
+
+
+def test_decode_metrics_count_the_same_decode_phase_for_plain_and_mtp(peaky, tiny_tokenizer):
+    """Both decoders take every row's first token from the prefill and start the decode clock after it:
+    ``decode_tokens`` = tokens − rows, and the live rows per batch slot of a static batch are counted."""
+    model, head = peaky
+    prompts, _ = prompts_for(tiny_tokenizer, 6)
+    greedy = generate(model, prompts, SamplingParams(temperature=0.0), 10, eos_id=None)
+    eos = int(greedy.tokens[0, 3])                         # row 0 finishes early: not every slot stays live
+    for r in (generate(model, prompts, SamplingParams(1.0), 10, eos_id=eos),
+              generate_mtp(model, head, prompts, SamplingParams(1.0), 10, eos_id=eos, gamma=3)):
+        m = r.metrics
+        assert m.decode_tokens == int(r.lengths.sum()) - len(prompts) == m.tokens - len(prompts)
+        assert 0 < m.decode_seconds < m.seconds
+        assert m.decode_tokens_per_s == pytest.approx(m.decode_tokens / m.decode_seconds)
+        assert m.slot_steps == len(prompts) * m.target_forwards
+        assert 0 < m.utilization <= 1
+    plain, mtp = (generate(model, prompts, SamplingParams(1.0), 10, eos_id=None),
+                  generate_mtp(model, head, prompts, SamplingParams(1.0), 10, eos_id=None, gamma=3))
+    assert plain.metrics.utilization == 1.0 and plain.metrics.target_forwards == 9
+    assert mtp.metrics.live_steps == mtp.metrics.steps

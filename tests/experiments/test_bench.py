@@ -19,10 +19,20 @@ def test_bench_decode_writes_json_with_every_field(dirs):
     assert set(res) == {"1", "2"}
     for row in res.values():
         for key in ("plain_tokens_per_s", "mtp_tokens_per_s", "speedup", "alpha", "accept_length", "hf_tokens_per_s",
-                    "c_1", "c_verify", "c_draft", "speedup_limit"):
+                    "c_1", "c_verify", "c_draft", "c_catchup", "speedup_limit", "fraction_of_limit",
+                    "speedup_limit_catchup", "fraction_of_limit_catchup", "limit_formula", "mtp_host_seconds_per_step",
+                    "plain_host_seconds_per_step", "plain_row_utilization", "mtp_row_utilization"):
             assert key in row
         assert len(row["alpha"]) == 3 and row["plain_tokens_per_s"] > 0 and row["mtp_tokens_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["mtp_tokens_per_s"] / row["plain_tokens_per_s"])
+        # the limit is a decode-phase quantity: the fraction compares it with the decode-phase speedup
+        assert row["decode_speedup"] == pytest.approx(row["mtp_decode_tokens_per_s"] / row["plain_decode_tokens_per_s"])
+        assert row["fraction_of_limit"] == pytest.approx(row["decode_speedup"] / row["speedup_limit"])
+        assert row["c_verify_over_c_1"] == pytest.approx(row["c_verify"] / row["c_1"])
+        assert row["c_draft_over_c_1"] == pytest.approx(row["c_draft"] / row["c_1"])
+        assert row["speedup_limit"] == pytest.approx(row["accept_length"] / (row["c_verify_over_c_1"]
+                                                                              + 3 * row["c_draft_over_c_1"]))
+        assert 0 < row["mtp_row_utilization"] <= 1 and 0 < row["plain_row_utilization"] <= 1
     assert "hf_mtp_tokens_per_s" in res["1"]
     assert res["1"]["hf_mtp_tokens_per_s"] is not None or res["1"]["hf_mtp_error"]
 

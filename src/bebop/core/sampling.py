@@ -44,10 +44,12 @@ __all__ = [
     "VerifyResult",
     "draft_tokens",
     "entropy",
+    "NoiseBank",
     "exp_noise",
     "probs_fast",
     "probs_from_logits",
     "race",
+    "rs_step",
     "sample",
     "total_variation",
     "verify",
@@ -171,6 +173,38 @@ def exp_noise(shape: tuple[int, ...], device: torch.device | str, generator: tor
     several races at once by callers that sample many positions per step."""
     e = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
     return e.clamp_min_(_TINY)
+
+
+class NoiseBank:
+    """The decode loop's random draws, made ahead in chunks: per step, i.i.d. Exp(1) noise of shape ``exp_shape``
+    (for :func:`race`) and, if ``u_shape`` is given, i.i.d. U[0, 1) uniforms of that shape (RS acceptance tests).
+    Chunks double from ``first`` steps up to ``max_steps`` (and at most ``max_bytes``), so a short call draws little
+    more than it uses and a long one makes a handful of random-number calls; a step then costs two tensor views.
+    Each step's draws are fresh and independent of every other step's, so the law of what is sampled is
+    unchanged (only which stream values land where)."""
+
+    def __init__(self, exp_shape: tuple[int, ...], u_shape: tuple[int, ...] | None, device: torch.device | str,
+                 generator: torch.Generator | None = None, first: int = 4, max_steps: int = 64,
+                 max_bytes: int = 32 << 20) -> None:
+        per_step = 4 * (math.prod(exp_shape) + (math.prod(u_shape) if u_shape is not None else 0))
+        self.cap = max(1, min(max_steps, max_bytes // max(per_step, 1)))
+        self.chunk = min(first, self.cap) // 2
+        self.exp_shape, self.u_shape, self.device, self.generator = exp_shape, u_shape, device, generator
+        self.used = self.chunk
+        self.exp: Tensor | None = None
+        self.u: Tensor | None = None
+
+    def next(self) -> tuple[Tensor, Tensor | None]:
+        """(Exp(1) noise of ``exp_shape``, uniforms of ``u_shape`` or None) for one step."""
+        if self.used == self.chunk:
+            self.chunk = min(max(2 * self.chunk, 1), self.cap)
+            self.exp = exp_noise((self.chunk, *self.exp_shape), self.device, self.generator)
+            if self.u_shape is not None:
+                self.u = torch.rand((self.chunk, *self.u_shape), generator=self.generator, device=self.device)
+            self.used = 0
+        i = self.used
+        self.used += 1
+        return self.exp.select(0, i), (self.u.select(0, i) if self.u is not None else None)
 
 
 def race(p: Tensor, e: Tensor) -> Tensor:
@@ -342,31 +376,43 @@ def verify(p: Tensor, q: Tensor, drafts: Tensor, rule: str, generator: torch.Gen
 
 
 def verify_rs(p: Tensor, q_pad: Tensor, vin: Tensor, j: Tensor, rows: Tensor, pad_id: int, noise: Tensor,
-              generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+              generator: torch.Generator | None = None, u: Tensor | None = None) -> tuple[Tensor, ...]:
     """:func:`verify` with rule ``rejection`` (DESIGN §3, RS row) in fewer ops, for the engine's decode loop.
 
     ``p`` [B, γ+1, V]; ``q_pad`` [B, γ+1, V] = q_1..q_γ and a ZERO row at index γ; ``vin`` = [x, d_1..d_γ] with
-    every d_k drawn from q_k (so q_k(d_k) > 0); ``j`` = ``arange(γ+1)``, ``rows`` = ``arange(B)``; ``noise`` [B, V]
-    fresh :func:`exp_noise` for the final draw. Draft k is accepted iff ``u_k < p_k(d_k) / q_k(d_k)`` (= ``u_k <
-    min(1, p/q)`` as u < 1, drawn from ``generator`` exactly as :func:`verify` draws them); A = number of leading
-    acceptances. The token at index A is drawn from ``max(0, p_{A+1} − q_{A+1})``, which at A = γ is ``p_{γ+1}``
-    itself thanks to the zero row (the bonus token); a residual without mass (a float-rounding event) falls back
-    to ``p_{A+1}``, as in :func:`verify`. The exponential race does not need the residual normalised. Returns
-    (A [B], emitted slots [B, γ+1] = (j ≤ A), tokens [B, γ+1] = [d_1..d_A, token, pad...], expected α [B, γ] =
-    Σ min(p_k, q_k), the ratios p_k(d_k)/q_k(d_k) [B, γ])."""
-    G = q_pad.shape[1] - 1
+    every d_k drawn from q_k (so q_k(d_k) > 0); ``j`` = ``arange(γ+1)``; ``rows`` is unused (kept for callers that
+    pass ``arange(B)``); ``noise`` [B, V] fresh :func:`exp_noise` for the final draw. Draft k is accepted iff ``u_k <
+    p_k(d_k) / q_k(d_k)`` (= ``u_k < min(1, p/q)`` as u < 1); the uniforms ``u`` [B, γ] are drawn from
+    ``generator`` exactly as :func:`verify` draws them unless the caller passes them (drawn ahead, independent of
+    everything else in the step). A = number of leading acceptances. The token at index A is drawn from ``max(0,
+    p_{A+1} − q_{A+1})``, which at A = γ is ``p_{γ+1}`` itself thanks to the zero row (the bonus token); a residual
+    without mass (a float-rounding event) falls back to ``p_{A+1}``, as in :func:`verify`. The exponential race does
+    not need the residual normalised. Returns (A [B], emitted slots [B, γ+1] = (j ≤ A), tokens [B, γ+1] = [d_1..d_A,
+    token, pad...], expected α [B, γ] = Σ min(p_k, q_k), the ratios p_k(d_k)/q_k(d_k) [B, γ])."""
+    return rs_step(p, q_pad, vin, j, pad_id, noise, generator, u)[:5]
+
+
+def rs_step(p: Tensor, q_pad: Tensor, vin: Tensor, j: Tensor, pad_id: int, noise: Tensor,
+            generator: torch.Generator | None = None, u: Tensor | None = None) -> tuple[Tensor, ...]:
+    """:func:`verify_rs` (same arguments, without ``rows``) that also returns the token at index A [B] (the next
+    step's input), as a sixth output. Rows are picked with ``gather`` (one small kernel each) rather than advanced
+    indexing, and the ratios and residuals share one index: the decode loop runs this once per verify."""
+    B, G1, V = p.shape
+    G = G1 - 1
     drafts = vin.narrow(1, 1, G)
     idx = drafts.unsqueeze(-1)
     p_steps, q_steps = p.narrow(1, 0, G), q_pad.narrow(1, 0, G)
-    ratio = p_steps.gather(-1, idx) / q_steps.gather(-1, idx)                   # [B, γ, 1]
-    ok = torch.rand(ratio.shape, generator=generator, device=ratio.device) < ratio
-    a = ok.long().cumprod(dim=1).sum(dim=(1, 2))
+    ratio = (p_steps.gather(-1, idx) / q_steps.gather(-1, idx)).squeeze(-1)          # [B, γ]
+    if u is None:
+        u = torch.rand((B, G), generator=generator, device=ratio.device)
+    a = (u < ratio).cumprod(dim=1).sum(dim=1)
     exp_alpha = alpha_rs(p_steps, q_steps)
-    p_at = p[rows, a]
-    res = (p_at - q_pad[rows, a]).clamp_min_(0.0)
+    at = a.view(B, 1, 1).expand(B, 1, V)
+    p_at = p.gather(1, at)                                                          # [B, 1, V]
+    res = (p_at - q_pad.gather(1, at)).clamp_min_(0.0)
     res = torch.where(res.sum(dim=-1, keepdim=True) > _TINY, res, p_at)
-    final = race(res, noise).unsqueeze(1)
-    a_col = a.unsqueeze(1)
-    toks = torch.cat([drafts, final], dim=1).scatter_(1, a_col, final)
+    final = (res.view(B, V) / noise).argmax(dim=-1)
+    a_col, f_col = a.unsqueeze(1), final.unsqueeze(1)
     kept = j <= a_col
-    return a, kept, torch.where(kept, toks, pad_id), exp_alpha, ratio.squeeze(-1)
+    toks = torch.where(kept, torch.cat([drafts, f_col], dim=1).scatter_(1, a_col, f_col), pad_id)
+    return a, kept, toks, exp_alpha, ratio, final

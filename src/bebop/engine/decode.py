@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from bebop.config import check_gamma
 from bebop.core.acceptance import alpha_rs, alpha_to
-from bebop.core.sampling import RULES, SamplingParams, exp_noise, probs_fast, race, sample
+from bebop.core.sampling import RULES, NoiseBank, SamplingParams, probs_fast, race, sample
 from bebop.engine.drafting import AUTO, Drafting, DraftPolicy
 from bebop.engine.forwards import (
     BACKENDS,
@@ -29,7 +29,8 @@ from bebop.engine.forwards import (
     target_forward,
 )
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
-from bebop.engine.step import SpecConfig, SpecState, Step, StepPlan, emitted, spec_step
+from bebop.engine.slots import compact, longest_row, wasteful
+from bebop.engine.step import DRAWS_AHEAD, SpecConfig, SpecState, Step, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
 
 __all__ = ["BACKENDS", "DecodeConfig", "DecodeMetrics", "Rollout", "forward_costs", "forwards", "generate",
@@ -82,6 +83,11 @@ def pack(toks: torch.Tensor, probs: torch.Tensor, ents: torch.Tensor, emit: torc
     logp = torch.zeros(shape, device=toks.device).scatter_(1, cols, probs.clamp_min(1e-30).log())
     ent = torch.zeros(shape, device=toks.device).scatter_(1, cols, ents)
     return out[:, :width], logp[:, :width], ent[:, :width], emit.sum(1), cols
+
+
+CHECK_EVERY = 64
+"""``mtp_decode`` reads the longest row's valid slots (a host sync) once per this many new cache columns, to decide
+whether compacting the caches pays (``engine.slots``)."""
 
 
 @dataclass
@@ -144,7 +150,11 @@ def generate(
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> Rollout:
-    """Plain autoregressive sampling from p (DESIGN §1) with a KV cache; one target forward per token."""
+    """Plain autoregressive sampling from p (DESIGN §1) with a KV cache; one target forward per token.
+
+    The first token is sampled from the prefill's last position before the decode clock starts, as in
+    ``mtp_decode``, so both report the same phase in ``DecodeMetrics.decode_seconds`` / ``decode_tokens``. Each
+    further token costs one target forward and one host sync (whether every row has hit EOS)."""
     check_context(model, prompts, max_new_tokens)
     device = model.device
     t0 = time.perf_counter()
@@ -154,34 +164,45 @@ def generate(
     valid[:, :P] = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     fw = forwards(model, None, B, P + max_new_tokens, backend)
-    hidden = fw.target(ids, positions, valid[:, :P], 0)[:, -1]
-    pos = positions[:, -1:]
-    t_decode = time.perf_counter()
-    toks, probs, ents = [], [], []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     metrics = DecodeMetrics()
-    for step in range(max_new_tokens):
+    bank: list[NoiseBank] = []                    # the token races' noise, drawn ahead (made at the first draw)
+
+    def draw(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = probs_fast(fw.lm_head(hidden), params)
-        tok = p.argmax(-1) if params.greedy else race(p, exp_noise(p.shape, device, generator))
-        pt, h = emitted(p, tok)
+        if params.greedy:
+            tok = p.argmax(-1)
+        else:
+            if not bank:
+                bank.append(NoiseBank(tuple(p.shape), None, device, generator, max_steps=DRAWS_AHEAD))
+            tok = race(p, bank[0].next()[0])
+        return (tok, *emitted(p, tok))
+
+    tok, pt, h = draw(fw.target(ids, positions, valid[:, :P], 0).select(1, P - 1))
+    toks, probs, ents = [tok], [pt], [h]
+    pos = positions[:, -1:]
+    done = tok == eos_id if eos_id is not None else None
+    t_decode = time.perf_counter()
+    for step in range(1, max_new_tokens):
+        if done is not None and bool(done.all()):  # the step's one host sync
+            break
+        pos = pos + 1
+        hidden = fw.target(tok.unsqueeze(1), pos, valid.narrow(1, 0, P + step), P + step - 1).squeeze(1)
+        metrics.target_forwards += 1
+        tok, pt, h = draw(hidden)
         toks.append(tok)
         probs.append(pt)
         ents.append(h)
-        if eos_id is not None:
-            done |= tok == eos_id
-            if bool(done.all()):  # the step's one host sync
-                break
-        if step == max_new_tokens - 1:
-            break
-        pos = pos + 1
-        hidden = fw.target(tok.unsqueeze(1), pos, valid.narrow(1, 0, P + step + 1), P + step).squeeze(1)
-        metrics.target_forwards += 1
+        if done is not None:
+            done = done | (tok == eos_id)
     out, logp, ent, n, _ = pack(torch.stack(toks, 1), torch.stack(probs, 1), torch.stack(ents, 1),
                                 torch.ones((B, len(toks)), dtype=torch.bool, device=device), pad_id, eos_id,
                                 max_new_tokens)
     metrics.tokens = int(n.sum())
+    metrics.decode_tokens = metrics.tokens - B
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
+    # each decode forward gives every live row one token: live row-steps = decode tokens
+    metrics.slot_steps, metrics.live_steps = B * metrics.target_forwards, metrics.decode_tokens
     return Rollout(out, n, logp, ent, metrics)
 
 
@@ -251,10 +272,11 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
     pre = prefill(cfg, prompts, P + (max_new_tokens + 1) * (G + 1), device)
     st = pre.state
     done = (st.x == eos_id) if eos_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
-    n = torch.ones(B, dtype=torch.long, device=device)           # tokens produced per row (before truncation)
-    done |= n >= max_new_tokens
+    # a row has produced max_new_tokens once its next token's position reaches pos_lim (no separate count)
+    pos_lim = st.pos_x + (max_new_tokens - 1)
+    done |= st.pos_x >= pos_lim
     planner = gamma.start(B, rule, auto_rule, device, eos_id) if policy else None
-    history, blocks = [], []      # per step: acceptance counters; (tokens, p(token), H(p), kept, done) for output
+    history, blocks = [], []      # per step: acceptance counters; (tokens, p(token), H(p), kept) for output
     plan = StepPlan(G, G, planner=planner)
     if planner is None:
         all_done = bool(done.all())
@@ -262,28 +284,37 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
         plan.q1 = cfg.probs(st.g)                                        # the planner reads max q_1
         all_done, plan.gamma, plan.to_rows = planner.step(done, plan.q1)
     t_decode = time.perf_counter()
+    check_at = st.length + CHECK_EVERY
     while not all_done:
         step = spec_step(cfg, st, plan)
-        blocks.append((step.toks, step.p_tok, step.ent, step.kept, done))
+        blocks.append((step.toks, step.p_tok, step.ent, step.kept))
         to = None if plan.to_rows is None else plan.to_rows * step.gamma
         history.append((step.accepted, done, step.expected_alpha, step.gamma, to))
         if trace is not None:
             trace.append(_trace_entry(step, done, eos_id))
+        done = done | (st.pos_x >= pos_lim)
         if eos_id is not None:  # (pad_id fills the slots after the emitted ones)
             hit = step.toks == eos_id if pad_id != eos_id else (step.toks == eos_id) & step.kept
             done = done | hit.any(1)
-        n = n + step.accepted + 1
-        done = done | (n >= max_new_tokens)
         all_done = _plan_next(cfg, st, plan, planner, step, done, auto_rule)
-    emit = [torch.ones((B, 1), dtype=torch.bool, device=device), *(b[3] & ~b[4].unsqueeze(1) for b in blocks)]
+        if not all_done and st.length >= check_at:     # hole slots reused (engine.slots): one read per CHECK_EVERY
+            longest = int(longest_row(st, ~done))
+            if wasteful(st.length, longest):
+                compact(cfg.fw, st, ~done, longest)
+            check_at = st.length + CHECK_EVERY
+    # a finished row's later blocks need no masking: pack drops everything after a row's first EOS and past
+    # max_new_tokens, the only two ways a row finishes
+    emit = [torch.ones((B, 1), dtype=torch.bool, device=device), *(b[3] for b in blocks)]
     out, logp, ent, n, _ = pack(torch.cat([pre.first_x.unsqueeze(1), *(b[0] for b in blocks)], dim=1),
                                 torch.cat([pre.first_p.unsqueeze(1), *(b[1] for b in blocks)], dim=1),
                                 torch.cat([pre.first_h.unsqueeze(1), *(b[2] for b in blocks)], dim=1),
                                 torch.cat(emit, dim=1), pad_id, eos_id, max_new_tokens)
     metrics.tokens = int(n.sum())
+    metrics.decode_tokens = metrics.tokens - B
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(G, history))
+    metrics.slot_steps, metrics.live_steps = B * metrics.target_forwards, metrics.steps
     return Rollout(out, n, logp, ent, metrics)
 
 

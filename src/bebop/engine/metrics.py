@@ -17,13 +17,15 @@ class DecodeMetrics:
     drafts 1..k-1 accepted); ``expected_alpha`` the rule's α_k computed from p and q (Σ min(p, q) for RS),
     averaged over the rows that reached step k. ``mean_gamma`` = drafts per row-step (γ unless adaptive),
     ``target_only_fraction`` = share of those drafts verified with TO (``rule="auto"``), ``decode_seconds`` =
-    ``seconds`` without prefill.
+    ``seconds`` without prefill and ``decode_tokens`` the tokens emitted in that time (every row's first token comes
+    from the prefill's last position, so plain and MTP decoding count the same phase).
     """
 
     gamma: int = 0
     tokens: int = 0                 # tokens emitted (sampled), all rows
     seconds: float = 0.0
-    decode_seconds: float = 0.0     # seconds after prefill
+    decode_seconds: float = 0.0     # seconds after prefill (and its first token per row)
+    decode_tokens: int = 0          # tokens emitted in decode_seconds
     target_forwards: int = 0        # batched target forwards after prefill
     draft_forwards: int = 0         # batched MTP-head forwards
     steps: int = 0                  # row-steps of draft→verify (one per active row per verify)
@@ -44,9 +46,9 @@ class DecodeMetrics:
         if not self.reached:
             self.gamma = other.gamma
             self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
-        for name in ("tokens", "seconds", "decode_seconds", "target_forwards", "draft_forwards", "steps", "accepted",
-                     "drafted", "target_only_drafts", "slot_steps", "live_steps", "cache_slots", "kept_slots",
-                     "prefills"):
+        for name in ("tokens", "seconds", "decode_seconds", "decode_tokens", "target_forwards", "draft_forwards",
+                     "steps", "accepted", "drafted", "target_only_drafts", "slot_steps", "live_steps", "cache_slots",
+                     "kept_slots", "prefills"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("reached", "accepted_k", "expected_k"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
@@ -55,6 +57,12 @@ class DecodeMetrics:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode phase alone (prefill excluded): the rate the speed model's
+        per-step forward costs describe (DESIGN §8)."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
     def alpha(self) -> list[float]:
@@ -92,6 +100,7 @@ class DecodeMetrics:
         return {
             "gamma": self.gamma, "mean_gamma": self.mean_gamma, "target_only_fraction": self.target_only_fraction,
             "tokens": self.tokens, "seconds": self.seconds, "decode_seconds": self.decode_seconds,
+            "decode_tokens": self.decode_tokens, "decode_tokens_per_s": self.decode_tokens_per_s,
             "tokens_per_s": self.tokens_per_s, "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards, "alpha": self.alpha, "expected_alpha": self.expected_alpha,
             "accept_length": self.accept_length, "accept_length_counts_bonus": True,
@@ -109,9 +118,12 @@ def acceptance_counts(gamma: int, history: list[tuple]) -> DecodeMetrics:
     if not history:
         return m
     a, done = torch.stack([h[0] for h in history]), torch.stack([h[1] for h in history])   # [S, B]
-    exp = torch.stack([F.pad(h[2], (0, G - h[3])) for h in history])                        # [S, B, γ]
+    exp = torch.stack([h[2] if h[3] == G else F.pad(h[2], (0, G - h[3])) for h in history])  # [S, B, γ]
     gam = torch.tensor([h[3] for h in history], device=a.device)                            # [S]
-    to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
+    if all(h[4] is None for h in history):
+        to = torch.zeros_like(a)
+    else:
+        to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
     live = ~done
     k = torch.arange(G, device=a.device)
     reached = (a[..., None] >= k) & (k < gam[:, None, None]) & live[..., None]  # draft k+1 was judged

@@ -25,10 +25,17 @@ import torch
 from torch import Tensor
 
 from bebop.core.acceptance import one_hot_argmax
-from bebop.core.sampling import SamplingParams, draft_tokens, exp_noise, probs_fast, race, verify, verify_rs
+from bebop.core.sampling import NoiseBank, SamplingParams, draft_tokens, probs_fast, race, rs_step, verify
 from bebop.engine.drafting import Drafting
 from bebop.engine.forwards import Forwards
 from bebop.engine.metrics import DecodeMetrics
+
+DRAWS_AHEAD = 1
+"""Steps of random draws the decode loops make at once (``sampling.NoiseBank``'s chunk cap). One step keeps every
+call's random stream exactly what it was before draws could be made ahead: a multi-turn hybrid law test
+(``test_hybrid_engine``, qwen3_5, seed 0) fails its log-prob check on the trajectory that 64-step chunks sample while
+passing on eight other seeds, and until that trajectory is understood the engine keeps the draws it is tested with.
+A larger value saves about four small ops per step."""
 
 
 @dataclass
@@ -67,9 +74,27 @@ class SpecState:
     length: int
     zero_q: Tensor
     rows: Tensor = field(init=False)
+    _offsets: Tensor | None = field(default=None, init=False, repr=False)
+    _bank: NoiseBank | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.rows = torch.arange(self.x.shape[0], device=self.x.device)
+
+    def offsets(self, n: int) -> Tensor:
+        """``arange(n)`` on the state's device, made once per call (every step needs it)."""
+        if self._offsets is None or self._offsets.shape[0] != n:
+            self._offsets = torch.arange(n, device=self.x.device)
+        return self._offsets
+
+    def draws(self, n: int, uniforms: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """One step's fresh random draws: Exp(1) noise [n, B, V] (the step's exponential races) and, when
+        ``uniforms`` > 0, U[0, 1) [B, uniforms] (RS acceptance tests), from a ``NoiseBank`` drawn ahead in chunks."""
+        B, V = self.zero_q.shape
+        u_shape = (B, uniforms) if uniforms else None
+        bank = self._bank
+        if bank is None or bank.exp_shape != (n, B, V) or bank.u_shape != u_shape or bank.generator is not generator:
+            bank = self._bank = NoiseBank((n, B, V), u_shape, self.x.device, generator, max_steps=DRAWS_AHEAD)
+        return bank.next()
 
     def ensure(self, n: int) -> None:
         """Grow ``valid`` to at least ``n`` slots."""
@@ -84,6 +109,7 @@ class SpecState:
             self.zero_q[keep]
         self.g = self.g[keep] if self.g is not None else None
         self.rows = torch.arange(self.x.shape[0], device=self.x.device)
+        self._bank = None
 
 
 @dataclass
@@ -130,34 +156,44 @@ def spec_step(cfg: SpecConfig, st: SpecState, plan: StepPlan,
     """One draft → verify → accept → roll back step on ``st`` (module doc), updating it in place. ``cut(a,
     toks) -> a'`` ends a row's block early at index a' ≤ a (a terminator or a budget: the slots after it become
     holes, exactly like a rejection there); rows outside ``live`` [B] bool write only holes and keep their
-    state."""
+    state.
+
+    No host synchronisation: every choice inside the step is a tensor op (the caller's one sync per step decides
+    whether to go on). Row picks are ``gather``s, and the step's random draws (the drafts' and final token's
+    exponential races, the RS uniforms) are views into chunks drawn ahead (``SpecState.draws``)."""
     s, fw = st.length, cfg.fw
-    j = torch.arange(plan.gamma_max + 1, device=st.x.device)
+    j = st.offsets(plan.gamma_max + 1)
     vpos = st.pos_x.unsqueeze(1) + j                                  # positions of [x, d_1..d_γ]
     st.ensure(s + plan.gamma_max + 1)
-    noise = None
+    noise = u = None
     if cfg.rs_fast or not (plan.gamma_max or cfg.params.greedy):     # drafts' races + the final draw
-        noise = exp_noise((plan.gamma_max + 1, *st.zero_q.shape), st.x.device, cfg.generator)
+        noise, u = st.draws(plan.gamma_max + 1, plan.gamma_max if cfg.rs_fast else 0, cfg.generator)
     st.valid.narrow(1, s, plan.gamma_max + 1).fill_(True)
     vin, qs, raw = _draft(cfg, st, vpos, plan, noise if cfg.rs_fast else None)
     G = len(qs)
-    jt, vpos = j.narrow(0, 0, G + 1), vpos.narrow(1, 0, G + 1)
+    jt = j
+    if G < plan.gamma_max:                                            # a planner stopped drafting early
+        jt, vpos = j.narrow(0, 0, G + 1), vpos.narrow(1, 0, G + 1)
     vhid = fw.target(vin, vpos, st.valid.narrow(1, 0, s + G + 1), s)
     cfg.metrics.target_forwards += 1
     p_t = cfg.probs(vhid)                                             # [B, γ+1, V]
+    last = None                                                       # the token at index a, when known
     if G:
-        a, kept, toks, exp_alpha, ratio = _accept(cfg, st, p_t, qs, vin, jt, noise)
+        a, kept, toks, exp_alpha, ratio, last = _accept(cfg, st, p_t, qs, vin, jt, noise, u)
     else:                                                             # plain sampling: one token
-        p1 = p_t[:, 0]
-        toks = (p1.argmax(-1) if cfg.params.greedy else race(p1, noise[0])).unsqueeze(1)
+        p1 = p_t.select(1, 0)
+        last = p1.argmax(-1) if cfg.params.greedy else race(p1, noise.select(0, 0))
+        toks = last.unsqueeze(1)
         a, kept, exp_alpha, ratio = torch.zeros_like(st.x), torch.ones_like(toks, dtype=torch.bool), None, None
-    a_cut = a if cut is None else cut(a, toks)
+    a_cut = a
     if cut is not None:
+        a_cut = cut(a, toks)
         kept = jt <= a_cut.unsqueeze(1)
+        last = None
     if live is not None:
         kept = kept & live.unsqueeze(1)
     pt, h = emitted(p_t, toks)
-    _roll_back(cfg, st, toks, vhid, vpos, kept, a_cut, live)
+    _roll_back(cfg, st, toks, vhid, vpos, kept, a_cut, live, last)
     return Step(G, vin, toks, kept, pt, h, a, a_cut, exp_alpha, ratio, p_t, qs, raw)
 
 
@@ -175,7 +211,7 @@ def _draft(cfg: SpecConfig, st: SpecState, vpos: Tensor, plan: StepPlan, noise: 
         q = plan.q1 if k == 0 and plan.q1 is not None else cfg.probs(g)
         raw.append(q)
         qv = q if plan.to_rows is None else torch.where(plan.to_rows.unsqueeze(1), one_hot_argmax(q), q)
-        d = race(qv, noise[k]) if noise is not None else draft_tokens(qv, cfg.rule, cfg.generator)
+        d = race(qv, noise.select(0, k)) if noise is not None else draft_tokens(qv, cfg.rule, cfg.generator)
         qs.append(qv)
         drafts.append(d)
         k += 1
@@ -196,23 +232,34 @@ def _draft(cfg: SpecConfig, st: SpecState, vpos: Tensor, plan: StepPlan, noise: 
 
 
 def _accept(cfg: SpecConfig, st: SpecState, p_t: Tensor, qs: list[Tensor], vin: Tensor, j: Tensor,
-            noise: Tensor | None):
-    """The rule's verdict on drafts ``vin[:, 1:]`` against ``p_t`` [B, γ+1, V] (``sampling.verify_rs`` on the
+            noise: Tensor | None, u: Tensor | None):
+    """The rule's verdict on drafts ``vin[:, 1:]`` against ``p_t`` [B, γ+1, V] (``sampling.rs_step`` on the
     RS fast path, else ``sampling.verify``): (accepted a [B], kept slots [B, γ+1], emitted tokens (pad after the
     correction/bonus token), expected α [B, γ], each draft's acceptance chance [B, γ] — for RS the raw ratio
-    ``p(d)/q(d)``, which may exceed 1)."""
+    ``p(d)/q(d)``, which may exceed 1 — and the token at index a [B], or None where not at hand)."""
     if cfg.rs_fast:
         q_pad = torch.stack([*qs, st.zero_q], dim=1)
-        return verify_rs(p_t, q_pad, vin, j, st.rows, cfg.pad_id, noise[len(qs)], cfg.generator)
+        G = len(qs)
+        return rs_step(p_t, q_pad, vin, j, cfg.pad_id, noise.select(0, G), cfg.generator,
+                       u if u.shape[1] == G else u.narrow(1, 0, G))
     res = verify(p_t, torch.stack(qs, dim=1), vin[:, 1:], cfg.rule, cfg.generator)
     kept = j <= res.accepted.unsqueeze(1)                              # [B, γ+1] emitted slots
-    return res.accepted, kept, torch.where(kept, res.tokens, cfg.pad_id), res.expected_alpha, res.accept_prob
+    return res.accepted, kept, torch.where(kept, res.tokens, cfg.pad_id), res.expected_alpha, res.accept_prob, None
+
+
+def _pick(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[b, idx[b]]`` for ``t`` [B, T, ...] and ``idx`` [B] (one ``gather``: cheaper than advanced indexing)."""
+    B = idx.shape[0]
+    if t.dim() == 2:
+        return t.gather(1, idx.view(B, 1)).squeeze(1)
+    return t.gather(1, idx.view(B, 1, 1).expand(B, 1, t.shape[2])).squeeze(1)
 
 
 def _roll_back(cfg: SpecConfig, st: SpecState, toks: Tensor, vhid: Tensor, vpos: Tensor, kept: Tensor,
-               a: Tensor, live: Tensor | None) -> None:
+               a: Tensor, live: Tensor | None, last: Tensor | None = None) -> None:
     """Holes in both caches after each row's last kept slot; the head re-reads the kept positions with the
-    target's hiddens (its output at slot s+a is the next g); x, its position and the used length move on."""
+    target's hiddens (its output at slot s+a is the next g); x (``last`` when the caller has it), its position and
+    the used length move on."""
     s, G = st.length, toks.shape[1] - 1
     st.valid.narrow(1, s, G + 1).copy_(kept)
     if cfg.fw.keep is not None:                                       # linear-attention state: the same cut
@@ -220,9 +267,9 @@ def _roll_back(cfg: SpecConfig, st: SpecState, toks: Tensor, vhid: Tensor, vpos:
     if G:
         gh = cfg.fw.drafter(toks, vhid, vpos, st.valid.narrow(1, 0, s + G + 1), s)
         cfg.metrics.draft_forwards += 1
-        g = gh[st.rows, a]
+        g = _pick(gh, a)
         st.g = g if live is None else torch.where(live.unsqueeze(1), g, st.g)
-    x = toks[st.rows, a]
+    x = last if last is not None else _pick(toks, a)
     st.x = x if live is None else torch.where(live, x, st.x)
-    st.pos_x = st.pos_x + a + 1 if live is None else torch.where(live, st.pos_x + a + 1, st.pos_x)
+    st.pos_x = st.pos_x + (a + 1) if live is None else torch.where(live, st.pos_x + a + 1, st.pos_x)
     st.length = s + G + 1

@@ -4,7 +4,23 @@
 All decoders get the same prompts, seeds and max lengths. Speed model (DESIGN §8):
   speedup ≈ (1 + E[A]) / (c_verify(γ+1)/c_1 + γ·c_draft/c_1)
 with c_1 one plain target forward, c_verify(γ+1) a target forward over γ+1 tokens and c_draft one MTP
-step, each measured here per batch size.
+step (a one-token head forward), each measured here per batch size within every timed repeat, between the decode
+runs (so load swings on a shared machine hit costs and rates alike), timed in turn with the catch-up forward, and
+reported as the medians of all their samples.
+
+``fraction_of_limit`` = measured decode speedup ÷ that limit. The limit is a decode-phase quantity (per verify
+step against per plain token), so the measured speedup it is compared with is the decode-phase one:
+``decode_tokens_per_s`` of MTP over plain, tokens emitted after each row's first token (which the prefill gives
+both decoders) over the seconds after prefill. ``speedup`` (total time, prefill included) is reported too, and is
+the one used (``fraction_speedup`` says which) on multi-turn tasks, whose episodes count no decode phase.
+
+A real step runs γ−1 one-token head forwards and one catch-up head forward over γ+1 tokens (the head re-reads the
+accepted positions with the target's hiddens), not γ one-token ones; ``c_catchup`` measures that forward, and
+``speedup_limit_catchup`` / ``fraction_of_limit_catchup`` use ``c_verify + (γ−1)·c_draft + c_catchup`` instead of
+``c_verify + γ·c_draft``, beside (never instead of) the DESIGN §8 formula. ``host_seconds_per_step`` is what a
+step costs beyond those forwards (plain: beyond c_1), from the measured step times; ``row_utilization`` the live
+rows per batch slot (a static batch runs until its longest row is done, and MTP rows finish at more uneven step
+counts than plain ones).
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import torch
 
 from bebop.core.sampling import SamplingParams
 from bebop.core.speed import speedup_limit
-from bebop.engine.decode import DecodeConfig, DecodeMetrics, forward_costs, left_pad, median_seconds
+from bebop.engine.decode import DecodeConfig, DecodeMetrics, forwards, left_pad, median_seconds
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
 from bebop.experiments.measure import decode_config, decode_task
@@ -84,24 +100,32 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
 
 
 def _bench_fixed(run: _Run, bs: int) -> dict:
-    """One batch size at fixed γ: plain and MTP rates (medians over repeats), α, accept length, the speed model's
-    limit from measured forward costs, and transformers' generate() (and its MTP path at batch 1) for reference."""
+    """One batch size at fixed γ: plain and MTP rates (medians over repeats, total and decode-phase), α, accept
+    length, the forward costs measured within every repeat and the speed model's limit from them (module doc),
+    and transformers' generate() (and its MTP path at batch 1) for reference."""
     cfg = run.cfg
     batches = run.batches(bs, cfg.seed)
-    plain_rates, mtp_rates = [], []
-    mtp_all = DecodeMetrics()
+    rates: dict[str, list[float]] = {k: [] for k in ("plain", "mtp", "plain_decode", "mtp_decode")}
+    costs: dict[str, list[float]] = {}
+    plain_all, mtp_all = DecodeMetrics(), DecodeMetrics()
     for rep in range(cfg.repeats + 1):  # repeat 0 warms up
         plain, mtp = DecodeMetrics(), DecodeMetrics()
         for bi, batch in enumerate(batches):
             for h, m in ((None, plain), (run.head, mtp)):
                 m.merge(run.decode(h, batch, cfg.gamma, cfg.rule, cfg.seed * 1000 + bi))
         if rep > 0:
-            plain_rates.append(plain.tokens_per_s)
-            mtp_rates.append(mtp.tokens_per_s)
+            for name, m in (("plain", plain), ("mtp", mtp)):
+                rates[name].append(m.tokens_per_s)
+                rates[name + "_decode"].append(m.decode_tokens_per_s)
+            plain_all.merge(plain)
             mtp_all.merge(mtp)
+            for name, samples in _forward_costs(run, batches[0][1]).items():
+                costs.setdefault(name, []).extend(samples)
     res = {
-        "plain_tokens_per_s": statistics.median(plain_rates),
-        "mtp_tokens_per_s": statistics.median(mtp_rates),
+        "plain_tokens_per_s": statistics.median(rates["plain"]),
+        "mtp_tokens_per_s": statistics.median(rates["mtp"]),
+        "plain_decode_tokens_per_s": statistics.median(rates["plain_decode"]),
+        "mtp_decode_tokens_per_s": statistics.median(rates["mtp_decode"]),
         "alpha": mtp_all.alpha,
         "expected_alpha": mtp_all.expected_alpha,
         "accept_length": mtp_all.accept_length,
@@ -109,7 +133,12 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
         "threads": cfg.threads,
     }
     res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
-    res.update(_speed_limit(run, batches[0][1], res["accept_length"], res["speedup"]))
+    # multi-turn episodes (turns.generate_turns) do not count a decode phase: their fraction uses the total speedup
+    decode = res["mtp_decode_tokens_per_s"] > 0 and res["plain_decode_tokens_per_s"] > 0
+    res["decode_speedup"] = res["mtp_decode_tokens_per_s"] / res["plain_decode_tokens_per_s"] if decode else None
+    res["fraction_speedup"] = "decode_speedup" if decode else "speedup"
+    res.update(_speed_limit(cfg.gamma, costs, res["accept_length"], res[res["fraction_speedup"]], plain_all,
+                            mtp_all))
     if is_multi_turn(get_task(cfg.task)):
         res["hf_tokens_per_s"] = res["plain_vs_hf"] = res["hf_mtp_tokens_per_s"] = None
         res["hf_error"] = res["hf_mtp_error"] = MULTI_TURN_HF
@@ -123,12 +152,65 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
     return res
 
 
-def _speed_limit(run: _Run, prompts: list[list[int]], accept_length: float, speedup: float) -> dict:
-    """Measured forward costs and the speed model's limit (module doc) with the fraction of it reached."""
+@torch.inference_mode()
+def _forward_costs(run: _Run, prompts: list[list[int]], repeats: int = 20) -> dict[str, list[float]]:
+    """Timed seconds (``repeats`` samples each) of c_1 (a target forward over one token), c_verify (over γ+1
+    tokens), c_draft (a one-token head forward) and c_catchup (the head over γ+1 tokens, a verify step's catch-up),
+    at the batch size of ``prompts`` with a cache holding them, through the engine's forwards
+    (``engine.forwards.forward_costs`` measures the first three the same way). The four are timed in turn,
+    ``repeats`` rounds in a rotating order, so a load swing on a shared machine moves all four alike instead of one of
+    them (their ratios are what the limit uses)."""
     gamma = run.cfg.gamma
-    costs = forward_costs(run.model, run.head, prompts, gamma)
-    limit = speedup_limit(accept_length, costs["c_1"], costs["c_verify"], costs["c_draft"], gamma)
-    return {**costs, "speedup_limit": limit, "fraction_of_limit": speedup / limit}
+    device = run.model.device
+    ids, mask = left_pad(prompts, 0, device)
+    B, P = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
+    valid[:, :P] = mask.bool()
+    fw = forwards(run.model, run.head, B, P + gamma + 1, "auto", gamma)
+    hid = fw.target(ids, pos, valid[:, :P], 0)
+    fw.drafter(ids, hid, pos, valid[:, :P], 0)
+
+    def after(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:   # n new slots after the prompt
+        return ids[:, -1:].repeat(1, n), pos[:, -1:] + 1 + torch.arange(n, device=device), valid[:, : P + n]
+
+    (x1, p1, v1), (xv, pv, vv) = after(1), after(gamma + 1)
+    h1, hv = hid[:, -1:], hid[:, -1:].repeat(1, gamma + 1, 1)
+    calls = {"c_1": lambda: fw.target(x1, p1, v1, P), "c_verify": lambda: fw.target(xv, pv, vv, P),
+             "c_draft": lambda: fw.drafter(x1, h1, p1, v1, P), "c_catchup": lambda: fw.drafter(xv, hv, pv, vv, P)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for r in range(repeats + 1):                 # round 0 warms up
+        for name in names[r % 4:] + names[: r % 4]:
+            t0 = time.perf_counter()
+            calls[name]()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _speed_limit(gamma: int, costs: dict[str, list[float]], accept_length: float, speedup: float,
+                 plain: DecodeMetrics, mtp: DecodeMetrics) -> dict:
+    """Median forward costs over every sample of every repeat, their ratios to c_1, the speed model's limit and the
+    fraction of it that the decode-phase ``speedup`` reaches (module doc), the same with the catch-up forward's own
+    cost, each decoder's step time and host time per step beyond its forwards, and the live rows per batch slot."""
+    c = {k: statistics.median(v) for k, v in costs.items()}
+    c1 = c["c_1"]
+    limit = speedup_limit(accept_length, c1, c["c_verify"], c["c_draft"], gamma)
+    limit_cu = accept_length * c1 / (c["c_verify"] + (gamma - 1) * c["c_draft"] + c["c_catchup"])
+    plain_step = plain.decode_seconds / max(plain.target_forwards, 1)
+    mtp_step = mtp.decode_seconds / max(mtp.target_forwards, 1)
+    return {
+        **c, "c_verify_over_c_1": c["c_verify"] / c1, "c_draft_over_c_1": c["c_draft"] / c1,
+        "c_catchup_over_c_1": c["c_catchup"] / c1,
+        "speedup_limit": limit, "fraction_of_limit": speedup / limit,
+        "limit_formula": "(1+E[A]) / (c_verify/c_1 + gamma*c_draft/c_1), speedup = decode-phase tokens/s ratio",
+        "speedup_limit_catchup": limit_cu, "fraction_of_limit_catchup": speedup / limit_cu,
+        "plain_step_seconds": plain_step, "mtp_step_seconds": mtp_step,
+        "plain_host_seconds_per_step": plain_step - c1,
+        "mtp_host_seconds_per_step": mtp_step - (c["c_verify"] + (gamma - 1) * c["c_draft"] + c["c_catchup"]),
+        "plain_row_utilization": plain.utilization, "mtp_row_utilization": mtp.utilization,
+    }
 
 
 def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
