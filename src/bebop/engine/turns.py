@@ -47,6 +47,7 @@ from bebop.core.sampling import RULES, SamplingParams, sample
 from bebop.engine.decode import DecodeConfig, Rollout, pack, prefill
 from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
+from bebop.engine.slots import compact, longest_row, wasteful
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
 from bebop.errors import BebopError
 
@@ -327,7 +328,11 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
     ep.events.append((None, st.x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones, ones))
     ep.advance(torch.ones_like(st.pos_x), st.x, ep.live)
     while True:
-        any_live, any_paused = torch.stack([ep.live.any(), ep.paused.any()]).tolist()   # the step's one host sync
+        held = ep.live | ep.paused
+        any_live, any_paused, longest = torch.stack([ep.live.any(), ep.paused.any(),   # the step's one host sync
+                                                     longest_row(st, held)]).tolist()
+        if wasteful(st.length, longest):                               # reuse hole slots (engine.slots)
+            compact(cfg.fw, st, held, longest)
         if any_live:
             _decode_step(cfg, st, ep, G)
         elif any_paused:
