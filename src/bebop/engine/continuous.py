@@ -342,6 +342,7 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
     metrics.tokens = int(sampled.sum())
+    metrics.decode_tokens = metrics.tokens - N                  # each request's first token comes from its prefill
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(G, history))

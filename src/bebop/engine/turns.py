@@ -327,6 +327,7 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
     ones = torch.ones((B, 1), dtype=torch.bool, device=device)
     ep.events.append((None, st.x[:, None], pre.first_p[:, None], pre.first_h[:, None], ones, ones))
     ep.advance(torch.ones_like(st.pos_x), st.x, ep.live)
+    t_decode = time.perf_counter()
     while True:
         held = ep.live | ep.paused
         any_live, any_paused, longest = torch.stack([ep.live.any(), ep.paused.any(),   # the step's one host sync
@@ -341,6 +342,8 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
             break
     out, sampled, logp, ent, n = _pack(ep.events, dc.pad_id, B)
     metrics.tokens = int(sampled.sum())
-    metrics.seconds = time.perf_counter() - t0
+    metrics.decode_tokens = metrics.tokens - B                  # each row's first token comes from the prefill
+    t1 = time.perf_counter()
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     ep.flush(metrics)
     return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(ep.turns, dtype=torch.long))
