@@ -32,13 +32,12 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from bebop.core.acceptance import alpha_rs, alpha_to
-from bebop.core.sampling import sample
 from bebop.engine.decode import DecodeConfig, Rollout, _policy, prefill
 from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE, compact, longest_row, wasteful
-from bebop.engine.step import SpecConfig, SpecState, StepPlan, emitted, spec_step
-from bebop.engine.turns import TurnRollout, Turns
+from bebop.engine.step import SpecConfig, SpecState, StepPlan, spec_step
+from bebop.engine.turns import TurnRollout, Turns, prefill_replies
 from bebop.errors import BebopError
 
 __all__ = ["ADMIT_FRACTION", "COMPACT_MIN", "COMPACT_WASTE", "continuous_decode"]
@@ -203,31 +202,9 @@ def _environment(cfg: SpecConfig, st: SpecState, sl: _Slots, turns, events: list
 
 def _prefill_replies(cfg: SpecConfig, st: SpecState, sl: _Slots, env_tok: Tensor, m: Tensor, res: Tensor,
                      events: list) -> None:
-    """One target forward over ``[x, e_1..e_m]`` for the resuming rows ``res`` (holes elsewhere) and one head catch-up
-    over the same slots; each resuming row samples its next model token after e_m."""
-    device, W = st.x.device, env_tok.shape[1] - 1
-    s = st.length
-    st.ensure(s + W + 1)
-    jw = torch.arange(W + 1, device=device)
-    vin = torch.cat([st.x.unsqueeze(1), env_tok[:, :W]], dim=1)
-    vpos = st.pos_x.unsqueeze(1) + jw
-    st.valid.narrow(1, s, W + 1).copy_((jw <= m.unsqueeze(1)) & res.unsqueeze(1))
-    hid = cfg.fw.target(vin, vpos, st.valid.narrow(1, 0, s + W + 1), s)
-    if cfg.fw.keep is not None:                                   # linear-attention state: after e_m, or unchanged
-        cfg.fw.keep(torch.where(res, m, -1))
-    cfg.metrics.target_forwards += 1
-    p = cfg.probs(hid[st.rows, m])
-    x = sample(p, cfg.generator)
-    pt, h = emitted(p, x)
+    """``turns.prefill_replies`` for the resuming rows ``res`` (holes elsewhere); their budgets are renewed."""
+    x, pt, h = prefill_replies(cfg, st, env_tok, m, res)
     events.append((sl.req, x[:, None], pt[:, None], h[:, None], res[:, None], res[:, None]))
-    if cfg.fw.drafter is not None:
-        htoks = env_tok.scatter(1, m.unsqueeze(1), x.unsqueeze(1))   # [e_1..e_m, x', pad...]
-        g = cfg.fw.drafter(htoks, hid, vpos, st.valid.narrow(1, 0, s + W + 1), s)[st.rows, m]
-        st.g = torch.where(res.unsqueeze(1), g, st.g)
-        cfg.metrics.draft_forwards += 1
-    st.x = torch.where(res, x, st.x)
-    st.pos_x = torch.where(res, st.pos_x + m + 1, st.pos_x)
-    st.length = s + W + 1
     sl.n = sl.n + m * res
     sl.room = torch.where(res, torch.clamp(sl.max_new_tokens - sl.n, max=sl.turn_cap), sl.room)
     sl.advance(res, res.long(), st.x)

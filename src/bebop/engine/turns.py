@@ -245,31 +245,44 @@ def _environment(cfg: SpecConfig, st: SpecState, ep: _Episodes) -> None:
     _prefill_replies(cfg, st, ep, env_tok, m)
 
 
-def _prefill_replies(cfg: SpecConfig, st: SpecState, ep: _Episodes, env_tok: torch.Tensor, m: torch.Tensor) -> None:
+def prefill_replies(cfg: SpecConfig, st: SpecState, env_tok: torch.Tensor, m: torch.Tensor,
+                    res: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One target forward over ``[x, e_1..e_m]`` and one head catch-up over the same slots (tokens
-    ``[e_1..e_m, x']``); the next model token x' is sampled from the target's p after e_m."""
-    B, device, W = st.x.shape[0], st.x.device, env_tok.shape[1] - 1
+    ``[e_1..e_m, x']``); the next model token x' is sampled from the target's p after e_m. ``res`` [B] bool: the rows
+    that resume (None: all); the others write holes and keep their state (x, position, head output, linear state).
+    Returns (x' [B], p(x'), H(p)) for every row (meaningful on ``res``)."""
+    device, W = st.x.device, env_tok.shape[1] - 1
     s = st.length
     st.ensure(s + W + 1)
     jw = torch.arange(W + 1, device=device)
     vin = torch.cat([st.x.unsqueeze(1), env_tok[:, :W]], dim=1)    # [x, e_1..e_m, pad...]
     vpos = st.pos_x.unsqueeze(1) + jw
-    st.valid.narrow(1, s, W + 1).copy_(jw <= m.unsqueeze(1))
+    new = jw <= m.unsqueeze(1)
+    st.valid.narrow(1, s, W + 1).copy_(new if res is None else new & res.unsqueeze(1))
     hid = cfg.fw.target(vin, vpos, st.valid.narrow(1, 0, s + W + 1), s)
     if cfg.fw.keep is not None:                                       # linear-attention state after e_m
-        cfg.fw.keep(m)
+        cfg.fw.keep(m if res is None else torch.where(res, m, -1))
     cfg.metrics.target_forwards += 1
     p = cfg.probs(hid[st.rows, m])
-    st.x = sample(p, cfg.generator)
-    pt, h = emitted(p, st.x)
+    x = sample(p, cfg.generator)
+    pt, h = emitted(p, x)
+    if cfg.fw.drafter is not None:
+        htoks = env_tok.scatter(1, m.unsqueeze(1), x.unsqueeze(1))   # [e_1..e_m, x', pad...]
+        g = cfg.fw.drafter(htoks, hid, vpos, st.valid.narrow(1, 0, s + W + 1), s)[st.rows, m]
+        st.g = g if res is None else torch.where(res.unsqueeze(1), g, st.g)
+        cfg.metrics.draft_forwards += 1
+    st.x = x if res is None else torch.where(res, x, st.x)
+    st.pos_x = st.pos_x + m + 1 if res is None else torch.where(res, st.pos_x + m + 1, st.pos_x)
+    st.length = s + W + 1
+    return x, pt, h
+
+
+def _prefill_replies(cfg: SpecConfig, st: SpecState, ep: _Episodes, env_tok: torch.Tensor, m: torch.Tensor) -> None:
+    """Every row of the (compacted) batch resumes: ``prefill_replies``, then the rows are live again."""
+    B, device = st.x.shape[0], st.x.device
+    _, pt, h = prefill_replies(cfg, st, env_tok, m)
     ones = torch.ones((B, 1), dtype=torch.bool, device=device)
     ep.events.append((ep.orig, st.x[:, None], pt[:, None], h[:, None], ones, ones))
-    if cfg.fw.drafter is not None:
-        htoks = env_tok.scatter(1, m.unsqueeze(1), st.x.unsqueeze(1))   # [e_1..e_m, x', pad...]
-        st.g = cfg.fw.drafter(htoks, hid, vpos, st.valid.narrow(1, 0, s + W + 1), s)[st.rows, m]
-        cfg.metrics.draft_forwards += 1
-    st.pos_x = st.pos_x + m + 1
-    st.length = s + W + 1
     ep.live = torch.ones(B, dtype=torch.bool, device=device)
     ep.paused = torch.zeros(B, dtype=torch.bool, device=device)
     ep.advance(torch.ones_like(st.pos_x), st.x, ep.live)
