@@ -163,13 +163,13 @@ def parse_int(text: str) -> int | None:
     return int(text)
 
 
-def final_answer(completion: str) -> str | None:
+def final_answer(completion: str, max_chars: int = MAX_COMPLETION_CHARS) -> str | None:
     """The stripped text after ``A:`` on the last line that starts with ``A:`` (leading spaces allowed).
 
-    Returns ``None`` if there is no such line, or if the completion is longer than
-    ``MAX_COMPLETION_CHARS`` (over-long completions are rejected outright, not truncated).
+    Returns ``None`` if there is no such line, or if the completion is longer than ``max_chars`` (default
+    ``MAX_COMPLETION_CHARS``; over-long completions are rejected outright, not truncated).
     """
-    if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
+    if not isinstance(completion, str) or len(completion) > max_chars:
         return None
     for line in reversed(completion.split("\n")):
         line = line.strip(" \t\r")

@@ -50,7 +50,7 @@ from collections import Counter
 from bebop.tasks.arith import check_format_reward
 from bebop.tasks.base import Problem
 from bebop.tasks.countdown import _combine, solutions
-from bebop.tasks.grammar import evaluate_with_literals
+from bebop.tasks.grammar import evaluate_with_literals, final_answer
 
 NUMBERS = 4
 MIN_NUMBER, MAX_NUMBER = 1, 12
@@ -148,19 +148,6 @@ def render_trace(lines: list[str], expression: str) -> str:
     return "\n".join([*lines, f"A: {expression}"])
 
 
-def last_answer(completion: str, max_chars: int = MAX_COMPLETION_CHARS) -> str | None:
-    """The stripped text after ``A:`` on the last line that starts with ``A:`` (leading spaces allowed), or None
-    (also for a completion longer than ``max_chars``). ``grammar.final_answer`` caps completions at 4,096
-    characters, shorter than a long trace, hence this reader with its own cap."""
-    if not isinstance(completion, str) or len(completion) > max_chars:
-        return None
-    for line in reversed(completion.split("\n")):
-        line = line.strip(" \t\r")
-        if line.startswith("A:"):
-            return line[2:].strip(" \t\r")
-    return None
-
-
 class SearchTask:
     """Countdown with a written depth-first search as the reference; the reward checks the ``A:`` expression."""
 
@@ -209,7 +196,7 @@ class SearchTask:
         return render_trace(*dfs_trace(numbers, target, None))  # fits: sample_problem checked this order
 
     def reward(self, problem: Problem, completion: str) -> float:
-        text = last_answer(completion)
+        text = final_answer(completion, MAX_COMPLETION_CHARS)   # a long trace: the search task's own cap
         parsed = None if text is None else evaluate_with_literals(text)
         if parsed is None:
             return 0.0
