@@ -37,7 +37,7 @@ from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
 from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE, compact, longest_row, wasteful
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, spec_step
-from bebop.engine.turns import TurnRollout, Turns, prefill_replies
+from bebop.engine.turns import TurnRollout, Turns, prefill_replies, reply_tokens
 from bebop.errors import BebopError
 
 __all__ = ["ADMIT_FRACTION", "COMPACT_MIN", "COMPACT_WASTE", "continuous_decode"]
@@ -180,17 +180,8 @@ def _environment(cfg: SpecConfig, st: SpecState, sl: _Slots, turns, events: list
     sl.paused = torch.zeros_like(sl.paused)
     if not replies:
         return
-    W = max(len(v) for v in replies.values())
-    env_tok = torch.full((B, W + 1), cfg.pad_id, dtype=torch.long)
-    m = torch.zeros(B, dtype=torch.long)
-    got = torch.zeros(B, dtype=torch.bool)
-    for b, reply in replies.items():
-        env_tok[b, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-        m[b], got[b] = len(reply), True
-    env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
-    jw = torch.arange(W + 1, device=device)
-    events.append((sl.req, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
-                   (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool, device=device)))
+    env_tok, m, block = reply_tokens(replies, B, cfg.pad_id, device)
+    events.append((sl.req, *block))
     if not resume:
         return
     res = torch.zeros(B, dtype=torch.bool)

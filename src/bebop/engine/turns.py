@@ -218,18 +218,8 @@ def _environment(cfg: SpecConfig, st: SpecState, ep: _Episodes) -> None:
     if not replies:
         return
     B, device, lim = st.x.shape[0], st.x.device, ep.lim
-    W = max(len(v) for v in replies.values())
-    env_tok = torch.full((B, W + 1), cfg.pad_id, dtype=torch.long)
-    m = torch.zeros(B, dtype=torch.long)
-    got = torch.zeros(B, dtype=torch.bool)
-    for c, reply in replies.items():
-        env_tok[c, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-        m[c], got[c] = len(reply), True
-    env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
-    jw = torch.arange(W + 1, device=device)
-    ep.events.append((ep.orig, env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device),
-                      (jw[:W] < m.unsqueeze(1)) & got.unsqueeze(1), torch.zeros((B, W), dtype=torch.bool,
-                                                                                 device=device)))
+    env_tok, m, block = reply_tokens(replies, B, cfg.pad_id, device)
+    ep.events.append((ep.orig, *block))
     if not resume:
         return
     ep.room = torch.tensor([min(lim.max_new_tokens - n_host[ep.orig_host[c]] - len(replies[c]), lim.turn_cap)
@@ -243,6 +233,23 @@ def _environment(cfg: SpecConfig, st: SpecState, ep: _Episodes) -> None:
         ep.orig = keep if ep.orig is None else ep.orig[keep]
         ep.orig_host = [ep.orig_host[c] for c in resume]
     _prefill_replies(cfg, st, ep, env_tok, m)
+
+
+def reply_tokens(replies: dict[int, list[int]], B: int, pad_id: int, device) -> tuple:
+    """The environment's replies (by batch row) as tensors: ``env_tok`` [B, W+1] (padded with ``pad_id``), their
+    lengths ``m`` [B], and their output block (tokens, p = 1, H = 0, emitted, sampled = False), each [B, W]."""
+    W = max(len(v) for v in replies.values())
+    env_tok = torch.full((B, W + 1), pad_id, dtype=torch.long)
+    m = torch.zeros(B, dtype=torch.long)
+    got = torch.zeros(B, dtype=torch.bool)
+    for c, reply in replies.items():
+        env_tok[c, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+        m[c], got[c] = len(reply), True
+    env_tok, m, got = env_tok.to(device), m.to(device), got.to(device)
+    emit = (torch.arange(W, device=device) < m.unsqueeze(1)) & got.unsqueeze(1)
+    block = (env_tok[:, :W], torch.ones((B, W), device=device), torch.zeros((B, W), device=device), emit,
+             torch.zeros((B, W), dtype=torch.bool, device=device))
+    return env_tok, m, block
 
 
 def prefill_replies(cfg: SpecConfig, st: SpecState, env_tok: torch.Tensor, m: torch.Tensor,
