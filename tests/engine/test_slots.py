@@ -12,6 +12,19 @@ from bebop.core.sampling import SamplingParams
 from bebop.engine.decode import generate, generate_mtp
 
 
+def spy_compactions(monkeypatch, module) -> list:
+    """Records (length, longest) of every ``slots.compact`` that ``module`` calls."""
+    calls: list = []
+    real = slots.compact
+
+    def spy(fw, st, held, longest):
+        calls.append((st.length, longest))
+        real(fw, st, held, longest)
+
+    monkeypatch.setattr(module, "compact", spy)
+    return calls
+
+
 def test_wasteful_needs_both_the_share_and_the_minimum():
     assert not slots.wasteful(100, 95)                    # 5 holes: under 10 % and under COMPACT_MIN
     assert not slots.wasteful(1000, 985)                  # 15 holes: under the minimum of 16
@@ -24,16 +37,9 @@ def test_static_mtp_decoding_compacts_its_caches_without_changing_outputs(peaky,
     """Frequent compactions (any 2 hole columns, checked every 4 columns): τ = 0 outputs equal plain greedy decoding,
     τ = 1 log-probs equal a fresh forward, and the caches really shrank."""
     model, head = peaky
-    calls = []
-    real = slots.compact
-
-    def spy(fw, st, held, longest):
-        calls.append((st.length, longest))
-        real(fw, st, held, longest)
-
     monkeypatch.setattr(slots, "COMPACT_MIN", 2)
     monkeypatch.setattr(decode_module, "CHECK_EVERY", 4)
-    monkeypatch.setattr(decode_module, "compact", spy)
+    calls = spy_compactions(monkeypatch, decode_module)
     prompts, _ = prompts_for(tiny_tokenizer, 6)
     greedy = SamplingParams(temperature=0.0)
     ref = generate(model, prompts, greedy, 40, eos_id=None)
@@ -54,15 +60,8 @@ def test_static_multi_turn_decoding_compacts_without_changing_outputs(peaky, tin
     from bebop.engine.turns import generate_turns
 
     model, head = peaky
-    calls = []
-    real = slots.compact
-
-    def spy(fw, st, held, longest):
-        calls.append((st.length, longest))
-        real(fw, st, held, longest)
-
     monkeypatch.setattr(slots, "COMPACT_MIN", 2)
-    monkeypatch.setattr(turns_module, "compact", spy)
+    calls = spy_compactions(monkeypatch, turns_module)
     prompts, _ = prompts_for(tiny_tokenizer, 8)
     params = SamplingParams(temperature=1.0, top_k=20)
     replies = {row: [5, 6][: row % 3] for row in range(8)}
