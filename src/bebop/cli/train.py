@@ -125,6 +125,11 @@ def train_mtp_cmd(
         help="Held-out samples (a user's prompts: at most a tenth of them are held out).")] = None,
     cache_dir: CacheDirOpt = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between held-out α measurements (logged).")] = None,
+    patience: Annotated[int | None, typer.Option(
+        help="Early stopping: held-out measurements without improvement before a stage stops and keeps its best "
+             "head (0 = off).")] = None,
+    min_delta: Annotated[float | None, typer.Option(
+        help="Early stopping: gain of the mean held-out α that counts as an improvement.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between atomic checkpoints in OUT/checkpoint (0 = none); a rerun resumes from it.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
@@ -149,11 +154,15 @@ def train_mtp_cmd(
                       split=split, field=field, completions=completions, loss=loss, gamma_train=gamma_train,
                       steps=steps, warm_steps=warm_steps, batch_size=batch_size, lr=lr, temperature=temperature,
                       max_new_tokens=max_new_tokens, data_samples=data_samples, heldout_samples=heldout_samples,
-                      cache_dir=cache_dir, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-                      init=init, device=device, dtype=dtype)
+                      cache_dir=cache_dir, eval_every=eval_every, patience=patience, min_delta=min_delta,
+                      checkpoint_every=checkpoint_every, seed=seed, init=init, device=device, dtype=dtype)
     summary = train_mtp(cfg)
     if not main:
         return
     console.print(f"saved head to [bold]{cfg.out}[/] (started from: {summary['init']}); "
                   "`bebop export` merges it into a model directory for vLLM / SGLang")
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})
+    for o in summary["early_stop"] if cfg.patience else ():
+        ended = f"stopped early at step {o['last_step']}" if o["stopped_early"] else f"ran all {o['budget']} steps"
+        console.print(f"{o['stage']} stage: {ended}; kept the head of step {o['best_step']} "
+                      f"(mean held-out α {o['best_score']:.4f})")

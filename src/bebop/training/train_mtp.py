@@ -3,7 +3,9 @@
 Teacher forcing: for position t and step k = 1..γ the head's step-k distribution q_k(t) (recursive unroll
 fed with the TRUE tokens) is trained towards the frozen base model's distribution p_k(t) for token t+k+1
 (at the rollout temperature). Positions where not all γ targets exist, and prompt positions, are masked.
-A run is a list of stages on the same data: by default a forward-KL warm stage, then the chosen loss.
+A run is a list of stages on the same data: by default a forward-KL warm stage, then the chosen loss. With
+``patience`` a stage stops early once held-out expected α has stopped improving, and keeps its best head
+(``training.early_stop``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bebop.training.distributed import (
     process_group,
     shard,
 )
+from bebop.training.early_stop import EarlyStop, heldout_score
 from bebop.training.options import DataSource
 from bebop.training.samples import training_rows
 from bebop.training.sft import warmup_cosine
@@ -59,7 +62,13 @@ class TrainMTPConfig:
     * ``init = "native"``: the checkpoint's own MTP layer, an error when it has none;
     * ``init = PATH``: a head saved by Bebop (or in a public layout).
 
-    Then ``steps`` of ``loss``. ``warm_steps = 0`` trains ``loss`` from the fresh head directly."""
+    Then ``steps`` of ``loss``. ``warm_steps = 0`` trains ``loss`` from the fresh head directly.
+
+    Held-out expected α is measured every ``eval_every`` steps (and at a stage's last step). With ``patience > 0``
+    each stage stops early once the mean of α over the γ_train steps has not beaten its best by more than
+    ``min_delta`` for ``patience`` measurements in a row, and ends with the head of its best measurement;
+    ``steps`` and ``warm_steps`` are then budgets. ``patience = 0`` (default) trains every step and keeps the last
+    head."""
 
     model: str = "runs/arith/base"
     out: str = "runs/arith/mtp_e2e_tv"
@@ -83,6 +92,8 @@ class TrainMTPConfig:
     heldout_samples: int = 256
     max_new_tokens: int = 96
     eval_every: int = 50
+    patience: int = 0               # held-out evaluations without improvement before a stage stops (0: never)
+    min_delta: float = 0.0          # improvement of the mean held-out α that counts as one
     seed: int = 0
     init: str | None = None         # None: native head if any, else warm stage; "native"; or a head path
     warm_loss: str = "fkl"
@@ -100,8 +111,9 @@ class TrainMTPConfig:
         for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every",
                      "warm_lr"):
             positive(name, getattr(self, name))
-        if self.warm_steps < 0:
-            raise BebopError(f"warm_steps must be >= 0, got {self.warm_steps}")
+        for name in ("warm_steps", "patience", "min_delta"):
+            if not getattr(self, name) >= 0:
+                raise BebopError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
         self.source.check()
@@ -222,6 +234,9 @@ class _Unroll(torch.nn.Module):
         return self.head.unroll(ids, hidden, gamma, attention_mask=attention_mask)
 
 
+BEST = "best."  # prefix, in a checkpoint's head tensors, of the stage's best head so far (early stopping)
+
+
 @dataclass
 class _Run:
     """What every stage of one run shares: the frozen policy, its samples, the config, the log file, the precision
@@ -242,6 +257,7 @@ class _Run:
     step_seconds: float = 0.0
     stages: tuple[Stage, ...] = ()
     checkpoint: tuple[int, int] | None = None      # (stage index, step) of the last checkpoint written
+    best: dict[str, torch.Tensor] | None = None    # the current stage's best head (early stopping only)
 
 
 def _batch_loss(run: _Run, head: MTPHead, loss_name: str, idx: list[int]) -> tuple[torch.Tensor, float]:
@@ -278,18 +294,42 @@ def _non_finite(run: _Run, stage: Stage, step: int, what: str, value: float) -> 
 def _checkpoint(run: _Run, head: MTPHead, opt, scaler, gen: torch.Generator, stage: int, step: int) -> None:
     """Rank 0 saves where the run stands (continue at ``stage``'s step ``step``)."""
     run.checkpoint = (stage, step)
+    tensors = head.state_dict()
+    if run.best is not None:  # the best head travels with the checkpoint, so a resumed run can still end with it
+        tensors = {**tensors, **{BEST + k: v for k, v in run.best.items()}}
     if run.dist.is_main:
-        save_state(run.cfg.out, TrainState(stage, step, asdict(run.cfg), list(run.history), head.state_dict(),
+        save_state(run.cfg.out, TrainState(stage, step, asdict(run.cfg), list(run.history), tensors,
                                            opt.state_dict() if opt is not None else None,
                                            scaler.state_dict() if scaler is not None and scaler.is_enabled()
                                            else None, gen.get_state()))
 
 
+def stage_scores(history: list[dict], stage: str) -> list[tuple[int, float]]:
+    """``(step, held-out score)`` of every evaluation of ``stage`` logged in ``history``, in order."""
+    return [(r["step"], heldout_score(r["heldout_alpha"])) for r in history if r["stage"] == stage]
+
+
+def stage_outcome(cfg: TrainMTPConfig, stage: Stage, history: list[dict]) -> dict:
+    """How a finished stage ended, from its logged evaluations: the step it stopped early at (None when it ran its
+    whole budget), and its best evaluation's step and score (the head it kept when ``cfg.patience`` is set)."""
+    scores = stage_scores(history, stage.name)
+    tracker = EarlyStop.replay(cfg.patience, cfg.min_delta, scores)
+    last = scores[-1][0] if scores else None
+    return {"stage": stage.name, "budget": stage.steps, "last_step": last,
+            "stopped_early": last is not None and last < stage.steps - 1,
+            "best_step": tracker.best_step, "best_score": tracker.best if scores else None}
+
+
 def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.Generator,
                  resume: TrainState | None = None) -> None:
     """Train ``head`` in place for one stage from step 0 (or from ``resume``'s step with its optimizer state),
-    appending the logged records (loss, lr, held-out α per step) to ``run.history``."""
+    appending the logged records (loss, lr, held-out α per step and their mean) to ``run.history``. With
+    ``cfg.patience`` the stage stops once held-out α stops improving (``EarlyStop``) and ends with its best head."""
     cfg, model, dist = run.cfg, run.model, run.dist
+    stopper = EarlyStop.replay(cfg.patience, cfg.min_delta, stage_scores(run.history, stage.name) if resume else ())
+    if stopper.active and stopper.best_step is not None and run.best is None:
+        raise BebopError(f"the checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} lacks the best head of its "
+                         f"{stage.name} stage; remove it to start over")
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
     scaler = run.prec.grad_scaler()
     start = 0
@@ -334,14 +374,23 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.
                 head.eval()
                 alpha = expected_alpha(model, head, run.heldout, cfg.gamma_train, params, run.pad_id, dist=dist)
                 head.train()
+                score = heldout_score(alpha)
+                if stopper.update(step, score) and stopper.active:
+                    run.best = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 rec = {"stage": stage.name, "loss_name": stage.loss, "step": step, "loss": loss_value, "lr": lr,
-                       "grad_norm": float(gnorm), "heldout_alpha": alpha, "elapsed_s": time.perf_counter() - run.t0}
+                       "grad_norm": float(gnorm), "heldout_alpha": alpha, "heldout_alpha_mean": score,
+                       "elapsed_s": time.perf_counter() - run.t0}
                 run.history.append(rec)
                 if run.log is not None:
                     run.log.write(json.dumps(rec) + "\n")
                     run.log.flush()
+                if stopper.stop:
+                    break
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stage.steps:
                 _checkpoint(run, head, opt, scaler, gen, index, step + 1)
+    if run.best is not None:
+        head.load_state_dict(run.best)
+        run.best = None
     head.eval()
 
 
@@ -353,7 +402,13 @@ def _resume_point(cfg: TrainMTPConfig, dist: Dist) -> TrainState | None:
         try:
             state = load_state(cfg.out)
             if state is not None:
-                check_resumable(state.config, asdict(cfg), cfg.out)
+                saved = {"patience": 0, "min_delta": 0.0, **state.config}  # written before early stopping existed
+                check_resumable(saved, asdict(cfg), cfg.out)
+                if cfg.patience and saved.get("eval_every") != cfg.eval_every:
+                    raise BebopError(f"the checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} was written with "
+                                     f"eval_every {saved.get('eval_every')}; early stopping (patience "
+                                     f"{cfg.patience}) decides at those evaluations, so rerun with the same "
+                                     f"eval_every to resume")
         except BebopError as e:
             state, error = None, str(e)
     state, error = broadcast_object((state, error), dist)
@@ -404,8 +459,10 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
     head = head.to(device, torch.float32)
     stages = cfg.stages(warm=start == "fresh")
     gen = torch.Generator().manual_seed(cfg.seed)
+    best = None
     if resume is not None:
-        head.load_state_dict(resume.head)
+        head.load_state_dict({k: v for k, v in resume.head.items() if not k.startswith(BEST)})
+        best = {k.removeprefix(BEST): v.to(device) for k, v in resume.head.items() if k.startswith(BEST)} or None
         gen.set_state(resume.generator)
     unroll: torch.nn.Module = _Unroll(head)
     if dist.active:
@@ -422,7 +479,8 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
         log = (out / "train_mtp.jsonl").open("a")
     try:
         run = _Run(cfg, model, tokenizer.pad_token_id, data, heldout, log, t0, prec, dist, unroll, history,
-                   stages=tuple(stages), checkpoint=None if resume is None else (resume.stage, resume.step))
+                   stages=tuple(stages), checkpoint=None if resume is None else (resume.stage, resume.step),
+                   best=best)
         first = resume.stage if resume is not None else 0
         for i, stage in enumerate(stages):
             if i < first:
@@ -436,8 +494,13 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
     digests = gather_objects(_param_digest(head), dist)
     if len(set(digests)) != 1:
         raise BebopError(f"ranks ended with different heads (parameter digests {digests})")
+    outcomes = [stage_outcome(cfg, s, history) for s in stages]
+    kept = history[-1]
+    if cfg.patience:  # the head kept is the last stage's best
+        kept = next(r for r in history if r["stage"] == stages[-1].name and r["step"] == outcomes[-1]["best_step"])
     summary = {"config": asdict(cfg), "init": start, "stages": [asdict(s) for s in stages],
-               "heldout_alpha": history[-1]["heldout_alpha"], "train_seconds": time.perf_counter() - t0,
+               "heldout_alpha": kept["heldout_alpha"], "early_stop": outcomes, "curve": history,
+               "train_seconds": time.perf_counter() - t0,
                "step_seconds": run.step_seconds, "resumed_from": None if resume is None else
                {"stage": resume.stage, "step": resume.step}, "world_size": dist.world, "rank_head_digests": digests,
                "data": {"source": cfg.source.kind, "label": cfg.source.label, "train_rows": len(data),
