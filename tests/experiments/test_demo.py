@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import cli
 from matplotlib.image import imread
 
 from bebop.experiments.demo import CLAIMS, PLOTS, evaluate_claims, quick_config, run_demo
+from bebop.experiments.demo.claims import claim_headline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = ("report.md", "summary.json", "losses.json", "sweep.json", "entropy.json", "rl/bench_rl.json",
@@ -48,10 +50,17 @@ def test_summary_has_five_claims_with_figures_and_verdicts(demo_dir):
     for c in claims:
         assert c["claim"] == CLAIMS[c["id"]]
         assert c["figures"] and c["rule"]
-        assert isinstance(c["held"], bool)
-        assert c["verdict"] == ("held" if c["held"] else "not held")
+        assert c["held"] == (c["verdict"] == "held")
+        assert c["verdict"] in ("held", "not held", "inconclusive")
+        assert c["parts"] and all("ci" in p and p["verdict"] in ("held", "not held", "inconclusive")
+                                  for p in c["parts"])
     report = (demo_dir / "report.md").read_text()
-    assert report.count("**held**") + report.count("**not held**") == 5
+    assert sum(report.count(f"**{v}**") for v in ("held", "not held", "inconclusive")) == 5
+    assert "Verdict rules:" in report
+    sweep = json.loads((demo_dir / "sweep.json").read_text())
+    units = sweep["heads"]["ce"]["rejection"]["units"]
+    assert len(units) == len(sweep["temperatures"]) and len(units[0]["steps"]) >= 2
+    assert "units_rs" in json.loads((demo_dir / "losses.json").read_text())["ce"]
     assert set(summary["stages"]) >= {"sft", "head_init", "head_ce", "head_e2e_tv", "losses", "sweep", "entropy", "rl"}
 
 
@@ -78,44 +87,142 @@ def test_cli_demo_rejects_a_missing_model(tmp_path):
     assert "model directory not found" in r.stderr
 
 
-def _rl(step_s: dict, accept: dict, drift: dict) -> dict:
+def _rl(step_s: dict, accept: dict, drift: dict, steps: int = 12, noise: float = 0.002) -> dict:
+    """RL benchmark results as ``bench_rl.summarize_run`` writes them: per method, ``steps`` per-step records whose
+    accept length sits at ``accept[m]`` over the first five steps and moves by ``drift[m]`` (relative) over the last
+    five, with step times around ``step_s[m]`` (half rollout)."""
+    from bebop.experiments.bench_rl import summarize_run
+
+    rng = np.random.default_rng(0)
+
     def rows(m):
-        return [{"step": i, "step_s": step_s[m], "rollout_s": step_s[m] / 2, "train_s": step_s[m] / 2,
-                 "entropy": 0.2 + 0.01 * i, "accept_length": accept.get(m)} for i in range(6)]
+        out = []
+        for i in range(steps):
+            t = step_s[m] * (1 + rng.normal(0, 0.02))
+            r = {"step": i, "reward": 0.5, "entropy": 0.2 + 0.01 * i, "step_s": t, "rollout_s": t / 2,
+                 "train_s": t / 2}
+            if m in accept:
+                ramp = min(max((i - 4) / (steps - 9), 0.0), 1.0)
+                r["accept_length"] = accept[m] * (1 + drift.get(m, 0.0) * ramp) * (1 + rng.normal(0, noise))
+            out.append(r)
+        return out
 
-    return {m: {"per_step": rows(m), "accept_length_last5": accept.get(m), "drift_last5_vs_first5": drift.get(m),
-                "reward_first5": 0.5, "entropy_first5": 0.2, "entropy_last5": 0.2, "step_speedup": None,
-                "rollout_speedup": None} for m in step_s}
+    return {m: summarize_run(rows(m), {}) for m in step_s}
 
 
-def _sweep(slopes: dict) -> dict:
+def _units(accept_length: float, entropy: float = 0.3, alpha=None, n: int = 24, noise: float = 0.01,
+           seed: int = 0) -> dict:
+    """Per-engine-call counters (``measure.UNIT_KEYS``) of ``n`` calls whose accept length, entropy and α_k sit at
+    the given values, each call off by relative noise ``noise``."""
+    rng = np.random.default_rng(seed)
+    alpha = alpha or [0.8, 0.8, 0.8]
+    e = 1 + rng.normal(0, noise, (n, 1 + len(alpha)))
+    return {"steps": [100.0] * n, "accepted": list(100 * (accept_length - 1) * e[:, 0]),
+            "reached": [[100.0] * len(alpha)] * n, "accepted_k": (100 * np.asarray(alpha) * e[:, 1:]).tolist(),
+            "entropy_sum": list(200 * entropy * e[:, 0] ** 0), "tokens": [200] * n}
+
+
+def _sweep(slopes: dict, at: dict | None = None, noise: float = 0.01) -> dict:
+    """A temperature sweep whose accept length per (head, rule) is ``3 + slope · H`` at entropies 0.1–0.3 (or the
+    given per-τ values ``at[head][rule]``) up to the noise of its units, and the figures measured on them."""
+    from bebop.core.fits import linear_fit
+
     temps = [0.5, 1.0, 1.5]
     ent = [0.1, 0.2, 0.3]
     heads: dict = {}
-    for name, (rs, to) in slopes.items():
-        heads[name] = {rule: {"accept_length": [3 + s * e for e in ent], "entropy": ent,
-                              "fit": {"slope": s, "intercept": 3.0, "r": -1.0}}
-                       for rule, s in (("rejection", rs), ("target_only", to))}
+    for i, (name, (rs, to)) in enumerate(slopes.items()):
+        heads[name] = {}
+        for j, (rule, s) in enumerate((("rejection", rs), ("target_only", to))):
+            acc = (at or {}).get(name, {}).get(rule) or [3 + s * e for e in ent]
+            units = [_units(a, e, noise=noise, seed=10 * i + 3 * j + k)
+                     for k, (a, e) in enumerate(zip(acc, ent, strict=True))]
+            acc = [1 + sum(u["accepted"]) / sum(u["steps"]) for u in units]  # as measured on the units
+            heads[name][rule] = {"accept_length": acc, "entropy": ent, "units": units, "fit": linear_fit(ent, acc)}
     return {"temperatures": temps, "heads": heads}
 
 
-def test_claim_rules_follow_the_paper_numbers():
-    """Numbers shaped like the paper's give five 'held'; a flat CE head and slow MTP give 'not held'."""
-    losses = {"fkl (warm start)": {"alpha_rs": [0.8, 0.8, 0.8]}, "ce": {"alpha_rs": [0.85, 0.8, 0.8]},
-              "e2e_tv": {"alpha_rs": [0.9, 0.85, 0.85]}}
+def _losses(alphas: dict, noise: float = 0.01, n: int = 24) -> dict:
+    return {k: {"alpha_rs": a, "accept_length_rs": 1 + sum(np.cumprod(a)),
+                "units_rs": _units(1 + sum(np.cumprod(a)), alpha=a, noise=noise, n=n, seed=i)}
+            for i, (k, a) in enumerate(alphas.items())}
+
+
+def _paper_shaped(noise: float = 0.01, n: int = 24):
+    losses = _losses({"fkl (warm start)": [0.8] * 3, "ce": [0.85, 0.8, 0.8], "e2e_tv": [0.9, 0.85, 0.85]}, noise, n)
     rl = _rl({"none": 2.0, "to-ce": 1.3, "rs-ce": 1.3, "rs-e2e_tv": 1.2, "rs-online-ce": 1.3},
              {"to-ce": 2.8, "rs-ce": 3.0, "rs-e2e_tv": 3.5, "rs-online-ce": 2.9},
              {"to-ce": -0.05, "rs-ce": -0.04, "rs-e2e_tv": 0.0, "rs-online-ce": -0.08})
-    sweep = _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)})
-    sweep["heads"]["ce"]["rejection"]["accept_length"] = [3.2, 3.1, 3.0]  # RS above TO at the highest τ
-    sweep["heads"]["e2e_tv"]["rejection"]["accept_length"] = [3.3, 3.3, 3.3]
-    claims = evaluate_claims(losses, sweep, {"heads": {}}, rl)
-    assert [c["verdict"] for c in claims] == ["held"] * 5, [(c["id"], c["figures"]) for c in claims]
+    sweep = _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)},
+                   {"ce": {"rejection": [3.2, 3.1, 3.0]}, "e2e_tv": {"rejection": [3.3, 3.3, 3.3]}}, noise)
+    return losses, sweep, rl
 
-    slow = _rl({"none": 1.0, "rs-e2e_tv": 1.0}, {"rs-e2e_tv": 3.0}, {"rs-e2e_tv": 0.0})
-    claims = evaluate_claims({"ce": {"alpha_rs": [0.9] * 3}, "e2e_tv": {"alpha_rs": [0.9] * 3}},
-                             _sweep({"ce": (-0.1, -1.7), "e2e_tv": (-0.1, -1.7)}), {"heads": {}}, slow)
+
+def test_claims_built_to_hold_are_held():
+    """Numbers shaped like the paper's, measured with little noise, give five 'held'; every record carries CIs
+    around its point figures and a verdict per tested part."""
+    losses, sweep, rl = _paper_shaped()
+    claims = evaluate_claims(losses, sweep, {"heads": {}}, rl)
+    assert [c["verdict"] for c in claims] == ["held"] * 5, [(c["id"], c["parts"]) for c in claims]
+    assert all(c["held"] is True for c in claims)
+    for c in claims:
+        for p in c["parts"]:
+            lo, hi = p["ci"]
+            assert lo <= hi and p["verdict"] == "held", p
+    f1 = claims[0]["figures"]
+    lo, hi = f1["slope_per_nat_sweep_ci"]["ce RS"]
+    assert lo < -1.0 and hi > -1.2 and lo < hi  # ce RS falls 3.2 → 3.0 over 0.2 nats: slope −1
+    lo, hi = claims[2]["figures"]["e2e_tv_minus_ce_points_ci"]
+    assert lo < claims[2]["figures"]["e2e_tv_minus_ce_points"] < hi
+
+
+def test_claims_built_to_fail_are_not_held():
+    """A CE head whose acceptance does not fall, RS below TO, no RL drift, equal losses and slow MTP: every claim
+    is not held."""
+    rl = _rl({"none": 1.0, "to-ce": 1.0, "rs-ce": 1.0, "rs-e2e_tv": 1.0, "rs-online-ce": 1.0},
+             {"to-ce": 3.0, "rs-ce": 3.0, "rs-e2e_tv": 3.0, "rs-online-ce": 3.3},
+             {"rs-e2e_tv": -0.1})
+    sweep = _sweep({"ce": (-0.1, -0.1), "e2e_tv": (-0.1, -0.1)},
+                   {h: {"rejection": [2.9, 2.9, 2.9], "target_only": [3.0, 3.0, 3.0]} for h in ("ce", "e2e_tv")})
+    claims = evaluate_claims(_losses({"ce": [0.9] * 3, "e2e_tv": [0.9] * 3}), sweep, {"heads": {}}, rl)
+    assert [c["verdict"] for c in claims] == ["not held"] * 5, [(c["id"], c["parts"]) for c in claims]
     assert [c["held"] for c in claims] == [False] * 5
+
+
+def test_noisy_claims_are_inconclusive_and_missing_units_give_no_interval():
+    """The paper-shaped numbers measured on 3 very noisy engine calls: the CIs straddle the thresholds, so claims
+    1 and 3 are inconclusive rather than held. Outputs without units (an old run) have no CI: inconclusive."""
+    losses, sweep, rl = _paper_shaped(noise=0.3, n=3)
+    claims = evaluate_claims(losses, sweep, {"heads": {}}, rl)
+    assert claims[0]["verdict"] == "inconclusive" and claims[2]["verdict"] == "inconclusive"
+    for v in losses.values():
+        del v["units_rs"]
+    for h in sweep["heads"].values():
+        for r in h.values():
+            del r["units"]
+    claims = evaluate_claims(losses, sweep, {"heads": {}}, rl)
+    assert claims[0]["verdict"] == claims[2]["verdict"] == "inconclusive"
+    assert claims[2]["figures"]["e2e_tv_minus_ce_points"] == pytest.approx(5.0)
+
+
+def test_claim_5_reports_rollout_share_amdahl_bound_and_a_labelled_gpu_projection():
+    from bebop.core.speed import rl_step_speedup, speedup_limit
+
+    losses, sweep, rl = _paper_shaped()
+    f = evaluate_claims(losses, sweep, {"heads": {}}, rl)[4]["figures"]
+    assert f["rollout_share_none"] == pytest.approx(0.5)
+    s = f["median_speedup"]["rs-e2e_tv"]["rollout"]
+    assert f["amdahl_step_bound"] == pytest.approx(rl_step_speedup(0.5, s))
+    assert "gpu_projection" not in f
+    costs = {"device": "H100", "dtype": "bfloat16", "inputs": {"gamma": 3, "rollout_share": None},
+             "rows": [{"shape": "qwen3-8b", "batch": 8, "context": 1024, "c_1": 1.0, "c_verify": 1.2, "c_draft": 0.1},
+                      {"shape": "qwen3-8b", "batch": 256, "context": 1024, "skipped": "needs 200 GiB"}]}
+    c5 = evaluate_claims(losses, sweep, {"heads": {}}, rl, costs)[4]
+    p = c5["figures"]["gpu_projection"]
+    length = p["inputs"]["accept_length"]
+    assert p["label"].startswith("projection") and len(p["rows"]) == 1
+    assert p["rows"][0]["projected_rl_step_speedup"] == pytest.approx(
+        rl_step_speedup(f["rollout_share_none"], speedup_limit(length, 1.0, 1.2, 0.1, 3)))
+    assert "projected GPU step speedup (projection" in claim_headline(c5)
 
 
 def test_demo_stages_use_the_default_recipes_without_a_wall_clock_cap():
@@ -225,7 +332,8 @@ def test_report_renders_every_section_from_results_alone():
                   "## α per draft step per loss", "## RL"):
         assert title in report
     assert all(f"plots/{v}" in report for v in PLOTS.values())
-    assert report.count("**held**") + report.count("**not held**") == 5
+    assert sum(report.count(f"**{v}**") for v in ("held", "not held", "inconclusive")) == 5
+    assert "Verdict rules:" in report and "| # | figure | point | CI | test | part verdict |" in report
     assert "accuracy τ=1 –" in report
 
 

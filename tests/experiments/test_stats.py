@@ -44,8 +44,18 @@ def test_ratio_ci_is_a_ratio_of_sums_and_undefined_resamples_are_dropped():
     num, den = [1.0, 2.0, 3.0, 4.0] * 10, [2.0, 4.0, 6.0, 8.0] * 10  # every unit has ratio 0.5
     lo, hi = stats.ratio_ci(num, den, offset=1.0)
     assert lo == pytest.approx(1.5) and hi == pytest.approx(1.5)
-    assert stats.ratio_of([1.0, 1.0], [0.0, 0.0])(np.array([0, 1])) is None
+    assert np.isnan(stats.ratio_of([1.0, 1.0], [0.0, 0.0])(np.array([[0, 1]])))[0]
     assert stats.ratio_ci([1.0, 1.0], [0.0, 0.0]) is None
+
+
+def test_vectorised_slope_is_linear_fits_slope():
+    from bebop.core.fits import linear_fit
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(7, 6)), rng.normal(size=(7, 6))
+    want = [linear_fit(a, b)["slope"] for a, b in zip(x, y, strict=True)]
+    assert stats.ols_slope(x, y) == pytest.approx(want)
+    assert np.isnan(stats.ols_slope(np.ones((1, 3)), np.arange(3.0)[None]))[0]
 
 
 def test_paired_resampling_is_narrower_than_unpaired_for_correlated_arms():
@@ -54,7 +64,7 @@ def test_paired_resampling_is_narrower_than_unpaired_for_correlated_arms():
     prompt = rng.normal(0, 1.0, 60)
     a, b = prompt + 0.3 + rng.normal(0, 0.1, 60), prompt + rng.normal(0, 0.1, 60)
     paired = stats.paired_diff_ci(a, b)
-    unpaired = stats.two_sample_ci(a, b, lambda x, y: float(x.mean() - y.mean()))
+    unpaired = stats.two_sample_ci(a, b, lambda x, y: x.mean(-1) - y.mean(-1))
     assert paired[0] <= 0.3 <= paired[1]
     assert (paired[1] - paired[0]) < 0.25 * (unpaired[1] - unpaired[0])
 
@@ -79,7 +89,7 @@ def test_drift_ci_over_steps():
     assert stats.verdict(stats.drift_ci(steady), "abs<", 0.02) == HELD
     lo, hi = stats.drift_ci(falling)
     assert hi < -0.02
-    assert stats.drift([2.0, 2.0], [1.0, 1.0]) == pytest.approx(-0.5)
+    assert float(stats.drift([2.0, 2.0], [1.0, 1.0])) == pytest.approx(-0.5)
 
 
 @pytest.mark.parametrize(("ci", "op", "t", "want"), [

@@ -246,7 +246,9 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], cfg: SweepC
 
     Returns ``{"temperatures": [...], "gamma": γ, "config": {...}, "heads": {name: {"rejection": S,
     "target_only": S}}}`` with ``S = {"accept_length": [per τ], "alpha": [[α_k] per τ], "expected_alpha":
-    [[...] per τ], "entropy": [per τ], "fit": linear_fit(entropy, accept length) over τ}``."""
+    [[...] per τ], "entropy": [per τ], "units": [per τ], "fit": linear_fit(entropy, accept length) over τ}``;
+    ``units`` are ``measure_acceptance``'s per-engine-call counters, the same prompts in the same calls at every
+    (head, τ, rule), so an interval resamples them jointly."""
     cfg = cfg or SweepConfig()
     config = {"task": cfg.task, "n_prompts": cfg.prompts, "batch_size": cfg.batch_size,
               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "accept_length_counts_bonus": True}
@@ -254,7 +256,7 @@ def temperature_sweep(model, tokenizer, heads: Mapping[str, object], cfg: SweepC
     for name, head in heads.items():
         row: dict = {}
         for rule in RULE_NAMES:
-            s: dict[str, list] = {"accept_length": [], "alpha": [], "expected_alpha": [], "entropy": []}
+            s: dict[str, list] = {"accept_length": [], "alpha": [], "expected_alpha": [], "entropy": [], "units": []}
             for t in cfg.temperatures:
                 r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, t, cfg.gamma, cfg.prompts,
                                                                      cfg.batch_size, cfg.max_new_tokens, cfg.seed))

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from bebop.core.fits import linear_fit
 from bebop.errors import BebopError
 
 __all__ = ["CONFIDENCE", "HELD", "INCONCLUSIVE", "MIN_UNITS", "NOT_HELD", "RESAMPLES", "SEED", "VERDICTS",
-           "bootstrap_ci", "combine", "diff_of", "drift", "drift_ci", "mean_ci", "mean_of", "paired_diff_ci",
-           "ratio_ci", "ratio_of", "slope_ci", "slope_of", "two_sample_ci", "verdict"]
+           "bootstrap_ci", "combine", "diff_of", "drift", "drift_ci", "mean_ci", "mean_of", "ols_slope",
+           "paired_diff_ci", "ratio_ci", "ratio_of", "slope_ci", "slope_of", "two_sample_ci", "verdict"]
 
 CONFIDENCE = 0.95   # two-sided coverage of every interval
 RESAMPLES = 2000    # bootstrap resamples per interval
@@ -32,58 +31,59 @@ MIN_UNITS = 2       # fewer units than this: no interval (a single unit says not
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE)
 
-Stat = Callable[[np.ndarray], float | None]
-"""A statistic of one resample: unit indices → value (None where undefined, e.g. a slope over constant x)."""
+Stat = Callable[[np.ndarray], np.ndarray]
+"""A statistic over resamples, vectorised: unit indices [R, n] (one row per resample) → values [R] (NaN where a
+resample leaves it undefined, e.g. a ratio over a zero denominator)."""
 
 
 # ------------------------------------------------------------------------------------------------ statistics
 
 
 def mean_of(x: Sequence[float]) -> Stat:
-    """The mean of the per-unit values ``x`` over a resample."""
+    """The mean of the per-unit values ``x`` over each resample."""
     a = np.asarray(x, dtype=np.float64)
-    return lambda idx: float(a[idx].mean())
+    return lambda idx: a[idx].mean(axis=-1)
 
 
 def ratio_of(num: Sequence[float], den: Sequence[float], offset: float = 0.0) -> Stat:
-    """``offset + Σ num / Σ den`` over a resample (a ratio of means: e.g. accepted drafts per verify step, summed
-    over the units' counters, as the engine aggregates them); None where Σ den is 0."""
+    """``offset + Σ num / Σ den`` over each resample (a ratio of means: e.g. accepted drafts per verify step, summed
+    over the units' counters, as the engine aggregates them); NaN where Σ den is 0."""
     n, d = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
 
-    def stat(idx: np.ndarray) -> float | None:
-        s = float(d[idx].sum())
-        return None if s == 0 else offset + float(n[idx].sum()) / s
+    def stat(idx: np.ndarray) -> np.ndarray:
+        s = d[idx].sum(axis=-1)
+        return offset + n[idx].sum(axis=-1) / np.where(s == 0, np.nan, s)
 
     return stat
 
 
 def diff_of(a: Stat, b: Stat) -> Stat:
-    """``a − b`` on the same resample (paired: both measured on the same units)."""
+    """``a − b`` on the same resamples (paired: both measured on the same units)."""
+    return lambda idx: a(idx) - b(idx)
 
-    def stat(idx: np.ndarray) -> float | None:
-        va, vb = a(idx), b(idx)
-        return None if va is None or vb is None else va - vb
 
-    return stat
+def ols_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slopes of ``y`` against ``x`` along the last axis, one per row (NaN where x is constant): the
+    slope of ``core.fits.linear_fit``, vectorised over resamples."""
+    dx = x - x.mean(axis=-1, keepdims=True)
+    sxx = (dx * dx).sum(axis=-1)
+    return (dx * (y - y.mean(axis=-1, keepdims=True))).sum(axis=-1) / np.where(sxx > 0, sxx, np.nan)
 
 
 def slope_of(xs: Sequence[Stat], ys: Sequence[Stat]) -> Stat:
-    """The OLS slope of the points ``(xs[i], ys[i])`` (one point per group, e.g. per τ), every point recomputed on
-    the same resample of units (``core.fits.linear_fit``)."""
-
-    def stat(idx: np.ndarray) -> float | None:
-        pts = [(x(idx), y(idx)) for x, y in zip(xs, ys, strict=True)]
-        pts = [(x, y) for x, y in pts if x is not None and y is not None]
-        return linear_fit([p[0] for p in pts], [p[1] for p in pts])["slope"]
-
-    return stat
+    """The OLS slope of the points ``(xs[g], ys[g])`` (one point per group, e.g. per τ), every point recomputed on
+    the same resample of units."""
+    if len(xs) != len(ys):
+        raise BebopError(f"a slope needs as many x as y groups, got {len(xs)} and {len(ys)}")
+    return lambda idx: ols_slope(np.stack([x(idx) for x in xs], -1), np.stack([y(idx) for y in ys], -1))
 
 
 # ------------------------------------------------------------------------------------------------ intervals
 
 
-def _percentiles(values: Iterable[float | None], confidence: float) -> list[float] | None:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+def _percentiles(values: np.ndarray, confidence: float) -> list[float] | None:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
     if v.size == 0:
         return None
     tail = 100 * (1 - confidence) / 2
@@ -105,21 +105,23 @@ def bootstrap_ci(stat: Stat, n: int, resamples: int = RESAMPLES, confidence: flo
     _check(confidence, resamples)
     if n < MIN_UNITS:
         return None
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    return _percentiles((stat(i) for i in idx), confidence)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _percentiles(stat(np.random.default_rng(seed).integers(0, n, size=(resamples, n))), confidence)
 
 
-def two_sample_ci(a: Sequence[float], b: Sequence[float], stat: Callable[[np.ndarray, np.ndarray], float | None],
+def two_sample_ci(a: Sequence[float], b: Sequence[float], stat: Callable[[np.ndarray, np.ndarray], np.ndarray],
                   resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = SEED) -> list[float] | None:
-    """Percentile CI of ``stat(a*, b*)`` where ``a*`` and ``b*`` resample ``a`` and ``b`` independently (two samples
-    without a pairing, e.g. the step times of two RL runs); None when either has fewer than :data:`MIN_UNITS`."""
+    """Percentile CI of ``stat(a*, b*)`` where the rows of ``a*`` [R, len(a)] and ``b*`` [R, len(b)] resample ``a``
+    and ``b`` independently (two samples without a pairing, e.g. the step times of two RL runs); None when either
+    has fewer than :data:`MIN_UNITS` values."""
     _check(confidence, resamples)
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if xa.size < MIN_UNITS or xb.size < MIN_UNITS:
         return None
     rng = np.random.default_rng(seed)
     ia, ib = rng.integers(0, xa.size, (resamples, xa.size)), rng.integers(0, xb.size, (resamples, xb.size))
-    return _percentiles((stat(xa[i], xb[j]) for i, j in zip(ia, ib, strict=True)), confidence)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _percentiles(stat(xa[ia], xb[ib]), confidence)
 
 
 def mean_ci(x: Sequence[float], **kw) -> list[float] | None:
@@ -148,10 +150,11 @@ def slope_ci(x_units: Sequence[Sequence[float]], y_units: Sequence[Sequence[floa
     return bootstrap_ci(slope_of([mean_of(u) for u in x_units], [mean_of(u) for u in y_units]), n.pop(), **kw)
 
 
-def drift(first: np.ndarray, last: np.ndarray) -> float | None:
-    """Relative change of the mean: ``mean(last) / mean(first) − 1`` (None where mean(first) is 0)."""
-    m = float(np.mean(first))
-    return None if m == 0 else float(np.mean(last)) / m - 1.0
+def drift(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Relative change of the mean along the last axis: ``mean(last) / mean(first) − 1`` (NaN where mean(first)
+    is 0)."""
+    m = np.asarray(first, dtype=np.float64).mean(axis=-1)
+    return np.asarray(last, dtype=np.float64).mean(axis=-1) / np.where(m == 0, np.nan, m) - 1.0
 
 
 def drift_ci(values: Sequence[float], k: int = 5, **kw) -> list[float] | None:

@@ -23,7 +23,7 @@ __all__ = ["run_demo"]
 
 OUTPUTS = (".stages", "policy", "policy.sft.jsonl", "heads", "losses.json", "sweep.json", "entropy.json", "rl",
            "plots", "report.md", "summary.json")
-LOSS_BATCH = 32           # prompts per engine call when measuring each head
+UNIT_PROMPTS = 4          # prompts per engine call when measuring heads (losses, sweep): the bootstrap's unit
 LOSS_SEED_OFFSET = 99_991  # the per-loss measurement draws prompts unseen in head training
 
 
@@ -157,12 +157,12 @@ def _measure_stages(demo: _Demo) -> None:
     torch.manual_seed(cfg.seed)
     stages.run("losses", f"3/7 α per step per loss (τ = {cfg.temperature:g}, {cfg.loss_prompts} prompts)",
                out / "losses.json", dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
-                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, unit=UNIT_PROMPTS),
                ["sft", *demo.head_cfgs], lambda: _measure_losses(demo, model, tokenizer, heads))
-    sweep_cfg = derive(SweepConfig, cfg, "sweep_")
+    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=UNIT_PROMPTS)
     stages.run("sweep", f"4/7 temperature sweep τ ∈ {{{', '.join(f'{t:g}' for t in cfg.temperatures)}}}",
                out / "sweep.json", dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
-                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, unit=UNIT_PROMPTS),
                ["sft", "head_init", "head_ce", "head_e2e_tv"],
                lambda: atomic_write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, sweep_cfg)))
     ent_cfg = derive(EntropyConfig, cfg, "entropy_")
@@ -183,9 +183,10 @@ def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
         row: dict = {}
         for rule, tag in (("rejection", "rs"), ("target_only", "to")):
             r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, cfg.temperature, cfg.gamma,
-                                                                 cfg.loss_prompts, LOSS_BATCH, cfg.max_new_tokens,
+                                                                 cfg.loss_prompts, UNIT_PROMPTS, cfg.max_new_tokens,
                                                                  cfg.seed + LOSS_SEED_OFFSET))
             row[f"alpha_{tag}"], row[f"accept_length_{tag}"] = r["alpha"], r["accept_length"]
+            row[f"units_{tag}"] = r["units"]
             row["entropy"] = r["entropy"]
         res[name] = row
         demo.console.print(f"{name}: accept length RS {row['accept_length_rs']:.3f}, "
@@ -212,7 +213,10 @@ def _report_stage(demo: _Demo, t_start: float) -> dict:
     res = Results(losses=_read_json(out / "losses.json"), sweep=_read_json(out / "sweep.json"),
                   ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"])
     plots = write_plots(out / "plots", res, demo.cfg)
-    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl)
+    costs = getattr(demo.cfg, "gpu_costs", None)  # a benchmarks/gpu_costs.py JSON: claim 5 shows its projection
+    if costs and not Path(costs).is_file():
+        raise BebopError(f"GPU costs JSON not found: {costs}")
+    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl, _read_json(Path(costs)) if costs else None)
     sft_summary = _read_json(demo.policy / "sft_summary.json")
     summary = {
         "claims": claims,

@@ -11,12 +11,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bebop.experiments.demo.claims import claim_headline, dig, fmt, median_times, rl_runs
+from bebop.experiments.demo.claims import VERDICT_RULE, claim_headline, dig, fmt, fmt_ci, median_times, rl_runs
 from bebop.experiments.demo.config import DemoConfig
 from bebop.experiments.names import RULE_NAMES
 from bebop.experiments.series import entropy_series, step_series, sweep_series
 
-__all__ = ["PLOTS", "Results", "claims_table", "print_claims", "render_report", "write_plots"]
+__all__ = ["PLOTS", "Results", "claims_table", "parts_table", "print_claims", "render_report", "write_plots"]
 
 PLOTS = {
     "entropy_accept": "entropy_accept.png",        # accept length vs mean entropy over τ (engine), fitted slopes
@@ -74,24 +74,38 @@ def write_plots(plot_dir: Path, res: Results, cfg: DemoConfig) -> dict[str, Path
     return dict(sorted(paths.items(), key=lambda kv: list(PLOTS).index(kv[0])))
 
 
+COLORS = {"held": "green", "not held": "red", "inconclusive": "yellow"}
+OPS = {">=": "≥", ">": ">", "<=": "≤", "<": "<", "abs<=": "|·| ≤", "abs<": "|·| <"}
+
+
 def print_claims(claims: Sequence[Mapping], console: Console) -> None:
-    """The claims with their measured figures and verdicts, as a console table."""
-    table = Table(title="DESIGN §6 claims, measured here")
+    """The claims with their measured figures (CIs in brackets) and verdicts, as a console table."""
+    table = Table(title="DESIGN §6 claims, measured here (95 % CIs in brackets)")
     for c in ("#", "measured", "verdict"):
         table.add_column(c)
     for c in claims:
-        color = "green" if c["held"] else "red"
-        table.add_row(str(c["id"]), claim_headline(c), f"[{color}]{c['verdict']}[/]")
+        table.add_row(str(c["id"]), claim_headline(c), f"[{COLORS.get(c['verdict'], 'white')}]{c['verdict']}[/]")
     console.print(table)
 
 
+def _cells(row: Sequence[str]) -> str:
+    return "| " + " | ".join(x.replace("|", "\\|") for x in row) + " |"
+
+
 def claims_table(claims: Sequence[Mapping]) -> str:
-    """Markdown table of the claims: claim, measured figure, rule, verdict."""
-    lines = ["| # | claim (DESIGN §6) | measured here | rule | verdict |", "|---|---|---|---|---|"]
+    """Markdown table of the claims: claim, measured figures with CIs, rule, verdict."""
+    lines = ["| # | claim (DESIGN §6) | measured here (point [CI]) | rule | verdict |", "|---|---|---|---|---|"]
+    lines += [_cells([str(c["id"]), c["claim"], claim_headline(c), c["rule"], f"**{c['verdict']}**"]) for c in claims]
+    return "\n".join(lines)
+
+
+def parts_table(claims: Sequence[Mapping]) -> str:
+    """Markdown table of every tested part: the figure, its point value and CI, the test and its verdict."""
+    lines = ["| # | figure | point | CI | test | part verdict |", "|---|---|---|---|---|---|"]
     for c in claims:
-        verdict = "**held**" if c["held"] else "**not held**"
-        cells = [str(c["id"]), c["claim"], claim_headline(c), c["rule"], verdict]
-        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+        for p in c.get("parts", []):
+            lines.append(_cells([str(c["id"]), p["figure"], fmt(p["value"], "+.4f"), fmt_ci(p["ci"], "+.4f"),
+                                 f"{OPS.get(p['op'], p['op'])} {p['threshold']:g}", p["verdict"]]))
     return "\n".join(lines)
 
 
@@ -111,8 +125,9 @@ def render_report(summary: Mapping, res: Results, cfg: DemoConfig) -> str:
     """``report.md``: the run's setting, the claims table, then one section per measurement with its plot(s)."""
     lines = [*_overview(summary, cfg), *_entropy_section(summary, res), *_sweep_section(summary, res.sweep),
              *_losses_section(summary, res.losses), *_rl_section(summary, res.rl),
-             "", "Files: `summary.json` (per claim: figures, rule, verdict), `losses.json`, `sweep.json`, "
-             "`entropy.json`, `rl/bench_rl.json` (+ one run directory per method), `heads/`, `plots/`.", ""]
+             "", "Files: `summary.json` (per claim: figures with CIs, tested parts, rule, verdict), `losses.json`, "
+             "`sweep.json`, `entropy.json`, `rl/bench_rl.json` (+ one run directory per method), `heads/`, `plots/`.",
+             ""]
     return "\n".join(lines)
 
 
@@ -139,7 +154,13 @@ def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
         "",
         "## Claims",
         "",
+        f"Verdict rules: {VERDICT_RULE}",
+        "",
         claims_table(summary["claims"]),
+        "",
+        "Every tested part:",
+        "",
+        parts_table(summary["claims"]),
     ]
 
 
