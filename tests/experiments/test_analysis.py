@@ -176,13 +176,20 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert plots.plot_entropy_accept(series, tmp_path / "e.png").stat().st_size > 0
 
     sweep = analysis.temperature_sweep(model, tok, {"a": head}, analysis.SweepConfig(
-        temperatures=(0.5, 1.0), gamma=2, prompts=3, batch_size=3, max_new_tokens=6))
+        temperatures=(0.5, 1.0), gamma=2, prompts=3, batch_size=2, max_new_tokens=6))
     json.dumps(sweep, allow_nan=False)
     row = sweep["heads"]["a"]
     for rule in ("rejection", "target_only"):
         assert len(row[rule]["accept_length"]) == 2 and len(row[rule]["alpha"][0]) == 2
         assert all(e > 0 for e in row[rule]["entropy"])
         assert row[rule]["fit"]["n"] == 2
+        for i, u in enumerate(row[rule]["units"]):  # one entry per engine call (3 prompts, 2 per call)
+            assert len(u["steps"]) == 2 and all(len(r) == 2 for r in u["reached"])
+            assert 1 + sum(u["accepted"]) / sum(u["steps"]) == pytest.approx(row[rule]["accept_length"][i])
+            assert sum(u["entropy_sum"]) / sum(u["tokens"]) == pytest.approx(row[rule]["entropy"][i])
+            alpha = [a / r if r else 0.0 for a, r in zip(np.sum(u["accepted_k"], 0), np.sum(u["reached"], 0),
+                                                          strict=True)]
+            assert alpha == pytest.approx(row[rule]["alpha"][i])
     series = analysis.sweep_series(sweep)
     assert set(series) == {"a RS", "a TO"} and series["a RS"]["accept_length"] == row["rejection"]["accept_length"]
 
