@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bebop.core.sampling import SamplingParams
 from bebop.errors import BebopError
-from bebop.experiments import analysis, plots
+from bebop.experiments import analysis, plots, stats
 from bebop.models.checkpoint import save_head
 from bebop.models.mtp import MTPHead
 from bebop.models.policy import save_policy
@@ -164,6 +164,12 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
     json.dumps(res, allow_nan=False)
     for row in res["heads"].values():
         assert sum(row["count"]) == row["n_positions"] > 0
+        ps = row["per_sample"]  # per-sample sums rebuild the per-token fit (the unit of its interval)
+        assert sum(ps["n"]) == row["n_positions"] and 1 < len(ps["n"]) <= 6
+        for rule in ("rejection", "target_only"):
+            full = stats.pooled_slope_of(ps["n"], ps["sum_h"], ps["sum_h2"], ps[rule]["sum_len"],
+                                         ps[rule]["sum_h_len"])(np.arange(len(ps["n"]))[None])[0]
+            assert full == pytest.approx(row[rule]["fit"]["slope"])
         assert row["decision_boundary"]["agreement"] in (None, 1.0)
         best = row["best_rule_accept_length"]
         assert best >= max(row["rejection"]["mean_accept_length"], row["target_only"]["mean_accept_length"]) - 1e-9

@@ -204,6 +204,21 @@ def test_noisy_claims_are_inconclusive_and_missing_units_give_no_interval():
     assert claims[2]["figures"]["e2e_tv_minus_ce_points"] == pytest.approx(5.0)
 
 
+def test_claim_1_shows_the_per_token_slope_with_its_interval_over_samples():
+    """``entropy.json``'s per-sample sums give the per-token slope a CI over policy samples (shown, not judged)."""
+    rng = np.random.default_rng(1)
+    h = [rng.uniform(0, 1, 20) for _ in range(30)]
+    length = [3 - 1.5 * x + rng.normal(0, 0.2, x.size) for x in h]
+    sums = {"rejection": {"sum_len": [float(y.sum()) for y in length],
+                          "sum_h_len": [float((x * y).sum()) for x, y in zip(h, length, strict=True)]}}
+    ps = {"n": [20.0] * 30, "sum_h": [float(x.sum()) for x in h], "sum_h2": [float((x * x).sum()) for x in h], **sums}
+    ent = {"heads": {"ce": {"per_sample": ps, "rejection": {"fit": {"slope": -1.5}}, "target_only": {}}}}
+    losses, sweep, rl = _paper_shaped()
+    f = evaluate_claims(losses, sweep, ent, rl)[0]["figures"]
+    lo, hi = f["slope_per_nat_tokens_ci"]["ce RS"]
+    assert lo < -1.5 < hi and f["slope_per_nat_tokens_ci"]["ce TO"] is None
+
+
 def test_claim_5_reports_rollout_share_amdahl_bound_and_a_labelled_gpu_projection():
     from bebop.core.speed import rl_step_speedup, speedup_limit
 

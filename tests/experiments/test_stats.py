@@ -83,6 +83,24 @@ def test_slope_ci_on_linear_data_contains_the_true_slope():
         stats.slope_ci(xs, [y[:10] for y in ys])
 
 
+def test_pooled_slope_refits_every_observation_of_the_resampled_units():
+    """Units of several observations each, summarised by their sums: the full sample gives linear_fit's slope over
+    every observation, and the CI over units holds the true slope."""
+    from bebop.core.fits import linear_fit
+
+    rng = np.random.default_rng(6)
+    xs = [rng.uniform(0, 1, rng.integers(3, 9)) for _ in range(40)]
+    ys = [2 - 0.8 * x + rng.normal(0, 0.1, x.size) for x in xs]
+    sums = [[float(f(x, y)) for x, y in zip(xs, ys, strict=True)]
+            for f in (lambda x, y: x.size, lambda x, y: x.sum(), lambda x, y: (x * x).sum(), lambda x, y: y.sum(),
+                      lambda x, y: (x * y).sum())]
+    stat = stats.pooled_slope_of(*sums)
+    full = stat(np.arange(40)[None])[0]
+    assert full == pytest.approx(linear_fit(np.concatenate(xs), np.concatenate(ys))["slope"])
+    lo, hi = stats.bootstrap_ci(stat, 40)
+    assert lo < -0.8 < hi
+
+
 def test_drift_ci_over_steps():
     steady = [3.0 + 0.01 * (-1) ** i for i in range(12)]
     falling = [3.0 - 0.1 * i for i in range(12)]

@@ -131,15 +131,19 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
     then t ascending):
 
     ``entropy`` [N] = H(p_1(t)) (the target at the first draft position), ``entropy_k`` [N, γ] = H(p_k(t)),
-    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`); with ``given_token``
-    also ``accepted_rs`` / ``accepted_to`` [N, γ] (see :func:`acceptance_given_token`, at the sample's tokens)."""
+    ``alpha_rs`` / ``alpha_to`` / ``tv`` [N, γ] per draft step (see :func:`acceptance`), ``row`` [N] the index in
+    ``data`` of each position's sample; with ``given_token`` also ``accepted_rs`` / ``accepted_to`` [N, γ] (see
+    :func:`acceptance_given_token`, at the sample's tokens)."""
     check_gamma(gamma)
     lm_head = model.get_output_embeddings()
     keys = ("entropy_k", "alpha_rs", "alpha_to", "tv") + (("accepted_rs", "accepted_to") if given_token else ())
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    rows: list[np.ndarray] = []
     for i in range(0, len(data), batch_size):
-        ids, mask, prompt_lens = pad_batch(list(data[i : i + batch_size]), pad_id, model.device)
+        chunk = list(data[i : i + batch_size])
+        ids, mask, prompt_lens = pad_batch(chunk, pad_id, model.device)
         hq, hp, y = teacher_forced(model, head, ids, mask, prompt_lens, gamma)
+        rows.append(_position_rows(chunk, gamma, i, hq.shape[0]))
         p, q = probs_from_logits(lm_head(hp), params), probs_from_logits(lm_head(hq), params)
         alpha_rs, alpha_to, tv = acceptance(p, q)
         vals = (entropy(p), alpha_rs, alpha_to, tv) + (acceptance_given_token(p, q, y) if given_token else ())
@@ -147,7 +151,19 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
             parts[key].append(val.cpu())
     out = {k: torch.cat(v).double().numpy() if v else np.zeros((0, gamma)) for k, v in parts.items()}
     out["entropy"] = out["entropy_k"][:, 0]
+    out["row"] = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     return out
+
+
+def _position_rows(chunk: Sequence[tuple[list[int], int]], gamma: int, first: int, n: int) -> np.ndarray:
+    """The sample index of each of the ``n`` positions ``teacher_forced`` returned for ``chunk`` (row order, t
+    ascending; ``eval_mtp._positions`` counts them per sample)."""
+    from bebop.experiments.eval_mtp import _positions
+
+    counts = _positions(chunk, gamma)
+    if sum(counts) != n:
+        raise BebopError(f"internal: {n} teacher-forced positions, expected {sum(counts)}")
+    return np.repeat(np.arange(first, first + len(chunk)), counts)
 
 
 def bucket_by_entropy(entropy: np.ndarray, alpha_rs: np.ndarray, alpha_to: np.ndarray, n_buckets: int = 10,
@@ -199,7 +215,8 @@ def entropy_analysis(model, tokenizer, heads: Mapping[str, object], cfg: Entropy
     """Per-token entropy buckets, per-token fits and the decision-boundary check for each head on the same
     ``cfg.samples`` policy samples at ``cfg.temperature`` (prompts seeded by ``cfg.seed``). JSON-able:
     ``{"config": {...}, "heads": {name: bucket_by_entropy(...) + {"decision_boundary": {...},
-    "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄, "best_rule_accept_length"}}}``;
+    "decision_boundary_per_step": [...], "n_positions": N, "mean_entropy": H̄, "best_rule_accept_length",
+    "per_sample": sums per policy sample for intervals}}}``;
     the last is the mean accept length if every draft step used the rule with the larger α (an upper bound
     on choosing RS vs TO from the boundary: the boundary needs p, which the drafter does not have)."""
     cfg = cfg or EntropyConfig()
@@ -224,6 +241,7 @@ def _entropy_row(stats: Mapping[str, np.ndarray], cfg: EntropyConfig) -> dict:
     row["n_positions"] = int(stats["entropy"].size)
     row["mean_entropy"] = float(stats["entropy"].mean()) if stats["entropy"].size else None
     row["decision_boundary"] = boundary_agreement(stats["tv"], stats["alpha_rs"], stats["alpha_to"])
+    row["per_sample"] = _per_sample_sums(stats)
     # headroom for choosing the rule per draft step from the boundary (needs p, so an upper bound)
     best = np.maximum(stats["alpha_rs"], stats["alpha_to"])
     row["best_rule_accept_length"] = float(accept_length(best).mean()) if best.size else None
@@ -232,6 +250,23 @@ def _entropy_row(stats: Mapping[str, np.ndarray], cfg: EntropyConfig) -> dict:
         for k in range(cfg.gamma)
     ]
     return row
+
+
+def _per_sample_sums(stats: Mapping[str, np.ndarray]) -> dict:
+    """Per policy sample (the unit an interval resamples), the sums that rebuild the per-token accept-length fit
+    against H(p_1) over any resample of samples: ``{"n", "sum_h", "sum_h2", "rejection": {"sum_len", "sum_h_len"},
+    "target_only": {...}}`` (lists; samples without drafted positions are dropped)."""
+    row, h = stats["row"], stats["entropy"]
+    used, inv = np.unique(row, return_inverse=True)
+
+    def per(x: np.ndarray) -> list[float]:
+        return np.bincount(inv, weights=x, minlength=used.size).tolist()
+
+    out: dict = {"n": per(np.ones_like(h)), "sum_h": per(h), "sum_h2": per(h * h)}
+    for rule, key in (("rejection", "alpha_rs"), ("target_only", "alpha_to")):
+        length = accept_length(stats[key]) if h.size else np.zeros(0)
+        out[rule] = {"sum_len": per(length), "sum_h_len": per(h * length)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

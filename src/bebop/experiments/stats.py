@@ -21,7 +21,8 @@ from bebop.errors import BebopError
 
 __all__ = ["CONFIDENCE", "HELD", "INCONCLUSIVE", "MIN_UNITS", "NOT_HELD", "RESAMPLES", "SEED", "VERDICTS",
            "bootstrap_ci", "combine", "diff_of", "drift", "drift_ci", "mean_ci", "mean_of", "ols_slope",
-           "paired_diff_ci", "ratio_ci", "ratio_of", "slope_ci", "slope_of", "two_sample_ci", "verdict"]
+           "paired_diff_ci", "pooled_slope_of", "ratio_ci", "ratio_of", "slope_ci", "slope_of", "two_sample_ci",
+           "verdict"]
 
 CONFIDENCE = 0.95   # two-sided coverage of every interval
 RESAMPLES = 2000    # bootstrap resamples per interval
@@ -76,6 +77,21 @@ def slope_of(xs: Sequence[Stat], ys: Sequence[Stat]) -> Stat:
     if len(xs) != len(ys):
         raise BebopError(f"a slope needs as many x as y groups, got {len(xs)} and {len(ys)}")
     return lambda idx: ols_slope(np.stack([x(idx) for x in xs], -1), np.stack([y(idx) for y in ys], -1))
+
+
+def pooled_slope_of(n: Sequence[float], sx: Sequence[float], sxx: Sequence[float], sy: Sequence[float],
+                    sxy: Sequence[float]) -> Stat:
+    """The OLS slope over every observation of the resampled units (e.g. every token of the resampled samples),
+    from each unit's count and sums Σx, Σx², Σy, Σxy; NaN where x is constant."""
+    a = [np.asarray(v, dtype=np.float64) for v in (n, sx, sxx, sy, sxy)]
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        N, X, XX, Y, XY = (v[idx].sum(axis=-1) for v in a)
+        N = np.where(N > 0, N, np.nan)
+        cxx = XX - X * X / N
+        return (XY - X * Y / N) / np.where(cxx > 0, cxx, np.nan)
+
+    return stat
 
 
 # ------------------------------------------------------------------------------------------------ intervals

@@ -120,6 +120,14 @@ def _sweep_slope(sweep: Mapping, head: str, rule: str) -> tuple[Stat, int] | Non
     return stats.slope_of([_entropy_stat(u) for u in units], [_accept_length_stat(u) for u in units]), n
 
 
+def _token_slope_ci(per_sample: Mapping | None, rule: str) -> list[float] | None:
+    """CI of the per-token accept-length slope against H(p_1) (``entropy.json``), resampling policy samples."""
+    if not per_sample or not per_sample.get(rule):
+        return None
+    p, r = per_sample, per_sample[rule]
+    return _ci(stats.pooled_slope_of(p["n"], p["sum_h"], p["sum_h2"], r["sum_len"], r["sum_h_len"]), len(p["n"]))
+
+
 def _step_values(rows: Sequence[Mapping], key: str, skip_first: bool = False) -> list[float]:
     rows = rows[1:] if skip_first and len(rows) > 1 else rows  # step 0 warms up
     return [r[key] for r in rows if r.get(key) is not None]
@@ -196,6 +204,8 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
     r = {k: dig(sh, h, rule, "fit", "r") for h, rule, k in keys}
     token_slope = {f"{h} {tag}": dig(ent, "heads", h, rule, "fit", "slope")
                    for h in ent.get("heads", {}) for rule, tag in RULE_NAMES.items()}
+    token_slope_ci = {f"{h} {tag}": _token_slope_ci(dig(ent, "heads", h, "per_sample"), rule)
+                      for h in ent.get("heads", {}) for rule, tag in RULE_NAMES.items()}
     rl_fits = {m: s["fit"]["slope"] for m, s in step_series(rl_runs(rl)).items()}
     ce_rs, tv_rs = slope.get("ce RS"), slope.get("e2e_tv RS")
     margin = None if ce_rs is None or tv_rs is None else abs(tv_rs) - FLAT_RATIO * abs(ce_rs)
@@ -209,6 +219,7 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
         margin_ci = _ci(flat_margin, fits["ce RS"][1])
     figures = {"slope_per_nat_sweep": slope, "slope_per_nat_sweep_ci": slope_ci, "r_sweep": r,
                "flat_margin": margin, "flat_margin_ci": margin_ci, "slope_per_nat_tokens": token_slope,
+               "slope_per_nat_tokens_ci": token_slope_ci,
                "slope_per_nat_rl_steps": rl_fits, "paper": {"ce RS": -1.68, "TO": -1.68, "e2e_tv RS": -0.06}}
     parts = [_part("slope ce TO", slope.get("ce TO"), slope_ci.get("ce TO"), "<=", SLOPE_FALLS),
              _part("slope ce RS", ce_rs, slope_ci.get("ce RS"), "<=", SLOPE_FALLS),
@@ -412,11 +423,12 @@ def claim_headline(c: Mapping) -> str:
     f = c["figures"]
     if c["id"] == 1:
         s, ci = f["slope_per_nat_sweep"], f.get("slope_per_nat_sweep_ci") or {}
+        tci = f.get("slope_per_nat_tokens_ci") or {}
         return ("slope/nat (τ sweep): " + ", ".join(f"{k} {_with_ci(s.get(k), ci.get(k), '+.2f')}"
                                                    for k in ("ce TO", "ce RS", "e2e_tv RS"))
                 + f"; flat margin {_with_ci(f.get('flat_margin'), f.get('flat_margin_ci'), '+.2f')}; per token: "
-                + ", ".join(f"{k} {fmt(f['slope_per_nat_tokens'].get(k), '+.2f')}" for k in ("ce TO", "ce RS",
-                                                                                             "e2e_tv RS")))
+                + ", ".join(f"{k} {_with_ci(f['slope_per_nat_tokens'].get(k), tci.get(k), '+.2f')}"
+                            for k in ("ce TO", "ce RS", "e2e_tv RS")))
     if c["id"] == 2:
         gap, gci = f["rs_minus_to_at_tau_max"], f.get("rs_minus_to_at_tau_max_ci") or {}
         d, dci = f["rl_drift_last5_vs_first5"], f.get("rl_drift_last5_vs_first5_ci") or {}
