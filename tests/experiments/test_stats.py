@@ -32,8 +32,9 @@ def test_ci_is_reproducible_ordered_and_brackets_the_point():
 
 
 def test_no_interval_from_fewer_than_two_units_and_bad_settings_raise():
-    assert stats.mean_ci([1.0]) is None and stats.mean_ci([]) is None
-    assert stats.drift_ci([1.0, 1.0, 1.0]) is None
+    assert stats.mean_ci([1.0, 2.0, 3.0, 4.0]) is None and stats.mean_ci([]) is None
+    assert stats.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is not None
+    assert stats.drift_ci([1.0] * 9) is None  # first and last 5 of 9 steps overlap
     with pytest.raises(BebopError, match="confidence"):
         stats.mean_ci([1.0, 2.0], confidence=1.0)
     with pytest.raises(BebopError, match="same units"):
@@ -43,9 +44,9 @@ def test_no_interval_from_fewer_than_two_units_and_bad_settings_raise():
 def test_ratio_ci_is_a_ratio_of_sums_and_undefined_resamples_are_dropped():
     num, den = [1.0, 2.0, 3.0, 4.0] * 10, [2.0, 4.0, 6.0, 8.0] * 10  # every unit has ratio 0.5
     lo, hi = stats.ratio_ci(num, den, offset=1.0)
+    assert stats.ratio_ci([1.0] * 5, [0.0] * 5) is None
     assert lo == pytest.approx(1.5) and hi == pytest.approx(1.5)
     assert np.isnan(stats.ratio_of([1.0, 1.0], [0.0, 0.0])(np.array([[0, 1]])))[0]
-    assert stats.ratio_ci([1.0, 1.0], [0.0, 0.0]) is None
 
 
 def test_vectorised_slope_is_linear_fits_slope():

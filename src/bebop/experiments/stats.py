@@ -27,7 +27,8 @@ __all__ = ["CONFIDENCE", "HELD", "INCONCLUSIVE", "MIN_UNITS", "NOT_HELD", "RESAM
 CONFIDENCE = 0.95   # two-sided coverage of every interval
 RESAMPLES = 2000    # bootstrap resamples per interval
 SEED = 0            # fixed, so a report is reproducible from its stage outputs
-MIN_UNITS = 2       # fewer units than this: no interval (a single unit says nothing about its spread)
+MIN_UNITS = 5       # fewer units than this: no interval (a percentile bootstrap over a handful of units is far
+                    # too narrow: 2 units have 3 distinct resamples)
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE)

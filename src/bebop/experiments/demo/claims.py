@@ -49,7 +49,8 @@ VERDICT_RULE = (
     "over its units: the engine calls of held-out prompts for acceptance (the same prompts for every head, τ and "
     "rule, resampled jointly, so differences and slopes keep the pairing), RL steps for drift and step times. "
     "A part \"X op threshold\" is held when the whole CI satisfies it, not held when the whole CI violates it, "
-    "inconclusive otherwise (or when X has no CI). A claim is held iff all its parts are held, not held iff any "
+    f"inconclusive otherwise (or when X has no CI: fewer than {stats.MIN_UNITS} units, or not measured). A claim is "
+    "held iff all its parts are held, not held iff any "
     "part is not held, inconclusive otherwise.")
 
 Stat = stats.Stat

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bebop.errors import BebopError
-from bebop.experiments.demo.claims import evaluate_claims
+from bebop.experiments.demo.claims import VERDICT_RULE, evaluate_claims
 from bebop.experiments.demo.config import DemoConfig, derive, head_configs, head_dirs, rl_config, sft_config
 from bebop.experiments.demo.report import Results, print_claims, render_report, write_plots
 from bebop.io import atomic_write_json, atomic_write_text
@@ -220,6 +220,7 @@ def _report_stage(demo: _Demo, t_start: float) -> dict:
     sft_summary = _read_json(demo.policy / "sft_summary.json")
     summary = {
         "claims": claims,
+        "verdict_rule": VERDICT_RULE,
         "policy": {"dir": str(demo.policy), "sft_steps": sft_summary.get("steps"),
                    "sft_seconds": sft_summary.get("train_seconds"), "eval": sft_summary.get("eval")},
         "heads": {k: {"dir": str(d), "heldout_alpha": _read_json(d / "train_mtp_summary.json").get("heldout_alpha")}
