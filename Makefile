@@ -1,12 +1,16 @@
 # Two commands do all set-up: `make demo` (install + main job) and `make test` (install + tests).
 # Test lanes: `make test` runs every test (what CI runs: .ci/run); `make test-fast` skips the tests marked
 # `slow` (chi-square law tests, RL and demo runs, Ray, subprocess CLI runs) for the inner edit-test loop.
+# Both run on TEST_WORKERS pytest-xdist workers (one per core of the 2-core CI machine; torch uses one thread per
+# worker, tests/conftest.py); TEST_WORKERS=0 runs in this process.
 # `make help` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 is installed first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: help install demo test test-fast lint clean
 
@@ -32,11 +36,11 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest
+	$(PYTEST) --durations=15
 
 test-fast: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
