@@ -23,7 +23,7 @@ def demo_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """SFT policy → MTP heads (CE, e2e TV) → τ sweep → entropy analysis → short RL runs → report.md, plots and
-    summary.json with a held / not-held verdict for each claim of DESIGN §6."""
+    summary.json with a verdict for each claim of DESIGN §6 (held / not held / inconclusive, from bootstrap CIs)."""
     from bebop.config import check_model_dir, make_config, read_toml
     from bebop.experiments.demo import QUICK, DemoConfig, run_demo
 
