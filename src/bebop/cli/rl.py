@@ -29,7 +29,8 @@ def check_inputs(cfg) -> None:
 
 def rl_cmd(
     task: Annotated[str | None, typer.Option(
-        help="Task: arith, countdown, code, agent, search (default source: arith; its own reward unless --reward).")]
+        help="Task: arith, countdown, code, agent, search, anagram (default source: arith; its own reward unless "
+             "--reward).")]
     = None,
     prompts: PromptsOpt = None,
     dataset: DatasetOpt = None,

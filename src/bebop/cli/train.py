@@ -31,7 +31,7 @@ E = EvalConfig
 
 
 def sft(
-    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent, search.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task: arith, countdown, code, agent, search, anagram.")] = None,
     out: Annotated[str | None, typer.Option(help="Output directory for model + tokenizer.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,

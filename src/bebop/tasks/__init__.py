@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bebop.errors import BebopError
 from bebop.tasks.agent import AgentTask
+from bebop.tasks.anagram import AnagramTask
 from bebop.tasks.arith import ArithTask
 from bebop.tasks.base import Problem, Task, sample_problems
 from bebop.tasks.code import CodeTask
@@ -11,8 +12,8 @@ from bebop.tasks.countdown import CountdownTask
 from bebop.tasks.search import SearchTask
 
 __all__ = [
-    "TASKS", "AgentTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "SearchTask", "Task", "get_task",
-    "sample_problems",
+    "TASKS", "AgentTask", "AnagramTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "SearchTask", "Task",
+    "get_task", "sample_problems",
 ]
 
 TASKS: dict[str, Task] = {
@@ -21,6 +22,7 @@ TASKS: dict[str, Task] = {
     "code": CodeTask(),
     "agent": AgentTask(),
     "search": SearchTask(),  # long completions: a written depth-first search (context 4,096)
+    "anagram": AnagramTask(),  # short completions whose entropy is the references' own: digits in any order
 }
 
 

@@ -39,13 +39,15 @@ class SFTRecipe:
 
 # Per-task default recipes. The agent task needs about twice the steps: copying the looked-up item from the
 # prompt is learned long after the tool-call format. The search task's sequences are ~40× longer (about 1,000
-# tokens against ~25), so its steps take 16 sequences; its recipe is not yet sized against an accuracy target.
+# tokens against ~25), so its steps take 16 sequences; its recipe is not yet sized against an accuracy target. The
+# anagram task is sized for the demo's few-minute SFT budget (docs/tasks.md gives its accuracy and entropy).
 SFT_RECIPES: dict[str, SFTRecipe] = {
     "arith": SFTRecipe(steps=1100),
     "countdown": SFTRecipe(steps=1100),
     "code": SFTRecipe(steps=1100),
     "agent": SFTRecipe(steps=2100),
     "search": SFTRecipe(steps=2000, batch_size=16),
+    "anagram": SFTRecipe(steps=500),
 }
 DEFAULT_RECIPE = SFTRecipe(steps=1100)  # tasks registered without a recipe of their own
 
