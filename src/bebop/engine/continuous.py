@@ -302,18 +302,17 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
         events.append((sl.req, step.toks, step.p_tok, step.ent, step.kept, None))
         if G:
             to = None if plan.to_rows is None else plan.to_rows * step.gamma
-            history.append((step.accepted, ~live, step.expected_alpha, step.gamma, to))
+            history.append((step.accepted, ~live, step.expected_alpha, step.gamma, to, sl.req))
         n_live = live.sum()
         kept_now = (st.valid.narrow(1, 0, st.length) & live.unsqueeze(1)).sum()
         acc += torch.stack([torch.full_like(n_live, B), n_live, n_live * st.length, kept_now])
         sl.advance(live, step.cut + 1, step.toks[st.rows, step.cut])
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
-    metrics.tokens = int(sampled.sum())
+    metrics.merge(acceptance_counts(G, history, N, sampled.sum(1)))   # per request: slots mapped by sl.req
     metrics.decode_tokens = metrics.tokens - N                  # each request's first token comes from its prefill
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
-    metrics.merge(acceptance_counts(G, history))
     if turns is not None:
         return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(turns_taken))
     return Rollout(out, n, logp, ent, metrics)

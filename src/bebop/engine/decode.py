@@ -197,7 +197,7 @@ def generate(
     out, logp, ent, n, _ = pack(torch.stack(toks, 1), torch.stack(probs, 1), torch.stack(ents, 1),
                                 torch.ones((B, len(toks)), dtype=torch.bool, device=device), pad_id, eos_id,
                                 max_new_tokens)
-    metrics.tokens = int(n.sum())
+    metrics.merge(acceptance_counts(0, [], tokens=n))                 # the tokens, totals and per row
     metrics.decode_tokens = metrics.tokens - B
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
@@ -289,7 +289,7 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
         step = spec_step(cfg, st, plan)
         blocks.append((step.toks, step.p_tok, step.ent, step.kept))
         to = None if plan.to_rows is None else plan.to_rows * step.gamma
-        history.append((step.accepted, done, step.expected_alpha, step.gamma, to))
+        history.append((step.accepted, done, step.expected_alpha, step.gamma, to, None))
         if trace is not None:
             trace.append(_trace_entry(step, done, eos_id))
         done = done | (st.pos_x >= pos_lim)
@@ -309,11 +309,10 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
                                 torch.cat([pre.first_p.unsqueeze(1), *(b[1] for b in blocks)], dim=1),
                                 torch.cat([pre.first_h.unsqueeze(1), *(b[2] for b in blocks)], dim=1),
                                 torch.cat(emit, dim=1), pad_id, eos_id, max_new_tokens)
-    metrics.tokens = int(n.sum())
+    metrics.merge(acceptance_counts(G, history, tokens=n))           # totals and per row (rows keep their order)
     metrics.decode_tokens = metrics.tokens - B
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
-    metrics.merge(acceptance_counts(G, history))
     metrics.slot_steps, metrics.live_steps = B * metrics.target_forwards, metrics.steps
     return Rollout(out, n, logp, ent, metrics)
 

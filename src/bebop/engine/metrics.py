@@ -1,4 +1,5 @@
-"""Decode metrics: token and forward counts, per-step acceptance α_k and accept length (DESIGN §3)."""
+"""Decode metrics: token and forward counts, per-step acceptance α_k and accept length (DESIGN §3), as totals and
+per request (``DecodeMetrics.per_row``), so that intervals can resample prompts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+__all__ = ["ROW_KEYS", "DecodeMetrics", "acceptance_counts"]
+
+ROW_KEYS = ("tokens", "steps", "accepted", "drafted", "reached", "accepted_k", "expected_k")
+"""The counters ``DecodeMetrics.per_row`` keeps per request: emitted tokens, verify steps, accepted and drafted
+drafts, and per draft step k the steps that reached draft k, accepted it, and the Σ of its expected α_k."""
 
 
 @dataclass
@@ -19,6 +26,9 @@ class DecodeMetrics:
     ``target_only_fraction`` = share of those drafts verified with TO (``rule="auto"``), ``decode_seconds`` =
     ``seconds`` without prefill and ``decode_tokens`` the tokens emitted in that time (every row's first token comes
     from the prefill's last position, so plain and MTP decoding count the same phase).
+
+    ``per_row`` maps each of :data:`ROW_KEYS` to one value per request, in request order (``reached``,
+    ``accepted_k`` and ``expected_k``: a list over k per request): the totals are their sums.
     """
 
     gamma: int = 0
@@ -40,9 +50,14 @@ class DecodeMetrics:
     reached: list[float] = field(default_factory=list)    # per step k: row-steps where draft k was judged
     accepted_k: list[float] = field(default_factory=list)  # per step k: row-steps where draft k was accepted
     expected_k: list[float] = field(default_factory=list)  # per step k: Σ of expected α_k over reached rows
+    per_row: dict[str, list] = field(default_factory=dict)  # ROW_KEYS → one value per request (request order)
 
-    def merge(self, other: DecodeMetrics) -> DecodeMetrics:
-        """Add another run's counters (same γ) to these; rates and α are then recomputed from the sums."""
+    def merge(self, other: DecodeMetrics, same_rows: bool = False) -> DecodeMetrics:
+        """Add another run's counters (same γ) to these; rates and α are then recomputed from the sums.
+        ``per_row``: another call's requests follow these (lists concatenated, in call order); with ``same_rows``,
+        ``other`` counts more steps of these same requests (one call's parts) and the per-row counters add."""
+        self.per_row = _add_rows(self.per_row, other.per_row) if same_rows else _concat_rows(self.per_row,
+                                                                                              other.per_row)
         if not self.reached:
             self.gamma = other.gamma
             self.reached, self.accepted_k, self.expected_k = ([0.0] * other.gamma for _ in range(3))
@@ -108,30 +123,63 @@ class DecodeMetrics:
         }
 
 
-def acceptance_counts(gamma: int, history: list[tuple]) -> DecodeMetrics:
-    """The acceptance counters of verify steps, as a ``DecodeMetrics`` to ``merge``: ``history`` holds per step
-    (accepted [B], done before the step [B], expected α [B, γ_t], γ_t, TO drafts per row [B] or None), counted
-    over the rows live at that step (drafter quality, before EOS/max-token truncation); γ_t ≤ ``gamma``."""
+def _concat_rows(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
+    """Per-row counters of two calls' requests, one after the other (only the keys both kept)."""
+    if not a or not b:
+        return {k: list(v) for k, v in (a or b).items()}
+    return {k: a[k] + b[k] for k in ROW_KEYS if k in a and k in b}
+
+
+def _add_rows(a: dict[str, list], b: dict[str, list]) -> dict[str, list]:
+    """Per-row counters of the same requests added (a key only one side kept is taken as it is)."""
+    def add(x, y):
+        return [add(u, v) for u, v in zip(x, y, strict=True)] if isinstance(x, list) else x + y
+
+    return {k: add(a[k], b[k]) if k in a and k in b else list(a.get(k, b.get(k))) for k in ROW_KEYS
+            if k in a or k in b}
+
+
+def acceptance_counts(gamma: int, history: list[tuple], n_rows: int | None = None,
+                      tokens: torch.Tensor | None = None) -> DecodeMetrics:
+    """The acceptance counters of verify steps, totals and per request, as a ``DecodeMetrics`` to ``merge``.
+
+    ``history`` holds per step (accepted [B], done before the step [B], expected α [B, γ_t], γ_t, TO drafts per row
+    [B] or None, the request of each batch row [B] or None = row b is request b), counted over the rows live at
+    that step (drafter quality, before EOS/max-token truncation); γ_t ≤ ``gamma``. ``n_rows`` requests (default
+    the batch); ``tokens``: each request's emitted tokens [n_rows], kept with them. One host read for everything."""
     m = DecodeMetrics(gamma=gamma)
     G = gamma
-    m.reached, m.accepted_k, m.expected_k = ([0.0] * G for _ in range(3))
-    if not history:
-        return m
-    a, done = torch.stack([h[0] for h in history]), torch.stack([h[1] for h in history])   # [S, B]
-    exp = torch.stack([h[2] if h[3] == G else F.pad(h[2], (0, G - h[3])) for h in history])  # [S, B, γ]
-    gam = torch.tensor([h[3] for h in history], device=a.device)                            # [S]
-    if all(h[4] is None for h in history):
-        to = torch.zeros_like(a)
-    else:
-        to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
-    live = ~done
-    k = torch.arange(G, device=a.device)
-    reached = (a[..., None] >= k) & (k < gam[:, None, None]) & live[..., None]  # draft k+1 was judged
-    m.steps = int(live.sum())
-    m.accepted = int((a * live).sum())
-    m.drafted = int((gam[:, None] * live).sum())
-    m.target_only_drafts = int((to * live).sum())
-    m.reached = reached.sum((0, 1)).float().tolist()
-    m.accepted_k = ((a[..., None] > k) & live[..., None]).sum((0, 1)).float().tolist()
-    m.expected_k = (exp * reached).sum((0, 1)).tolist()
+    B = history[0][0].shape[0] if history else 0
+    N = n_rows if n_rows is not None else (tokens.shape[0] if tokens is not None else B)
+    device = history[0][0].device if history else (tokens.device if tokens is not None else None)
+    rows = torch.zeros((N, 4 + 3 * G), device=device)       # per request: steps, accepted, drafted, TO, 3 × [γ]
+    if history:
+        a, done = torch.stack([h[0] for h in history]), torch.stack([h[1] for h in history])   # [S, B]
+        exp = torch.stack([h[2] if h[3] == G else F.pad(h[2], (0, G - h[3])) for h in history])  # [S, B, γ]
+        gam = torch.tensor([h[3] for h in history], device=device)                              # [S]
+        if all(h[4] is None for h in history):
+            to = torch.zeros_like(a)
+        else:
+            to = torch.stack([h[4] if h[4] is not None else torch.zeros_like(a[0]) for h in history])
+        ident = torch.arange(B, device=device)
+        req = torch.stack([h[5] if len(h) > 5 and h[5] is not None else ident for h in history])  # [S, B]
+        live = ~done
+        k = torch.arange(G, device=device)
+        reached = (a[..., None] >= k) & (k < gam[:, None, None]) & live[..., None]  # draft k+1 was judged
+        per_step = torch.cat([torch.stack([live, a * live, gam[:, None] * live, to * live], -1).float(),
+                              reached.float(), ((a[..., None] > k) & live[..., None]).float(), exp * reached], -1)
+        rows.index_add_(0, req.reshape(-1), per_step.reshape(-1, per_step.shape[-1]))
+    if tokens is not None:
+        rows = torch.cat([rows, tokens.to(rows.device, rows.dtype)[:, None]], 1)
+    host = rows.tolist()                                                       # the one host read
+    steps, acc, drafted, to_d = ([int(r[i]) for r in host] for i in range(4))
+    m.steps, m.accepted, m.drafted, m.target_only_drafts = sum(steps), sum(acc), sum(drafted), sum(to_d)
+    per_k = [[r[4 + j * G: 4 + (j + 1) * G] for r in host] for j in range(3)]
+    m.reached, m.accepted_k, m.expected_k = ([sum(col) for col in zip(*rk, strict=True)] if rk else [0.0] * G
+                                             for rk in per_k)
+    m.per_row = {"steps": steps, "accepted": acc, "drafted": drafted, "reached": per_k[0], "accepted_k": per_k[1],
+                 "expected_k": per_k[2]}
+    if tokens is not None:
+        m.per_row["tokens"] = [int(r[-1]) for r in host]
+        m.tokens = sum(m.per_row["tokens"])
     return m

@@ -160,10 +160,11 @@ class _Episodes:
         if lim.stop_id != lim.eos_id:                             # (an EOS never pauses)
             self.paused = self.paused | (active & is_stop)
 
-    def flush(self, metrics: DecodeMetrics) -> None:
-        """Add the acceptance counters of the steps since the last flush (one batch layout) to ``metrics``."""
-        if self.history:
-            metrics.merge(acceptance_counts(metrics.gamma, self.history))
+    def flush(self, metrics: DecodeMetrics, tokens: torch.Tensor | None = None) -> None:
+        """Add the acceptance counters of the steps since the last flush (one batch layout, rows mapped to the
+        original rows by ``orig``) to ``metrics``, per original row too; ``tokens`` per original row at the end."""
+        if self.history or tokens is not None:
+            metrics.merge(acceptance_counts(metrics.gamma, self.history, self.B0, tokens), same_rows=True)
         self.history = []
 
     def cut(self, a: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ def _decode_step(cfg: SpecConfig, st: SpecState, ep: _Episodes, G: int) -> None:
     live = ep.live
     step = spec_step(cfg, st, StepPlan(G, G), ep.cut if G else None, live)
     if G:
-        ep.history.append((step.accepted, ~live, step.expected_alpha, G, None))
+        ep.history.append((step.accepted, ~live, step.expected_alpha, G, None, ep.orig))
     ep.events.append((ep.orig, step.toks, step.p_tok, step.ent, step.kept, torch.ones_like(step.kept)))
     ep.advance(step.cut + 1, step.toks[st.rows, step.cut], live)
 
@@ -361,9 +362,8 @@ def turns_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Dec
         else:
             break
     out, sampled, logp, ent, n = _pack(ep.events, dc.pad_id, B)
-    metrics.tokens = int(sampled.sum())
+    ep.flush(metrics, sampled.sum(1))
     metrics.decode_tokens = metrics.tokens - B                  # each row's first token comes from the prefill
     t1 = time.perf_counter()
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
-    ep.flush(metrics)
     return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(ep.turns, dtype=torch.long))
