@@ -189,8 +189,8 @@ def test_entropy_analysis_and_sweep_on_a_tiny_model(tiny, tmp_path):
         assert len(row[rule]["accept_length"]) == 2 and len(row[rule]["alpha"][0]) == 2
         assert all(e > 0 for e in row[rule]["entropy"])
         assert row[rule]["fit"]["n"] == 2
-        for i, u in enumerate(row[rule]["units"]):  # one entry per engine call (3 prompts, 2 per call)
-            assert len(u["steps"]) == 2 and all(len(r) == 2 for r in u["reached"])
+        for i, u in enumerate(row[rule]["units"]):  # one entry per prompt (3 prompts, 2 per engine call)
+            assert len(u["steps"]) == 3 and all(len(r) == 2 for r in u["reached"])
             assert 1 + sum(u["accepted"]) / sum(u["steps"]) == pytest.approx(row[rule]["accept_length"][i])
             assert sum(u["entropy_sum"]) / sum(u["tokens"]) == pytest.approx(row[rule]["entropy"][i])
             alpha = [a / r if r else 0.0 for a, r in zip(np.sum(u["accepted_k"], 0), np.sum(u["reached"], 0),

@@ -59,7 +59,7 @@ def test_summary_has_five_claims_with_figures_and_verdicts(demo_dir):
     assert "Verdict rules:" in report
     sweep = json.loads((demo_dir / "sweep.json").read_text())
     units = sweep["heads"]["ce"]["rejection"]["units"]
-    assert len(units) == len(sweep["temperatures"]) and len(units[0]["steps"]) == 2  # 8 prompts, 4 per call
+    assert len(units) == len(sweep["temperatures"]) and len(units[0]["steps"]) == 8  # one per prompt
     assert "units_rs" in json.loads((demo_dir / "losses.json").read_text())["ce"]
     assert set(summary["stages"]) >= {"sft", "head_init", "head_ce", "head_e2e_tv", "losses", "sweep", "entropy", "rl"}
 

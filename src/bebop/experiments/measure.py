@@ -19,9 +19,10 @@ from bebop.training.multiturn import is_multi_turn, task_env
 __all__ = ["UNIT_KEYS", "Probe", "decode_config", "decode_task", "measure_acceptance"]
 
 UNIT_KEYS = ("steps", "accepted", "reached", "accepted_k", "entropy_sum", "tokens")
-"""Counters kept per unit (one engine call of ``Probe.batch_size`` prompts) so that intervals can resample units:
-verify row-steps, accepted drafts, per draft step k the row-steps that reached it and accepted it, and the summed
-policy entropy over the sampled tokens with their count. Every figure is a ratio of their sums."""
+"""Counters kept per unit (one prompt, from the engine's per-request counters ``DecodeMetrics.per_row``) so that
+intervals can resample prompts: verify steps, accepted drafts, per draft step k the steps that reached it and
+accepted it, and the summed policy entropy over the sampled tokens with their count. Every figure is a ratio of
+their sums."""
 
 
 def decode_config(tokenizer, params: SamplingParams, max_new_tokens: int, gamma=3, rule: str = "rejection",
@@ -69,9 +70,9 @@ def measure_acceptance(model, tokenizer, head, probe: Probe) -> dict:
     """Empirical per-step α_k and accept length of ``head`` through the real engine on held-out prompts, and the
     policy's mean per-token entropy H(p) (at τ) over the emitted tokens (the sampled ones: multi-turn tasks run
     real episodes, whose environment tokens are neither drafted nor counted). ``units`` holds the counters of
-    :data:`UNIT_KEYS` per engine call (lists, JSON-able): accept length = 1 + Σ accepted / Σ steps, α_k = Σ
-    accepted_k / Σ reached over the calls, so a bootstrap over calls recomputes every figure; a smaller
-    ``batch_size`` gives more (and smaller) units."""
+    :data:`UNIT_KEYS` per prompt, in prompt order (lists, JSON-able): accept length = 1 + Σ accepted / Σ steps,
+    α_k = Σ accepted_k / Σ reached over the prompts, so a bootstrap over prompts recomputes every figure; prompts
+    are decoded ``batch_size`` per engine call (the units do not depend on it)."""
     problems = sample_problems(get_task(probe.task), probe.prompts, probe.seed)
     gen = torch.Generator(device=model.device).manual_seed(probe.seed)
     cfg = decode_config(tokenizer, SamplingParams(temperature=probe.temperature), probe.max_new_tokens, probe.gamma,
@@ -83,10 +84,11 @@ def measure_acceptance(model, tokenizer, head, probe: Probe) -> dict:
         batch = (chunk, [tokenizer(p.prompt)["input_ids"] for p in chunk])
         r, sampled = decode_task(model, tokenizer, head, probe.task, batch, cfg)
         total.merge(r.metrics)
-        m = r.metrics
-        vals = (m.steps, m.accepted, m.reached, m.accepted_k, float((r.entropy * sampled).sum()), int(sampled.sum()))
-        for key, val in zip(UNIT_KEYS, vals, strict=True):
-            units[key].append(val)
+        rows = r.metrics.per_row
+        ent, tok = torch.stack([(r.entropy * sampled).sum(1), sampled.sum(1).to(r.entropy.dtype)]).tolist()
+        for key, val in zip(UNIT_KEYS, (rows["steps"], rows["accepted"], rows["reached"], rows["accepted_k"], ent,
+                                        [int(t) for t in tok]), strict=True):
+            units[key] += val
     n_tok = sum(units["tokens"])
     return {"alpha": total.alpha, "expected_alpha": total.expected_alpha, "accept_length": total.accept_length,
             "entropy": sum(units["entropy_sum"]) / max(n_tok, 1), "units": units}

@@ -23,7 +23,7 @@ __all__ = ["run_demo"]
 
 OUTPUTS = (".stages", "policy", "policy.sft.jsonl", "heads", "losses.json", "sweep.json", "entropy.json", "rl",
            "plots", "report.md", "summary.json")
-UNIT_PROMPTS = 4          # prompts per engine call when measuring heads (losses, sweep): the bootstrap's unit
+MEASURE_BATCH = 32        # prompts per engine call when measuring heads (losses, sweep); the units are prompts
 LOSS_SEED_OFFSET = 99_991  # the per-loss measurement draws prompts unseen in head training
 
 
@@ -157,12 +157,14 @@ def _measure_stages(demo: _Demo) -> None:
     torch.manual_seed(cfg.seed)
     stages.run("losses", f"3/7 α per step per loss (τ = {cfg.temperature:g}, {cfg.loss_prompts} prompts)",
                out / "losses.json", dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
-                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, unit=UNIT_PROMPTS),
+                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH,
+                                         unit="prompt"),
                ["sft", *demo.head_cfgs], lambda: _measure_losses(demo, model, tokenizer, heads))
-    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=UNIT_PROMPTS)
+    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=MEASURE_BATCH)
     stages.run("sweep", f"4/7 temperature sweep τ ∈ {{{', '.join(f'{t:g}' for t in cfg.temperatures)}}}",
                out / "sweep.json", dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
-                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, unit=UNIT_PROMPTS),
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH,
+                                        unit="prompt"),
                ["sft", "head_init", "head_ce", "head_e2e_tv"],
                lambda: atomic_write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, sweep_cfg)))
     ent_cfg = derive(EntropyConfig, cfg, "entropy_")
@@ -183,7 +185,7 @@ def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
         row: dict = {}
         for rule, tag in (("rejection", "rs"), ("target_only", "to")):
             r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, cfg.temperature, cfg.gamma,
-                                                                 cfg.loss_prompts, UNIT_PROMPTS, cfg.max_new_tokens,
+                                                                 cfg.loss_prompts, MEASURE_BATCH, cfg.max_new_tokens,
                                                                  cfg.seed + LOSS_SEED_OFFSET))
             row[f"alpha_{tag}"], row[f"accept_length_{tag}"] = r["alpha"], r["accept_length"]
             row[f"units_{tag}"] = r["units"]
