@@ -140,6 +140,15 @@ def tiny(tiny_tokenizer):
     return model, tiny_tokenizer, head
 
 
+def test_positions_per_sample_are_the_teacher_forced_positions(tiny):
+    """One rule counts each sample's drafting positions: ``token_acceptance`` labels exactly that many per sample."""
+    model, tok, head = tiny
+    data = [([1, 2, 3, 4, 5, 6, 7], 2), ([1, 2, 3], 2), ([4, 5, 6, 7, 8, 9], 1)]
+    assert analysis.positions_per_sample(data, 2) == [3, 0, 3]
+    rows = analysis.token_acceptance(model, head, data, 2, SamplingParams(1.0), tok.pad_token_id, batch_size=2)["row"]
+    assert rows.tolist() == [0, 0, 0, 2, 2, 2]
+
+
 def test_token_acceptance_matches_train_mtp_expected_alpha(tiny):
     model, tok, head = tiny
     from bebop.tasks import get_task

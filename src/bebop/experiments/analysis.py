@@ -49,6 +49,7 @@ __all__ = [
     "entropy_series",
     "sweep_series",
     "linear_fit",
+    "positions_per_sample",
     "step_series",
     "temperature_sweep",
     "token_acceptance",
@@ -155,12 +156,16 @@ def token_acceptance(model, head, data: Sequence[tuple[list[int], int]], gamma: 
     return out
 
 
+def positions_per_sample(rows: Sequence[tuple[list[int], int]], gamma: int) -> list[int]:
+    """Drafting positions per sample (``(ids, prompt_len)``), as ``train_mtp.teacher_forced`` lays them out:
+    t = prompt_len − 1 .. while the γ targets after t all exist, i.e. max(0, completion length − γ) of them."""
+    return [max(0, len(ids) - n - gamma) for ids, n in rows]
+
+
 def _position_rows(chunk: Sequence[tuple[list[int], int]], gamma: int, first: int, n: int) -> np.ndarray:
     """The sample index of each of the ``n`` positions ``teacher_forced`` returned for ``chunk`` (row order, t
-    ascending; ``eval_mtp._positions`` counts them per sample)."""
-    from bebop.experiments.eval_mtp import _positions
-
-    counts = _positions(chunk, gamma)
+    ascending; :func:`positions_per_sample` counts them per sample)."""
+    counts = positions_per_sample(chunk, gamma)
     if sum(counts) != n:
         raise BebopError(f"internal: {n} teacher-forced positions, expected {sum(counts)}")
     return np.repeat(np.arange(first, first + len(chunk)), counts)

@@ -86,12 +86,6 @@ def ratio_se(num: np.ndarray, den: np.ndarray) -> tuple[list[float | None], list
             [float(e) if t > 0 and n >= 2 else None for e, t in zip(se, tot, strict=True)])
 
 
-def _positions(rows: Sequence[tuple[list[int], int]], gamma: int) -> list[int]:
-    """Drafting positions per row, as ``train_mtp.teacher_forced`` lays them out: t = prompt_len − 1 .. while the
-    γ targets after t all exist, i.e. max(0, completion length − γ) of them."""
-    return [max(0, len(ids) - n - gamma) for ids, n in rows]
-
-
 def eval_mtp(model, head, rows: Sequence[tuple[list[int], int]], gamma: int, params, pad_id: int,
              n_buckets: int = 10, max_new_tokens: int | None = None, batch_size: int = 64) -> dict:
     """Acceptance of ``head`` along the policy samples ``rows`` (``(ids, prompt_len)``) at γ = ``gamma`` under
@@ -106,12 +100,12 @@ def eval_mtp(model, head, rows: Sequence[tuple[list[int], int]], gamma: int, par
     "position_accept_length"}`` (module docstring; ``verify_steps`` = the expected verify steps over all rows),
     ``n_sequences`` the rows with at least one drafting position, ``n_positions`` the drafting positions
     evaluated and ``buckets`` = ``analysis.bucket_by_entropy`` over those positions (by H(p_1))."""
-    from bebop.experiments.analysis import bucket_by_entropy, token_acceptance
+    from bebop.experiments.analysis import bucket_by_entropy, positions_per_sample, token_acceptance
 
     check_gamma(gamma)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise BebopError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    counts = _positions(rows, gamma)
+    counts = positions_per_sample(rows, gamma)
     kept_rows = [r for r, c in zip(rows, counts, strict=True) if c > 0]
     if not kept_rows:
         raise BebopError(f"no sample has more than gamma = {gamma} completion tokens: nothing to evaluate "
