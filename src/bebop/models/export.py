@@ -1,8 +1,10 @@
 """`bebop export`: a model directory with a (fine-tuned) MTP head merged in as the model's own MTP layer.
 
-The output is what the family's released checkpoints look like — sharded safetensors with an index, the head in
-the family's native keys, the config key for the number of MTP layers, config and tokenizer — so vLLM and SGLang
-load the head as the model's native MTP module (``bebop.models.serving`` prints their launch flags).
+The output is the checkpoint itself with the head as its MTP layer — its shards copied byte for byte (so a
+multimodal Qwen3.5 keeps its vision tower, model type and float32 tensors), the head in the family's native keys
+in new shards of at most ``max_shard_size``, the index, the config key for the number of MTP layers, config and
+tokenizer — so vLLM and SGLang load the head as the model's native MTP module (``bebop.models.serving`` prints
+their launch flags).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from bebop.errors import BebopError
 from bebop.models.checkpoint import load_head
-from bebop.models.native import native_layout, save_model_with_head
+from bebop.models.native import copy_checkpoint_with_head, native_layout
 from bebop.models.policy import load_policy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,8 +67,8 @@ def export_model(model_dir: str | Path, head: str | Path, out: str | Path, max_s
         raise BebopError(f"--out {out} already exists and is not empty; choose a new directory")
     dtype = checkpoint_dtype(config)
     # float16 does not compute on CPU, but export only copies: load float16 weights as float32, cast back
-    model, tokenizer = load_policy(model_dir, "cpu", torch.float32 if dtype == torch.float16 else dtype)
+    model, _ = load_policy(model_dir, "cpu", torch.float32 if dtype == torch.float16 else dtype)
     mtp = load_head(head, model).eval()
     model, mtp = model.to(dtype), mtp.to(dtype)
-    save_model_with_head(model, tokenizer, mtp, out, max_shard_size=max_shard_size)
+    copy_checkpoint_with_head(model_dir, model, mtp, out, max_shard_size=max_shard_size)
     return Exported(out, layout, mtp.num_layers, str(dtype).removeprefix("torch."))
