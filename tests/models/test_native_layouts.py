@@ -58,6 +58,7 @@ def test_detect_the_layout_of_mtp_keys():
     assert detect(["model.mtp_layers.0.input_proj.weight"], 36) == "mimo"
     assert detect(["model.layers.61.enorm.weight"], 61) == "deepseek_v3"
     assert detect(["mtp.0.e_proj.weight", "mtp.0.enorm.weight"], 43) is None  # DeepSeek-V4's names: not read
+    assert detect(["model.mtp.layers.0.eh_proj.weight"], 48) is None  # MiMo-V2-Flash's names: not read
 
 
 def test_swap_halves_is_its_own_inverse():
