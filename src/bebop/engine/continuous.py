@@ -309,10 +309,10 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
         sl.advance(live, step.cut + 1, step.toks[st.rows, step.cut])
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
+    t1 = time.perf_counter()                                    # after the closing sync; counting is bookkeeping
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(G, history, N, sampled.sum(1)))   # per request: slots mapped by sl.req
     metrics.decode_tokens = metrics.tokens - N                  # each request's first token comes from its prefill
-    t1 = time.perf_counter()
-    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     if turns is not None:
         return TurnRollout(out, n, logp, ent, metrics, sampled=sampled, turns=torch.tensor(turns_taken))
     return Rollout(out, n, logp, ent, metrics)

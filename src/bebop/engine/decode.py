@@ -197,10 +197,11 @@ def generate(
     out, logp, ent, n, _ = pack(torch.stack(toks, 1), torch.stack(probs, 1), torch.stack(ents, 1),
                                 torch.ones((B, len(toks)), dtype=torch.bool, device=device), pad_id, eos_id,
                                 max_new_tokens)
+    n.sum().item()                                  # the call's closing sync: the clock stops when the work has
+    t1 = time.perf_counter()                        # run (counting below is bookkeeping, outside it)
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(0, [], tokens=n))                 # the tokens, totals and per row
     metrics.decode_tokens = metrics.tokens - B
-    t1 = time.perf_counter()
-    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     # each decode forward gives every live row one token: live row-steps = decode tokens
     metrics.slot_steps, metrics.live_steps = B * metrics.target_forwards, metrics.decode_tokens
     return Rollout(out, n, logp, ent, metrics)
@@ -309,10 +310,11 @@ def mtp_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: Decod
                                 torch.cat([pre.first_p.unsqueeze(1), *(b[1] for b in blocks)], dim=1),
                                 torch.cat([pre.first_h.unsqueeze(1), *(b[2] for b in blocks)], dim=1),
                                 torch.cat(emit, dim=1), pad_id, eos_id, max_new_tokens)
+    n.sum().item()                                  # the call's closing sync: the clock stops when the work has
+    t1 = time.perf_counter()                        # run (counting below is bookkeeping, outside it)
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.merge(acceptance_counts(G, history, tokens=n))           # totals and per row (rows keep their order)
     metrics.decode_tokens = metrics.tokens - B
-    t1 = time.perf_counter()
-    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
     metrics.slot_steps, metrics.live_steps = B * metrics.target_forwards, metrics.steps
     return Rollout(out, n, logp, ent, metrics)
 

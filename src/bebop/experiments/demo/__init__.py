@@ -8,7 +8,8 @@ Stages (each cached in ``cfg.out``, see :mod:`.pipeline`):
   4. sweep    RS vs TO accept length of the CE and e2e-TV heads over τ, fitted against the policy's entropy
   5. entropy  per-token entropy buckets and fits, and the RS-vs-TO decision-boundary check
   6. rl       short GRPO runs side by side (``bench_rl``): none, to-ce, rs-ce, rs-e2e_tv, rs-online-ce
-  7. report   PNG plots, ``report.md`` and ``summary.json`` with a verdict per claim (held / not held / inconclusive, from bootstrap CIs)
+  7. report   PNG plots, ``report.md`` and ``summary.json`` with a verdict per claim (held / not held /
+             inconclusive, from bootstrap CIs)
 
 Modules: :mod:`.config` (settings and the stage configs derived from them), :mod:`.pipeline` (the stages),
 :mod:`.claims` (the verdict rules, pure functions) and :mod:`.report` (plots and ``report.md``).
