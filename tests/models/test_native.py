@@ -76,7 +76,7 @@ def _qwen_reference(
     cfg.num_hidden_layers = 1
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = ["full_attention"]
-    if getattr(cfg, "num_experts", 0):
+    if any(".experts.0." in k for k in block):  # per expert on disk; fused ones load as they are
         block = _fuse_experts(block, cfg.num_experts)
     layer = type(model.model.layers[-1])(cfg, 0).eval()
     layer.load_state_dict(block, strict=True)
@@ -158,40 +158,56 @@ def test_mimo_layout_import_equals_mimo_computation(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------------------------- released Qwen3.5
-def _released_qwen35(tok, out):
-    """A tiny checkpoint written as Qwen/Qwen3.5-* are: a multimodal ``qwen3_5`` config whose ``text_config``
-    (``qwen3_5_text``) carries ``mtp_num_hidden_layers``; bfloat16 shards with the language model under
-    ``model.language_model.``, a vision tower under ``model.visual.``, an untied ``lm_head``, ``A_log`` kept in
-    float32, and the 15 ``mtp.*`` tensors of one MTP layer in their own shard, written here by hand."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+def _released_qwen35(tok, out, moe: bool):
+    """A tiny checkpoint written as Qwen/Qwen3.5-* and Qwen3.5-*-A*B are: a multimodal ``qwen3_5`` /
+    ``qwen3_5_moe`` config whose ``text_config`` carries ``mtp_num_hidden_layers``; bfloat16 shards with the
+    language model under ``model.language_model.``, a vision tower under ``model.visual.``, an untied ``lm_head``,
+    ``A_log`` kept in float32, and the ``mtp.*`` tensors of one MTP layer in their own shard, written here by hand
+    (15 for the dense model; 19 for MoE, whose experts are stored fused, ``experts.gate_up_proj`` [E, 2I, H])."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer
 
-    text = family_config("qwen3_5", len(tok), SHAPE).to_dict() | {"tie_word_embeddings": False}
+    if moe:
+        nx = family_config("qwen3_next", len(tok), SHAPE).to_dict()
+        text = {k: v for k, v in nx.items() if k.startswith(("linear_", "num_", "moe_", "shared_expert_"))}
+        text |= {k: nx[k] for k in ("vocab_size", "hidden_size", "head_dim", "layer_types", "max_position_embeddings")}
+        config_cls, model_cls, layer_cls = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeDecoderLayer
+    else:
+        text = family_config("qwen3_5", len(tok), SHAPE).to_dict()
+        config_cls, model_cls, layer_cls = Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5DecoderLayer
+    text |= {"tie_word_embeddings": False}
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4)
-    cfg = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False)
     torch.manual_seed(0)
-    vl = Qwen3_5ForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    vl = model_cls(cfg).to(torch.bfloat16).eval()
     with torch.no_grad():  # zero-centred norms start at 0: move every tensor so that each one matters
         for p in vl.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     vl.save_pretrained(out, max_shard_size="50KB")
     tok.save_pretrained(out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
+    a_logs = {}
     for key, shard in index["weight_map"].items():  # A_log in float32, as the released shards store it
         if key.endswith("A_log"):
             with safe_open(str(out / shard), framework="pt") as s:
                 tensors, meta = {k: s.get_tensor(k) for k in s.keys()}, s.metadata()
-            tensors[key] = tensors[key].float() + 1e-3  # a value bfloat16 cannot hold
+            tensors[key] = a_logs[key] = tensors[key].float() + 1e-3  # a value bfloat16 cannot hold
             save_file(tensors, str(out / shard), metadata=meta)
+    vl = vl.float()  # the reference: the checkpoint's values in float32
+    vl.load_state_dict(a_logs, strict=False)
     full = copy.deepcopy(vl.config.text_config)
     full.layer_types, full.num_hidden_layers = ["full_attention"], 1
-    block = Qwen3_5DecoderLayer(full, 0)
+    shapes = {f"mtp.layers.0.{k}": v.shape for k, v in layer_cls(full, 0).state_dict().items()}  # names, shapes
     h = text["hidden_size"]
-    mtp = {f"mtp.layers.0.{k}": v for k, v in block.state_dict().items()} | {
-        "mtp.fc.weight": torch.randn(h, 2 * h) * 0.1,
-        **{f"mtp.{n}.weight": torch.randn(h) * 0.1 for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")},
-    }
-    mtp = {k: (v + torch.randn_like(v) * 0.05).to(torch.bfloat16) for k, v in mtp.items()}
+    shapes |= {"mtp.fc.weight": (h, 2 * h)} | {f"mtp.{n}.weight": (h,) for n in ("pre_fc_norm_embedding", "norm")}
+    shapes["mtp.pre_fc_norm_hidden.weight"] = (h,)
+    mtp = {k: (torch.randn(shape) * 0.1).to(torch.bfloat16) for k, shape in shapes.items()}
     save_file(mtp, str(out / "model-mtp.safetensors"), metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(mtp, "model-mtp.safetensors"))
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -201,15 +217,17 @@ def _released_qwen35(tok, out):
     return vl, sorted(mtp)
 
 
-def test_released_multimodal_qwen35_loads_imports_and_exports(tmp_path, tok):
+@pytest.mark.parametrize("moe", [False, True], ids=["qwen3_5", "qwen3_5_moe"])
+def test_released_multimodal_qwen35_loads_imports_and_exports(moe, tmp_path, tok):
     src = tmp_path / "qwen35"
-    vl, mtp_keys = _released_qwen35(tok, src)
-    assert len(mtp_keys) == 15 and json.loads((src / "config.json").read_text())["model_type"] == "qwen3_5"
+    vl, mtp_keys = _released_qwen35(tok, src, moe)
+    kind = "qwen3_5_moe" if moe else "qwen3_5"
+    assert len(mtp_keys) == (19 if moe else 15) and json.loads((src / "config.json").read_text())["model_type"] == kind
     model, _ = load_policy(src, "cpu", "float32")
-    assert type(model).__name__ == "Qwen3_5ForCausalLM"
+    assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM")
     ids = torch.randint(0, len(tok), (1, T + 1))
     with torch.no_grad():  # the causal LM is the wrapper's language model and LM head
-        want = vl.float()(input_ids=ids).logits
+        want = vl(input_ids=ids).logits
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
     assert sorted(native_keys(src)) == mtp_keys
     assert torch.allclose(_bebop_logits(model, src, tok), _qwen_reference(model, src, tok), atol=1e-5)
@@ -221,11 +239,13 @@ def test_released_multimodal_qwen35_loads_imports_and_exports(tmp_path, tok):
     assert (done.layout, done.dtype) == ("qwen3_5", "bfloat16")
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "qwen3_5" and config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    assert config["model_type"] == kind and config["architectures"] == [type(vl).__name__]
     assert config["text_config"]["mtp_num_hidden_layers"] == 1 and "vision_config" in config
     assert "mtp_num_hidden_layers" not in config
     old, new = raw(src, ""), raw(out, "")
-    assert set(new) == set(old)  # the vision tower, model.language_model.*, lm_head.weight and mtp.* all there
+    new_mtp = set(native_keys(out))
+    # the vision tower, model.language_model.* and lm_head.weight unchanged, in their dtypes (A_log in float32)
+    assert set(new) - new_mtp == set(old) - set(mtp_keys) and new_mtp
     assert all(torch.equal(new[k], old[k]) and new[k].dtype == old[k].dtype for k in old if k not in mtp_keys)
     assert any(k.endswith("A_log") and new[k].dtype == torch.float32 for k in new)
     again, _ = load_policy(out, "cpu", "float32")
@@ -234,8 +254,8 @@ def test_released_multimodal_qwen35_loads_imports_and_exports(tmp_path, tok):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
         x, h0, pos = _inputs(model, tok)
         got = head.logits(head(x, h0, pos))
-        wanted = tuned.to(torch.bfloat16).float().logits(tuned.to(torch.bfloat16).float()(x, h0, pos))
-        torch.testing.assert_close(got, wanted, atol=1e-5, rtol=0)
+        rounded = tuned.to(torch.bfloat16).float()  # the head as the bfloat16 checkpoint holds it
+        torch.testing.assert_close(got, rounded.logits(rounded(x, h0, pos)), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -10,8 +10,9 @@ import json
 import native_helpers
 import pytest
 import torch
-from native_helpers import SHAPE, T, perturbed_head, shard_keys
+from native_helpers import SHAPE, T, perturbed_head, raw, shard_keys
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from bebop.errors import BebopError
@@ -148,6 +149,27 @@ def test_copy_keeps_other_tensors_and_swaps_the_mtp_layer(tmp_path, saved, tok):
         assert same == (key not in src_mtp)  # the head replaced every MTP tensor
     head = load_native_head(dst, model)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), new.state_dict().values(), strict=True))
+
+
+def test_copy_of_a_single_file_checkpoint(tmp_path, saved, tok):
+    """A checkpoint in one model.safetensors with its MTP tensors inside: the copy rewrites that file without them
+    and indexes it with the head's shard."""
+    model, head, out = saved("qwen3_5")
+    single = tmp_path / "single"
+    save_model_with_head(model, tok, None, single, max_shard_size="1GB")
+    with_mtp = raw(single, "") | {k: v for k, v in raw(out, "").items() if k.startswith("mtp.")}
+    save_file(with_mtp, str(single / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(4)
+    new = perturbed_head(model)
+    copy_checkpoint_with_head(single, model, new, tmp_path / "copy")
+    assert sorted(shard_keys(tmp_path / "copy")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert set(native_keys(tmp_path / "copy").values()) == {"model-00002-of-00002.safetensors"}
+    assert set(raw(tmp_path / "copy", "")) == set(with_mtp)
+    got = load_native_head(tmp_path / "copy", model).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in new.state_dict().items())
 
 
 def test_qwen35_layout_holds_one_layer_and_existing_output_survives(tmp_path, saved, tok):

@@ -94,11 +94,11 @@ def _totals(files: list[Path]) -> tuple[int, int]:
 
 def _groups(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
     """``tensors`` in name order, cut into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
-    groups: list[dict[str, torch.Tensor]] = [{}]
+    groups: list[dict[str, torch.Tensor]] = []
     size = 0
     for k in sorted(tensors):
         n = tensors[k].numel() * tensors[k].element_size()
-        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+        if not groups or (max_bytes is not None and size + n > max_bytes):
             groups.append({})
             size = 0
         groups[-1][k] = tensors[k]
@@ -151,8 +151,8 @@ def set_count(config_path: Path, layout: str, num_layers: int) -> None:
     for key in COUNT_KEYS[layout]:
         if key in target or key == COUNT_KEYS[layout][0]:
             target[key] = num_layers
-    if layout == "qwen3_5":
-        target.setdefault("mtp_use_dedicated_embeddings", False)
+    if layout == "qwen3_5":  # a Bebop head reads the model's own embedding
+        target["mtp_use_dedicated_embeddings"] = False
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
