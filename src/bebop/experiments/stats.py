@@ -3,7 +3,7 @@ no model: every rule is tested on synthetic data with known answers.
 
 A *statistic* maps an array of unit indices (one resample: units drawn with replacement) to a number, so one
 resampling scheme serves means, ratios of sums, paired differences and slopes refitted per resample. Units are what
-was sampled independently: prompts (or the engine calls that hold them) for acceptance, RL steps for drift and step
+was sampled independently: prompts for acceptance, RL steps for drift and step
 time. Figures measured on the same units (two heads on the same prompts, every τ of a sweep) are resampled jointly,
 so their difference keeps the pairing.
 

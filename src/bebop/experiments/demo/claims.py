@@ -3,9 +3,9 @@ point figure with its bootstrap CI), the rule stated in words, and a verdict of 
 decided by the intervals (:mod:`bebop.experiments.stats`). Pure functions over JSON-able results (no model, no
 torch), so every rule is tested on hand-made numbers.
 
-Units of the intervals: acceptance figures resample the measurement's engine calls (``units`` in ``losses.json``
-and ``sweep.json``: the same prompts for every head, τ and rule, so differences and slopes are resampled jointly);
-RL figures resample RL steps (the records hold one value per step). A figure that could not be measured (a
+Units of the intervals: acceptance figures resample the held-out prompts (one unit of counters per prompt,
+``units`` in ``losses.json`` and ``sweep.json``: the same prompts for every head, τ and rule, so differences and
+slopes are resampled jointly); RL figures resample RL steps (the records hold one value per step). A figure that could not be measured (a
 method that did not run, a fit with too few points, outputs without units) has no CI, and its part is
 ``inconclusive``."""
 
@@ -46,7 +46,7 @@ RESAMPLES = stats.RESAMPLES
 
 VERDICT_RULE = (
     f"Every compared number carries a {CONFIDENCE:.0%} percentile-bootstrap CI ({RESAMPLES} resamples, fixed seed) "
-    "over its units: the engine calls of held-out prompts for acceptance (the same prompts for every head, τ and "
+    "over its units: the held-out prompts for acceptance (the same prompts for every head, τ and "
     "rule, resampled jointly, so differences and slopes keep the pairing), RL steps for drift and step times. "
     "A part \"X op threshold\" is held when the whole CI satisfies it, not held when the whole CI violates it, "
     f"inconclusive otherwise (or when X has no CI: fewer than {stats.MIN_UNITS} units, or not measured). A claim is "
@@ -79,13 +79,13 @@ def _part(name: str, value, ci, op: str, threshold: float) -> dict:
 
 
 def _n_units(*units: Mapping | None) -> int | None:
-    """The common number of units of per-call counters, None when any is missing or they differ."""
+    """The common number of units (per-prompt counters), None when any is missing or they differ."""
     ns = {len(u["steps"]) if u and u.get("steps") is not None else None for u in units}
     return ns.pop() if len(ns) == 1 and None not in ns else None
 
 
 def _accept_length_stat(u: Mapping) -> Stat:
-    """Accept length over resampled engine calls: 1 + Σ accepted / Σ verify row-steps (as ``DecodeMetrics``)."""
+    """Accept length over resampled prompts: 1 + Σ accepted / Σ verify row-steps (as ``DecodeMetrics``)."""
     return stats.ratio_of(u["accepted"], u["steps"], offset=1.0)
 
 
@@ -94,7 +94,7 @@ def _entropy_stat(u: Mapping) -> Stat:
 
 
 def _mean_alpha_stat(u: Mapping) -> Stat:
-    """Mean over draft steps k of α_k = Σ accepted_k / Σ reached_k over resampled engine calls."""
+    """Mean over draft steps k of α_k = Σ accepted_k / Σ reached_k over resampled prompts."""
     acc, reached = np.asarray(u["accepted_k"], dtype=np.float64), np.asarray(u["reached"], dtype=np.float64)
 
     def stat(idx: np.ndarray) -> np.ndarray:
