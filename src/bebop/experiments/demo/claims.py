@@ -5,9 +5,9 @@ torch), so every rule is tested on hand-made numbers.
 
 Units of the intervals: acceptance figures resample the held-out prompts (one unit of counters per prompt,
 ``units`` in ``losses.json`` and ``sweep.json``: the same prompts for every head, τ and rule, so differences and
-slopes are resampled jointly); RL figures resample RL steps (the records hold one value per step). A figure that could not be measured (a
-method that did not run, a fit with too few points, outputs without units) has no CI, and its part is
-``inconclusive``."""
+slopes are resampled jointly); RL figures resample RL steps (the records hold one value per step). A figure
+that could not be measured (a method that did not run, a fit with too few points, outputs without units) has no
+CI, and its part is ``inconclusive``."""
 
 from __future__ import annotations
 
