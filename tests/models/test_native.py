@@ -284,7 +284,7 @@ def test_mtp_keys_in_no_known_layout(tmp_path, saved, tok):
     with pytest.raises(BebopError, match=r"outside the qwen3_5 layout; first keys: mtp\.embed_tokens\.weight"):
         load_native_head(extra, q_model)
     stacked = with_extra_shard(q_out, tmp_path / "s", {"mtp.layers.1.input_layernorm.weight": torch.ones(32)})
-    with pytest.raises(BebopError, match=r"stacks several decoder layers .*mtp\.layers\.1\.input_layernorm\.weight"):
+    with pytest.raises(BebopError, match=r"sharing one fc/norm set .*mtp\.layers\.1\.input_layernorm\.weight"):
         load_native_head(stacked, q_model)
 
 

@@ -34,8 +34,8 @@ CONFIG_NAME = "mtp_config.json"
 #    ``^pre_fc_norm_hidden.`` -> ``layers.0.hnorm.``, ``^norm.`` -> ``layers.0.post_norm.``, ``layers.N.<block>`` ->
 #    ``layers.N.mtp_block.<block>``, prefix ``mtp`` removed); the names Qwen/Qwen3.5-0.8B ships (mtp.fc.weight,
 #    mtp.norm.weight, mtp.pre_fc_norm_*.weight, mtp.layers.0.self_attn.q_proj.weight, mtp.layers.0.mlp.down_proj...).
-#    Qwen3.5 has ONE fc/norm set and stacks ``mtp.layers.0..L-1`` inside one module, which is not the same
-#    computation as L recursive MtpLayers, so only 1-layer heads map onto it.
+#    Qwen3.5 has ONE fc/norm set shared by ``mtp.layers.0..L-1`` (vLLM runs draft step k through layer k mod L),
+#    which is not the same computation as L MtpLayers with their own fc/norms, so only 1-layer heads map onto it.
 #  * deepseek_v3 — deepseek-ai/DeepSeek-V3 README_WEIGHTS.md (MTP module = ``model.layers.61`` with embed_tokens,
 #    enorm, hnorm, eh_proj, shared_head, and the block's self_attn/mlp directly under the layer); vLLM
 #    deepseek_mtp.py (``enorm``, ``hnorm``, ``eh_proj`` on ``cat([enorm(emb), hnorm(h)])`` = embedding first,

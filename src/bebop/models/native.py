@@ -60,8 +60,8 @@ def _split(tensors: dict[str, torch.Tensor], layout: str, n_base: int, source: P
         i, name = where
         if layout == "qwen3_5" and key.startswith("mtp.layers.") and i != 0:
             raise BebopError(
-                f"{source} stacks several decoder layers in its Qwen3.5 MTP module (found {key}); Bebop's head "
-                "applies one decoder layer per MTP layer, so only mtp.layers.0 is supported"
+                f"{source} has several decoder layers sharing one fc/norm set in its Qwen3.5 MTP module (found "
+                f"{key}); Bebop's head has its own fc and norms per layer, so only mtp.layers.0 is supported"
             )
         if name in parts and not (layout == "qwen3_5" and key.startswith("mtp.layers.")):
             t = swap_halves(t) if layout == "mimo" and parts[name] == "eh_proj" else t
