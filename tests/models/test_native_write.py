@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import native_helpers
 import pytest
@@ -124,13 +125,17 @@ def test_write_reload_gives_equal_logits(arch, saved, tok):
 def test_copy_keeps_other_tensors_and_swaps_the_mtp_layer(tmp_path, saved, tok):
     """The copy holds the source's non-MTP tensors unchanged, none of its old MTP tensors, the new head (split
     into shards of at most max_shard_size) and an index that tells the truth; files besides weights are copied."""
-    model, _, out = saved("qwen3_next")
+    model, _, written = saved("qwen3_next")
+    out = tmp_path / "src"
+    shutil.copytree(written, out)
     (out / "chat_template.jinja").write_text("{{ messages }}")
+    (out / "pytorch_model.bin.index.json").write_text("{}")  # another format's index: not carried over
     torch.manual_seed(3)
     new = perturbed_head(model)
     copy_checkpoint_with_head(out, model, new, tmp_path / "copy", max_shard_size="20KB")
     dst = tmp_path / "copy"
     assert (dst / "chat_template.jinja").read_text() == "{{ messages }}" and (dst / "tokenizer.json").is_file()
+    assert not (dst / "pytorch_model.bin.index.json").exists()
     src_mtp, dst_mtp = native_keys(out), native_keys(dst)
     assert set(src_mtp) == set(dst_mtp)
     assert len(set(dst_mtp.values())) >= 2  # the head's shards are cut at 20KB

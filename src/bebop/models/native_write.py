@@ -32,8 +32,9 @@ from bebop.models.native_layouts import (
 )
 from bebop.models.native_shards import INDEX_NAME, native_keys, read_json, weight_map
 
-# files that hold weights in some format: never copied as plain files (safetensors shards are copied one by one)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+# files that hold or index weights in some format: never copied as plain files (safetensors shards are copied one
+# by one and indexed anew)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
 
 def native_tensors(model: PreTrainedModel, head: MTPHead, layout: str) -> dict[str, torch.Tensor]:
@@ -200,16 +201,16 @@ def save_model_with_head(
     save_with_layout(model, tokenizer, head, out_dir, _layout_or_refuse(model), max_shard_size)
 
 
-def _copy_shard(src: Path, dst: Path, keep: set[str], drop: set[str]) -> None:
-    """``src`` to ``dst`` unchanged, or without the tensors in ``drop`` (metadata kept)."""
-    if not drop:
+def _copy_shard(src: Path, dst: Path, keep: list[str], whole: bool) -> None:
+    """``src`` to ``dst``: byte for byte when ``whole``, else only the tensors ``keep`` (metadata kept)."""
+    if whole:
         shutil.copy2(src, dst)
         return
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), framework="pt", device="cpu") as f:
-        save_file({k: f.get_tensor(k) for k in sorted(keep)}, str(dst), metadata=f.metadata() or {"format": "pt"})
+        save_file({k: f.get_tensor(k) for k in keep}, str(dst), metadata=f.metadata() or {"format": "pt"})
 
 
 def copy_checkpoint_with_head(
@@ -231,15 +232,18 @@ def copy_checkpoint_with_head(
     tensors = native_tensors(model, head, layout)
     old_mtp = native_keys(model_dir)
     wmap = weight_map(model_dir)
+    by_shard: dict[str, list[str]] = {}
+    for k, shard in sorted(wmap.items()):
+        by_shard.setdefault(shard, []).append(k)
     with atomic_dir(out_dir) as tmp:
         for f in sorted(model_dir.iterdir()):
-            if f.is_file() and f.name != INDEX_NAME and not f.name.endswith(_WEIGHT_SUFFIXES):
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         kept: dict[str, str] = {}
-        for shard in sorted(set(wmap.values())):
-            keep = {k for k, s in wmap.items() if s == shard and k not in old_mtp}
+        for shard, names in sorted(by_shard.items()):
+            keep = [k for k in names if k not in old_mtp]
             if keep:
-                _copy_shard(model_dir / shard, tmp / shard, keep, {k for k, s in old_mtp.items() if s == shard})
+                _copy_shard(model_dir / shard, tmp / shard, keep, whole=len(keep) == len(names))
                 kept |= dict.fromkeys(keep, shard)
         if (model_dir / INDEX_NAME).is_file():  # else a single model.safetensors, which add_shards indexes
             meta = read_json(model_dir / INDEX_NAME, "safetensors index").get("metadata") or {}
