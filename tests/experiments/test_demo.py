@@ -251,7 +251,9 @@ def test_demo_stages_use_the_default_recipes_without_a_wall_clock_cap():
     assert cfg.sft_minutes is None and cfg.sft_steps == sft_recipe(cfg.task).steps
     assert DemoConfig(task="agent").sft_steps == sft_recipe("agent").steps
     assert (cfg.init_loss, cfg.init_steps, cfg.init_lr) == (head.warm_loss, head.warm_steps, head.warm_lr)
-    assert (cfg.head_steps, cfg.head_lr, cfg.data_samples) == (head.steps, head.lr, head.data_samples)
+    assert (cfg.head_lr, cfg.data_samples) == (head.lr, head.data_samples)
+    # the fine-tuning budget is larger than train-mtp's fixed run, and every head stage stops early on held-out α
+    assert cfg.head_steps >= head.steps and cfg.head_patience > 0 and cfg.head_eval_every < cfg.head_steps
 
 
 # ------------------------------------------------------------------------------------------------ stage configs
@@ -268,7 +270,8 @@ def _hand_built(cfg, policy, dirs, out):
                     eval_samples=cfg.sft_eval_samples, seed=cfg.seed, model=cfg.policy)
     common = dict(model=str(policy), task=cfg.task, gamma_train=cfg.gamma_train, temperature=cfg.temperature,
                   data_samples=cfg.data_samples, heldout_samples=cfg.heldout_samples,
-                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, eval_every=cfg.head_eval_every,
+                  patience=cfg.head_patience, min_delta=cfg.head_min_delta)
     init_dir = dirs[f"{cfg.init_loss} (warm start)"]
     heads = {"head_init": TrainMTPConfig(out=str(init_dir), loss=cfg.init_loss, steps=cfg.init_steps, lr=cfg.init_lr,
                                          warm_steps=0, **common)}
@@ -294,12 +297,15 @@ def test_stage_configs_derive_every_demo_field_by_name(tmp_path, quick):
     from bebop.experiments.demo.config import head_configs, head_dirs, rl_config, sft_config
 
     overrides = dict(seed=7, temperature=0.8, max_new_tokens=40, sft_minutes=2.5, init_lr=4e-3, head_steps=9,
-                     data_samples=99, rl_prompts=3, rl_group=5, rl_lr=1e-4, online_steps=6, extra_losses="tv")
+                     data_samples=99, rl_prompts=3, rl_group=5, rl_lr=1e-4, online_steps=6, extra_losses="tv",
+                     head_eval_every=7, head_patience=3, head_min_delta=0.01)
     cfg = quick_config(**overrides) if quick else DemoConfig(**overrides)
     policy, dirs = tmp_path / "policy", head_dirs(cfg, tmp_path / "heads")
     sft, heads, rl = _hand_built(cfg, policy, dirs, tmp_path / "rl")
     assert sft_config(cfg, policy) == sft
-    assert head_configs(cfg, policy, dirs) == heads
+    derived = head_configs(cfg, policy, dirs)
+    assert derived == heads
+    assert {(h.eval_every, h.patience, h.min_delta) for h in derived.values()} == {(7, 3, 0.01)}  # warm start too
     assert rl_config(cfg, policy, dirs, tmp_path / "rl") == rl
 
 
@@ -341,11 +347,12 @@ def test_report_renders_every_section_from_results_alone():
     res = Results(losses, _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)}), {"heads": {}}, rl)
     claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl)
     summary = {"claims": claims, "policy": {"dir": "p", "sft_steps": 10, "eval": None},
+               "heads": {"ce": {"budget": 10, "kept_step": 9, "curve": [[9, 0.8]]}},
                "stages": {"sft": {"seconds": 1.0, "cached": False}}, "total_seconds": 2.0,
                "plots": {k: f"plots/{v}" for k, v in PLOTS.items()}}
     report = render_report(summary, res, DemoConfig())
-    for title in ("## Claims", "## Accept length vs policy entropy", "## RS vs TO over temperature",
-                  "## α per draft step per loss", "## RL"):
+    for title in ("## Claims", "## Head training", "## Accept length vs policy entropy",
+                  "## RS vs TO over temperature", "## α per draft step per loss", "## RL"):
         assert title in report
     assert all(f"plots/{v}" in report for v in PLOTS.values())
     assert sum(report.count(f"**{v}**") for v in ("held", "not held", "inconclusive")) == 5
@@ -360,3 +367,119 @@ def test_demo_arch_reaches_the_sft_stage(tmp_path):
 
     assert sft_config(DemoConfig(arch="llama"), tmp_path / "p").arch == "llama"
     assert sft_config(DemoConfig(), tmp_path / "p").arch == "qwen3"
+
+
+# ------------------------------------------------------------------------------------------------ ablations, gpu_costs
+
+
+def test_demo_settings_reject_bad_ablations_gpu_costs_and_early_stopping(tmp_path):
+    from bebop.errors import BebopError
+    from bebop.experiments.demo import ABLATIONS, DemoConfig
+
+    assert DemoConfig().ablation_list() == []
+    assert DemoConfig(ablations="all").ablation_list() == list(ABLATIONS)
+    assert DemoConfig(ablations=" temperature,budget ").ablation_list() == ["budget", "temperature"]
+    with pytest.raises(BebopError, match="unknown ablation 'depth'"):
+        DemoConfig(ablations="budget,depth")
+    with pytest.raises(BebopError, match="nope.json"):
+        DemoConfig(gpu_costs=str(tmp_path / "nope.json"))
+    (tmp_path / "costs.json").write_text("{}")
+    assert DemoConfig(gpu_costs=str(tmp_path / "costs.json")).gpu_costs == str(tmp_path / "costs.json")
+    with pytest.raises(BebopError, match="head_patience"):
+        DemoConfig(head_patience=-1)
+    with pytest.raises(BebopError, match="head_eval_every"):
+        DemoConfig(head_eval_every=0)
+
+
+def test_ablation_variants_change_one_head_setting_each(tmp_path):
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.ablations import variant_config, variants
+    from bebop.experiments.demo.config import head_configs, head_dirs
+
+    cfg = DemoConfig(ablations="all", extra_losses="tv", head_steps=400)
+    vs = {v.key: v for v in variants(cfg)}
+    assert list(vs) == ["gamma_train5", "head_steps200", "head_steps800", "data_tau0.7", "data_tau1.3"]
+    assert not vs["head_steps200"].own_init and vs["data_tau0.7"].own_init
+    assert [v.key for v in variants(DemoConfig(ablations="gamma_train", gamma_train=5))] == ["gamma_train3"]
+    main = head_configs(cfg, tmp_path / "p", head_dirs(cfg, tmp_path / "h"))
+    for v in vs.values():
+        vcfg = variant_config(cfg, v)
+        assert vcfg.loss_list() == ["ce", "e2e_tv"] and vcfg.ablation_list() == []
+        heads = head_configs(vcfg, tmp_path / "p", head_dirs(cfg, tmp_path / "h"))
+        changed = {f for h in ("head_init", "head_ce") for f in vars(heads[h]) if
+                   getattr(heads[h], f) != getattr(main[h], f)}
+        assert changed == {"head_steps": {"steps"}, "gamma_train": {"gamma_train"},
+                           "temperature": {"temperature"}}[next(iter(v.overrides))], (v.key, changed)
+
+
+def test_ablation_summary_pairs_variants_with_the_main_run_on_the_same_prompts():
+    """A variant identical to the main run differs from it by exactly 0 (paired CI [0, 0]); one built with a larger
+    e2e_tv − ce gap shows a positive change whose CI excludes 0."""
+    from bebop.experiments.demo.ablations import Variant, ablation_summary
+
+    main = _losses({"ce": [0.8] * 3, "e2e_tv": [0.82] * 3})
+    better = _losses({"ce": [0.8] * 3, "e2e_tv": [0.9] * 3})
+    runs = {"same": {"variant": Variant("same", "same", "budget", {"head_steps": 1}), "losses": main, "seconds": 1.0},
+            "better": {"variant": Variant("better", "better", "temperature", {"temperature": 0.7}),
+                       "losses": better, "seconds": 2.0}}
+    abl = ablation_summary(main, runs)
+    assert abl["main"]["e2e_tv_minus_ce_points"]["value"] == pytest.approx(2.0, abs=0.5)
+    same = abl["variants"]["same"]["vs_main"]
+    assert same["e2e_tv_minus_ce_points"] == {"value": 0.0, "ci": [0.0, 0.0]}
+    assert same["e2e_tv_accept_length"]["ci"] == [0.0, 0.0]
+    gain = abl["variants"]["better"]["vs_main"]["e2e_tv_minus_ce_points"]
+    assert gain["value"] == pytest.approx(8.0, abs=0.5) and gain["ci"][0] > 5
+    assert abl["variants"]["better"]["settings"] == {"temperature": 0.7}
+    ci = abl["variants"]["better"]["e2e_tv"]["mean_alpha"]["ci"]
+    assert ci[0] < 0.9 < ci[1]
+
+
+def test_report_shows_head_training_and_ablations():
+    from bebop.experiments.demo import DemoConfig
+    from bebop.experiments.demo.ablations import Variant, ablation_summary
+    from bebop.experiments.demo.report import Results, render_report
+
+    losses, sweep, rl = _paper_shaped()
+    for v in losses.values():
+        v["alpha_to"], v["accept_length_to"] = v["alpha_rs"], v["accept_length_rs"]
+    runs = {"data_tau0.7": {"variant": Variant("data_tau0.7", "training data at τ = 0.7", "temperature",
+                                               {"temperature": 0.7}), "losses": losses, "seconds": 12.0,
+                            "heads": {"e2e_tv": {"kept_step": 50, "budget": 400}}}}
+    heads = {"fkl (warm start)": {"budget": 800, "stopped_at": 300, "kept_step": 200, "heldout_alpha": [0.9] * 3,
+                                  "curve": [[0, 0.5], [200, 0.9], [300, 0.9]]}}
+    res = Results(losses, sweep, {"heads": {}}, rl, heads)
+    summary = {"claims": evaluate_claims(losses, sweep, {"heads": {}}, rl), "heads": heads,
+               "policy": {"dir": "p", "sft_steps": 10, "eval": None}, "stages": {}, "total_seconds": 2.0,
+               "plots": {k: f"plots/{v}" for k, v in PLOTS.items()}, "ablations": ablation_summary(losses, runs)}
+    report = render_report(summary, res, DemoConfig())
+    assert "## Head training" in report and "| fkl (warm start) | 800 | 300 | 200 | 0.900 0.900 0.900 |" in report
+    assert "## Ablations" in report and "| training data at τ = 0.7 |" in report
+    assert "+0.00 [+0.00, +0.00]" in report and "50 / 400, – / –" in report and "took 12 s" in report
+    assert "## Ablations" not in render_report({**summary, "ablations": None}, res, DemoConfig())
+
+
+@pytest.mark.slow
+def test_cli_quick_ablations_run_every_variant_then_reuse_them(demo_dir):
+    """`--quick --ablations` after a quick run: the main stages are reused, every ablation stage runs once and is
+    reused on a rerun, and report.md / summary.json carry the ablations."""
+    from bebop.experiments.demo.ablations import variants
+
+    r = cli("demo", "--quick", "--ablations", "--out", str(demo_dir))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    stages = summary["stages"]
+    expected = {f"abl_{v.key}_{part}" for v in variants(quick_config(ablations="all"))
+                for part in (("init", "ce", "e2e_tv", "measure") if v.own_init else ("ce", "e2e_tv", "measure"))}
+    assert {k for k in stages if k.startswith("abl_")} == expected
+    assert not any(stages[k]["cached"] for k in expected) and stages["head_e2e_tv"]["cached"]
+    abl = summary["ablations"]
+    assert set(abl["variants"]) == {k.split("_", 1)[1].rsplit("_", 1)[0] for k in expected if k.endswith("_measure")}
+    for v in abl["variants"].values():
+        assert v["vs_main"]["e2e_tv_minus_ce_points"]["ci"] is not None
+    report = (demo_dir / "report.md").read_text()
+    assert "## Ablations" in report and "## Head training" in report
+    assert set(summary["heads"]["e2e_tv"]) >= {"budget", "stopped_at", "kept_step", "curve"}
+
+    r = cli("demo", "--quick", "--ablations", "--out", str(demo_dir))
+    assert r.returncode == 0, r.stderr
+    assert all(s["cached"] for s in json.loads((demo_dir / "summary.json").read_text())["stages"].values())

@@ -18,6 +18,13 @@ def demo_cmd(
     model: Annotated[str | None, typer.Option(help="Reuse this SFT policy directory and skip SFT.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Redo every stage instead of reusing cached outputs.")]
     = False,
+    ablations: Annotated[bool, typer.Option("--ablations", help="After the main stages, also run the ablations "
+                                                                "(γ_train 5, half / double head budget, "
+                                                                "training data at τ 0.7 / 1.3), each a cached stage; "
+                                                                "TOML key ablations selects a subset.")]
+    = False,
+    gpu_costs: Annotated[str | None, typer.Option(help="A benchmarks/gpu_costs.py JSON: claim 5 shows its projected "
+                                                       "GPU step speedup (labelled, not judged).")] = None,
     device: TomlDeviceOpt = None,
     dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
@@ -31,7 +38,7 @@ def demo_cmd(
     preset = {k: v for k, v in QUICK.items() if k not in file_keys} if quick else {}  # the file wins over --quick
     announce_paths()
     cfg = make_config(DemoConfig, config, **preset, out=out, model=model, fresh=fresh or None, device=device,
-                      dtype=dtype)
+                      dtype=dtype, gpu_costs=gpu_costs, ablations="all" if ablations else None)
     if cfg.model:
         check_model_dir(cfg.model)  # before run_demo creates OUT
     run_demo(cfg, console=console)

@@ -22,6 +22,7 @@ __all__ = [
     "STEP_TIME_KEYS",
     "plot_alpha_per_step",
     "plot_entropy_accept",
+    "plot_heldout_curves",
     "plot_rl_accept_length",
     "plot_step_times",
     "plot_temperature_sweep",
@@ -200,5 +201,33 @@ def plot_step_times(times: Mapping[str, Mapping[str, float]], path: str | Path,
     ax.set_ylabel("seconds per RL step")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_heldout_curves(curves: Mapping[str, Mapping], path: str | Path,
+                        title: str = "Held-out expected α during head training") -> Path:
+    """Held-out expected α (mean over the γ_train steps) against training step, one line per head, the kept
+    evaluation starred and an early stop marked with a cross; ``curves = {head: {"curve": [[step, α], ...],
+    "kept_step": s | None, "stopped_at": s | None, "offset": steps before this stage (optional)}}`` (a head
+    fine-tuned from a warm start is drawn after it)."""
+    if not curves:
+        raise BebopError("plot_heldout_curves needs at least one head")
+    fig = Figure(figsize=(7, 4.6))
+    ax = fig.subplots()
+    for i, (name, c) in enumerate(curves.items()):
+        pts = {int(s): float(a) for s, a in c.get("curve") or []}
+        if not pts:
+            continue
+        off = int(c.get("offset") or 0)
+        ax.plot([s + off for s in pts], list(pts.values()), color=f"C{i}", marker=".", ms=3, label=name)
+        if c.get("kept_step") in pts:
+            ax.plot(c["kept_step"] + off, pts[c["kept_step"]], color=f"C{i}", marker="*", ms=12, ls="none")
+        if c.get("stopped_at") in pts:
+            ax.plot(c["stopped_at"] + off, pts[c["stopped_at"]], color=f"C{i}", marker="x", ms=9, ls="none")
+    ax.set_xlabel("head training step (fine-tuned heads after their warm start)")
+    ax.set_ylabel("held-out expected α (mean over k)")
+    ax.set_title(title + " (★ kept, × early stop)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

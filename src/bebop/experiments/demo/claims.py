@@ -21,8 +21,8 @@ from bebop.experiments import stats
 from bebop.experiments.names import RULE_NAMES
 from bebop.experiments.series import step_series
 
-__all__ = ["CLAIMS", "VERDICT_RULE", "claim_headline", "dig", "evaluate_claims", "fmt", "fmt_ci", "gpu_projection",
-           "median_times", "rl_runs"]
+__all__ = ["CLAIMS", "VERDICT_RULE", "accept_length_stat", "claim_headline", "dig", "evaluate_claims", "fmt", "fmt_ci",
+           "gpu_projection", "mean_alpha_stat", "median_times", "n_units", "rl_runs", "unit_ci"]
 
 CLAIMS = {
     1: "Acceptance falls linearly with policy entropy under TO and under RS with CE heads (slope ≈ −1.68 accept "
@@ -78,13 +78,13 @@ def _part(name: str, value, ci, op: str, threshold: float) -> dict:
 # ------------------------------------------------------------------------------------------------ unit statistics
 
 
-def _n_units(*units: Mapping | None) -> int | None:
+def n_units(*units: Mapping | None) -> int | None:
     """The common number of units (per-prompt counters), None when any is missing or they differ."""
     ns = {len(u["steps"]) if u and u.get("steps") is not None else None for u in units}
     return ns.pop() if len(ns) == 1 and None not in ns else None
 
 
-def _accept_length_stat(u: Mapping) -> Stat:
+def accept_length_stat(u: Mapping) -> Stat:
     """Accept length over resampled prompts: 1 + Σ accepted / Σ verify row-steps (as ``DecodeMetrics``)."""
     return stats.ratio_of(u["accepted"], u["steps"], offset=1.0)
 
@@ -93,7 +93,7 @@ def _entropy_stat(u: Mapping) -> Stat:
     return stats.ratio_of(u["entropy_sum"], u["tokens"])
 
 
-def _mean_alpha_stat(u: Mapping) -> Stat:
+def mean_alpha_stat(u: Mapping) -> Stat:
     """Mean over draft steps k of α_k = Σ accepted_k / Σ reached_k over resampled prompts."""
     acc, reached = np.asarray(u["accepted_k"], dtype=np.float64), np.asarray(u["reached"], dtype=np.float64)
 
@@ -104,7 +104,8 @@ def _mean_alpha_stat(u: Mapping) -> Stat:
     return stat
 
 
-def _ci(stat: Stat | None, n: int | None) -> list[float] | None:
+def unit_ci(stat: Stat | None, n: int | None) -> list[float] | None:
+    """The demo's bootstrap CI of ``stat`` over ``n`` units; None without units."""
     return None if stat is None or n is None else stats.bootstrap_ci(stat, n, **_ci_kw())
 
 
@@ -115,10 +116,10 @@ def _sweep_units(sweep: Mapping, head: str, rule: str) -> list | None:
 def _sweep_slope(sweep: Mapping, head: str, rule: str) -> tuple[Stat, int] | None:
     """The statistic of the accept-length slope against mean entropy over τ (points refitted per resample)."""
     units = _sweep_units(sweep, head, rule)
-    n = _n_units(*units) if units else None
+    n = n_units(*units) if units else None
     if n is None:
         return None
-    return stats.slope_of([_entropy_stat(u) for u in units], [_accept_length_stat(u) for u in units]), n
+    return stats.slope_of([_entropy_stat(u) for u in units], [accept_length_stat(u) for u in units]), n
 
 
 def _token_slope_ci(per_sample: Mapping | None, rule: str) -> list[float] | None:
@@ -126,7 +127,7 @@ def _token_slope_ci(per_sample: Mapping | None, rule: str) -> list[float] | None
     if not per_sample or not per_sample.get(rule):
         return None
     p, r = per_sample, per_sample[rule]
-    return _ci(stats.pooled_slope_of(p["n"], p["sum_h"], p["sum_h2"], r["sum_len"], r["sum_h_len"]), len(p["n"]))
+    return unit_ci(stats.pooled_slope_of(p["n"], p["sum_h"], p["sum_h2"], r["sum_len"], r["sum_h_len"]), len(p["n"]))
 
 
 def _step_values(rows: Sequence[Mapping], key: str, skip_first: bool = False) -> list[float]:
@@ -201,7 +202,7 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
     keys = [(h, rule, f"{h} {tag}") for h in sh for rule, tag in RULE_NAMES.items()]
     slope = {k: dig(sh, h, rule, "fit", "slope") for h, rule, k in keys}
     fits = {k: _sweep_slope(sweep, h, rule) for h, rule, k in keys}
-    slope_ci = {k: _ci(*fits[k]) if fits[k] else None for k in slope}
+    slope_ci = {k: unit_ci(*fits[k]) if fits[k] else None for k in slope}
     r = {k: dig(sh, h, rule, "fit", "r") for h, rule, k in keys}
     token_slope = {f"{h} {tag}": dig(ent, "heads", h, rule, "fit", "slope")
                    for h in ent.get("heads", {}) for rule, tag in RULE_NAMES.items()}
@@ -217,7 +218,7 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
         def flat_margin(idx: np.ndarray) -> np.ndarray:
             return np.abs(s_tv(idx)) - FLAT_RATIO * np.abs(s_ce(idx))
 
-        margin_ci = _ci(flat_margin, fits["ce RS"][1])
+        margin_ci = unit_ci(flat_margin, fits["ce RS"][1])
     figures = {"slope_per_nat_sweep": slope, "slope_per_nat_sweep_ci": slope_ci, "r_sweep": r,
                "flat_margin": margin, "flat_margin_ci": margin_ci, "slope_per_nat_tokens": token_slope,
                "slope_per_nat_tokens_ci": token_slope_ci,
@@ -240,8 +241,8 @@ def _claim_2(sweep: Mapping, rl: Mapping) -> tuple[dict, str, list]:
     for h, v in at_hi.items():
         gap[h] = None if v["RS"] is None or v["TO"] is None else v["RS"] - v["TO"]
         rs, to = (_sweep_units(sweep, h, rule) for rule in ("rejection", "target_only"))
-        n = _n_units(rs[hi], to[hi]) if rs and to else None
-        gap_ci[h] = _ci(stats.diff_of(_accept_length_stat(rs[hi]), _accept_length_stat(to[hi])), n) if n else None
+        n = n_units(rs[hi], to[hi]) if rs and to else None
+        gap_ci[h] = unit_ci(stats.diff_of(accept_length_stat(rs[hi]), accept_length_stat(to[hi])), n) if n else None
     drift, drift_ci = {}, {}
     for m in ("to-ce", "rs-ce", "rs-e2e_tv"):
         drift[m], drift_ci[m] = _drift(rl, m)
@@ -266,13 +267,13 @@ def _claim_3(losses: Mapping) -> tuple[dict, str, list]:
     mean_alpha = {k: (sum(v["alpha_rs"]) / len(v["alpha_rs"]) if v.get("alpha_rs") else None)
                   for k, v in losses.items()}
     units = {k: v.get("units_rs") for k, v in losses.items()}
-    mean_ci = {k: _ci(_mean_alpha_stat(u), _n_units(u)) if u else None for k, u in units.items()}
+    mean_ci = {k: unit_ci(mean_alpha_stat(u), n_units(u)) if u else None for k, u in units.items()}
 
     def vs_e2e(k: str) -> tuple[float | None, list[float] | None]:
         a, b = mean_alpha.get("e2e_tv"), mean_alpha.get(k)
         point = None if a is None or b is None else a - b
-        n = _n_units(units.get("e2e_tv"), units.get(k))
-        return point, _ci(stats.diff_of(_mean_alpha_stat(units["e2e_tv"]), _mean_alpha_stat(units[k])), n) \
+        n = n_units(units.get("e2e_tv"), units.get(k))
+        return point, unit_ci(stats.diff_of(mean_alpha_stat(units["e2e_tv"]), mean_alpha_stat(units[k])), n) \
             if n else None
 
     gain, gain_ci = vs_e2e("ce") if "ce" in losses else (None, None)

@@ -20,12 +20,15 @@ from bebop.models.policy import ModelConfig
 from bebop.tasks import get_task
 from bebop.training.sft import sft_recipe
 
-__all__ = ["QUICK", "RL_METHODS", "SHARED", "DemoConfig", "derive", "head_configs", "quick_config", "rl_config",
-           "sft_config"]
+__all__ = ["ABLATIONS", "EARLY_STOP", "QUICK", "RL_METHODS", "SHARED", "DemoConfig", "derive", "head_configs",
+           "quick_config", "rl_config", "sft_config"]
 
 C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
+ABLATIONS = ("gamma_train", "budget", "temperature")
+"""What ``ablations`` may name: γ_train 3 vs 5, half / double the head budget, and the temperature of the training
+data (:mod:`bebop.experiments.demo.ablations` builds the variants)."""
 SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "data_samples",
           "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
 """Demo fields that mean the same in every stage config that has a field of that name."""
@@ -55,10 +58,13 @@ class DemoConfig:
     # 2. heads: init_loss warm start, then ce / e2e_tv (+ extra_losses) from it
     gamma_train: int = 3
     init_loss: str = "fkl"
-    init_steps: int = 800              # init_* and head_* as train-mtp's warm stage and main stage
+    init_steps: int = 800              # init_* and head_* as train-mtp's warm stage and main stage (budgets)
     init_lr: float = 5e-3
-    head_steps: int = 300
+    head_steps: int = 400              # the same budget for every fine-tuned loss
     head_lr: float = 1e-3
+    head_eval_every: int = 25          # every head stage (warm start too): held-out expected α every this many steps,
+    head_patience: int = 4             # stop after this many evaluations without a gain > head_min_delta (0: never)
+    head_min_delta: float = 0.0005     # and keep the best evaluation's head
     data_samples: int = 4096
     heldout_samples: int = 128
     extra_losses: str = ""             # e.g. "fkl,rkl,tv": more losses fine-tuned like ce and e2e_tv (claim 3)
@@ -77,6 +83,10 @@ class DemoConfig:
     online_every: int = 4
     online_steps: int = 20
     rl_eval_samples: int = 0
+    # claim 5: a benchmarks/gpu_costs.py JSON; its projected GPU step speedup is shown (labelled, not judged)
+    gpu_costs: str | None = None
+    # 7. ablations (off by default): "all" or a comma list of ABLATIONS, run after the main stages
+    ablations: str = ""
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -99,10 +109,27 @@ class DemoConfig:
         for m in self.method_list():
             if m not in METHODS:
                 raise BebopError(f"unknown RL method {m!r}; choose from: {', '.join(METHODS)}")
+        for name in ("head_patience", "head_min_delta"):
+            if not getattr(self, name) >= 0:
+                raise BebopError(f"{name} must be >= 0, got {getattr(self, name)}")
+        positive("head_eval_every", self.head_eval_every)
+        if self.gpu_costs is not None and not Path(self.gpu_costs).is_file():
+            raise BebopError(f"GPU costs JSON not found: {self.gpu_costs}")
+        self.ablation_list()
 
     def method_list(self) -> list[str]:
         """The RL methods run side by side, in order."""
         return [m.strip() for m in self.rl_methods.split(",") if m.strip()]
+
+    def ablation_list(self) -> list[str]:
+        """The ablations to run, in :data:`ABLATIONS` order ("all": every one); an unknown name is an error."""
+        names = [a.strip() for a in self.ablations.split(",") if a.strip()]
+        if names == ["all"]:
+            return list(ABLATIONS)
+        for a in names:
+            if a not in ABLATIONS:
+                raise BebopError(f"unknown ablation {a!r}; choose from: all, {', '.join(ABLATIONS)}")
+        return [a for a in ABLATIONS if a in names]
 
     def loss_list(self) -> list[str]:
         """Heads fine-tuned from the warm start: ce, e2e_tv, then the extra losses."""
@@ -115,7 +142,8 @@ QUICK: dict = dict(
     policy=ModelConfig(num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128),
     sft_steps=150, sft_eval_samples=16, max_new_tokens=32, init_steps=20, head_steps=10,
     data_samples=64, heldout_samples=16, loss_prompts=8, temperatures=(0.5, 1.0, 1.5), sweep_prompts=8,
-    entropy_samples=32, rl_steps=3, rl_prompts=4, rl_group=4, online_every=1, online_steps=2,
+    entropy_samples=32, rl_steps=3, rl_prompts=4, rl_group=4, online_every=1, online_steps=2, head_eval_every=5,
+    head_patience=2,
 )
 
 
@@ -160,16 +188,22 @@ def head_dirs(cfg: DemoConfig, heads_dir: Path) -> dict[str, Path]:
             **{loss: heads_dir / loss for loss in cfg.loss_list()}}
 
 
+EARLY_STOP = {"eval_every": "head_eval_every", "patience": "head_patience", "min_delta": "head_min_delta"}
+"""The early-stopping settings every head stage takes (the warm start's too)."""
+
+
 def head_configs(cfg: DemoConfig, policy: Path, dirs: Mapping[str, Path]) -> dict[str, Any]:
-    """Stage 2: ``{"head_init": warm start (``init_*`` fields, trained alone), "head_<loss>": the loss fine-tuned
-    from it (``head_*`` fields)}``, every head on the same data and seed."""
+    """Stage 2: ``{"head_init": warm start (``init_*`` fields, trained alone from the family's fresh head),
+    "head_<loss>": the loss fine-tuned from it (``head_*`` fields)}``, every head on the same data and seed, each a
+    budget of steps that stops early on held-out expected α (:data:`EARLY_STOP`)."""
     from bebop.training.train_mtp import TrainMTPConfig
 
     init_dir = next(iter(dirs.values()))
-    cfgs = {"head_init": derive(TrainMTPConfig, cfg, "init_", model=str(policy), out=str(init_dir), warm_steps=0)}
+    cfgs = {"head_init": derive(TrainMTPConfig, cfg, "init_", EARLY_STOP, model=str(policy), out=str(init_dir),
+                                warm_steps=0)}
     for loss in cfg.loss_list():
-        cfgs[f"head_{loss}"] = derive(TrainMTPConfig, cfg, "head_", model=str(policy), out=str(dirs[loss]),
-                                      loss=loss, init=str(init_dir))
+        cfgs[f"head_{loss}"] = derive(TrainMTPConfig, cfg, "head_", EARLY_STOP, model=str(policy),
+                                      out=str(dirs[loss]), loss=loss, init=str(init_dir))
     return cfgs
 
 

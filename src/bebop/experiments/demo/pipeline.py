@@ -22,9 +22,10 @@ from bebop.io import atomic_write_json, atomic_write_text
 __all__ = ["run_demo"]
 
 OUTPUTS = (".stages", "policy", "policy.sft.jsonl", "heads", "losses.json", "sweep.json", "entropy.json", "rl",
-           "plots", "report.md", "summary.json")
+           "ablations", "plots", "report.md", "summary.json")
 MEASURE_BATCH = 32        # prompts per engine call when measuring heads (losses, sweep); the units are prompts
 LOSS_SEED_OFFSET = 99_991  # the per-loss measurement draws prompts unseen in head training
+RULES = {"rejection": "rs", "target_only": "to"}
 
 
 def _jsonable(x):
@@ -103,7 +104,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     _heads_stage(demo)
     _measure_stages(demo)
     _rl_stage(demo)
-    return _report_stage(demo, t_start)
+    ablations = _ablation_stages(demo) if cfg.ablation_list() else None
+    return _report_stage(demo, t_start, ablations)
 
 
 def _policy_stage(demo: _Demo) -> None:
@@ -135,10 +137,15 @@ def _heads_stage(demo: _Demo) -> None:
     demo.head_dirs = head_dirs(cfg, demo.out / "heads")
     demo.head_cfgs = head_configs(cfg, demo.policy, demo.head_dirs)
     for name, hc in demo.head_cfgs.items():
-        how = f"{hc.steps} steps, lr {hc.lr:g}" + (f", from the {cfg.init_loss} head" if hc.init else ", warm start")
-        demo.stages.run(name, f"2/7 MTP head: {hc.loss} ({how})", Path(hc.out) / "train_mtp_summary.json",
+        demo.stages.run(name, f"2/7 MTP head: {_head_title(hc, cfg)}", Path(hc.out) / "train_mtp_summary.json",
                         asdict(hc), ["sft"] if name == "head_init" else ["sft", "head_init"],
                         lambda hc=hc: train_mtp(hc))
+
+
+def _head_title(hc, cfg: DemoConfig) -> str:
+    stop = f", early stop: patience {hc.patience} × {hc.eval_every} steps" if hc.patience else ""
+    start = f"from the {cfg.init_loss} head" if hc.init and hc.loss != cfg.init_loss else "warm start"
+    return f"{hc.loss} (budget {hc.steps} steps, lr {hc.lr:g}, {start}{stop})"
 
 
 def _measure_stages(demo: _Demo) -> None:
@@ -177,13 +184,19 @@ def _measure_stages(demo: _Demo) -> None:
 
 def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
     """RS and TO α_k and accept length of every head at the rollout τ, into ``losses.json``."""
+    atomic_write_json(demo.out / "losses.json", _measure_heads(demo, model, tokenizer, heads, RULES))
+
+
+def _measure_heads(demo: _Demo, model, tokenizer, heads: Mapping, rules: Mapping[str, str]) -> dict:
+    """``{head: {alpha_<tag>, accept_length_<tag>, units_<tag>, entropy}}`` per verification rule (``rules``: rule
+    → tag) at the rollout τ, every head on the same held-out prompts (those of ``losses.json``)."""
     from bebop.experiments.measure import Probe, measure_acceptance
 
     cfg = demo.cfg
     res = {}
     for name, head in heads.items():
         row: dict = {}
-        for rule, tag in (("rejection", "rs"), ("target_only", "to")):
+        for rule, tag in rules.items():
             r = measure_acceptance(model, tokenizer, head, Probe(cfg.task, rule, cfg.temperature, cfg.gamma,
                                                                  cfg.loss_prompts, MEASURE_BATCH, cfg.max_new_tokens,
                                                                  cfg.seed + LOSS_SEED_OFFSET))
@@ -191,9 +204,9 @@ def _measure_losses(demo: _Demo, model, tokenizer, heads: Mapping) -> None:
             row[f"units_{tag}"] = r["units"]
             row["entropy"] = r["entropy"]
         res[name] = row
-        demo.console.print(f"{name}: accept length RS {row['accept_length_rs']:.3f}, "
-                           f"TO {row['accept_length_to']:.3f}")
-    atomic_write_json(demo.out / "losses.json", res)
+        demo.console.print(f"{name}: accept length " + ", ".join(f"{tag.upper()} {row[f'accept_length_{tag}']:.3f}"
+                                                                 for tag in rules.values()))
+    return res
 
 
 def _rl_stage(demo: _Demo) -> None:
@@ -208,16 +221,75 @@ def _rl_stage(demo: _Demo) -> None:
                     asdict(rl_cfg), ["sft", "head_ce", "head_e2e_tv"], lambda: bench_rl(rl_cfg, console=demo.console))
 
 
-def _report_stage(demo: _Demo, t_start: float) -> dict:
+def _ablation_stages(demo: _Demo) -> dict:
+    """The ablation variants (:mod:`.ablations`, after the main stages), each as cached stages: its warm start
+    (unless it fine-tunes from the main one), its CE and e2e-TV heads, then RS acceptance on the main run's
+    held-out prompts. Returns the inputs of :func:`.ablations.ablation_summary`."""
+    from bebop.experiments.demo.ablations import variant_config, variants
+    from bebop.models.checkpoint import load_head
+    from bebop.models.policy import load_policy
+    from bebop.training.train_mtp import train_mtp
+
+    cfg, stages = demo.cfg, demo.stages
+    model, tokenizer = load_policy(demo.policy, cfg.device, cfg.dtype)
+    runs = {}
+    for v in variants(cfg):
+        vdir, vcfg, tag = demo.out / "ablations" / v.key, variant_config(cfg, v), f"abl_{v.key}"
+        dirs = head_dirs(vcfg, vdir / "heads")
+        if not v.own_init:
+            dirs = {**dirs, next(iter(dirs)): demo.head_dirs[next(iter(demo.head_dirs))]}
+        hcfgs = head_configs(vcfg, demo.policy, dirs)
+        init_stage = f"{tag}_init" if v.own_init else "head_init"
+        if v.own_init:
+            hc = hcfgs["head_init"]
+            stages.run(init_stage, f"ablation {v.label}: MTP head {_head_title(hc, vcfg)}",
+                       Path(hc.out) / "train_mtp_summary.json", asdict(hc), ["sft"], lambda hc=hc: train_mtp(hc))
+        for loss in ("ce", "e2e_tv"):
+            hc = hcfgs[f"head_{loss}"]
+            stages.run(f"{tag}_{loss}", f"ablation {v.label}: MTP head {_head_title(hc, vcfg)}",
+                       Path(hc.out) / "train_mtp_summary.json", asdict(hc), ["sft", init_stage],
+                       lambda hc=hc: train_mtp(hc))
+        losses_json = vdir / "losses.json"
+        stages.run(f"{tag}_measure", f"ablation {v.label}: RS α at τ = {cfg.temperature:g} ({cfg.loss_prompts} "
+                   "prompts)", losses_json,
+                   dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt"),
+                   ["sft", f"{tag}_ce", f"{tag}_e2e_tv"],
+                   lambda dirs=dirs, p=losses_json: atomic_write_json(p, _measure_heads(
+                       demo, model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")},
+                       {"rejection": "rs"})))
+        runs[v.key] = {"variant": v, "losses": _read_json(losses_json),
+                       "heads": {k: head_record(_read_json(d / "train_mtp_summary.json")) for k, d in dirs.items()},
+                       "seconds": sum(t for k, t in stages.seconds.items() if k.startswith(tag + "_"))}
+    return runs
+
+
+def head_record(s: Mapping) -> dict:
+    """What the report shows of one head's ``train_mtp_summary.json``: its last stage's budget, the step it stopped
+    early at (None: it ran the whole budget), the step it kept, the kept held-out α, and its held-out curve
+    (``[step, mean α]`` per evaluation)."""
+    if not s:
+        return {}
+    stop = (s.get("early_stop") or [{}])[-1]
+    stage = stop.get("stage")
+    return {"budget": stop.get("budget"), "stopped_at": stop.get("last_step") if stop.get("stopped_early") else None,
+            "kept_step": stop.get("best_step"), "heldout_alpha": s.get("heldout_alpha"),
+            "curve": [[r["step"], r["heldout_alpha_mean"]] for r in s.get("curve", []) if r.get("stage") == stage]}
+
+
+def _report_stage(demo: _Demo, t_start: float, ablations: Mapping | None) -> dict:
     """7. Plots, claims, ``summary.json`` and ``report.md``."""
+    from bebop.experiments.demo.ablations import ablation_summary
+
     out, console = demo.out, demo.console
     console.rule("[bold]7/7 report")
+    heads = {k: {"dir": str(d), **head_record(_read_json(d / "train_mtp_summary.json"))}
+             for k, d in demo.head_dirs.items()}
     res = Results(losses=_read_json(out / "losses.json"), sweep=_read_json(out / "sweep.json"),
-                  ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"])
+                  ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"],
+                  heads=heads)
     plots = write_plots(out / "plots", res, demo.cfg)
-    costs = getattr(demo.cfg, "gpu_costs", None)  # a benchmarks/gpu_costs.py JSON: claim 5 shows its projection
-    if costs and not Path(costs).is_file():
-        raise BebopError(f"GPU costs JSON not found: {costs}")
+    costs = demo.cfg.gpu_costs  # a benchmarks/gpu_costs.py JSON: claim 5 shows its projection
     claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl, _read_json(Path(costs)) if costs else None)
     sft_summary = _read_json(demo.policy / "sft_summary.json")
     summary = {
@@ -225,8 +297,8 @@ def _report_stage(demo: _Demo, t_start: float) -> dict:
         "verdict_rule": VERDICT_RULE,
         "policy": {"dir": str(demo.policy), "sft_steps": sft_summary.get("steps"),
                    "sft_seconds": sft_summary.get("train_seconds"), "eval": sft_summary.get("eval")},
-        "heads": {k: {"dir": str(d), "heldout_alpha": _read_json(d / "train_mtp_summary.json").get("heldout_alpha")}
-                  for k, d in demo.head_dirs.items()},
+        "heads": heads,
+        **({"ablations": ablation_summary(res.losses, ablations)} if ablations is not None else {}),
         "stages": {k: {"seconds": demo.stages.seconds[k], "cached": demo.stages.cached[k]}
                    for k in demo.stages.seconds},
         "total_seconds": time.perf_counter() - t_start,

@@ -5,7 +5,7 @@ and the console table of verdicts. Rendering only: the numbers come from the sta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -26,18 +26,20 @@ PLOTS = {
     "alpha_per_step": "alpha_per_step.png",        # α_k per loss, RS and TO
     "rl_accept_length": "rl_accept_length.png",    # accept length over RL steps
     "step_times": "step_times.png",                # step / rollout / train seconds per method
+    "heldout_alpha": "heldout_alpha.png",          # held-out expected α while each head trains (early stopping)
 }
 
 
 @dataclass
 class Results:
     """The measurement stages' outputs, as written to ``losses.json``, ``sweep.json``, ``entropy.json`` and
-    ``rl/bench_rl.json`` (its ``results``)."""
+    ``rl/bench_rl.json`` (its ``results``), and per head its training record (``pipeline.head_record``)."""
 
     losses: Mapping
     sweep: Mapping
     ent: Mapping
     rl: Mapping
+    heads: Mapping = field(default_factory=dict)
 
 
 def write_plots(plot_dir: Path, res: Results, cfg: DemoConfig) -> dict[str, Path]:
@@ -45,6 +47,7 @@ def write_plots(plot_dir: Path, res: Results, cfg: DemoConfig) -> dict[str, Path
     from bebop.experiments.plots import (
         plot_alpha_per_step,
         plot_entropy_accept,
+        plot_heldout_curves,
         plot_rl_accept_length,
         plot_step_times,
         plot_temperature_sweep,
@@ -67,11 +70,20 @@ def write_plots(plot_dir: Path, res: Results, cfg: DemoConfig) -> dict[str, Path
                                       keys=("median_step_s", "median_rollout_s", "median_train_s"),
                                       title="RL step time per method (median over steps ≥ 1)"),
     }
+    if any(h.get("curve") for h in res.heads.values()):
+        paths["heldout_alpha"] = plot_heldout_curves(_curves(res.heads), plot_dir / PLOTS["heldout_alpha"])
     rl_series = step_series(rl_runs(rl))
     if rl_series:
         paths["entropy_rl"] = plot_entropy_accept(rl_series, plot_dir / PLOTS["entropy_rl"],
                                                   title="Accept length vs policy entropy (one point per RL step)")
     return dict(sorted(paths.items(), key=lambda kv: list(PLOTS).index(kv[0])))
+
+
+def _curves(heads: Mapping[str, Mapping]) -> dict[str, dict]:
+    """The heads' held-out curves for the plot, the fine-tuned heads drawn after the warm start's kept step."""
+    warm = next(iter(heads.values()), {})
+    offset = (warm.get("kept_step") or 0) + 1
+    return {k: {**h, "offset": 0 if i == 0 else offset} for i, (k, h) in enumerate(heads.items())}
 
 
 COLORS = {"held": "green", "not held": "red", "inconclusive": "yellow"}
@@ -123,10 +135,12 @@ def _sft_warning(summary: Mapping, cfg: DemoConfig) -> list[str]:
 
 def render_report(summary: Mapping, res: Results, cfg: DemoConfig) -> str:
     """``report.md``: the run's setting, the claims table, then one section per measurement with its plot(s)."""
-    lines = [*_overview(summary, cfg), *_entropy_section(summary, res), *_sweep_section(summary, res.sweep),
-             *_losses_section(summary, res.losses), *_rl_section(summary, res.rl),
+    lines = [*_overview(summary, cfg), *_heads_section(summary), *_entropy_section(summary, res),
+             *_sweep_section(summary, res.sweep), *_losses_section(summary, res.losses), *_rl_section(summary, res.rl),
+             *_ablations_section(summary),
              "", "Files: `summary.json` (per claim: figures with CIs, tested parts, rule, verdict), `losses.json`, "
-             "`sweep.json`, `entropy.json`, `rl/bench_rl.json` (+ one run directory per method), `heads/`, `plots/`.",
+             "`sweep.json`, `entropy.json`, `rl/bench_rl.json` (+ one run directory per method), `heads/`, `plots/` "
+             "(and `ablations/<variant>/` with its heads and `losses.json` when ablations ran).",
              ""]
     return "\n".join(lines)
 
@@ -145,9 +159,9 @@ def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
         "",
         f"Policy `{pol['dir']}`: {pol.get('sft_steps')} SFT steps, accuracy τ=1 {fmt(ev.get('accuracy'))}, "
         f"greedy {fmt(ev.get('greedy_accuracy'))}, mean entropy {fmt(ev.get('entropy'))} nats/token. "
-        f"Heads: `{cfg.init_loss}` warm start ({cfg.init_steps} steps, lr {cfg.init_lr:g}), then "
-        f"{', '.join(cfg.loss_list())} fine-tuned from it ({cfg.head_steps} steps each, lr {cfg.head_lr:g}, same "
-        "data and seed).",
+        f"Heads: `{cfg.init_loss}` warm start (budget {cfg.init_steps} steps, lr {cfg.init_lr:g}), then "
+        f"{', '.join(cfg.loss_list())} fine-tuned from it (budget {cfg.head_steps} steps each, lr {cfg.head_lr:g}, "
+        f"same data and seed){_early_stop_rule(cfg)}.",
         "",
         *_sft_warning(summary, cfg),
         f"Wall time {summary['total_seconds']:.0f} s: {stage_lines}.",
@@ -162,6 +176,29 @@ def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
         "",
         parts_table(summary["claims"]),
     ]
+
+
+def _early_stop_rule(cfg: DemoConfig) -> str:
+    if not cfg.head_patience:
+        return "; every head trains its whole budget"
+    return (f"; every head stops once held-out expected α (mean over k) has not gained more than "
+            f"{cfg.head_min_delta:g} for {cfg.head_patience} evaluations {cfg.head_eval_every} steps apart, and keeps "
+            "its best evaluation")
+
+
+def _heads_section(summary: Mapping) -> list[str]:
+    heads = summary.get("heads") or {}
+    if not heads:
+        return []
+    lines = ["", "## Head training", ""]
+    if "heldout_alpha" in summary["plots"]:
+        lines += [f"![held-out α during training]({summary['plots']['heldout_alpha']})", ""]
+    lines += ["| head | budget (steps) | stopped early at | kept step | held-out α_k of the kept head |",
+              "|---|---|---|---|---|"]
+    for k, h in heads.items():
+        lines.append(f"| {k} | {fmt(h.get('budget'), 'd')} | {fmt(h.get('stopped_at'), 'd')} | "
+                     f"{fmt(h.get('kept_step'), 'd')} | {' '.join(fmt(a) for a in h.get('heldout_alpha') or [])} |")
+    return lines
 
 
 def _entropy_section(summary: Mapping, res: Results) -> list[str]:
@@ -219,3 +256,35 @@ def _rl_section(summary: Mapping, rl: Mapping) -> list[str]:
                      f"{fmt(r['reward_first5'])} → {fmt(r['reward_last5'])} | "
                      f"{fmt(r['entropy_first5'])} → {fmt(r['entropy_last5'])} |")
     return lines
+
+
+def _ablations_section(summary: Mapping) -> list[str]:
+    abl = summary.get("ablations")
+    if not abl:
+        return []
+
+    def cell(x: Mapping | None, spec: str = ".3f") -> str:
+        return "–" if not x else f"{fmt(x.get('value'), spec)} {fmt_ci(x.get('ci'), spec)}"
+
+    def kept(heads: Mapping) -> str:
+        return ", ".join(f"{fmt(heads.get(h, {}).get('kept_step'), 'd')} / {fmt(heads.get(h, {}).get('budget'), 'd')}"
+                         for h in ("e2e_tv", "ce"))
+
+    def row(label: str, r: Mapping, heads: Mapping, seconds) -> str:
+        vs = r.get("vs_main") or {}
+        return _cells([label, *(cell(r[h][m]) for h in ("e2e_tv", "ce") for m in ("accept_length", "mean_alpha")),
+                       cell(r["e2e_tv_minus_ce_points"], "+.2f"), cell(vs.get("e2e_tv_minus_ce_points"), "+.2f"),
+                       cell(vs.get("e2e_tv_accept_length"), "+.3f"), kept(heads), fmt(seconds, ".0f")])
+
+    lines = ["", "## Ablations", "",
+             "Each variant changes one setting of head training, trains the CE and e2e-TV heads as the main run does "
+             "(same data seed, budget rules and early stopping) and measures RS acceptance at the rollout τ on the "
+             "main run's held-out prompts; 95 % CIs resample those prompts jointly, so the differences against the "
+             "main run are paired.", "",
+             "| variant | e2e_tv accept length | e2e_tv mean α | ce accept length | ce mean α | e2e_tv − ce "
+             "(α points) | change of e2e_tv − ce vs main (points) | change of e2e_tv accept length vs main | "
+             "kept step / budget (e2e_tv, ce) | seconds |", "|---|---|---|---|---|---|---|---|---|---|",
+             row("main run", abl["main"], summary.get("heads") or {}, None)]
+    lines += [row(v["label"], v, v.get("heads") or {}, v.get("seconds")) for v in abl["variants"].values()]
+    total = sum(v.get("seconds") or 0.0 for v in abl["variants"].values())
+    return [*lines, "", f"The ablations' stages took {total:.0f} s in this run (0 for a stage reused from the cache)."]
