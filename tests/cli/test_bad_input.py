@@ -109,6 +109,8 @@ CASES = {
     "demo-config-not-toml": ("demo --out {out} --config {bad}/bad.toml", "bad.toml"),
     "demo-unknown-dtype": ("demo --quick --out {out} --dtype half", "'half'"),
     "demo-model-missing": ("demo --quick --out {out} --model {bad}/nope", "nope"),
+    "demo-gpu-costs-missing": ("demo --quick --out {out} --gpu-costs {bad}/nope_costs.json", "nope_costs.json"),
+    "demo-unknown-ablation": ("demo --quick --out {out} --config {bad}/demo_ablation.toml", "'depth'"),
     # analyze sweep / entropy
     "analyze-sweep-temperatures-words": (f"analyze sweep {MH} --temperatures 0.5,hot --json {{out}}/r.json",
                                          "'0.5,hot'"),
@@ -153,6 +155,7 @@ def bad(dirs, tmp_path_factory, tiny_tokenizer):
     save_head(MTPHead.from_base(native), root / "native_head", native.config)
     (root / "bad.toml").write_text("steps = = 3\n")
     (root / "unknown_key.toml").write_text("stepz = 3\n")
+    (root / "demo_ablation.toml").write_text('ablations = "budget,depth"\n')
     (root / "prompts.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2=\n')
     (root / "empty").mkdir()
     return root
