@@ -144,7 +144,7 @@ def _heads_stage(demo: _Demo) -> None:
 
 def _head_title(hc, cfg: DemoConfig) -> str:
     stop = f", early stop: patience {hc.patience} × {hc.eval_every} steps" if hc.patience else ""
-    start = f"from the {cfg.init_loss} head" if hc.init and hc.loss != cfg.init_loss else "warm start"
+    start = f"from the {cfg.init_loss} head" if hc.init else "warm start"
     return f"{hc.loss} (budget {hc.steps} steps, lr {hc.lr:g}, {start}{stop})"
 
 
@@ -236,8 +236,9 @@ def _ablation_stages(demo: _Demo) -> dict:
     for v in variants(cfg):
         vdir, vcfg, tag = demo.out / "ablations" / v.key, variant_config(cfg, v), f"abl_{v.key}"
         dirs = head_dirs(vcfg, vdir / "heads")
-        if not v.own_init:
-            dirs = {**dirs, next(iter(dirs)): demo.head_dirs[next(iter(demo.head_dirs))]}
+        if not v.own_init:  # fine-tune from the main run's warm start
+            warm = next(iter(dirs))
+            dirs[warm] = demo.head_dirs[warm]
         hcfgs = head_configs(vcfg, demo.policy, dirs)
         init_stage = f"{tag}_init" if v.own_init else "head_init"
         if v.own_init:
@@ -259,12 +260,12 @@ def _ablation_stages(demo: _Demo) -> dict:
                        demo, model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")},
                        {"rejection": "rs"})))
         runs[v.key] = {"variant": v, "losses": _read_json(losses_json),
-                       "heads": {k: head_record(_read_json(d / "train_mtp_summary.json")) for k, d in dirs.items()},
+                       "heads": {k: _head_record(_read_json(d / "train_mtp_summary.json")) for k, d in dirs.items()},
                        "seconds": sum(t for k, t in stages.seconds.items() if k.startswith(tag + "_"))}
     return runs
 
 
-def head_record(s: Mapping) -> dict:
+def _head_record(s: Mapping) -> dict:
     """What the report shows of one head's ``train_mtp_summary.json``: its last stage's budget, the step it stopped
     early at (None: it ran the whole budget), the step it kept, the kept held-out α, and its held-out curve
     (``[step, mean α]`` per evaluation)."""
@@ -283,7 +284,7 @@ def _report_stage(demo: _Demo, t_start: float, ablations: Mapping | None) -> dic
 
     out, console = demo.out, demo.console
     console.rule("[bold]7/7 report")
-    heads = {k: {"dir": str(d), **head_record(_read_json(d / "train_mtp_summary.json"))}
+    heads = {k: {"dir": str(d), **_head_record(_read_json(d / "train_mtp_summary.json"))}
              for k, d in demo.head_dirs.items()}
     res = Results(losses=_read_json(out / "losses.json"), sweep=_read_json(out / "sweep.json"),
                   ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"],

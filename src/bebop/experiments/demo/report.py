@@ -33,7 +33,7 @@ PLOTS = {
 @dataclass
 class Results:
     """The measurement stages' outputs, as written to ``losses.json``, ``sweep.json``, ``entropy.json`` and
-    ``rl/bench_rl.json`` (its ``results``), and per head its training record (``pipeline.head_record``)."""
+    ``rl/bench_rl.json`` (its ``results``), and per head its training record (as in ``summary.json`` → ``heads``)."""
 
     losses: Mapping
     sweep: Mapping
