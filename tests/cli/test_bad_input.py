@@ -44,6 +44,7 @@ CASES = {
     "train-mtp-gamma-train-zero": (f"train-mtp {M} --out {{out}} --gamma-train 0", "0"),
     "train-mtp-patience-negative": (f"train-mtp {M} --out {{out}} --patience -2", "-2"),
     "train-mtp-min-delta-negative": (f"train-mtp {M} --out {{out}} --min-delta -0.5", "-0.5"),
+    "train-mtp-min-steps-negative": (f"train-mtp {M} --out {{out}} --min-steps -7", "-7"),
     "train-mtp-model-missing": ("train-mtp --model {bad}/nope --out {out}", "nope"),
     # (train-mtp draws its policy samples before it reads --init: few and short ones keep these fast)
     "train-mtp-init-truncated": (f"train-mtp {M} --out {{out}} {FEW} --init {{bad}}/truncated_head",

@@ -27,9 +27,10 @@ def policy_dir(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-def first_stop(scores: list[float], patience: int, min_delta: float = 0.0) -> tuple[int | None, int | None]:
+def first_stop(scores: list[float], patience: int, min_delta: float = 0.0,
+               min_steps: int = 0) -> tuple[int | None, int | None]:
     """(index of the evaluation that stops, index of the best) when ``scores`` are shown in order."""
-    tracker = EarlyStop(patience, min_delta)
+    tracker = EarlyStop(patience, min_delta, min_steps)
     for i, s in enumerate(scores):
         tracker.update(i, s)
         if tracker.stop:
@@ -41,22 +42,25 @@ def test_heldout_score_is_the_mean_over_draft_steps():
     assert heldout_score([0.9, 0.6, 0.3]) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize(("scores", "patience", "min_delta", "stop", "best"), [
-    ([0.5, 0.7, 0.6, 0.65, 0.6], 2, 0.0, 3, 1),        # two evaluations below the best at 1
-    ([0.5, 0.7, 0.6, 0.75, 0.6, 0.7], 2, 0.0, 5, 3),   # a new best resets the count
-    ([0.5, 0.7, 0.6, 0.65, 0.6], 3, 0.0, 4, 1),
-    ([0.5, 0.52, 0.54, 0.56], 2, 0.05, 2, 0),          # gains of 0.02 < min_delta do not count
-    ([0.5, 0.6, 0.7, 0.8], 1, 0.0, None, 3),           # always improving: never stops
-    ([0.5, 0.4, 0.3, 0.2], 0, 0.0, None, 0),           # patience 0: off
-    ([0.5, 0.5], 1, 0.0, 1, 0),                        # a tie is no improvement
+@pytest.mark.parametrize(("scores", "patience", "min_delta", "min_steps", "stop", "best"), [
+    ([0.5, 0.7, 0.6, 0.65, 0.6], 2, 0.0, 0, 3, 1),        # two evaluations below the best at 1
+    ([0.5, 0.7, 0.6, 0.75, 0.6, 0.7], 2, 0.0, 0, 5, 3),   # a new best resets the count
+    ([0.5, 0.7, 0.6, 0.65, 0.6], 3, 0.0, 0, 4, 1),
+    ([0.5, 0.52, 0.54, 0.56], 2, 0.05, 0, 2, 0),          # gains of 0.02 < min_delta do not count
+    ([0.5, 0.6, 0.7, 0.8], 1, 0.0, 0, None, 3),           # always improving: never stops
+    ([0.5, 0.4, 0.3, 0.2], 0, 0.0, 0, None, 0),           # patience 0: off
+    ([0.5, 0.5], 1, 0.0, 0, 1, 0),                        # a tie is no improvement
+    ([0.9, 0.6, 0.62, 0.61, 0.6], 2, 0.0, 0, 2, 0),       # a start better than the loss's plateau is kept ...
+    ([0.9, 0.6, 0.62, 0.61, 0.6], 2, 0.0, 1, 4, 2),       # ... unless min_steps leaves it out
+    ([0.9, 0.8], 1, 0.0, 5, None, None),                  # nothing watched yet
 ])
-def test_early_stop_decides_on_known_sequences(scores, patience, min_delta, stop, best):
-    assert first_stop(scores, patience, min_delta) == (stop, best)
+def test_early_stop_decides_on_known_sequences(scores, patience, min_delta, min_steps, stop, best):
+    assert first_stop(scores, patience, min_delta, min_steps) == (stop, best)
 
 
 def test_replay_rebuilds_the_tracker():
     scores = [(0, 0.5), (10, 0.7), (20, 0.6)]
-    t = EarlyStop.replay(2, 0.0, scores)
+    t = EarlyStop.replay(2, 0.0, 0, scores)
     assert (t.best, t.best_step, t.stale, t.stop) == (0.7, 10, 1, False)
     t.update(30, 0.69)
     assert t.stop
@@ -91,6 +95,21 @@ def test_train_mtp_stops_at_the_right_step_and_keeps_the_best_head(policy_dir, t
     kept = load_head(out, load_policy(policy_dir)[0]).state_dict()
     assert all(torch.equal(kept[k], seen[1][k]) for k in kept)
     assert not all(torch.equal(kept[k], seen[3][k]) for k in kept)   # not the last head
+
+
+def test_min_steps_keeps_a_head_its_loss_trained(policy_dir, tmp_path, monkeypatch):
+    """A start better than anything after it (as a CE stage after a forward-KL warm start): with min_steps 3 the
+    evaluations at steps 0 and 2 are ignored, the best from step 4 on is kept, and the stop comes 2 later."""
+    seen: list[dict] = []
+    monkeypatch.setattr(tm, "expected_alpha", scripted_alpha([0.9, 0.6, 0.62, 0.64, 0.63, 0.63], seen))
+    out = tmp_path / "head"
+    summary = tm.train_mtp(tm.TrainMTPConfig(model=str(policy_dir), out=str(out), steps=20, warm_steps=0,
+                                             eval_every=2, patience=2, min_steps=3, **SMALL))
+    assert summary["early_stop"][0] | {"best_score": None} == {
+        "stage": "main", "budget": 20, "last_step": 10, "stopped_early": True, "best_step": 6, "best_score": None}
+    assert summary["heldout_alpha"] == [0.64, 0.64]
+    kept = load_head(out, load_policy(policy_dir)[0]).state_dict()
+    assert all(torch.equal(kept[k], seen[3][k]) for k in kept)
 
 
 def test_without_patience_every_step_runs_and_the_last_head_is_kept(policy_dir, tmp_path, monkeypatch):
@@ -156,7 +175,8 @@ def test_resume_with_early_stopping_refuses_another_eval_every(policy_dir, tmp_p
 
 
 @pytest.mark.parametrize(("kw", "needle"), [({"patience": -1}, "patience must be >= 0, got -1"),
-                                            ({"min_delta": -0.1}, "min_delta must be >= 0, got -0.1")])
+                                            ({"min_delta": -0.1}, "min_delta must be >= 0, got -0.1"),
+                                            ({"min_steps": -3}, "min_steps must be >= 0, got -3")])
 def test_bad_early_stopping_config(kw, needle):
     with pytest.raises(BebopError, match=needle):
         tm.TrainMTPConfig(**kw)

@@ -130,6 +130,8 @@ def train_mtp_cmd(
              "head (0 = off).")] = None,
     min_delta: Annotated[float | None, typer.Option(
         help="Early stopping: gain of the mean held-out α that counts as an improvement.")] = None,
+    min_steps: Annotated[int | None, typer.Option(
+        help="Early stopping: steps a stage trains before it is watched (and before its head may be kept).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Steps between atomic checkpoints in OUT/checkpoint (0 = none); a rerun resumes from it.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
@@ -155,6 +157,7 @@ def train_mtp_cmd(
                       steps=steps, warm_steps=warm_steps, batch_size=batch_size, lr=lr, temperature=temperature,
                       max_new_tokens=max_new_tokens, data_samples=data_samples, heldout_samples=heldout_samples,
                       cache_dir=cache_dir, eval_every=eval_every, patience=patience, min_delta=min_delta,
+                      min_steps=min_steps,
                       checkpoint_every=checkpoint_every, seed=seed, init=init, device=device, dtype=dtype)
     summary = train_mtp(cfg)
     if not main:
@@ -164,5 +167,6 @@ def train_mtp_cmd(
     print_dict("held-out expected α per step", {f"alpha_{k + 1}": a for k, a in enumerate(summary["heldout_alpha"])})
     for o in summary["early_stop"] if cfg.patience else ():
         ended = f"stopped early at step {o['last_step']}" if o["stopped_early"] else f"ran all {o['budget']} steps"
-        console.print(f"{o['stage']} stage: {ended}; kept the head of step {o['best_step']} "
-                      f"(mean held-out α {o['best_score']:.4f})")
+        kept = "its last head" if o["best_step"] is None else \
+            f"the head of step {o['best_step']} (mean held-out α {o['best_score']:.4f})"
+        console.print(f"{o['stage']} stage: {ended}; kept {kept}")

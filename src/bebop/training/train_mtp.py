@@ -66,9 +66,9 @@ class TrainMTPConfig:
 
     Held-out expected α is measured every ``eval_every`` steps (and at a stage's last step). With ``patience > 0``
     each stage stops early once the mean of α over the γ_train steps has not beaten its best by more than
-    ``min_delta`` for ``patience`` measurements in a row, and ends with the head of its best measurement;
-    ``steps`` and ``warm_steps`` are then budgets. ``patience = 0`` (default) trains every step and keeps the last
-    head."""
+    ``min_delta`` for ``patience`` measurements in a row, and ends with the head of its best measurement from step
+    ``min_steps`` on; ``steps`` and ``warm_steps`` are then budgets. ``patience = 0`` (default) trains every step
+    and keeps the last head."""
 
     model: str = "runs/arith/base"
     out: str = "runs/arith/mtp_e2e_tv"
@@ -94,6 +94,7 @@ class TrainMTPConfig:
     eval_every: int = 50
     patience: int = 0               # held-out evaluations without improvement before a stage stops (0: never)
     min_delta: float = 0.0          # improvement of the mean held-out α that counts as one
+    min_steps: int = 0              # steps a stage trains before early stopping watches it (and may keep its head)
     seed: int = 0
     init: str | None = None         # None: native head if any, else warm stage; "native"; or a head path
     warm_loss: str = "fkl"
@@ -111,7 +112,7 @@ class TrainMTPConfig:
         for name in ("steps", "batch_size", "lr", "data_samples", "heldout_samples", "max_new_tokens", "eval_every",
                      "warm_lr"):
             positive(name, getattr(self, name))
-        for name in ("warm_steps", "patience", "min_delta"):
+        for name in ("warm_steps", "patience", "min_delta", "min_steps"):
             if not getattr(self, name) >= 0:
                 raise BebopError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
@@ -310,14 +311,15 @@ def stage_scores(history: list[dict], stage: str) -> list[tuple[int, float]]:
 
 
 def stage_outcome(cfg: TrainMTPConfig, stage: Stage, history: list[dict]) -> dict:
-    """How a finished stage ended, from its logged evaluations: the step it stopped early at (None when it ran its
-    whole budget), and its best evaluation's step and score (the head it kept when ``cfg.patience`` is set)."""
+    """How a finished stage ended, from its logged evaluations: the last step it trained, whether that was early, and
+    its best evaluation from step ``cfg.min_steps`` on (the head it kept when ``cfg.patience`` is set; None when no
+    evaluation came that late, and the stage kept its last head)."""
     scores = stage_scores(history, stage.name)
-    tracker = EarlyStop.replay(cfg.patience, cfg.min_delta, scores)
+    tracker = EarlyStop.replay(cfg.patience, cfg.min_delta, cfg.min_steps, scores)
     last = scores[-1][0] if scores else None
     return {"stage": stage.name, "budget": stage.steps, "last_step": last,
             "stopped_early": last is not None and last < stage.steps - 1,
-            "best_step": tracker.best_step, "best_score": tracker.best if scores else None}
+            "best_step": tracker.best_step, "best_score": tracker.best if tracker.best_step is not None else None}
 
 
 def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.Generator,
@@ -326,7 +328,8 @@ def _train_stage(run: _Run, head: MTPHead, stage: Stage, index: int, gen: torch.
     appending the logged records (loss, lr, held-out α per step and their mean) to ``run.history``. With
     ``cfg.patience`` the stage stops once held-out α stops improving (``EarlyStop``) and ends with its best head."""
     cfg, model, dist = run.cfg, run.model, run.dist
-    stopper = EarlyStop.replay(cfg.patience, cfg.min_delta, stage_scores(run.history, stage.name) if resume else ())
+    stopper = EarlyStop.replay(cfg.patience, cfg.min_delta, cfg.min_steps,
+                               stage_scores(run.history, stage.name) if resume else ())
     if stopper.active and stopper.best_step is not None and run.best is None:
         raise BebopError(f"the checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} lacks the best head of its "
                          f"{stage.name} stage; remove it to start over")
@@ -402,7 +405,7 @@ def _resume_point(cfg: TrainMTPConfig, dist: Dist) -> TrainState | None:
         try:
             state = load_state(cfg.out)
             if state is not None:
-                saved = {"patience": 0, "min_delta": 0.0, **state.config}  # written before early stopping existed
+                saved = {"patience": 0, "min_delta": 0.0, "min_steps": 0, **state.config}  # before early stopping
                 check_resumable(saved, asdict(cfg), cfg.out)
                 if cfg.patience and saved.get("eval_every") != cfg.eval_every:
                     raise BebopError(f"the checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} was written with "
@@ -496,7 +499,7 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
         raise BebopError(f"ranks ended with different heads (parameter digests {digests})")
     outcomes = [stage_outcome(cfg, s, history) for s in stages]
     kept = history[-1]
-    if cfg.patience:  # the head kept is the last stage's best
+    if cfg.patience and outcomes[-1]["best_step"] is not None:  # the head kept is the last stage's best
         kept = next(r for r in history if r["stage"] == stages[-1].name and r["step"] == outcomes[-1]["best_step"])
     summary = {"config": asdict(cfg), "init": start, "stages": [asdict(s) for s in stages],
                "heldout_alpha": kept["heldout_alpha"], "early_stop": outcomes, "curve": history,
