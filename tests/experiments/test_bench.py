@@ -142,3 +142,38 @@ def test_generate_with_adaptive_gamma_and_auto_rule(dirs):
             "--max-new-tokens", "8", "--gamma", "auto", "--rule", "auto")
     assert r.returncode == 0, r.stderr
     assert "mean_gamma" in r.stdout and "target_only_fraction" in r.stdout
+
+
+def test_ignore_eos_decodes_every_row_to_the_token_limit(tiny_tokenizer, tiny_model, monkeypatch):
+    """With ``ignore_eos`` plain and MTP rows all run ``max_new_tokens`` tokens even when EOS is the only token
+    the policy can sample (the benchmark then times the engine, not a static batch waiting for its longest row)."""
+    import torch.nn.functional as F
+
+    import bebop.engine.decode as decode
+    import bebop.engine.step as step
+    from bebop.experiments.bench_decode import _Run
+    from bebop.experiments.options import DecodeBenchConfig
+    from bebop.models.mtp import MTPHead
+
+    eos = tiny_tokenizer.eos_token_id
+
+    def only_eos(logits, params):                                      # p and q put all their mass on EOS
+        return F.one_hot(logits.argmax(-1).fill_(eos), logits.shape[-1]).to(logits.dtype)
+
+    monkeypatch.setattr(decode, "probs_fast", only_eos)
+    monkeypatch.setattr(step, "probs_fast", only_eos)
+    head = MTPHead.from_base(tiny_model).eval()
+    for ignore, want in ((False, 1), (True, 6)):
+        run = _Run(tiny_model, tiny_tokenizer, head, DecodeBenchConfig(max_new_tokens=6, ignore_eos=ignore))
+        assert run.eos_pad[0] == (None if ignore else eos)
+        batch = run.batches(3, 0, 3)[0]
+        for h in (None, head):
+            assert run.decode(h, batch, 3, "rejection", 0).tokens == 3 * want
+
+
+def test_ignore_eos_refuses_a_multi_turn_task():
+    from bebop.errors import BebopError
+    from bebop.experiments.options import DecodeBenchConfig
+
+    with pytest.raises(BebopError, match="'agent'"):
+        DecodeBenchConfig(task="agent", ignore_eos=True)

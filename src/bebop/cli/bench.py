@@ -50,6 +50,9 @@ def bench_decode_cmd(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, D.batch_sizes)),
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = D.temperature,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = D.max_new_tokens,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Every row decodes --max-new-tokens tokens (EOS "
+                                             "does not stop it): the engine's speed without a static batch waiting "
+                                             "for rows of other lengths.")] = D.ignore_eos,
     lengths: Annotated[str | None, typer.Option(
         help="Comma-separated completion lengths, e.g. 128,512,2048,4096: measure per-token cost against length "
              "instead (every row decodes exactly L tokens, no EOS; plain and MTP at fixed γ; KV-cache slots per "
@@ -77,8 +80,8 @@ def bench_decode_cmd(
 
     cfg = DecodeBenchConfig(task=task, gamma=parse_gamma(gamma), rule=rule, gamma_max=gamma_max,
                             temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
-                            max_new_tokens=max_new_tokens, repeats=repeats, num_prompts=prompts, seed=seed,
-                            threads=threads, device=device, dtype=dtype)
+                            max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, repeats=repeats,
+                            num_prompts=prompts, seed=seed, threads=threads, device=device, dtype=dtype)
     positive("max_new_tokens", cfg.max_new_tokens)
     announce_paths()
     the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
@@ -86,7 +89,8 @@ def bench_decode_cmd(
     if cfg.gamma == "auto":
         console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
     else:
-        console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"))
+        console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"
+                                            + (", EOS ignored" if ignore_eos else "")))
     write_json(json_path, {"config": asdict(cfg), "backend": decoding_path(the_model, head).backend,
                            "results": results})
 

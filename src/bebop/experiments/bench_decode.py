@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,8 +60,9 @@ class _Run:
         return SamplingParams(temperature=self.cfg.temperature)
 
     @property
-    def eos_pad(self) -> tuple[int, int]:
-        return self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+    def eos_pad(self) -> tuple[int | None, int]:
+        """The EOS token the decoders stop at (None with ``ignore_eos``) and the padding token."""
+        return None if self.cfg.ignore_eos else self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
 
     def batches(self, bs: int, seed: int, num_prompts: int | None = None) -> list[tuple[list, list[list[int]]]]:
         """``num_prompts`` task problems (rounded to whole batches) drawn with ``seed``, in batches of ``bs``:
@@ -74,7 +75,8 @@ class _Run:
     def decode(self, head, batch, gamma, rule: str, seed: int) -> DecodeMetrics:
         """Metrics of one engine call on ``batch`` (plain when ``head`` is None), sampling seeded by ``seed``."""
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
-        cfg = decode_config(self.tokenizer, self.params, self.cfg.max_new_tokens, gamma, rule, gen)
+        cfg = replace(decode_config(self.tokenizer, self.params, self.cfg.max_new_tokens, gamma, rule, gen),
+                      eos_id=self.eos_pad[0])
         return decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, cfg)[0].metrics
 
 
@@ -144,7 +146,7 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
         res["hf_error"] = res["hf_mtp_error"] = MULTI_TURN_HF
         return res
     hf_tps = [hf_generate_tokens_per_s(run.model, run.tokenizer, p, run.params, cfg.max_new_tokens, cfg.seed,
-                                       cfg.repeats) for _, p in batches]
+                                       cfg.repeats, cfg.ignore_eos) for _, p in batches]
     res["hf_tokens_per_s"] = statistics.mean(hf_tps)
     res["plain_vs_hf"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
     if bs == 1:
@@ -214,10 +216,14 @@ def _speed_limit(gamma: int, costs: dict[str, list[float]], accept_length: float
 
 
 def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
-                             repeats: int) -> float:
-    """transformers' ``generate()`` on the same weights and prompts: generated (non-pad) tokens / s."""
+                             repeats: int, ignore_eos: bool = False) -> float:
+    """transformers' ``generate()`` on the same weights and prompts: generated (non-pad) tokens / s. With
+    ``ignore_eos`` every row runs ``max_new_tokens`` tokens (transformers has no such switch: ``min_new_tokens``
+    masks EOS, which changes what is sampled but not the work per token)."""
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if ignore_eos:
+        kw.update(min_new_tokens=max_new_tokens)
     if params.temperature == 0:
         kw.update(do_sample=False)
     else:
@@ -239,9 +245,11 @@ def _hf_mtp_rate(run: _Run, batches) -> dict:
     """transformers' own MTP generation at batch 1 (tokens / s), or why it could not run."""
     from bebop.models.hf_mtp import hf_mtp_generate
 
-    eos, pad = run.eos_pad
+    eos, pad = run.tokenizer.eos_token_id, run.tokenizer.pad_token_id
     params = run.params
     kw = dict(do_sample=params.temperature > 0, pad_token_id=pad, eos_token_id=eos)
+    if run.cfg.ignore_eos:
+        kw.update(min_new_tokens=run.cfg.max_new_tokens)
     if params.temperature > 0:
         kw.update(temperature=params.temperature, top_k=0)
     try:

@@ -25,6 +25,7 @@ class DecodeBenchConfig:
     temperature: float = 1.0
     batch_sizes: tuple[int, ...] = (1, 8)
     max_new_tokens: int = 64
+    ignore_eos: bool = False        # every row decodes max_new_tokens tokens (no EOS stop), as vLLM's --ignore-eos
     repeats: int = 3
     num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
@@ -46,6 +47,11 @@ class DecodeBenchConfig:
         if self.rule not in rules:
             raise BebopError(f"unknown rule {self.rule!r}; choose one of: {', '.join(rules)}")
         check_gamma(self.gamma_max, "gamma-max")
+        if self.ignore_eos:
+            from bebop.training.multiturn import is_multi_turn
+
+            if is_multi_turn(get_task(self.task)):
+                raise BebopError(f"--ignore-eos needs a single-turn task; {self.task!r} runs multi-turn episodes")
         positive("prompts", self.num_prompts)
         positive("repeats", self.repeats)
         positive("threads", self.threads)
