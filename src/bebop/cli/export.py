@@ -29,7 +29,8 @@ def export_cmd(
     mtp: Annotated[str, typer.Option(
         help="Head to merge: a head directory or .safetensors file, or 'native' (the checkpoint's own).")] = "native",
     gamma: Annotated[int, typer.Option(help="Draft tokens per step in the printed serving flags.")] = 3,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard of the head's new tensors (the checkpoint's "
+                                                     "own shards are copied as they are).")] = "5GB",
 ) -> None:
     """Write MODEL with the MTP head merged in the family's native layout (sharded safetensors, index, config key,
     tokenizer), then print the vLLM and SGLang flags that draft with it under lossless rejection sampling."""
