@@ -254,6 +254,7 @@ def test_demo_stages_use_the_default_recipes_without_a_wall_clock_cap():
     assert (cfg.head_lr, cfg.data_samples) == (head.lr, head.data_samples)
     # the fine-tuning budget is larger than train-mtp's fixed run, and every head stage stops early on held-out α
     assert cfg.head_steps >= head.steps and cfg.head_patience > 0 and cfg.head_eval_every < cfg.head_steps
+    assert 0 < cfg.head_min_steps < cfg.head_steps // 2  # the budget ablation's half budget still watches
 
 
 # ------------------------------------------------------------------------------------------------ stage configs
@@ -271,7 +272,7 @@ def _hand_built(cfg, policy, dirs, out):
     common = dict(model=str(policy), task=cfg.task, gamma_train=cfg.gamma_train, temperature=cfg.temperature,
                   data_samples=cfg.data_samples, heldout_samples=cfg.heldout_samples,
                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, eval_every=cfg.head_eval_every,
-                  patience=cfg.head_patience, min_delta=cfg.head_min_delta)
+                  patience=cfg.head_patience, min_delta=cfg.head_min_delta, min_steps=cfg.head_min_steps)
     init_dir = dirs[f"{cfg.init_loss} (warm start)"]
     heads = {"head_init": TrainMTPConfig(out=str(init_dir), loss=cfg.init_loss, steps=cfg.init_steps, lr=cfg.init_lr,
                                          warm_steps=0, **common)}
@@ -298,14 +299,14 @@ def test_stage_configs_derive_every_demo_field_by_name(tmp_path, quick):
 
     overrides = dict(seed=7, temperature=0.8, max_new_tokens=40, sft_minutes=2.5, init_lr=4e-3, head_steps=9,
                      data_samples=99, rl_prompts=3, rl_group=5, rl_lr=1e-4, online_steps=6, extra_losses="tv",
-                     head_eval_every=7, head_patience=3, head_min_delta=0.01)
+                     head_eval_every=7, head_patience=3, head_min_delta=0.01, head_min_steps=5)
     cfg = quick_config(**overrides) if quick else DemoConfig(**overrides)
     policy, dirs = tmp_path / "policy", head_dirs(cfg, tmp_path / "heads")
     sft, heads, rl = _hand_built(cfg, policy, dirs, tmp_path / "rl")
     assert sft_config(cfg, policy) == sft
     derived = head_configs(cfg, policy, dirs)
     assert derived == heads
-    assert {(h.eval_every, h.patience, h.min_delta) for h in derived.values()} == {(7, 3, 0.01)}  # warm start too
+    assert {(h.eval_every, h.patience, h.min_delta, h.min_steps) for h in derived.values()} == {(7, 3, 0.01, 5)}
     assert rl_config(cfg, policy, dirs, tmp_path / "rl") == rl
 
 
@@ -389,6 +390,8 @@ def test_demo_settings_reject_bad_ablations_gpu_costs_and_early_stopping(tmp_pat
         DemoConfig(head_patience=-1)
     with pytest.raises(BebopError, match="head_eval_every"):
         DemoConfig(head_eval_every=0)
+    with pytest.raises(BebopError, match="head_min_steps"):
+        DemoConfig(head_min_steps=-5)
 
 
 def test_ablation_variants_change_one_head_setting_each(tmp_path):

@@ -64,7 +64,8 @@ class DemoConfig:
     head_lr: float = 1e-3
     head_eval_every: int = 25          # every head stage (warm start too): held-out expected α every this many steps,
     head_patience: int = 4             # stop after this many evaluations without a gain > head_min_delta (0: never)
-    head_min_delta: float = 0.0005     # and keep the best evaluation's head
+    head_min_delta: float = 0.0005     # and keep the best evaluation's head,
+    head_min_steps: int = 100          # watching from this step on (a fine-tuned loss first drops below its start)
     data_samples: int = 4096
     heldout_samples: int = 128
     extra_losses: str = ""             # e.g. "fkl,rkl,tv": more losses fine-tuned like ce and e2e_tv (claim 3)
@@ -109,7 +110,7 @@ class DemoConfig:
         for m in self.method_list():
             if m not in METHODS:
                 raise BebopError(f"unknown RL method {m!r}; choose from: {', '.join(METHODS)}")
-        for name in ("head_patience", "head_min_delta"):
+        for name in ("head_patience", "head_min_delta", "head_min_steps"):
             if not getattr(self, name) >= 0:
                 raise BebopError(f"{name} must be >= 0, got {getattr(self, name)}")
         positive("head_eval_every", self.head_eval_every)
@@ -143,7 +144,7 @@ QUICK: dict = dict(
     sft_steps=150, sft_eval_samples=16, max_new_tokens=32, init_steps=20, head_steps=10,
     data_samples=64, heldout_samples=16, loss_prompts=8, temperatures=(0.5, 1.0, 1.5), sweep_prompts=8,
     entropy_samples=32, rl_steps=3, rl_prompts=4, rl_group=4, online_every=1, online_steps=2, head_eval_every=5,
-    head_patience=2,
+    head_patience=2, head_min_steps=4,
 )
 
 
@@ -188,7 +189,8 @@ def head_dirs(cfg: DemoConfig, heads_dir: Path) -> dict[str, Path]:
             **{loss: heads_dir / loss for loss in cfg.loss_list()}}
 
 
-EARLY_STOP = {"eval_every": "head_eval_every", "patience": "head_patience", "min_delta": "head_min_delta"}
+EARLY_STOP = {"eval_every": "head_eval_every", "patience": "head_patience", "min_delta": "head_min_delta",
+              "min_steps": "head_min_steps"}
 """The early-stopping settings every head stage takes (the warm start's too)."""
 
 

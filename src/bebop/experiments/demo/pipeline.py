@@ -143,7 +143,8 @@ def _heads_stage(demo: _Demo) -> None:
 
 
 def _head_title(hc, cfg: DemoConfig) -> str:
-    stop = f", early stop: patience {hc.patience} × {hc.eval_every} steps" if hc.patience else ""
+    stop = (f", early stop from step {hc.min_steps}: patience {hc.patience} × {hc.eval_every} steps" if hc.patience
+            else "")
     start = f"from the {cfg.init_loss} head" if hc.init else "warm start"
     return f"{hc.loss} (budget {hc.steps} steps, lr {hc.lr:g}, {start}{stop})"
 

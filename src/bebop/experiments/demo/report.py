@@ -181,9 +181,9 @@ def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
 def _early_stop_rule(cfg: DemoConfig) -> str:
     if not cfg.head_patience:
         return "; every head trains its whole budget"
-    return (f"; every head stops once held-out expected α (mean over k) has not gained more than "
-            f"{cfg.head_min_delta:g} for {cfg.head_patience} evaluations {cfg.head_eval_every} steps apart, and keeps "
-            "its best evaluation")
+    return (f"; from step {cfg.head_min_steps} on, every head stops once held-out expected α (mean over k) has not "
+            f"gained more than {cfg.head_min_delta:g} for {cfg.head_patience} evaluations {cfg.head_eval_every} steps "
+            "apart, and keeps its best evaluation from that step on")
 
 
 def _heads_section(summary: Mapping) -> list[str]:
