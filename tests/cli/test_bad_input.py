@@ -42,6 +42,7 @@ CASES = {
     "train-mtp-prompts-missing": (f"train-mtp {M} --out {{out}} --prompts {{bad}}/nope.jsonl", "nope.jsonl"),
     "train-mtp-unknown-loss": (f"train-mtp {M} --out {{out}} --loss mse", "'mse'"),
     "train-mtp-gamma-train-zero": (f"train-mtp {M} --out {{out}} --gamma-train 0", "0"),
+    "train-mtp-head-layers-zero": (f"train-mtp {M} --out {{out}} --head-layers 0", "head_layers"),
     "train-mtp-patience-negative": (f"train-mtp {M} --out {{out}} --patience -2", "-2"),
     "train-mtp-min-delta-negative": (f"train-mtp {M} --out {{out}} --min-delta -0.5", "-0.5"),
     "train-mtp-min-steps-negative": (f"train-mtp {M} --out {{out}} --min-steps -7", "-7"),

@@ -64,6 +64,29 @@ def test_train_mtp_with_init_skips_the_warm_stage(policy_dir, tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["main"]
 
 
+def test_head_layers_builds_a_fresh_head_of_that_depth_and_refuses_a_loaded_one_of_another(policy_dir, tmp_path):
+    """``head_layers`` 2: the fresh head has 2 MTP layers, trains, saves in Bebop's and DeepSeek-V3's layouts (Qwen3.5's
+    holds one layer) and fine-tunes from itself; a 1-layer start with ``head_layers`` 2 is one clear error."""
+    small = {"gamma_train": 3, "batch_size": 4, "data_samples": 16, "heldout_samples": 8, "max_new_tokens": 12,
+             "eval_every": 1, "steps": 2}
+    two = tmp_path / "two"
+    train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(two), warm_steps=1, head_layers=2, **small))
+    model, _ = load_policy(policy_dir)
+    assert load_head(two, model).num_layers == 2
+    assert load_head(two / "deepseek_v3_mtp.safetensors", model).num_layers == 2
+    assert not (two / "qwen3_5_mtp.safetensors").exists()
+    train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "again"), init=str(two), head_layers=2,
+                             **small))
+    one = tmp_path / "one"
+    train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(one), warm_steps=0, **small))
+    with pytest.raises(BebopError, match=r"head_layers 2 does not match .* which has 1 MTP layer"):
+        train_mtp(TrainMTPConfig(model=str(policy_dir), out=str(tmp_path / "bad"), init=str(one), head_layers=2,
+                                 **small))
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(BebopError, match="head_layers"):
+        TrainMTPConfig(head_layers=0)
+
+
 def test_default_head_recipe_warm_starts():
     cfg = TrainMTPConfig()
     assert cfg.init is None

@@ -138,6 +138,9 @@ def train_mtp_cmd(
     init: Annotated[str | None, typer.Option(
         help="Starting head: 'native' (the checkpoint's own MTP layer) or a head path. Default: the native layer "
              "when the checkpoint has one, else a fresh head with a forward-KL warm stage.")] = None,
+    head_layers: Annotated[int | None, typer.Option(
+        help="MTP layers of a fresh head (default 1; draft step k uses layer (k-1) mod L). A loaded head keeps its "
+             "own.")] = None,
     device: TomlDeviceOpt = None,
     dtype: TomlDtypeOpt = None,
     config: ConfigOpt = None,
@@ -158,7 +161,8 @@ def train_mtp_cmd(
                       max_new_tokens=max_new_tokens, data_samples=data_samples, heldout_samples=heldout_samples,
                       cache_dir=cache_dir, eval_every=eval_every, patience=patience, min_delta=min_delta,
                       min_steps=min_steps,
-                      checkpoint_every=checkpoint_every, seed=seed, init=init, device=device, dtype=dtype)
+                      checkpoint_every=checkpoint_every, seed=seed, init=init, head_layers=head_layers, device=device,
+                      dtype=dtype)
     summary = train_mtp(cfg)
     if not main:
         return

@@ -97,6 +97,7 @@ class TrainMTPConfig:
     min_steps: int = 0              # steps a stage trains before early stopping watches it (and may keep its head)
     seed: int = 0
     init: str | None = None         # None: native head if any, else warm stage; "native"; or a head path
+    head_layers: int | None = None  # MTP layers of a fresh head (None: 1); a loaded head keeps its own count
     warm_loss: str = "fkl"
     warm_steps: int = 800
     warm_lr: float = 5e-3
@@ -117,6 +118,8 @@ class TrainMTPConfig:
                 raise BebopError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise BebopError(f"temperature must be > 0 for MTP training, got {self.temperature}")
+        if self.head_layers is not None:
+            positive("head_layers", self.head_layers)
         self.source.check()
         if self.checkpoint_every < 0:
             raise BebopError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
@@ -136,14 +139,18 @@ class TrainMTPConfig:
         return [Stage("warm", self.warm_loss, self.warm_steps, self.warm_lr), main]
 
 
-def initial_head(init: str | None, model) -> tuple[MTPHead, str]:
+def initial_head(init: str | None, model, layers: int | None = None) -> tuple[MTPHead, str]:
     """The head a run starts from and where it came from (``"native"``, ``"fresh"`` or the path): see
-    :class:`TrainMTPConfig` for what ``init`` selects."""
-    if init is None:
-        if has_native_mtp(model):
-            return load_head(NATIVE, model), NATIVE
-        return MTPHead.from_base(model), "fresh"
-    return load_head(init, model), init
+    :class:`TrainMTPConfig` for what ``init`` selects. ``layers``: a fresh head's MTP layer count (default 1); a
+    loaded head with another count is an error, never silently rebuilt."""
+    if init is None and not has_native_mtp(model):
+        return MTPHead.from_base(model, num_layers=layers or 1), "fresh"
+    start = NATIVE if init is None else init
+    head = load_head(start, model)
+    if layers is not None and head.num_layers != layers:
+        raise BebopError(f"head_layers {layers} does not match the starting head {start!r}, which has "
+                         f"{head.num_layers} MTP layer(s); drop head_layers or start from a fresh head")
+    return head, start
 
 
 @dataclass(frozen=True)
@@ -458,7 +465,7 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
                          f"{cfg.gamma_train + 1} completion tokens (max_new_tokens={cfg.max_new_tokens})")
     if dist.world > len(data):
         raise BebopError(f"{dist.world} ranks but only {len(data)} usable training samples")
-    head, start = initial_head(cfg.init, model)
+    head, start = initial_head(cfg.init, model, cfg.head_layers)
     head = head.to(device, torch.float32)
     stages = cfg.stages(warm=start == "fresh")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -512,7 +519,8 @@ def _train_mtp(cfg: TrainMTPConfig, dist: Dist, device: torch.device) -> dict:
     if dist.is_main:
         save_head(head, out, model.config)
         if native_layout(model.config) is None:  # native families are served through `bebop export` instead
-            export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
+            if head.num_layers == 1:             # Qwen3.5's layout holds one fc / norm set: one MTP layer
+                export_head(head, out / "qwen3_5_mtp.safetensors", "qwen3_5")
             export_head(head, out / "deepseek_v3_mtp.safetensors", "deepseek_v3",
                         num_base_layers=model.config.num_hidden_layers)
         atomic_write_text(out / "train_mtp_summary.json", json.dumps(summary, indent=2))

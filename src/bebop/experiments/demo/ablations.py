@@ -4,6 +4,8 @@ heads as the main run does (same data seed, budgets and early stopping; a varian
 sees trains its own warm start, the budget variants fine-tune from the main run's) and measures RS acceptance at
 the rollout τ on the main run's held-out prompts, so every difference against the main run is paired by prompt.
 
+* ``layers``       a head of 2 MTP layers instead of 1 (draft step k uses layer (k−1) mod 2), or 1 when the main
+                   run uses 2;
 * ``gamma_train``  γ_train 5 instead of 3 (or 3 when the main run uses 5);
 * ``budget``       half and double the fine-tuning budget ``head_steps``;
 * ``temperature``  the training data sampled (and the target p taken) at τ 0.7 / 1.0 / 1.3 other than the main one.
@@ -44,7 +46,10 @@ def variants(cfg: DemoConfig) -> list[Variant]:
     """The variants of ``cfg.ablation_list()``, in order."""
     out: list[Variant] = []
     for a in cfg.ablation_list():
-        if a == "gamma_train":
+        if a == "layers":
+            n = 1 if cfg.head_layers == 2 else 2
+            out.append(Variant(f"head_layers{n}", f"{n} MTP layer{'s' if n > 1 else ''}", a, {"head_layers": n}))
+        elif a == "gamma_train":
             g = 3 if cfg.gamma_train == 5 else 5
             out.append(Variant(f"gamma_train{g}", f"γ_train = {g}", a, {"gamma_train": g}))
         elif a == "budget":

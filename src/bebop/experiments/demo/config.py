@@ -26,11 +26,11 @@ __all__ = ["ABLATIONS", "EARLY_STOP", "QUICK", "RL_METHODS", "SHARED", "DemoConf
 C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
-ABLATIONS = ("gamma_train", "budget", "temperature")
-"""What ``ablations`` may name: γ_train 3 vs 5, half / double the head budget, and the temperature of the training
-data (:mod:`bebop.experiments.demo.ablations` builds the variants)."""
-SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "data_samples",
-          "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
+ABLATIONS = ("layers", "gamma_train", "budget", "temperature")
+"""What ``ablations`` may name: 1 vs 2 MTP layers, γ_train 3 vs 5, half / double the head budget, and the
+temperature of the training data (:mod:`bebop.experiments.demo.ablations` builds the variants)."""
+SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "head_layers",
+          "data_samples", "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
 """Demo fields that mean the same in every stage config that has a field of that name."""
 
 
@@ -57,6 +57,7 @@ class DemoConfig:
     policy: ModelConfig = field(default_factory=ModelConfig)
     # 2. heads: init_loss warm start, then ce / e2e_tv (+ extra_losses) from it
     gamma_train: int = 3
+    head_layers: int | None = None     # MTP layers of the fresh head (None: 1, or the checkpoint's native layer)
     init_loss: str = "fkl"
     init_steps: int = 800              # init_* and head_* as train-mtp's warm stage and main stage (budgets)
     init_lr: float = 5e-3
