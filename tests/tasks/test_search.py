@@ -10,10 +10,10 @@ import statistics
 import pytest
 
 from bebop.models.tokenizer import SPLIT_PATTERN
-from bebop.tasks import TASKS, SearchTask, get_task, sample_problems
+from bebop.tasks import TASKS, SearchTask, completion_budget, get_task, sample_problems
 from bebop.tasks import search as S
 from bebop.tasks.countdown import _combine
-from bebop.training.sft import SFTConfig, eval_tokens, task_corpus
+from bebop.training.sft import SFTConfig, task_corpus
 
 LINE = re.compile(r"( *)(\d+)([-+*/])(\d+)=(\d+)(?: \(([\d ]+)\))?")
 
@@ -192,8 +192,21 @@ def test_sft_widens_the_context_for_search_only() -> None:
     assert SFTConfig(task="search").model.max_positions == 4096
     assert SFTConfig(task="arith").model.max_positions == 256
     assert SFTConfig(task="agent").model.max_positions == 256
-    assert eval_tokens(get_task("search")) == S.COMPLETION_TOKENS
-    assert eval_tokens(get_task("arith")) == 96
+    assert completion_budget(get_task("search")) == S.COMPLETION_TOKENS
+    assert completion_budget(get_task("arith")) == 96
+
+
+def test_eval_and_rl_default_budgets_are_the_tasks() -> None:
+    """`bebop eval` and `bebop rl` decode a long-trace (or multi-turn) task's completions whole by default; an
+    explicit limit wins, and a user's prompts get 96."""
+    from bebop.rl.config import RLConfig
+    from bebop.training.options import EvalConfig
+
+    for task, budget in (("search", S.COMPLETION_TOKENS), ("agent", 144), ("arith", 96), ("anagram", 96)):
+        assert EvalConfig(task=task).max_new_tokens == budget
+        assert RLConfig(task=task, mtp_strategy="none").max_new_tokens == budget
+    assert EvalConfig(task="search", max_new_tokens=10).max_new_tokens == 10
+    assert RLConfig(task="search", mtp_strategy="none", max_new_tokens=10).max_new_tokens == 10
 
 
 def test_search_policy_context_holds_the_budget_and_refuses_more(tiny_tokenizer) -> None:

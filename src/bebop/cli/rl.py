@@ -46,8 +46,9 @@ def rl_cmd(
     prompts_per_step: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
     temperature: Annotated[float | None, typer.Option(help="Rollout temperature.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Completion length limit (TRL's max_completion_length).")]
-    = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Completion length limit (TRL's max_completion_length); default: the task's completion budget, at "
+             "least 96 (96 for your prompts).")] = None,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate.")] = None,
     rollout_batch: Annotated[int | None, typer.Option(
         help="Rows in flight per rollout worker (continuous batching; 0 = one static batch).")] = None,

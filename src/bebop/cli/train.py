@@ -76,7 +76,8 @@ def eval_cmd(
     task: Annotated[str, typer.Option(help="Task to evaluate on.")] = E.task,
     samples: Annotated[int, typer.Option(help="Number of problems.")] = E.samples,
     temperature: Annotated[float, typer.Option(help="Sampling temperature for `accuracy`.")] = E.temperature,
-    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = E.max_new_tokens,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Completion length cap (default: the task's completion budget, at least 96).")] = E.max_new_tokens,
     seed: Annotated[int, typer.Option(help="Seed of problems and sampling.")] = E.seed,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON and write it to DIR/eval_<task>.json.")] = False,
     device: DeviceOpt = E.device,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from bebop.config import check_device, check_dtype, check_gamma, positive
 from bebop.errors import BebopError
 from bebop.rl.rewards import Rewards, parse_weights
-from bebop.tasks import get_task
+from bebop.tasks import completion_budget, get_task
+from bebop.tasks.base import DEFAULT_COMPLETION_TOKENS
 from bebop.training.options import DataSource
 
 STRATEGIES = ("none", "frozen", "online-ce", "online-tv")
@@ -63,7 +64,7 @@ class RLConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0
-    max_new_tokens: int = 96
+    max_new_tokens: int | None = None   # None: the task's completion budget (tasks.completion_budget), 96 for prompts
     rollout_batch: int = 0              # rows in flight per worker, continuous batching (0 = one static batch)
     lr: float = 2e-4
     warmup: int = 3
@@ -110,6 +111,9 @@ class RLConfig:
             if self.reward_weights is not None:    # None stays None (all 1), so replace(cfg, reward=…) works
                 self.reward_weights = parse_weights(self.reward_weights, len(self.reward))
             Rewards(self.reward, self.reward_weights)      # importable, callable, TRL's arguments
+        if self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_COMPLETION_TOKENS if self.user_prompts else completion_budget(
+                get_task(self.task))
         self.device = _concrete_device(self.device, self.dtype)
         if self.mtp_strategy not in STRATEGIES:
             raise BebopError(f"unknown mtp_strategy {self.mtp_strategy!r}; choose one of: {', '.join(STRATEGIES)}")

@@ -6,14 +6,14 @@ from bebop.errors import BebopError
 from bebop.tasks.agent import AgentTask
 from bebop.tasks.anagram import AnagramTask
 from bebop.tasks.arith import ArithTask
-from bebop.tasks.base import Problem, Task, sample_problems
+from bebop.tasks.base import Problem, Task, completion_budget, sample_problems
 from bebop.tasks.code import CodeTask
 from bebop.tasks.countdown import CountdownTask
 from bebop.tasks.search import SearchTask
 
 __all__ = [
     "TASKS", "AgentTask", "AnagramTask", "ArithTask", "CodeTask", "CountdownTask", "Problem", "SearchTask", "Task",
-    "get_task", "sample_problems",
+    "completion_budget", "get_task", "sample_problems",
 ]
 
 TASKS: dict[str, Task] = {

@@ -40,3 +40,13 @@ def sample_problems(task: Task, n: int, seed: int) -> list[Problem]:
     """``n`` problems from ``task``, deterministic by ``seed``."""
     rng = random.Random(seed)
     return [task.sample_problem(rng) for _ in range(n)]
+
+
+DEFAULT_COMPLETION_TOKENS = 96
+"""The completion budget of evaluation and RL rollouts for a task that declares no longer one."""
+
+
+def completion_budget(task: Task) -> int:
+    """Tokens a completion of ``task`` may take by default: ``DEFAULT_COMPLETION_TOKENS``, or the task's own
+    ``completion_tokens`` when longer (a long-trace or multi-turn task whose answers a 96-token cap would cut)."""
+    return max(DEFAULT_COMPLETION_TOKENS, int(getattr(task, "completion_tokens", 0)))

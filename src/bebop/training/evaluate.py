@@ -6,7 +6,7 @@ import torch
 
 from bebop.core.sampling import SamplingParams
 from bebop.engine.dispatch import DecodeConfig, Turns, decode
-from bebop.tasks import Task, sample_problems
+from bebop.tasks import Task, completion_budget, sample_problems
 from bebop.training.multiturn import is_multi_turn, task_env
 from bebop.training.options import EvalConfig
 
@@ -34,10 +34,12 @@ def rollout_rewards(model, tokenizer, task: Task, problems, params: SamplingPara
 
 
 def evaluate(model, tokenizer, task: Task, samples: int = EvalConfig.samples,
-             temperature: float = EvalConfig.temperature, max_new_tokens: int = EvalConfig.max_new_tokens,
+             temperature: float = EvalConfig.temperature, max_new_tokens: int | None = None,
              batch_size: int = 128, seed: int = EvalConfig.seed) -> dict:
     """``accuracy`` at ``temperature``, ``greedy_accuracy`` at τ = 0, and ``entropy``: mean per-token
-    entropy H(p) (nats) of the policy at ``temperature`` over the sampled completions."""
+    entropy H(p) (nats) of the policy at ``temperature`` over the sampled completions; ``max_new_tokens`` None is
+    the task's completion budget."""
+    max_new_tokens = completion_budget(task) if max_new_tokens is None else max_new_tokens
     problems = sample_problems(task, samples, seed)
     rewards, ent_sum, n_tok = rollout_rewards(
         model, tokenizer, task, problems, SamplingParams(temperature=temperature), max_new_tokens, batch_size, seed

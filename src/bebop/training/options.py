@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from bebop.config import check_device, check_dtype, positive
 from bebop.errors import BebopError
-from bebop.tasks import get_task
+from bebop.tasks import completion_budget, get_task
 
 EVAL_SEED = 10_000  # seed of the evaluation problem stream (SFT uses its own seed)
 
@@ -19,7 +19,7 @@ class EvalConfig:
     task: str = "arith"
     samples: int = 256
     temperature: float = 1.0          # of ``accuracy``; ``greedy_accuracy`` is always τ = 0
-    max_new_tokens: int = 96
+    max_new_tokens: int | None = None  # None: the task's completion budget (tasks.completion_budget)
     seed: int = EVAL_SEED
     device: str = "auto"              # where the policy runs (auto: CUDA when available)
     dtype: str = "auto"               # its weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)
@@ -27,10 +27,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from bebop.core.sampling import SamplingParams
 
-        get_task(self.task)
+        task = get_task(self.task)
         check_device(self.device)
         check_dtype(self.dtype)
         positive("samples", self.samples)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = completion_budget(task)
         positive("max_new_tokens", self.max_new_tokens)
         SamplingParams(temperature=self.temperature)
 

@@ -21,7 +21,6 @@ from bebop.models.native import save_model_with_head
 from bebop.models.policy import ModelConfig, build_policy, save_policy
 from bebop.models.tokenizer import build_tokenizer
 from bebop.tasks import TASKS, Problem, Task, get_task
-from bebop.training.options import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -103,12 +102,6 @@ class SFTConfig:
 def task_context(task: str, default: int) -> int:
     """Positions a policy for ``task`` needs: the task's ``context`` attribute, else ``default``."""
     return int(getattr(get_task(task), "context", default))
-
-
-def eval_tokens(task: Task) -> int:
-    """Completion budget of the evaluation after SFT: the task's ``completion_tokens`` when it is longer than
-    ``bebop eval``'s default."""
-    return max(EvalConfig.max_new_tokens, int(getattr(task, "completion_tokens", 0)))
 
 
 def task_corpus(n_per_task: int = 500, seed: int = 1234) -> list[str]:
@@ -263,8 +256,7 @@ def train_sft(cfg: SFTConfig) -> dict:
                "context": cfg.model.max_positions,
                "device": str(device), "dtype": prec.name, "config": asdict(cfg)}
     if cfg.eval_samples:
-        summary["eval"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples, temperature=1.0,
-                                   max_new_tokens=eval_tokens(task))
+        summary["eval"] = evaluate(model, tokenizer, task, samples=cfg.eval_samples, temperature=1.0)
         summary["backend"] = decoding_path(model).backend
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
