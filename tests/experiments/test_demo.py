@@ -359,6 +359,7 @@ def test_report_renders_every_section_from_results_alone():
     assert sum(report.count(f"**{v}**") for v in ("held", "not held", "inconclusive")) == 5
     assert "Verdict rules:" in report and "| # | figure | point | CI | test | part verdict |" in report
     assert "accuracy τ=1 –" in report
+    assert "the policy's entropy runs from 0.100 (τ = 0.5) to 0.300 (τ = 1.5) nats/token" in report
 
 
 def test_demo_arch_reaches_the_sft_stage(tmp_path):

@@ -135,7 +135,7 @@ def _sft_warning(summary: Mapping, cfg: DemoConfig) -> list[str]:
 
 def render_report(summary: Mapping, res: Results, cfg: DemoConfig) -> str:
     """``report.md``: the run's setting, the claims table, then one section per measurement with its plot(s)."""
-    lines = [*_overview(summary, cfg), *_heads_section(summary), *_entropy_section(summary, res),
+    lines = [*_overview(summary, cfg, res.sweep), *_heads_section(summary), *_entropy_section(summary, res),
              *_sweep_section(summary, res.sweep), *_losses_section(summary, res.losses), *_rl_section(summary, res.rl),
              *_ablations_section(summary),
              "", "Files: `summary.json` (per claim: figures with CIs, tested parts, rule, verdict), `losses.json`, "
@@ -145,7 +145,18 @@ def render_report(summary: Mapping, res: Results, cfg: DemoConfig) -> str:
     return "\n".join(lines)
 
 
-def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
+def _entropy_range(sweep: Mapping) -> str:
+    """The policy's mean entropy per token at the lowest and highest τ of the sweep, one clause."""
+    taus = sweep.get("temperatures") or []
+    ent = dig(next(iter((sweep.get("heads") or {}).values()), None), "rejection", "entropy")
+    if not taus or not ent:
+        return ""
+    lo, hi = min(range(len(taus)), key=taus.__getitem__), max(range(len(taus)), key=taus.__getitem__)
+    return (f" Over the temperature sweep the policy's entropy runs from {fmt(ent[lo])} (τ = {taus[lo]:g}) to "
+            f"{fmt(ent[hi])} (τ = {taus[hi]:g}) nats/token.")
+
+
+def _overview(summary: Mapping, cfg: DemoConfig, sweep: Mapping) -> list[str]:
     pol = summary["policy"]
     ev = pol.get("eval") or {}
     stage_lines = ", ".join(f"{k} {v['seconds']:.1f} s" + (" (cached)" if v["cached"] else "")
@@ -158,7 +169,8 @@ def _overview(summary: Mapping, cfg: DemoConfig) -> list[str]:
         "claims may fail here that hold at scale.",
         "",
         f"Policy `{pol['dir']}`: {pol.get('sft_steps')} SFT steps, accuracy τ=1 {fmt(ev.get('accuracy'))}, "
-        f"greedy {fmt(ev.get('greedy_accuracy'))}, mean entropy {fmt(ev.get('entropy'))} nats/token. "
+        f"greedy {fmt(ev.get('greedy_accuracy'))}, mean entropy {fmt(ev.get('entropy'))} nats/token."
+        f"{_entropy_range(sweep)} "
         f"Heads: `{cfg.init_loss}` warm start (budget {cfg.init_steps} steps, lr {cfg.init_lr:g}), then "
         f"{', '.join(cfg.loss_list())} fine-tuned from it (budget {cfg.head_steps} steps each, lr {cfg.head_lr:g}, "
         f"same data and seed){_early_stop_rule(cfg)}.",
