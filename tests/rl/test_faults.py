@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import cli
+from conftest import cli, one_ray_cluster
 from rl_runs import REWARD, TESTS, assert_same_run, make_policy_dirs, read_events, read_log, small_config
 
 from bebop.errors import BebopError
@@ -240,11 +240,12 @@ def ray_cluster(tmp_path_factory):
     """A local Ray whose workers import the test rewards and know where the dying reward keeps its marker."""
     ray = pytest.importorskip("ray")
     marks = tmp_path_factory.mktemp("deaths")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
-                                       "BEBOP_TEST_DEATHS": str(marks)}})
-    yield marks
-    ray.shutdown()
+    with one_ray_cluster(tmp_path_factory):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+                                           "BEBOP_TEST_DEATHS": str(marks)}})
+        yield marks
+        ray.shutdown()
 
 
 @pytest.mark.slow

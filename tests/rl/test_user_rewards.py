@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import cli, one_ray_cluster
 from rl_runs import assert_same_run, make_policy_dirs, read_log
 
 from bebop.errors import BebopError
@@ -280,11 +280,12 @@ def ray_rewards(tmp_path_factory):
 
     ray = pytest.importorskip("ray")
     log = tmp_path_factory.mktemp("ray_rewards")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
-                                       "BEBOP_TEST_REWARDS": str(log)}})
-    yield log
-    ray.shutdown()
+    with one_ray_cluster(tmp_path_factory):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+                                           "BEBOP_TEST_REWARDS": str(log)}})
+        yield log
+        ray.shutdown()
 
 
 @pytest.mark.slow
