@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from unittest import mock
 
@@ -17,22 +16,6 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-
-
-@contextmanager
-def one_ray_cluster(tmp_path_factory):
-    """Hold the run-wide Ray lock while a test module's local Ray cluster lives: under pytest-xdist the modules
-    that start one wait for each other, since two clusters at once on a 2-core machine starve each other's workers
-    (a worker-death test took five minutes instead of twenty seconds). The lock file sits in the directory every
-    worker's temporary directories share."""
-    import fcntl
-
-    with open(tmp_path_factory.getbasetemp().parent / "bebop-ray.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,20 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 from dataclasses import replace
 
 import pytest
-from conftest import cli, one_ray_cluster
-from rl_runs import REWARD, TESTS, assert_same_run, make_policy_dirs, read_events, read_log, small_config
+from conftest import cli
+from rl_runs import (
+    REWARD,
+    TESTS,
+    assert_same_run,
+    local_ray,
+    make_policy_dirs,
+    read_events,
+    read_log,
+    small_config,
+)
 
 from bebop.errors import BebopError
 from bebop.io import atomic_write, atomic_write_json
@@ -238,14 +246,9 @@ def test_negative_rollout_retries_is_refused(policy_dirs, tmp_path):
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A local Ray whose workers import the test rewards and know where the dying reward keeps its marker."""
-    ray = pytest.importorskip("ray")
     marks = tmp_path_factory.mktemp("deaths")
-    with one_ray_cluster(tmp_path_factory):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
-                                           "BEBOP_TEST_DEATHS": str(marks)}})
+    with local_ray(tmp_path_factory, BEBOP_TEST_DEATHS=str(marks)):
         yield marks
-        ray.shutdown()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_ray_cluster
+from rl_runs import local_ray
 
 from bebop.core.grpo import completion_logprobs, group_advantages, grpo_loss
 from bebop.errors import BebopError
@@ -274,12 +274,8 @@ def test_kill_and_resume_subprocess(policy_dirs, tmp_path):
 def ray_cluster(tmp_path_factory):
     """One local Ray instance for the module's Ray tests (starting one takes seconds); the test rewards are
     importable in its workers. Each run's rollout actors are killed when the run closes its workers."""
-    ray = pytest.importorskip("ray")
-    with one_ray_cluster(tmp_path_factory):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}})
+    with local_ray(tmp_path_factory) as ray:
         yield ray
-        ray.shutdown()
 
 
 @pytest.mark.slow

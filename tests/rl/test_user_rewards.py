@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import cli, one_ray_cluster
-from rl_runs import assert_same_run, make_policy_dirs, read_log
+from conftest import cli
+from rl_runs import assert_same_run, local_ray, make_policy_dirs, read_log
 
 from bebop.errors import BebopError
 from bebop.rl.config import RLConfig
@@ -275,17 +275,9 @@ def test_config_bad_input():
 @pytest.fixture(scope="module")
 def ray_rewards(tmp_path_factory):
     """A local Ray whose workers import the test rewards and log into one directory (shared with the driver)."""
-    import os
-    import sys
-
-    ray = pytest.importorskip("ray")
     log = tmp_path_factory.mktemp("ray_rewards")
-    with one_ray_cluster(tmp_path_factory):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
-                                           "BEBOP_TEST_REWARDS": str(log)}})
+    with local_ray(tmp_path_factory, BEBOP_TEST_REWARDS=str(log)):
         yield log
-        ray.shutdown()
 
 
 @pytest.mark.slow
