@@ -440,6 +440,28 @@ def test_ablation_summary_pairs_variants_with_the_main_run_on_the_same_prompts()
     assert ci[0] < 0.9 < ci[1]
 
 
+def test_ablation_summary_gives_each_variants_rs_slope_over_tau_paired_with_the_main_runs():
+    """A variant's sweep gives its RS accept-length slope per nat with a CI and its paired change against the main
+    run's sweep: a variant with the main run's sweep differs by exactly 0, one whose e2e-TV RS slope is flat (main:
+    −1.7) shows a change near +1.7 whose CI excludes 0."""
+    from bebop.experiments.demo.ablations import Variant, ablation_summary
+
+    main_losses = _losses({"ce": [0.8] * 3, "e2e_tv": [0.82] * 3})
+    main_sweep = _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-1.7, -1.7)})
+    flat = _sweep({"ce": (-1.7, -1.7), "e2e_tv": (0.0, -1.7)})
+    runs = {k: {"variant": Variant(k, k, "temperature", {"temperature": 0.7}), "losses": main_losses, "sweep": sw}
+            for k, sw in (("same", main_sweep), ("flat", flat))}
+    abl = ablation_summary(main_losses, runs, main_sweep)
+    assert abl["main"]["e2e_tv_rs_slope"]["value"] == pytest.approx(-1.7, abs=0.3)
+    assert abl["variants"]["same"]["e2e_tv_rs_slope_vs_main"] == {"value": 0.0, "ci": [0.0, 0.0]}
+    change = abl["variants"]["flat"]["e2e_tv_rs_slope_vs_main"]
+    assert change["value"] == pytest.approx(1.7, abs=0.3) and change["ci"][0] > 0.5
+    flat_slope = abl["variants"]["flat"]["e2e_tv_rs_slope"]
+    assert flat_slope["value"] == pytest.approx(0.0, abs=0.3) and flat_slope["ci"][0] < flat_slope["value"] < \
+        flat_slope["ci"][1]
+    assert "e2e_tv_rs_slope_vs_main" not in ablation_summary(main_losses, runs)["variants"]["flat"]
+
+
 def test_report_shows_head_training_and_ablations():
     from bebop.experiments.demo import DemoConfig
     from bebop.experiments.demo.ablations import Variant, ablation_summary
@@ -475,13 +497,14 @@ def test_cli_quick_ablations_run_every_variant_then_reuse_them(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     stages = summary["stages"]
     expected = {f"abl_{v.key}_{part}" for v in variants(quick_config(ablations="all"))
-                for part in (("init", "ce", "e2e_tv", "measure") if v.own_init else ("ce", "e2e_tv", "measure"))}
+                for part in (("init",) if v.own_init else ()) + ("ce", "e2e_tv", "measure", "sweep")}
     assert {k for k in stages if k.startswith("abl_")} == expected
     assert not any(stages[k]["cached"] for k in expected) and stages["head_e2e_tv"]["cached"]
     abl = summary["ablations"]
     assert set(abl["variants"]) == {k.split("_", 1)[1].rsplit("_", 1)[0] for k in expected if k.endswith("_measure")}
     for v in abl["variants"].values():
         assert v["vs_main"]["e2e_tv_minus_ce_points"]["ci"] is not None
+        assert v["e2e_tv_rs_slope"]["value"] is not None and "e2e_tv_rs_slope_vs_main" in v
     report = (demo_dir / "report.md").read_text()
     assert "## Ablations" in report and "## Head training" in report
     assert set(summary["heads"]["e2e_tv"]) >= {"budget", "stopped_at", "kept_step", "curve"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bebop.experiments.demo.claims import accept_length_stat, mean_alpha_stat, n_units, unit_ci
+from bebop.experiments.demo.claims import accept_length_stat, mean_alpha_stat, n_units, sweep_slope, unit_ci
 from bebop.experiments.demo.config import DemoConfig
 from bebop.experiments.stats import Stat, diff_of
 
@@ -101,17 +101,34 @@ def _row(units: Mapping, main: Mapping | None) -> dict:
     return row
 
 
-def ablation_summary(main_losses: Mapping, runs: Mapping[str, Mapping]) -> dict:
+def _slopes(sweep: Mapping | None, main_sweep: Mapping | None) -> dict:
+    """Per head, the RS accept-length slope per nat of policy entropy over the temperature sweep (claim 1's figure)
+    with its CI, and (``main_sweep`` given) its paired change against the main run's: both sweeps decode the same
+    prompts at the same τ's, so each resample redraws those prompts in both."""
+    out: dict = {}
+    for h in HEADS:
+        v = sweep_slope(sweep, h, "rejection") if sweep else None
+        m = sweep_slope(main_sweep, h, "rejection") if main_sweep else None
+        out[f"{h}_rs_slope"] = _with_ci(v[0], v[1]) if v else {"value": None, "ci": None}
+        if main_sweep is not None:
+            same = v is not None and m is not None and v[1] == m[1]
+            out[f"{h}_rs_slope_vs_main"] = _with_ci(diff_of(v[0], m[0]), v[1]) if same else {"value": None, "ci": None}
+    return out
+
+
+def ablation_summary(main_losses: Mapping, runs: Mapping[str, Mapping], main_sweep: Mapping | None = None) -> dict:
     """``summary.json``'s ``ablations``: ``{"main": row, "variants": {key: {label, ablation, settings, heads,
-    seconds, **row}}}`` from the main run's ``losses.json`` and per variant ``{"variant": Variant, "losses": its
-    losses.json, "heads": its head records, "seconds": its stages' time}``. Every CI resamples the held-out prompts
-    jointly across the heads and runs compared (the same prompts were measured in each)."""
+    seconds, **row}}}`` from the main run's ``losses.json`` (and ``sweep.json``) and per variant ``{"variant":
+    Variant, "losses": its losses.json, "sweep": its sweep.json, "heads": its head records, "seconds": its stages'
+    time}``. Every CI resamples the held-out prompts jointly across the heads and runs compared (the same prompts
+    were measured in each); the RS slopes over τ come from the sweeps (:func:`_slopes`)."""
     main = {h: main_losses[h]["units_rs"] for h in HEADS}
-    out: dict = {"main": _row(main, None), "variants": {}}
+    out: dict = {"main": {**_row(main, None), **_slopes(main_sweep, None)}, "variants": {}}
     for key, r in runs.items():
         v: Variant = r["variant"]
         units = {h: r["losses"][h]["units_rs"] for h in HEADS}
         out["variants"][key] = {"label": v.label, "ablation": v.ablation,
                                 "settings": dict(v.overrides), "own_warm_start": v.own_init,
-                                "heads": r.get("heads", {}), "seconds": r.get("seconds"), **_row(units, main)}
+                                "heads": r.get("heads", {}), "seconds": r.get("seconds"), **_row(units, main),
+                                **_slopes(r.get("sweep"), main_sweep)}
     return out

@@ -22,7 +22,7 @@ from bebop.experiments.names import RULE_NAMES
 from bebop.experiments.series import step_series
 
 __all__ = ["CLAIMS", "VERDICT_RULE", "accept_length_stat", "claim_headline", "dig", "evaluate_claims", "fmt", "fmt_ci",
-           "gpu_projection", "mean_alpha_stat", "median_times", "n_units", "rl_runs", "unit_ci"]
+           "gpu_projection", "mean_alpha_stat", "median_times", "n_units", "rl_runs", "sweep_slope", "unit_ci"]
 
 CLAIMS = {
     1: "Acceptance falls linearly with policy entropy under TO and under RS with CE heads (slope ≈ −1.68 accept "
@@ -113,7 +113,7 @@ def _sweep_units(sweep: Mapping, head: str, rule: str) -> list | None:
     return dig(sweep, "heads", head, rule, "units")
 
 
-def _sweep_slope(sweep: Mapping, head: str, rule: str) -> tuple[Stat, int] | None:
+def sweep_slope(sweep: Mapping, head: str, rule: str) -> tuple[Stat, int] | None:
     """The statistic of the accept-length slope against mean entropy over τ (points refitted per resample)."""
     units = _sweep_units(sweep, head, rule)
     n = n_units(*units) if units else None
@@ -201,7 +201,7 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
     sh = sweep["heads"]
     keys = [(h, rule, f"{h} {tag}") for h in sh for rule, tag in RULE_NAMES.items()]
     slope = {k: dig(sh, h, rule, "fit", "slope") for h, rule, k in keys}
-    fits = {k: _sweep_slope(sweep, h, rule) for h, rule, k in keys}
+    fits = {k: sweep_slope(sweep, h, rule) for h, rule, k in keys}
     slope_ci = {k: unit_ci(*fits[k]) if fits[k] else None for k in slope}
     r = {k: dig(sh, h, rule, "fit", "r") for h, rule, k in keys}
     token_slope = {f"{h} {tag}": dig(ent, "heads", h, rule, "fit", "slope")

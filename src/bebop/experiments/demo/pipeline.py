@@ -225,14 +225,18 @@ def _rl_stage(demo: _Demo) -> None:
 def _ablation_stages(demo: _Demo) -> dict:
     """The ablation variants (:mod:`.ablations`, after the main stages), each as cached stages: its warm start
     (unless it fine-tunes from the main one), its CE and e2e-TV heads, then RS acceptance on the main run's
-    held-out prompts. Returns the inputs of :func:`.ablations.ablation_summary`."""
+    held-out prompts and the temperature sweep of the main run. Returns the inputs of
+    :func:`.ablations.ablation_summary`."""
+    from bebop.experiments.analysis import temperature_sweep
     from bebop.experiments.demo.ablations import variant_config, variants
+    from bebop.experiments.options import SweepConfig
     from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
     from bebop.training.train_mtp import train_mtp
 
     cfg, stages = demo.cfg, demo.stages
     model, tokenizer = load_policy(demo.policy, cfg.device, cfg.dtype)
+    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=MEASURE_BATCH)
     runs = {}
     for v in variants(cfg):
         vdir, vcfg, tag = demo.out / "ablations" / v.key, variant_config(cfg, v), f"abl_{v.key}"
@@ -260,7 +264,14 @@ def _ablation_stages(demo: _Demo) -> dict:
                    lambda dirs=dirs, p=losses_json: atomic_write_json(p, _measure_heads(
                        demo, model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")},
                        {"rejection": "rs"})))
-        runs[v.key] = {"variant": v, "losses": _read_json(losses_json),
+        sweep_json = vdir / "sweep.json"
+        stages.run(f"{tag}_sweep", f"ablation {v.label}: temperature sweep", sweep_json,
+                   dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt"),
+                   ["sft", f"{tag}_ce", f"{tag}_e2e_tv"],
+                   lambda dirs=dirs, p=sweep_json: atomic_write_json(p, temperature_sweep(
+                       model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")}, sweep_cfg)))
+        runs[v.key] = {"variant": v, "losses": _read_json(losses_json), "sweep": _read_json(sweep_json),
                        "heads": {k: _head_record(_read_json(d / "train_mtp_summary.json")) for k, d in dirs.items()},
                        "seconds": sum(t for k, t in stages.seconds.items() if k.startswith(tag + "_"))}
     return runs
@@ -300,7 +311,7 @@ def _report_stage(demo: _Demo, t_start: float, ablations: Mapping | None) -> dic
         "policy": {"dir": str(demo.policy), "sft_steps": sft_summary.get("steps"),
                    "sft_seconds": sft_summary.get("train_seconds"), "eval": sft_summary.get("eval")},
         "heads": heads,
-        **({"ablations": ablation_summary(res.losses, ablations)} if ablations is not None else {}),
+        **({"ablations": ablation_summary(res.losses, ablations, res.sweep)} if ablations is not None else {}),
         "stages": {k: {"seconds": demo.stages.seconds[k], "cached": demo.stages.cached[k]}
                    for k in demo.stages.seconds},
         "total_seconds": time.perf_counter() - t_start,

@@ -286,16 +286,20 @@ def _ablations_section(summary: Mapping) -> list[str]:
         vs = r.get("vs_main") or {}
         return _cells([label, *(cell(r[h][m]) for h in ("e2e_tv", "ce") for m in ("accept_length", "mean_alpha")),
                        cell(r["e2e_tv_minus_ce_points"], "+.2f"), cell(vs.get("e2e_tv_minus_ce_points"), "+.2f"),
-                       cell(vs.get("e2e_tv_accept_length"), "+.3f"), kept(heads), fmt(seconds, ".0f")])
+                       cell(vs.get("e2e_tv_accept_length"), "+.3f"),
+                       *(cell(r.get(f"{h}_rs_slope"), "+.2f") for h in ("e2e_tv", "ce")),
+                       cell(r.get("e2e_tv_rs_slope_vs_main"), "+.2f"), kept(heads), fmt(seconds, ".0f")])
 
     lines = ["", "## Ablations", "",
              "Each variant changes one setting of head training, trains the CE and e2e-TV heads as the main run does "
              "(same data seed, budget rules and early stopping) and measures RS acceptance at the rollout τ on the "
-             "main run's held-out prompts; 95 % CIs resample those prompts jointly, so the differences against the "
-             "main run are paired.", "",
+             "main run's held-out prompts, and sweeps τ as the main run does (claim 1's RS slope of accept length per "
+             "nat of entropy); 95 % CIs resample those prompts jointly, so the differences against the main run are "
+             "paired.", "",
              "| variant | e2e_tv accept length | e2e_tv mean α | ce accept length | ce mean α | e2e_tv − ce "
              "(α points) | change of e2e_tv − ce vs main (points) | change of e2e_tv accept length vs main | "
-             "kept step / budget (e2e_tv, ce) | seconds |", "|---|---|---|---|---|---|---|---|---|---|",
+             "e2e_tv RS slope / nat | ce RS slope / nat | change of e2e_tv RS slope vs main | "
+             "kept step / budget (e2e_tv, ce) | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              row("main run", abl["main"], summary.get("heads") or {}, None)]
     lines += [row(v["label"], v, v.get("heads") or {}, v.get("seconds")) for v in abl["variants"].values()]
     total = sum(v.get("seconds") or 0.0 for v in abl["variants"].values())
