@@ -22,9 +22,9 @@ REWARD = "rl_rewards:digit_fraction"
 @contextmanager
 def local_ray(tmp_path_factory, **env: str) -> Iterator[object]:
     """A local Ray (2 CPUs) whose workers import these tests' modules (the test rewards) and see ``env``, started
-    under a run-wide file lock: under pytest-xdist the Ray test modules wait for each other, since two clusters at
-    once on a 2-core machine starve each other's workers (a worker-death test took 309 s instead of 19 s). The lock
-    file sits in the directory every xdist worker's temporary directories share."""
+    under a run-wide file lock: under pytest-xdist the Ray test modules wait for each other rather than run two
+    clusters of 2 CPUs each on a 2-core machine. The lock file sits in the directory every xdist worker's temporary
+    directories share."""
     import fcntl
 
     import pytest
