@@ -1,4 +1,4 @@
-"""A bad-input sweep of the whole command line (issue 21, item 3): each malformed invocation — a value of the wrong
+"""A bad-input sweep of the whole command line: each malformed invocation — a value of the wrong
 type, out of range, a missing or corrupt file, a head made for another model, an unreadable ``--config``, clashing
 options, an unknown device or dtype — ends with exit code 2 and exactly one ``error: …`` line on stderr that names
 the bad value, shows no traceback, and writes nothing (no ``--out``, no JSON, no cache, no file beside the inputs).
