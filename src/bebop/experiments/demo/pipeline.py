@@ -149,12 +149,31 @@ def _head_title(hc, cfg: DemoConfig) -> str:
     return f"{hc.loss} (budget {hc.steps} steps, lr {hc.lr:g}, {start}{stop})"
 
 
+def _losses_key(cfg: DemoConfig) -> dict:
+    """The settings a per-loss acceptance measurement (main run or ablation) is cached under."""
+    return dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt")
+
+
+def _sweep_key(cfg: DemoConfig) -> dict:
+    """The settings a temperature sweep (main run or ablation) is cached under."""
+    return dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt")
+
+
+def _sweep_config(cfg: DemoConfig):
+    """The temperature sweep's options, the same for the main run and every ablation."""
+    from bebop.experiments.options import SweepConfig
+
+    return derive(SweepConfig, cfg, "sweep_", batch_size=MEASURE_BATCH)
+
+
 def _measure_stages(demo: _Demo) -> None:
     """3.–5. Per-loss acceptance at the rollout τ, the temperature sweep and the per-token entropy analysis."""
     import torch
 
     from bebop.experiments.analysis import entropy_analysis, temperature_sweep
-    from bebop.experiments.options import EntropyConfig, SweepConfig
+    from bebop.experiments.options import EntropyConfig
     from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
 
@@ -164,15 +183,11 @@ def _measure_stages(demo: _Demo) -> None:
     ce_e2e = {"ce": heads["ce"], "e2e_tv": heads["e2e_tv"]}
     torch.manual_seed(cfg.seed)
     stages.run("losses", f"3/7 α per step per loss (τ = {cfg.temperature:g}, {cfg.loss_prompts} prompts)",
-               out / "losses.json", dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
-                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH,
-                                         unit="prompt"),
+               out / "losses.json", _losses_key(cfg),
                ["sft", *demo.head_cfgs], lambda: _measure_losses(demo, model, tokenizer, heads))
-    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=MEASURE_BATCH)
+    sweep_cfg = _sweep_config(cfg)
     stages.run("sweep", f"4/7 temperature sweep τ ∈ {{{', '.join(f'{t:g}' for t in cfg.temperatures)}}}",
-               out / "sweep.json", dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
-                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH,
-                                        unit="prompt"),
+               out / "sweep.json", _sweep_key(cfg),
                ["sft", "head_init", "head_ce", "head_e2e_tv"],
                lambda: atomic_write_json(out / "sweep.json", temperature_sweep(model, tokenizer, ce_e2e, sweep_cfg)))
     ent_cfg = derive(EntropyConfig, cfg, "entropy_")
@@ -229,14 +244,13 @@ def _ablation_stages(demo: _Demo) -> dict:
     :func:`.ablations.ablation_summary`."""
     from bebop.experiments.analysis import temperature_sweep
     from bebop.experiments.demo.ablations import variant_config, variants
-    from bebop.experiments.options import SweepConfig
     from bebop.models.checkpoint import load_head
     from bebop.models.policy import load_policy
     from bebop.training.train_mtp import train_mtp
 
     cfg, stages = demo.cfg, demo.stages
     model, tokenizer = load_policy(demo.policy, cfg.device, cfg.dtype)
-    sweep_cfg = derive(SweepConfig, cfg, "sweep_", batch_size=MEASURE_BATCH)
+    sweep_cfg = _sweep_config(cfg)
     runs = {}
     for v in variants(cfg):
         vdir, vcfg, tag = demo.out / "ablations" / v.key, variant_config(cfg, v), f"abl_{v.key}"
@@ -257,17 +271,13 @@ def _ablation_stages(demo: _Demo) -> dict:
                        lambda hc=hc: train_mtp(hc))
         losses_json = vdir / "losses.json"
         stages.run(f"{tag}_measure", f"ablation {v.label}: RS α at τ = {cfg.temperature:g} ({cfg.loss_prompts} "
-                   "prompts)", losses_json,
-                   dict(gamma=cfg.gamma, temperature=cfg.temperature, prompts=cfg.loss_prompts,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt"),
+                   "prompts)", losses_json, _losses_key(cfg),
                    ["sft", f"{tag}_ce", f"{tag}_e2e_tv"],
                    lambda dirs=dirs, p=losses_json: atomic_write_json(p, _measure_heads(
                        demo, model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")},
                        {"rejection": "rs"})))
         sweep_json = vdir / "sweep.json"
-        stages.run(f"{tag}_sweep", f"ablation {v.label}: temperature sweep", sweep_json,
-                   dict(temperatures=cfg.temperatures, gamma=cfg.gamma, prompts=cfg.sweep_prompts,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch=MEASURE_BATCH, unit="prompt"),
+        stages.run(f"{tag}_sweep", f"ablation {v.label}: temperature sweep", sweep_json, _sweep_key(cfg),
                    ["sft", f"{tag}_ce", f"{tag}_e2e_tv"],
                    lambda dirs=dirs, p=sweep_json: atomic_write_json(p, temperature_sweep(
                        model, tokenizer, {k: load_head(dirs[k], model).eval() for k in ("ce", "e2e_tv")}, sweep_cfg)))
