@@ -1,14 +1,18 @@
 """The demo's ablations (``ablations = "all"``, ``bebop demo --ablations``): head-training variants that can explain
 a claim the main run does not hold. Each variant changes one setting of head training, trains the CE and e2e-TV
-heads as the main run does (same data seed, budgets and early stopping; a variant that changes what the warm start
-sees trains its own warm start, the budget variants fine-tune from the main run's) and measures RS acceptance at
-the rollout τ on the main run's held-out prompts, so every difference against the main run is paired by prompt.
+heads as the main run does (same data seed unless the seed is what changes, same budgets and early stopping; a
+variant that changes what the warm start sees trains its own warm start, the budget variants fine-tune from the
+main run's) and measures RS acceptance at the rollout τ on the main run's held-out prompts, so every difference
+against the main run is paired by prompt.
 
 * ``layers``       a head of 2 MTP layers instead of 1 (draft step k uses layer (k−1) mod 2), or 1 when the main
                    run uses 2;
 * ``gamma_train``  γ_train 5 instead of 3 (or 3 when the main run uses 5);
 * ``budget``       half and double the fine-tuning budget ``head_steps``;
-* ``temperature``  the training data sampled (and the target p taken) at τ 0.7 / 1.0 / 1.3 other than the main one.
+* ``temperature``  the training data sampled (and the target p taken) at τ 0.7 / 1.0 / 1.3 other than the main one;
+* ``seeds``        the same heads trained under other seeds (:data:`HEAD_SEEDS` past the main one): new training
+                   data, initialisation and batch order, so the spread of a figure over seeds shows how much of it
+                   is the luck of one training run.
 
 :func:`variants` builds the variants, :func:`ablation_summary` the figures with bootstrap CIs (pure functions)."""
 
@@ -23,9 +27,10 @@ from bebop.experiments.demo.claims import accept_length_stat, mean_alpha_stat, n
 from bebop.experiments.demo.config import DemoConfig
 from bebop.experiments.stats import Stat, diff_of
 
-__all__ = ["DATA_TEMPERATURES", "HEADS", "Variant", "ablation_summary", "variant_config", "variants"]
+__all__ = ["DATA_TEMPERATURES", "HEADS", "HEAD_SEEDS", "Variant", "ablation_summary", "variant_config", "variants"]
 
 DATA_TEMPERATURES = (0.7, 1.0, 1.3)   # the ``temperature`` ablation's training-data temperatures
+HEAD_SEEDS = 2                        # the ``seeds`` ablation: heads trained under seed + 1 … seed + HEAD_SEEDS
 HEADS = ("e2e_tv", "ce")              # the heads every variant trains
 
 
@@ -60,6 +65,9 @@ def variants(cfg: DemoConfig) -> list[Variant]:
             for t in DATA_TEMPERATURES:
                 if t != cfg.temperature:
                     out.append(Variant(f"data_tau{t:g}", f"training data at τ = {t:g}", a, {"temperature": t}))
+        elif a == "seeds":
+            for s in range(cfg.seed + 1, cfg.seed + 1 + HEAD_SEEDS):
+                out.append(Variant(f"seed{s}", f"heads trained under seed {s}", a, {"seed": s}))
     return out
 
 

@@ -26,9 +26,10 @@ __all__ = ["ABLATIONS", "EARLY_STOP", "QUICK", "RL_METHODS", "SHARED", "DemoConf
 C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
-ABLATIONS = ("layers", "gamma_train", "budget", "temperature")
-"""What ``ablations`` may name: 1 vs 2 MTP layers, γ_train 3 vs 5, half / double the head budget, and the
-temperature of the training data (:mod:`bebop.experiments.demo.ablations` builds the variants)."""
+ABLATIONS = ("layers", "gamma_train", "budget", "temperature", "seeds")
+"""What ``ablations`` may name: 1 vs 2 MTP layers, γ_train 3 vs 5, half / double the head budget, the
+temperature of the training data, and other head-training seeds (:mod:`bebop.experiments.demo.ablations` builds
+the variants)."""
 SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "head_layers",
           "data_samples", "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
 """Demo fields that mean the same in every stage config that has a field of that name."""
@@ -61,7 +62,7 @@ class DemoConfig:
     init_loss: str = "fkl"
     init_steps: int = 800              # init_* and head_* as train-mtp's warm stage and main stage (budgets)
     init_lr: float = 5e-3
-    head_steps: int = 400              # the same budget for every fine-tuned loss
+    head_steps: int = 800              # the same budget for every fine-tuned loss (e2e TV gains to ~step 700)
     head_lr: float = 1e-3
     head_eval_every: int = 25          # every head stage (warm start too): held-out expected α every this many steps,
     head_patience: int = 4             # stop after this many evaluations without a gain > head_min_delta (0: never)
