@@ -87,6 +87,8 @@ CASES = {
     "bench-decode-max-new-tokens-zero": (f"bench decode {MH} --max-new-tokens 0 --json {{out}}/r.json", "0"),
     "bench-decode-ignore-eos-multi-turn": (f"bench decode {MH} --task agent --ignore-eos --json {{out}}/r.json",
                                            "'agent'"),
+    "bench-decode-continuous-auto": (f"bench decode {MH} --continuous --gamma auto --json {{out}}/r.json",
+                                     "--gamma auto"),
     "bench-decode-head-wide": (f"bench decode {M} --mtp {{bad}}/wide_head --json {{out}}/r.json", "hidden size 48"),
     "bench-losses-unknown-loss": (f"bench losses {M} --out {{out}} --losses ce,l2", "'l2'"),
     "bench-losses-steps-negative": (f"bench losses {M} --out {{out}} --steps -1", "-1"),

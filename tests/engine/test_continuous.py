@@ -244,3 +244,25 @@ def test_multi_turn_rows_joining_mid_run_have_the_plain_sampling_law(peaky, tiny
     comps = r.completions()
     for parity, prompt in ((0, pa), (1, pb)):
         assert law_pvalue(comps[parity::2], transcript_law(model, prompt, params, budget)) > P_FALSE_ALARM
+
+
+def test_decode_seconds_leave_out_every_admission(peaky, tiny_tokenizer, monkeypatch):
+    """Joiners' prefills are a prefill phase: ``decode_seconds`` leaves them out (as static decoding leaves out its
+    one prefill), so a slow prefill costs ``seconds`` but not the decode phase."""
+    import time
+
+    model, head = peaky
+    prompts = varied_prompts(tiny_tokenizer, 6)
+    real, pause = continuous.prefill, 0.05
+
+    def slow(*args, **kwargs):
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(continuous, "prefill", slow)
+    dc = DecodeConfig(SamplingParams(temperature=1.0), 6, None, 2, "rejection", tiny_tokenizer.pad_token_id,
+                      torch.Generator().manual_seed(0))
+    m = continuous_decode(model, head, prompts, dc, slots=2).metrics
+    assert m.prefills >= 3                                   # the first batch and at least two admissions
+    assert m.seconds - m.decode_seconds >= m.prefills * pause
+    assert 0 < m.decode_seconds < (m.prefills - 1) * pause   # no admission's sleep is in the decode phase

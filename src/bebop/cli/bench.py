@@ -53,6 +53,10 @@ def bench_decode_cmd(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Every row decodes --max-new-tokens tokens (EOS "
                                              "does not stop it): the engine's speed without a static batch waiting "
                                              "for rows of other lengths.")] = D.ignore_eos,
+    continuous: Annotated[bool, typer.Option("--continuous", help="Continuous batching: a batch size B is B slots "
+                                             "that all --prompts pass through (a finished row's slot takes the next "
+                                             "prompt), plain and MTP alike, instead of static batches of B rows; "
+                                             "fixed γ only.")] = False,
     lengths: Annotated[str | None, typer.Option(
         help="Comma-separated completion lengths, e.g. 128,512,2048,4096: measure per-token cost against length "
              "instead (every row decodes exactly L tokens, no EOS; plain and MTP at fixed γ; KV-cache slots per "
@@ -73,6 +77,9 @@ def bench_decode_cmd(
     from bebop.engine.forwards import decoding_path
     from bebop.experiments.bench_decode import bench_decode
 
+    if continuous and (gamma == "auto" or lengths is not None):
+        raise BebopError("--continuous measures plain and fixed-γ decoding; it does not combine with "
+                         + ("--gamma auto" if gamma == "auto" else "--lengths"))
     if lengths is not None:
         _bench_lengths(model, mtp, task, rule, gamma, batch_sizes, temperature, lengths, repeats, seed, threads,
                        json_path, device, dtype)
@@ -85,14 +92,15 @@ def bench_decode_cmd(
     positive("max_new_tokens", cfg.max_new_tokens)
     announce_paths()
     the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
-    results = bench_decode(the_model, tokenizer, head, cfg)
+    results = bench_decode(the_model, tokenizer, head, cfg, continuous)
     if cfg.gamma == "auto":
         console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
     else:
         console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"
-                                            + (", EOS ignored" if ignore_eos else "")))
-    write_json(json_path, {"config": asdict(cfg), "backend": decoding_path(the_model, head).backend,
-                           "results": results})
+                                            + (", EOS ignored" if ignore_eos else "")
+                                            + (", continuous batching" if continuous else "")))
+    write_json(json_path, {"config": {**asdict(cfg), "continuous": continuous},
+                           "backend": decoding_path(the_model, head).backend, "results": results})
 
 
 def _bench_lengths(model: Path, mtp: Path, task: str, rule: str, gamma: str, batch_sizes: str, temperature: float,

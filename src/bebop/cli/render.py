@@ -117,13 +117,15 @@ def run_app(app) -> None:
 
 
 def decode_table(results: Mapping, title: str) -> Table:
-    """The table of ``bench decode`` (fixed γ) from its JSON results."""
+    """The table of ``bench decode`` (fixed γ) from its JSON results; rows/slot: live rows per batch slot, plain/MTP."""
     cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "decode speedup", "limit", "fraction", "cv/c1", "cd/c1",
-            "ccu/c1", "hf tok/s", "hf mtp tok/s", "accept len", "alpha"]
+            "ccu/c1", "rows/slot", "hf tok/s", "hf mtp tok/s", "accept len", "alpha"]
     rows = [(bs, f"{r['plain_tokens_per_s']:.0f}", f"{r['mtp_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
              fmt(r.get("decode_speedup"), ".2f"), f"{r['speedup_limit']:.2f}x", fmt(r.get("fraction_of_limit"), ".2f"),
              fmt(r.get("c_verify_over_c_1"), ".2f"), fmt(r.get("c_draft_over_c_1"), ".2f"),
-             fmt(r.get("c_catchup_over_c_1"), ".2f"), fmt(r.get("hf_tokens_per_s"), ".0f"),
+             fmt(r.get("c_catchup_over_c_1"), ".2f"),
+             f"{fmt(r.get('plain_row_utilization'), '.2f')}/{fmt(r.get('mtp_row_utilization'), '.2f')}",
+             fmt(r.get("hf_tokens_per_s"), ".0f"),
              fmt(r.get("hf_mtp_tokens_per_s"), ".0f"), f"{r['accept_length']:.2f}", floats(r["alpha"]))
             for bs, r in results.items()]
     return table(title, cols, rows)

@@ -19,6 +19,9 @@ How (each row's law is DESIGN §3's, unchanged):
 
 Outputs come back in request order, as ``Rollout`` rows of ``max_new_tokens`` columns. Per step there is one host sync
 (which slots are free, the longest row), plus the drafting policy's own when one is given.
+``DecodeMetrics.decode_seconds`` is the decode phase alone, as in static decoding: it starts after the first
+prefill and leaves out every admission (from the sync before a join to the sync after it: the joiners' prefill and
+first token), so its rate compares with the per-step forward costs of DESIGN §8.
 ``DecodeMetrics.utilization`` (live rows ÷ slots per decode forward) and ``slots_per_token`` (cache columns a live
 row attends to per slot of its own context) say how well the slots and the cache are used.
 """
@@ -272,9 +275,13 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     history: list = []
     acc = torch.zeros(4, dtype=torch.long, device=device)        # slot, live, cache and kept slot counters
     step = None
-    t_decode = time.perf_counter()
+    t_decode, t_join, join_seconds = None, None, 0.0
     while True:
         flags = torch.cat([sl.done.long(), sl.paused.long(), longest_row(st, ~sl.done).unsqueeze(0)]).tolist()  # sync
+        now = time.perf_counter()
+        t_decode = now if t_decode is None else t_decode
+        if t_join is not None:                                     # the admission just synced: a prefill phase
+            join_seconds, t_join = join_seconds + now - t_join, None
         free, longest, any_paused = [b for b in range(B) if flags[b]], flags[2 * B], any(flags[B: 2 * B])
         if any_paused:
             _environment(cfg, st, sl, turns, events, seen, turns_taken)
@@ -284,6 +291,7 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
         live_left = len(free) < B and not all(flags[b] or flags[B + b] for b in range(B))
         if free and waiting < N and (len(free) >= ADMIT_FRACTION * B or N - waiting <= len(free) or not live_left):
             take = free[: N - waiting]
+            t_join = now
             _admit(cfg, st, sl, take, list(range(waiting, waiting + len(take))), prompts, new_forwards, events)
             waiting += len(take)
             continue                                               # a joiner may pause or end at its first token
@@ -310,7 +318,7 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
     t1 = time.perf_counter()                                    # after the closing sync; counting is bookkeeping
-    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode
+    metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode - join_seconds
     metrics.merge(acceptance_counts(G, history, N, sampled.sum(1)))   # per request: slots mapped by sl.req
     metrics.decode_tokens = metrics.tokens - N                  # each request's first token comes from its prefill
     if turns is not None:

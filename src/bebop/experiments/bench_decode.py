@@ -21,6 +21,11 @@ accepted positions with the target's hiddens), not γ one-token ones; ``c_catchu
 step costs beyond those forwards (plain: beyond c_1), from the measured step times; ``row_utilization`` the live
 rows per batch slot (a static batch runs until its longest row is done, and MTP rows finish at more uneven step
 counts than plain ones).
+
+``continuous`` (``--continuous``): batch size B is B slots of ``engine.continuous`` that every prompt of the run
+passes through, a finished row's slot taking the next prompt (how a rollout engine runs), for plain and MTP alike.
+Its decode phase leaves out every admission's prefill too (``continuous_decode``), so the same limit, at B rows,
+applies.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import torch
 from bebop.core.sampling import SamplingParams
 from bebop.core.speed import speedup_limit
 from bebop.engine.decode import DecodeConfig, DecodeMetrics, forwards, left_pad, median_seconds
+from bebop.engine.dispatch import Turns, decode
 from bebop.errors import BebopError
 from bebop.experimental.adaptive import AUTO, AdaptiveDraft, calibrate, decode_trace, replay
 from bebop.experiments.measure import decode_config, decode_task
 from bebop.experiments.options import DecodeBenchConfig
 from bebop.tasks import get_task, sample_problems
-from bebop.training.multiturn import is_multi_turn
+from bebop.training.multiturn import is_multi_turn, task_env
 
 __all__ = ["DecodeBenchConfig", "bench_decode", "hf_generate_tokens_per_s"]
 
@@ -54,6 +60,7 @@ class _Run:
     tokenizer: object
     head: object
     cfg: DecodeBenchConfig
+    continuous: bool = False
 
     @property
     def params(self) -> SamplingParams:
@@ -72,24 +79,47 @@ class _Run:
         prompts = [self.tokenizer(p.prompt)["input_ids"] for p in problems]
         return [(problems[i : i + bs], prompts[i : i + bs]) for i in range(0, n, bs)]
 
-    def decode(self, head, batch, gamma, rule: str, seed: int) -> DecodeMetrics:
-        """Metrics of one engine call on ``batch`` (plain when ``head`` is None), sampling seeded by ``seed``."""
+    def decode(self, head, batch, gamma, rule: str, seed: int, slots: int | None = None) -> DecodeMetrics:
+        """Metrics of one engine call on ``batch`` (plain when ``head`` is None), sampling seeded by ``seed``; with
+        ``slots``, continuous batching of the whole ``batch`` through that many slots."""
         gen = torch.Generator(device=self.model.device).manual_seed(seed)
         cfg = replace(decode_config(self.tokenizer, self.params, self.cfg.max_new_tokens, gamma, rule, gen),
                       eos_id=self.eos_pad[0])
-        return decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, cfg)[0].metrics
+        if slots is None:
+            return decode_task(self.model, self.tokenizer, head, self.cfg.task, batch, cfg)[0].metrics
+        problems, prompts = batch
+        task = get_task(self.cfg.task)
+        turns = None
+        if is_multi_turn(task):
+            stop = self.tokenizer.convert_tokens_to_ids(task.terminator)
+            turns = Turns(task_env(task, self.tokenizer, problems), stop)
+        return decode(self.model, head, prompts, cfg, turns, slots=slots).metrics
+
+    def queues(self, bs: int, seed: int) -> list[tuple[list, list[list[int]]]]:
+        """What one timed pass decodes: the static batches of ``bs`` rows, or with ``continuous`` one queue of all of
+        them that ``bs`` slots drain."""
+        batches = self.batches(bs, seed)
+        if not self.continuous:
+            return batches
+        return [([p for b in batches for p in b[0]], [q for b in batches for q in b[1]])]
 
 
-def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
+def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig, continuous: bool = False) -> dict:
     """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs.
 
-    Runs with ``cfg.threads`` intra-op threads (restored afterwards): one thread keeps the timing steady on a
-    machine shared with other jobs, where threads of several processes contend for the same cores."""
+    With ``continuous`` (fixed γ only), batch size B means B slots that every prompt passes through
+    (``engine.continuous``: a finished row's slot takes the next prompt), for plain and MTP decoding alike, instead
+    of static batches of B rows; the forward costs are still measured at B rows, and transformers' generate() still
+    runs static batches (it has no other mode). Runs with ``cfg.threads`` intra-op threads (restored afterwards): one
+    thread keeps the timing steady on a machine shared with other jobs, where threads of several processes contend
+    for the same cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    run = _Run(model, tokenizer, head, cfg)
+    run = _Run(model, tokenizer, head, cfg, continuous)
     try:
         if cfg.gamma == AUTO:
+            if continuous:
+                raise BebopError("--continuous measures a fixed gamma; pass --gamma 1..8, not auto")
             if is_multi_turn(get_task(cfg.task)):
                 raise BebopError(f"--gamma auto is not supported for the multi-turn task {cfg.task!r} yet")
             return {str(bs): _bench_adaptive(run, bs) for bs in cfg.batch_sizes}
@@ -107,14 +137,15 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
     and transformers' generate() (and its MTP path at batch 1) for reference."""
     cfg = run.cfg
     batches = run.batches(bs, cfg.seed)
+    slots = bs if run.continuous else None
     rates: dict[str, list[float]] = {k: [] for k in ("plain", "mtp", "plain_decode", "mtp_decode")}
     costs: dict[str, list[float]] = {}
     plain_all, mtp_all = DecodeMetrics(), DecodeMetrics()
     for rep in range(cfg.repeats + 1):  # repeat 0 warms up
         plain, mtp = DecodeMetrics(), DecodeMetrics()
-        for bi, batch in enumerate(batches):
+        for bi, batch in enumerate(run.queues(bs, cfg.seed)):
             for h, m in ((None, plain), (run.head, mtp)):
-                m.merge(run.decode(h, batch, cfg.gamma, cfg.rule, cfg.seed * 1000 + bi))
+                m.merge(run.decode(h, batch, cfg.gamma, cfg.rule, cfg.seed * 1000 + bi, slots))
         if rep > 0:
             for name, m in (("plain", plain), ("mtp", mtp)):
                 rates[name].append(m.tokens_per_s)
@@ -133,6 +164,7 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
         "accept_length": mtp_all.accept_length,
         "accept_length_counts_bonus": True,
         "threads": cfg.threads,
+        "batching": "continuous" if run.continuous else "static",
     }
     res["speedup"] = res["mtp_tokens_per_s"] / res["plain_tokens_per_s"]
     # multi-turn episodes (turns.generate_turns) do not count a decode phase: their fraction uses the total speedup
