@@ -61,7 +61,13 @@ def test_summary_has_five_claims_with_figures_and_verdicts(demo_dir):
     units = sweep["heads"]["ce"]["rejection"]["units"]
     assert len(units) == len(sweep["temperatures"]) and len(units[0]["steps"]) == 8  # one per prompt
     assert "units_rs" in json.loads((demo_dir / "losses.json").read_text())["ce"]
-    assert set(summary["stages"]) >= {"sft", "head_init", "head_ce", "head_e2e_tv", "losses", "sweep", "entropy", "rl"}
+    assert set(summary["stages"]) >= {"sft", "head_init", "head_ce", "head_e2e_tv", "losses", "sweep", "entropy", "rl",
+                                      "rl_heldout"}
+    heldout = json.loads((demo_dir / "rl_heldout.json").read_text())
+    assert list(heldout) == ["to-ce", "rs-ce", "rs-e2e_tv", "rs-online-ce"]   # every method that drafts
+    assert heldout["to-ce"]["tag"] == "to" and heldout["rs-online-ce"]["head"] == "ce"
+    assert len(heldout["rs-ce"]["units"]["steps"]) == 8    # the losses stage's prompts, one unit each
+    assert "rl_drift_heldout" in claims[1]["figures"] and "accept_length_after_rl" in claims[3]["figures"]
 
 
 @pytest.mark.slow
@@ -205,6 +211,58 @@ def test_noisy_claims_are_inconclusive_and_missing_units_give_no_interval():
     assert claims[2]["figures"]["e2e_tv_minus_ce_points"] == pytest.approx(5.0)
 
 
+HELDOUT_SPEC = {"to-ce": ("ce", "target_only", "to"), "rs-ce": ("ce", "rejection", "rs"),
+                "rs-e2e_tv": ("e2e_tv", "rejection", "rs"), "rs-online-ce": ("ce", "rejection", "rs")}
+
+
+def _heldout(losses: dict, drift: dict, noise: float = 0.01, n: int = 24) -> dict:
+    """``rl_heldout.json`` for ``losses`` (built by :func:`_losses`, given CE's TO figures here): per method its
+    counters on the same prompts after RL, with the same per-prompt noise as before (the prompts are the same), at
+    accept length before × (1 + ``drift[m]``)."""
+    seeds = {k: i for i, k in enumerate(losses)}   # the seeds _losses gave each head's units
+    ce_to = 0.85 * losses["ce"]["accept_length_rs"]
+    losses["ce"].update(accept_length_to=ce_to, alpha_to=[0.7] * 3, units_to=_units(ce_to, n=n, noise=noise, seed=99))
+    for v in losses.values():   # the point figures as the engine reports them: from the same counters
+        for tag in ("rs", "to"):
+            if f"units_{tag}" in v:
+                v[f"accept_length_{tag}"] = 1 + sum(v[f"units_{tag}"]["accepted"]) / sum(v[f"units_{tag}"]["steps"])
+    out = {}
+    for m, (head, rule, tag) in HELDOUT_SPEC.items():
+        before = losses[head][f"accept_length_{tag}"]
+        u = _units(before * (1 + drift[m]), alpha=losses[head][f"alpha_{tag}"], n=n, noise=noise,
+                   seed=99 if tag == "to" else seeds[head])
+        out[m] = {"head": head, "rule": rule, "tag": tag, "accept_length": 1 + sum(u["accepted"]) / sum(u["steps"]),
+                  "entropy": 0.3, "units": u, "before": {"accept_length": before, "entropy": 0.3}}
+    return out
+
+
+def test_claims_2_and_4_judge_rl_drift_on_the_heldout_prompts_before_and_after():
+    """With ``rl_heldout.json`` the RL drift of claims 2 and 4 is acceptance on the same held-out prompts after vs
+    before RL, its CI paired by prompt; the per-step drift (new prompts every step) is shown, not judged. Per-step
+    records without drift but a held-out drift shaped like the paper's hold both claims; the reverse fails them."""
+    losses, sweep, _ = _paper_shaped()
+    flat_steps = _rl({"none": 2.0, "to-ce": 1.3, "rs-ce": 1.3, "rs-e2e_tv": 1.2, "rs-online-ce": 1.3},
+                     {"to-ce": 2.8, "rs-ce": 3.0, "rs-e2e_tv": 3.5, "rs-online-ce": 2.9}, {})
+    paper = {"to-ce": -0.05, "rs-ce": -0.04, "rs-e2e_tv": 0.0, "rs-online-ce": -0.08}
+    heldout = _heldout(losses, paper)
+    assert evaluate_claims(losses, sweep, {"heads": {}}, flat_steps)[1]["verdict"] == "not held"
+    claims = evaluate_claims(losses, sweep, {"heads": {}}, flat_steps, heldout=heldout)
+    c2, c4 = claims[1], claims[3]
+    assert (c2["verdict"], c4["verdict"]) == ("held", "held"), (c2["parts"], c4["parts"])
+    f2 = c2["figures"]
+    for m, d in paper.items():
+        if m in f2["rl_drift_heldout"]:
+            lo, hi = f2["rl_drift_heldout_ci"][m]
+            assert lo <= f2["rl_drift_heldout"][m] <= hi and abs(f2["rl_drift_heldout"][m] - d) < 0.01, m
+    assert abs(f2["rl_drift_last5_vs_first5"]["rs-ce"]) < 0.01            # shown, not judged
+    assert "held-out prompts" in c2["rule"] and "held-out prompts" in c4["rule"]
+    assert "held-out" in claim_headline(c2) and "after RL" in claim_headline(c4)
+    assert c4["figures"]["online_ce_minus_frozen_ce"] < 0 < c4["figures"]["e2e_tv_minus_online_ce"]
+    reverse = _heldout(losses, {"to-ce": 0.0, "rs-ce": 0.0, "rs-e2e_tv": -0.06, "rs-online-ce": 0.0})
+    claims = evaluate_claims(losses, sweep, {"heads": {}}, _paper_shaped()[2], heldout=reverse)
+    assert (claims[1]["verdict"], claims[3]["verdict"]) == ("not held", "not held")
+
+
 def test_claim_1_shows_the_per_token_slope_with_its_interval_over_samples():
     """``entropy.json``'s per-sample sums give the per-token slope a CI over policy samples (shown, not judged)."""
     rng = np.random.default_rng(1)
@@ -345,8 +403,10 @@ def test_report_renders_every_section_from_results_alone():
     rl = _rl({"none": 2.0, "rs-e2e_tv": 1.2}, {"rs-e2e_tv": 3.5}, {"rs-e2e_tv": 0.0})
     for r in rl.values():
         r["reward_last5"] = 0.6
-    res = Results(losses, _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)}), {"heads": {}}, rl)
-    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl)
+    heldout = {"rs-e2e_tv": {"head": "e2e_tv", "rule": "rejection", "tag": "rs", "accept_length": 3.3,
+                             "entropy": 0.31, "before": {"accept_length": 3.4, "entropy": 0.3}}}
+    res = Results(losses, _sweep({"ce": (-1.7, -1.7), "e2e_tv": (-0.06, -1.7)}), {"heads": {}}, rl, heldout=heldout)
+    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl, heldout=res.heldout)
     summary = {"claims": claims, "policy": {"dir": "p", "sft_steps": 10, "eval": None},
                "heads": {"ce": {"budget": 10, "kept_step": 9, "curve": [[9, 0.8]]}},
                "stages": {"sft": {"seconds": 1.0, "cached": False}}, "total_seconds": 2.0,
@@ -359,6 +419,7 @@ def test_report_renders_every_section_from_results_alone():
     assert sum(report.count(f"**{v}**") for v in ("held", "not held", "inconclusive")) == 5
     assert "Verdict rules:" in report and "| # | figure | point | CI | test | part verdict |" in report
     assert "accuracy τ=1 –" in report
+    assert "| rs-e2e_tv | e2e_tv, RS | 3.400 → 3.300 | -2.9% [–] | 0.300 → 0.310 |" in report
     assert "the policy's entropy runs from 0.100 (τ = 0.5) to 0.300 (τ = 1.5) nats/token" in report
 
 

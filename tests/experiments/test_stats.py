@@ -145,3 +145,14 @@ def test_claims_built_to_hold_to_fail_and_to_straddle():
     assert judged(0.08, 64, 0.01) == HELD
     assert judged(0.0, 64, 0.01) == NOT_HELD
     assert judged(0.03, 8, 0.05) == INCONCLUSIVE
+
+
+def test_change_of_is_a_paired_relative_change():
+    """The same units measured 10 % higher after: the paired relative change is exactly +10 % on every resample,
+    while unpaired noise between the units would blur it."""
+    rng = np.random.default_rng(3)
+    before = rng.exponential(1.0, 30) + 1.0
+    lo, hi = stats.bootstrap_ci(stats.change_of(stats.mean_of(1.1 * before), stats.mean_of(before)), 30)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    zero = stats.change_of(stats.mean_of(before), stats.mean_of(np.zeros(30)))
+    assert np.isnan(zero(np.arange(30)[None, :])).all()

@@ -20,7 +20,7 @@ import numpy as np
 from bebop.errors import BebopError
 
 __all__ = ["CONFIDENCE", "HELD", "INCONCLUSIVE", "MIN_UNITS", "NOT_HELD", "RESAMPLES", "SEED", "VERDICTS",
-           "bootstrap_ci", "combine", "diff_of", "drift", "drift_ci", "mean_ci", "mean_of", "ols_slope",
+           "bootstrap_ci", "change_of", "combine", "diff_of", "drift", "drift_ci", "mean_ci", "mean_of", "ols_slope",
            "paired_diff_ci", "pooled_slope_of", "ratio_ci", "ratio_of", "slope_ci", "slope_of", "two_sample_ci",
            "verdict"]
 
@@ -62,6 +62,17 @@ def ratio_of(num: Sequence[float], den: Sequence[float], offset: float = 0.0) ->
 def diff_of(a: Stat, b: Stat) -> Stat:
     """``a − b`` on the same resamples (paired: both measured on the same units)."""
     return lambda idx: a(idx) - b(idx)
+
+
+def change_of(after: Stat, before: Stat) -> Stat:
+    """``after / before − 1`` on the same resamples (a paired relative change: both measured on the same units);
+    NaN where ``before`` is 0."""
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        b = before(idx)
+        return after(idx) / np.where(b == 0, np.nan, b) - 1.0
+
+    return stat
 
 
 def ols_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -4,8 +4,9 @@ decided by the intervals (:mod:`bebop.experiments.stats`). Pure functions over J
 torch), so every rule is tested on hand-made numbers.
 
 Units of the intervals: acceptance figures resample the held-out prompts (one unit of counters per prompt,
-``units`` in ``losses.json`` and ``sweep.json``: the same prompts for every head, τ and rule, so differences and
-slopes are resampled jointly); RL figures resample RL steps (the records hold one value per step). A figure
+``units`` in ``losses.json``, ``sweep.json`` and ``rl_heldout.json``: the same prompts for every head, τ and rule,
+and before and after RL, so differences, slopes and drifts are resampled jointly); per-step RL figures resample RL
+steps (the records hold one value per step). A figure
 that could not be measured (a method that did not run, a fit with too few points, outputs without units) has no
 CI, and its part is ``inconclusive``."""
 
@@ -22,7 +23,8 @@ from bebop.experiments.names import RULE_NAMES
 from bebop.experiments.series import step_series
 
 __all__ = ["CLAIMS", "VERDICT_RULE", "accept_length_stat", "claim_headline", "dig", "evaluate_claims", "fmt", "fmt_ci",
-           "gpu_projection", "mean_alpha_stat", "median_times", "n_units", "rl_runs", "sweep_slope", "unit_ci"]
+           "gpu_projection", "heldout_drift", "mean_alpha_stat", "median_times", "n_units", "rl_runs", "sweep_slope",
+           "unit_ci"]
 
 CLAIMS = {
     1: "Acceptance falls linearly with policy entropy under TO and under RS with CE heads (slope ≈ −1.68 accept "
@@ -36,8 +38,8 @@ CLAIMS = {
 # thresholds of the verdict rules (stated in the report)
 SLOPE_FALLS = -0.5        # claim 1: "falls with entropy" = slope ≤ −0.5 accept length / nat
 FLAT_RATIO = 0.25         # claim 1: e2e-TV RS "flat" = |slope| ≤ 0.25 × |CE-RS slope|
-DRIFT = 0.02              # claims 2, 4: "degrades" = last-5 vs first-5 accept length ≤ −2 %; "flat" = |drift| < 2 %
-DRIFT_STEPS = 5           # claims 2, 4: the first and last steps compared
+DRIFT = 0.02              # claims 2, 4: "degrades" = accept length after RL vs before ≤ −2 %; "flat" = |drift| < 2 %
+DRIFT_STEPS = 5           # per-step drift (shown; judged only without a held-out measurement): first and last steps
 LOSS_POINTS = 0.03        # claim 3: e2e TV − CE ≥ +3 points of mean RS α over the γ draft steps
 STEP_SPEEDUP = 1.5        # claim 5: median RL step time of none / rs-e2e_tv ≥ 1.5
 # interval settings (candidates for DemoConfig fields)
@@ -47,7 +49,8 @@ RESAMPLES = stats.RESAMPLES
 VERDICT_RULE = (
     f"Every compared number carries a {CONFIDENCE:.0%} percentile-bootstrap CI ({RESAMPLES} resamples, fixed seed) "
     "over its units: the held-out prompts for acceptance (the same prompts for every head, τ and "
-    "rule, resampled jointly, so differences and slopes keep the pairing), RL steps for drift and step times. "
+    "rule, and before and after RL, resampled jointly, so differences, slopes and drifts keep the pairing), RL steps "
+    "for step times (and for per-step drift when no held-out measurement exists). "
     "A part \"X op threshold\" is held when the whole CI satisfies it, not held when the whole CI violates it, "
     f"inconclusive otherwise (or when X has no CI: fewer than {stats.MIN_UNITS} units, or not measured). A claim is "
     "held iff all its parts are held, not held iff any "
@@ -173,21 +176,53 @@ def _accept_steps(rl: Mapping, m: str) -> list[float]:
 
 
 def _drift(rl: Mapping, m: str) -> tuple[float | None, list[float] | None]:
-    """A method's accept-length drift over RL (last vs first :data:`DRIFT_STEPS` steps) and its CI over steps."""
+    """A method's accept-length drift over RL (last vs first :data:`DRIFT_STEPS` steps) and its CI over steps. The
+    rollout prompts change from step to step, so this drift mixes the policy's change with the prompts' luck."""
     return dig(rl, m, "drift_last5_vs_first5"), stats.drift_ci(_accept_steps(rl, m), DRIFT_STEPS, **_ci_kw())
+
+
+def _heldout_units(losses: Mapping, heldout: Mapping, m: str) -> tuple[Mapping | None, Mapping | None]:
+    """A method's per-prompt counters on the held-out prompts before RL (its head on the SFT policy, from
+    ``losses.json``) and after (its final head on its final policy, from ``rl_heldout.json``)."""
+    h = heldout.get(m) or {}
+    return dig(losses, h.get("head"), f"units_{h.get('tag')}"), h.get("units")
+
+
+def heldout_drift(losses: Mapping, heldout: Mapping, m: str) -> tuple[float | None, list[float] | None]:
+    """A method's accept-length drift over RL on the same held-out prompts: after ÷ before − 1, with its CI over
+    those prompts (paired: each resample redraws the same prompts before and after)."""
+    h = heldout.get(m) or {}
+    before = dig(losses, h.get("head"), f"accept_length_{h.get('tag')}")
+    value = None if before is None or h.get("accept_length") is None else h["accept_length"] / before - 1.0
+    ub, ua = _heldout_units(losses, heldout, m)
+    n = n_units(ub, ua) if ub and ua else None
+    return value, unit_ci(stats.change_of(accept_length_stat(ua), accept_length_stat(ub)), n) if n else None
+
+
+def _heldout_diff(heldout: Mapping, a: str, b: str) -> tuple[float | None, list[float] | None]:
+    """Accept length after RL of method ``a`` − that of ``b`` on the same held-out prompts, with its paired CI."""
+    ha, hb = heldout.get(a) or {}, heldout.get(b) or {}
+    if ha.get("accept_length") is None or hb.get("accept_length") is None:
+        return None, None
+    n = n_units(ha.get("units"), hb.get("units"))
+    ci = unit_ci(stats.diff_of(accept_length_stat(ha["units"]), accept_length_stat(hb["units"])), n) if n else None
+    return ha["accept_length"] - hb["accept_length"], ci
 
 
 # ------------------------------------------------------------------------------------------------ the claims
 
 
 def evaluate_claims(losses: Mapping, sweep: Mapping, ent: Mapping, rl: Mapping,
-                    gpu_costs: Mapping | None = None) -> list[dict]:
+                    gpu_costs: Mapping | None = None, heldout: Mapping | None = None) -> list[dict]:
     """One record per claim of DESIGN §6: ``{"id", "claim", "figures", "parts", "rule", "verdict", "held"}`` from
     the losses, sweep, entropy and RL stage outputs; ``parts`` are the tested figures with their CIs and verdicts,
     ``verdict`` combines them (:func:`stats.combine`) and ``held`` is ``verdict == "held"``. ``gpu_costs``: a
-    ``benchmarks/gpu_costs.py`` JSON, whose projected GPU step speedup claim 5 then shows (not judged)."""
-    rules = (_claim_1(sweep, ent, rl), _claim_2(sweep, rl), _claim_3(losses), _claim_4(rl),
-             _claim_5(rl, gpu_costs))
+    ``benchmarks/gpu_costs.py`` JSON, whose projected GPU step speedup claim 5 then shows (not judged).
+    ``heldout``: ``rl_heldout.json`` (per RL method, its final head on its final policy measured on the held-out
+    prompts of ``losses``); claims 2 and 4 then judge acceptance before vs after RL on those same prompts, and show
+    the per-step drift, whose rollout prompts change from step to step, without judging it."""
+    rules = (_claim_1(sweep, ent, rl), _claim_2(sweep, rl, losses, heldout), _claim_3(losses),
+             _claim_4(rl, losses, heldout), _claim_5(rl, gpu_costs))
     out = []
     for cid, (figures, rule, parts) in enumerate(rules, start=1):
         v = stats.combine(p["verdict"] for p in parts)
@@ -231,8 +266,9 @@ def _claim_1(sweep: Mapping, ent: Mapping, rl: Mapping) -> tuple[dict, str, list
     return figures, rule, parts
 
 
-def _claim_2(sweep: Mapping, rl: Mapping) -> tuple[dict, str, list]:
-    """RS vs TO at the highest τ, and accept-length drift over RL."""
+def _claim_2(sweep: Mapping, rl: Mapping, losses: Mapping, heldout: Mapping | None) -> tuple[dict, str, list]:
+    """RS vs TO at the highest τ, and accept-length drift over RL: on the held-out prompts before vs after RL when
+    they were measured, else over the RL steps."""
     sh = sweep["heads"]
     hi = max(range(len(sweep["temperatures"])), key=lambda i: sweep["temperatures"][i])
     at_hi = {h: {"RS": dig(sh, h, "rejection", "accept_length")[hi],
@@ -243,23 +279,36 @@ def _claim_2(sweep: Mapping, rl: Mapping) -> tuple[dict, str, list]:
         rs, to = (_sweep_units(sweep, h, rule) for rule in ("rejection", "target_only"))
         n = n_units(rs[hi], to[hi]) if rs and to else None
         gap_ci[h] = unit_ci(stats.diff_of(accept_length_stat(rs[hi]), accept_length_stat(to[hi])), n) if n else None
+    methods = ("to-ce", "rs-ce", "rs-e2e_tv")
     drift, drift_ci = {}, {}
-    for m in ("to-ce", "rs-ce", "rs-e2e_tv"):
+    for m in methods:
         drift[m], drift_ci[m] = _drift(rl, m)
     figures = {"tau_max": sweep["temperatures"][hi], "accept_length_at_tau_max": at_hi,
                "rs_minus_to_at_tau_max": gap, "rs_minus_to_at_tau_max_ci": gap_ci,
                "rl_drift_last5_vs_first5": drift, "rl_drift_last5_vs_first5_ci": drift_ci,
                "entropy_first5_last5": {m: [rl[m].get("entropy_first5"), rl[m].get("entropy_last5")]
                                         for m in drift if m in rl}}
+    judged, judged_ci, where = drift, drift_ci, f"mean of the last {DRIFT_STEPS} RL steps vs the first {DRIFT_STEPS}"
+    if heldout:
+        judged, judged_ci = {}, {}
+        for m in methods:
+            judged[m], judged_ci[m] = heldout_drift(losses, heldout, m)
+        figures.update(rl_drift_heldout=judged, rl_drift_heldout_ci=judged_ci, heldout=_heldout_figures(heldout))
+        where = "accept length on the held-out prompts after RL vs before"
     parts = [*(_part(f"RS − TO accept length at τ={sweep['temperatures'][hi]:g}, {h}", gap[h], gap_ci[h], ">", 0.0)
                for h in at_hi),
-             _part("RL drift to-ce", drift["to-ce"], drift_ci["to-ce"], "<=", -DRIFT),
-             _part("RL drift rs-ce", drift["rs-ce"], drift_ci["rs-ce"], "<=", -DRIFT),
-             _part("RL drift rs-e2e_tv", drift["rs-e2e_tv"], drift_ci["rs-e2e_tv"], "abs<", DRIFT)]
-    rule = (f"RS accept length > TO at the highest τ for both heads, and over RL (mean of the last {DRIFT_STEPS} "
-            f"steps vs the first {DRIFT_STEPS}) to-ce and rs-ce drift ≤ −{DRIFT:.0%} while |drift of rs-e2e_tv| < "
-            f"{DRIFT:.0%} (each on its CI)")
+             _part("RL drift to-ce", judged["to-ce"], judged_ci["to-ce"], "<=", -DRIFT),
+             _part("RL drift rs-ce", judged["rs-ce"], judged_ci["rs-ce"], "<=", -DRIFT),
+             _part("RL drift rs-e2e_tv", judged["rs-e2e_tv"], judged_ci["rs-e2e_tv"], "abs<", DRIFT)]
+    rule = (f"RS accept length > TO at the highest τ for both heads, and over RL ({where}) to-ce and rs-ce drift "
+            f"≤ −{DRIFT:.0%} while |drift of rs-e2e_tv| < {DRIFT:.0%} (each on its CI)")
     return figures, rule, parts
+
+
+def _heldout_figures(heldout: Mapping) -> dict:
+    """Per method, what ``rl_heldout.json`` says besides its units: head, rule, and accept length and policy
+    entropy before and after RL."""
+    return {m: {k: v for k, v in h.items() if k != "units"} for m, h in heldout.items()}
 
 
 def _claim_3(losses: Mapping) -> tuple[dict, str, list]:
@@ -300,8 +349,11 @@ def _last_diff(rl: Mapping, a: str, b: str) -> list[float] | None:
     return stats.two_sample_ci(va, vb, _mean_diff, **_ci_kw())
 
 
-def _claim_4(rl: Mapping) -> tuple[dict, str, list]:
-    """A frozen e2e-TV head against online CE updates over RL."""
+def _claim_4(rl: Mapping, losses: Mapping, heldout: Mapping | None) -> tuple[dict, str, list]:
+    """A frozen e2e-TV head against online CE updates over RL: on the held-out prompts after RL when they were
+    measured, else over the last RL steps."""
+    if heldout:
+        return _claim_4_heldout(losses, heldout)
     last5 = {m: rl.get(m, {}).get("accept_length_last5") for m in ("rs-e2e_tv", "rs-ce", "rs-online-ce")}
     drift, drift_ci = _drift(rl, "rs-e2e_tv")
 
@@ -324,6 +376,27 @@ def _claim_4(rl: Mapping) -> tuple[dict, str, list]:
     rule = (f"over RL: accept length (mean of the last {DRIFT_STEPS} steps) of frozen rs-e2e_tv ≥ rs-online-ce, "
             f"rs-online-ce < frozen rs-ce (online CE updates drag it down), and rs-e2e_tv drift > −{DRIFT:.0%} (each "
             "on its CI; the runs' steps resampled independently)")
+    return figures, rule, parts
+
+
+def _claim_4_heldout(losses: Mapping, heldout: Mapping) -> tuple[dict, str, list]:
+    """Claim 4 on the held-out prompts: each method's final head on its final policy, compared prompt by prompt."""
+    after = {m: dig(heldout, m, "accept_length") for m in ("rs-e2e_tv", "rs-ce", "rs-online-ce")}
+    tv_vs_online, tv_vs_online_ci = _heldout_diff(heldout, "rs-e2e_tv", "rs-online-ce")
+    online_vs_frozen, online_vs_frozen_ci = _heldout_diff(heldout, "rs-online-ce", "rs-ce")
+    drift, drift_ci = heldout_drift(losses, heldout, "rs-e2e_tv")
+    figures = {"accept_length_after_rl": after,
+               "accept_length_after_rl_ci": {m: unit_ci(accept_length_stat(u), n_units(u)) if u else None
+                                             for m in after for u in [dig(heldout, m, "units")]},
+               "e2e_tv_minus_online_ce": tv_vs_online, "e2e_tv_minus_online_ce_ci": tv_vs_online_ci,
+               "online_ce_minus_frozen_ce": online_vs_frozen, "online_ce_minus_frozen_ce_ci": online_vs_frozen_ci,
+               "drift_rs_e2e_tv": drift, "drift_rs_e2e_tv_ci": drift_ci, "measured_on": "held-out prompts"}
+    parts = [_part("accept length after RL rs-e2e_tv − rs-online-ce", tv_vs_online, tv_vs_online_ci, ">=", 0.0),
+             _part("accept length after RL rs-online-ce − rs-ce", online_vs_frozen, online_vs_frozen_ci, "<", 0.0),
+             _part("RL drift rs-e2e_tv", drift, drift_ci, ">", -DRIFT)]
+    rule = ("on the held-out prompts after RL (each method's final head on its final policy): accept length of "
+            "frozen rs-e2e_tv ≥ rs-online-ce, rs-online-ce < frozen rs-ce (online CE updates drag it down), and "
+            f"rs-e2e_tv after vs before RL > −{DRIFT:.0%} (each on its CI, paired by prompt)")
     return figures, rule, parts
 
 
@@ -433,18 +506,25 @@ def claim_headline(c: Mapping) -> str:
                             for k in ("ce TO", "ce RS", "e2e_tv RS")))
     if c["id"] == 2:
         gap, gci = f["rs_minus_to_at_tau_max"], f.get("rs_minus_to_at_tau_max_ci") or {}
-        d, dci = f["rl_drift_last5_vs_first5"], f.get("rl_drift_last5_vs_first5_ci") or {}
+        held = "rl_drift_heldout" in f
+        d = f["rl_drift_heldout" if held else "rl_drift_last5_vs_first5"]
+        dci = f.get("rl_drift_heldout_ci" if held else "rl_drift_last5_vs_first5_ci") or {}
         return (f"RS − TO at τ={f['tau_max']:g}: " + ", ".join(f"{h} {_with_ci(v, gci.get(h), '+.2f')}"
                                                                for h, v in gap.items())
-                + "; RL drift " + ", ".join(f"{m} {_with_ci(v, dci.get(m), '+.1%')}" for m, v in d.items()))
+                + f"; RL drift ({'held-out prompts, after vs before' if held else 'last vs first RL steps'}) "
+                + ", ".join(f"{m} {_with_ci(v, dci.get(m), '+.1%')}" for m, v in d.items()))
     if c["id"] == 3:
         m, ci = f["mean_alpha_rs"], f.get("mean_alpha_rs_ci") or {}
         return ", ".join(f"{k} {_with_ci(v, ci.get(k), '.3f')}" for k, v in m.items()) + \
             f" (e2e_tv − ce = {_with_ci(f['e2e_tv_minus_ce_points'], f.get('e2e_tv_minus_ce_points_ci'), '+.1f')} " \
             "points)"
     if c["id"] == 4:
-        a, ci = f["accept_length_last5"], f.get("accept_length_last5_ci") or {}
-        return "accept length last 5 steps: " + ", ".join(f"{k} {_with_ci(v, ci.get(k), '.2f')}" for k, v in a.items())
+        held = "accept_length_after_rl" in f
+        a = f["accept_length_after_rl" if held else "accept_length_last5"]
+        ci = f.get("accept_length_after_rl_ci" if held else "accept_length_last5_ci") or {}
+        return (("accept length on the held-out prompts after RL: " if held else "accept length last 5 steps: ")
+                + ", ".join(f"{k} {_with_ci(v, ci.get(k), '.2f')}" for k, v in a.items())
+                + f"; rs-e2e_tv drift {_with_ci(f.get('drift_rs_e2e_tv'), f.get('drift_rs_e2e_tv_ci'), '+.1%')}")
     s, ci = f["median_speedup"].get("rs-e2e_tv", {}), f.get("median_speedup_ci", {}).get("rs-e2e_tv", {})
     line = (f"rs-e2e_tv vs none (medians): step {_with_ci(s.get('step'), ci.get('step'), '.2f')}×, rollout "
             f"{_with_ci(s.get('rollout'), ci.get('rollout'), '.2f')}×; plain-run rollout share r "

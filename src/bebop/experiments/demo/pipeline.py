@@ -22,10 +22,11 @@ from bebop.io import atomic_write_json, atomic_write_text
 __all__ = ["run_demo"]
 
 OUTPUTS = (".stages", "policy", "policy.sft.jsonl", "heads", "losses.json", "sweep.json", "entropy.json", "rl",
-           "ablations", "plots", "report.md", "summary.json")
+           "rl_heldout.json", "ablations", "plots", "report.md", "summary.json")
 MEASURE_BATCH = 32        # prompts per engine call when measuring heads (losses, sweep); the units are prompts
 LOSS_SEED_OFFSET = 99_991  # the per-loss measurement draws prompts unseen in head training
 RULES = {"rejection": "rs", "target_only": "to"}
+HEAD_OF = {"mtp": "e2e_tv", "mtp_ce": "ce"}  # an RL method's head (``bench_rl.METHODS``) → the demo head it starts as
 
 
 def _jsonable(x):
@@ -104,6 +105,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     _heads_stage(demo)
     _measure_stages(demo)
     _rl_stage(demo)
+    _rl_heldout_stage(demo)
     ablations = _ablation_stages(demo) if cfg.ablation_list() else None
     return _report_stage(demo, t_start, ablations)
 
@@ -237,6 +239,48 @@ def _rl_stage(demo: _Demo) -> None:
                     asdict(rl_cfg), ["sft", "head_ce", "head_e2e_tv"], lambda: bench_rl(rl_cfg, console=demo.console))
 
 
+def _rl_heldout_stage(demo: _Demo) -> None:
+    """6b. Every drafting RL method's final head on its final policy, measured under its rule on the held-out
+    prompts of ``losses.json``, into ``rl_heldout.json``: acceptance before and after RL on the same prompts, which
+    the RL steps' own rollouts (new prompts each step) cannot give."""
+    from bebop.experiments.bench_rl import METHODS
+
+    cfg = demo.cfg
+    methods = [m for m in cfg.method_list() if METHODS[m][2] is not None]
+    path = demo.out / "rl_heldout.json"
+    demo.stages.run("rl_heldout", f"6/7 RL: acceptance on the held-out prompts after RL ({cfg.loss_prompts} "
+                    "prompts)", path, {**_losses_key(cfg), "methods": methods}, ["rl", "losses"],
+                    lambda: atomic_write_json(path, _measure_after_rl(demo, methods)))
+
+
+def _measure_after_rl(demo: _Demo, methods: Sequence[str]) -> dict:
+    """``{method: {head, rule, tag, accept_length, alpha, entropy, units, before}}``: the method's final policy and
+    head from ``rl/<method>`` measured as :func:`_measure_heads` measures the heads before RL (``before``: those
+    figures from ``losses.json``)."""
+    from bebop.experiments.bench_rl import METHODS
+    from bebop.experiments.measure import Probe, measure_acceptance
+    from bebop.models.checkpoint import load_head
+    from bebop.models.policy import load_policy
+
+    cfg, losses = demo.cfg, _read_json(demo.out / "losses.json")
+    res = {}
+    for m in methods:
+        _, rule, head_attr = METHODS[m]
+        head, tag, run = HEAD_OF[head_attr], RULES[rule], demo.out / "rl" / m
+        model, tokenizer = load_policy(run / "policy", cfg.device, cfg.dtype)
+        r = measure_acceptance(model, tokenizer, load_head(run / "mtp", model).eval(),
+                               Probe(cfg.task, rule, cfg.temperature, cfg.gamma, cfg.loss_prompts, MEASURE_BATCH,
+                                     cfg.max_new_tokens, cfg.seed + LOSS_SEED_OFFSET))
+        before = losses.get(head, {})
+        res[m] = {"head": head, "rule": rule, "tag": tag, "accept_length": r["accept_length"], "alpha": r["alpha"],
+                  "entropy": r["entropy"], "units": r["units"],
+                  "before": {"accept_length": before.get(f"accept_length_{tag}"), "alpha": before.get(f"alpha_{tag}"),
+                             "entropy": before.get("entropy")}}
+        demo.console.print(f"{m}: accept length on the held-out prompts {res[m]['before']['accept_length']:.3f} "
+                           f"before RL → {r['accept_length']:.3f} after")
+    return res
+
+
 def _ablation_stages(demo: _Demo) -> dict:
     """The ablation variants (:mod:`.ablations`, after the main stages), each as cached stages: its warm start
     (unless it fine-tunes from the main one), its CE and e2e-TV heads, then RS acceptance on the main run's
@@ -310,10 +354,11 @@ def _report_stage(demo: _Demo, t_start: float, ablations: Mapping | None) -> dic
              for k, d in demo.head_dirs.items()}
     res = Results(losses=_read_json(out / "losses.json"), sweep=_read_json(out / "sweep.json"),
                   ent=_read_json(out / "entropy.json"), rl=_read_json(out / "rl" / "bench_rl.json")["results"],
-                  heads=heads)
+                  heads=heads, heldout=_read_json(out / "rl_heldout.json"))
     plots = write_plots(out / "plots", res, demo.cfg)
     costs = demo.cfg.gpu_costs  # a benchmarks/gpu_costs.py JSON: claim 5 shows its projection
-    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl, _read_json(Path(costs)) if costs else None)
+    claims = evaluate_claims(res.losses, res.sweep, res.ent, res.rl, _read_json(Path(costs)) if costs else None,
+                             res.heldout or None)
     sft_summary = _read_json(demo.policy / "sft_summary.json")
     summary = {
         "claims": claims,
