@@ -38,7 +38,7 @@ from bebop.core.acceptance import alpha_rs, alpha_to
 from bebop.engine.decode import DecodeConfig, Rollout, _policy, prefill
 from bebop.engine.forwards import check_context, forwards
 from bebop.engine.metrics import DecodeMetrics, acceptance_counts
-from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE, compact, longest_row, wasteful
+from bebop.engine.slots import COMPACT_MIN, COMPACT_WASTE, compact, wasteful
 from bebop.engine.step import SpecConfig, SpecState, StepPlan, spec_step
 from bebop.engine.turns import TurnRollout, Turns, prefill_replies, reply_tokens
 from bebop.errors import BebopError
@@ -57,7 +57,7 @@ class _Slots:
     references to them."""
 
     def __init__(self, B: int, device, eos_id: int | None, max_new_tokens: int, stop_id: int | None = None,
-                 turn_cap: int | None = None) -> None:
+                 turn_cap: int | None = None, pad_id: int | None = None) -> None:
         self.req = torch.arange(B, device=device)
         self.n = torch.zeros(B, dtype=torch.long, device=device)
         self.room = torch.zeros(B, dtype=torch.long, device=device)
@@ -65,32 +65,45 @@ class _Slots:
         self.paused = torch.zeros(B, dtype=torch.bool, device=device)
         self.eos_id, self.max_new_tokens, self.stop_id = eos_id, max_new_tokens, stop_id
         self.turn_cap = max_new_tokens if turn_cap is None else turn_cap
+        self.terms = tuple(dict.fromkeys(t for t in (eos_id, stop_id) if t is not None))
+        self.pad_ends = pad_id in self.terms       # padding after a block's emitted tokens would read as an end
 
-    def ends(self, toks: Tensor) -> Tensor:
-        """Tokens that end a row's block: EOS, and the environment's terminator in multi-turn."""
-        hit = torch.zeros_like(toks, dtype=torch.bool)
-        for t in (self.eos_id, self.stop_id):
-            if t is not None:
-                hit |= toks == t
+    def ends(self, toks: Tensor) -> Tensor | None:
+        """Tokens that end a row's block: EOS, and the environment's terminator in multi-turn (None: no such
+        token)."""
+        hit = None
+        for t in self.terms:
+            hit = toks == t if hit is None else hit | (toks == t)
         return hit
 
     def cut(self, a: Tensor, toks: Tensor) -> Tensor:
         """The last kept index of each row's block: after its first EOS (or terminator) among the emitted, and at its
-        room (``spec_step`` treats the cut as a rejection there)."""
-        G = toks.shape[1] - 1
-        j = torch.arange(G + 1, device=toks.device)
-        hit = self.ends(toks) & (j <= a.unsqueeze(1))
-        first = torch.where(hit.any(1), hit.long().argmax(1), G + 1)
-        return torch.minimum(torch.minimum(a, first), self.room - 1).clamp_min(0)
+        room (``spec_step`` treats the cut as a rejection there). A block index ≥ room − 1 counts as an end too;
+        the cut is the first end's index (the count of indices before it), at most a."""
+        j = torch.arange(toks.shape[1], device=toks.device)
+        stop = j >= (self.room - 1).unsqueeze(1)
+        hit = self.ends(toks)
+        if hit is not None:
+            if self.pad_ends:                       # only the emitted tokens (index ≤ a) may end the block
+                hit = hit & (j <= a.unsqueeze(1))
+            stop = stop | hit
+        return torch.minimum(a, (stop.cumsum(1) == 0).sum(1))
 
     def advance(self, rows: Tensor, count: Tensor, last: Tensor) -> None:
         """Book ``count`` tokens ending with ``last`` for the rows marked in ``rows``; a row whose token is the
         terminator pauses, one that hit EOS or its room finishes."""
-        self.n = self.n + count * rows
-        self.room = self.room - count * rows
-        is_stop = last == self.stop_id if self.stop_id is not None and self.stop_id != self.eos_id else \
-            torch.zeros_like(rows)
-        end = rows & (is_stop | (self.room <= 0) | self.ends(last))
+        booked = count * rows
+        self.room = self.room - booked
+        end = self.room <= 0
+        hit = self.ends(last)
+        if hit is not None:
+            end = end | hit
+        if self.stop_id is None:                     # single-turn: nothing pauses, the transcript length is unused
+            self.done = self.done | (rows & end)
+            return
+        self.n = self.n + booked
+        is_stop = last == self.stop_id if self.stop_id != self.eos_id else torch.zeros_like(rows)
+        end = rows & end
         self.paused = self.paused | (end & is_stop)
         self.done = self.done | (end & ~is_stop)
 
@@ -228,6 +241,20 @@ def _by_request(events: list, n_requests: int, width: int | None, pad_id: int) -
     return out, logp, ent, counts, sampled
 
 
+def _slot_counts(lives: list, B: int) -> tuple[int, int, int, int]:
+    """(batch slots, live rows, cache columns live rows attended to, their own valid slots), summed over the steps
+    (``lives``: per step the live rows [B], the used columns and each row's valid slots after the step [B]); one
+    host read."""
+    if not lives:
+        return 0, 0, 0, 0
+    live = torch.stack([x[0] for x in lives]).long()               # [S, B]
+    length = torch.tensor([x[1] for x in lives], device=live.device)
+    kept = torch.stack([x[2] for x in lives])
+    n_live = live.sum(1)
+    out = torch.stack([n_live.sum(), (n_live * length).sum(), (live * kept).sum()]).tolist()
+    return B * len(lives), out[0], out[1], out[2]
+
+
 @torch.inference_mode()
 def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc: DecodeConfig, slots: int,
                       turns: Turns | None = None) -> Rollout:
@@ -258,7 +285,7 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     fw = new_forwards(B, P + 2 * (min(dc.max_new_tokens, 512) + G + 1))
     cfg = SpecConfig(fw, dc.params, rule, dc.pad_id, dc.generator, metrics)
     sl = _Slots(B, device, dc.eos_id, dc.max_new_tokens, turns.stop_id if turns else None,
-                turns.turn_tokens if turns else None)
+                turns.turn_tokens if turns else None, dc.pad_id)
     events: list = []
     pre = prefill(cfg, prompts[:B], P + G + 1, device)
     metrics.prefills += 1
@@ -273,22 +300,28 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
     planner = dc.gamma.start(B, rule, auto_rule, device, dc.eos_id) if policy else None
     plan = StepPlan(G, G, planner=planner)
     history: list = []
-    acc = torch.zeros(4, dtype=torch.long, device=device)        # slot, live, cache and kept slot counters
+    lives: list = []                                             # per step: live rows, used columns, then row counts
+    counted = 0
     step = None
     t_decode, t_join, join_seconds = None, None, 0.0
     while True:
-        flags = torch.cat([sl.done.long(), sl.paused.long(), longest_row(st, ~sl.done).unsqueeze(0)]).tolist()  # sync
+        counts = st.valid.narrow(1, 0, st.length).sum(1)          # each row's valid slots
+        held = counts.masked_fill(sl.done, -1)                    # -1: a free slot
+        flags = (held if turns is None else torch.cat([held, sl.paused.long()])).tolist()   # the step's one sync
         now = time.perf_counter()
         t_decode = now if t_decode is None else t_decode
         if t_join is not None:                                     # the admission just synced: a prefill phase
             join_seconds, t_join = join_seconds + now - t_join, None
-        free, longest, any_paused = [b for b in range(B) if flags[b]], flags[2 * B], any(flags[B: 2 * B])
+        if len(lives) > counted:                                   # the slots each row holds after that step
+            lives[-1], counted = (*lives[-1], counts), len(lives)
+        free, longest = [b for b in range(B) if flags[b] < 0], max(flags[:B])
+        any_paused = turns is not None and any(flags[B:])
         if any_paused:
             _environment(cfg, st, sl, turns, events, seen, turns_taken)
             continue
         if wasteful(st.length, longest):
             _compact(fw, st, sl, longest)
-        live_left = len(free) < B and not all(flags[b] or flags[B + b] for b in range(B))
+        live_left = len(free) < B and not (turns is not None and all(flags[b] < 0 or flags[B + b] for b in range(B)))
         if free and waiting < N and (len(free) >= ADMIT_FRACTION * B or N - waiting <= len(free) or not live_left):
             take = free[: N - waiting]
             t_join = now
@@ -297,26 +330,25 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
             continue                                               # a joiner may pause or end at its first token
         if len(free) == B:
             break
-        live = ~(sl.done | sl.paused)
+        dead = sl.done if turns is None else sl.done | sl.paused
+        live = ~dead
         if planner is not None:
             plan.q1 = cfg.probs(st.g)
             alphas = None
             if step is not None and auto_rule and planner.learning:
                 alphas = torch.cat([alpha_rs(step.p[:, : step.gamma], torch.stack(step.raw, 1)),
                                     alpha_to(step.p[:, : step.gamma], torch.stack(step.raw, 1))], dim=1)
-            _, plan.gamma, plan.to_rows = planner.step(~live, plan.q1, *(() if step is None else
-                                                                         (step.accepted, step.ratio, alphas)))
+            _, plan.gamma, plan.to_rows = planner.step(dead, plan.q1, *(() if step is None else
+                                                                        (step.accepted, step.ratio, alphas)))
         step = spec_step(cfg, st, plan, sl.cut if G else None, live)
         events.append((sl.req, step.toks, step.p_tok, step.ent, step.kept, None))
         if G:
             to = None if plan.to_rows is None else plan.to_rows * step.gamma
-            history.append((step.accepted, ~live, step.expected_alpha, step.gamma, to, sl.req))
-        n_live = live.sum()
-        kept_now = (st.valid.narrow(1, 0, st.length) & live.unsqueeze(1)).sum()
-        acc += torch.stack([torch.full_like(n_live, B), n_live, n_live * st.length, kept_now])
-        sl.advance(live, step.cut + 1, step.toks[st.rows, step.cut])
+            history.append((step.accepted, dead, step.expected_alpha, step.gamma, to, sl.req))
+        lives.append((live, st.length))
+        sl.advance(live, step.cut + 1, st.x)                      # st.x: the token at each live row's cut
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
-    metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = acc.tolist()
+    metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = _slot_counts(lives, B)
     t1 = time.perf_counter()                                    # after the closing sync; counting is bookkeeping
     metrics.seconds, metrics.decode_seconds = t1 - t0, t1 - t_decode - join_seconds
     metrics.merge(acceptance_counts(G, history, N, sampled.sum(1)))   # per request: slots mapped by sl.req
