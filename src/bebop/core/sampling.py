@@ -170,9 +170,10 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 def exp_noise(shape: tuple[int, ...], device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
     """i.i.d. Exp(1) noise for :func:`race`, clamped away from 0 (so ``0 / E = 0``); drawn in one call for
-    several races at once by callers that sample many positions per step."""
-    e = torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
-    return e.clamp_min_(_TINY)
+    several races at once by callers that sample many positions per step. ``E = −log(1 − U)`` with U ~ U[0, 1)
+    (finite: 1 − U > 0): on a CPU four passes over uniforms take a third of the time of ``exponential_``."""
+    u = torch.rand(shape, dtype=torch.float32, device=device, generator=generator)
+    return u.neg_().log1p_().neg_().clamp_min_(_TINY)
 
 
 class NoiseBank:

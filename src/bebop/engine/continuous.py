@@ -67,6 +67,13 @@ class _Slots:
         self.turn_cap = max_new_tokens if turn_cap is None else turn_cap
         self.terms = tuple(dict.fromkeys(t for t in (eos_id, stop_id) if t is not None))
         self.pad_ends = pad_id in self.terms       # padding after a block's emitted tokens would read as an end
+        self._offsets: Tensor | None = None
+
+    def offsets(self, n: int) -> Tensor:
+        """``arange(n)`` on the slots' device, made once per call."""
+        if self._offsets is None or self._offsets.shape[0] != n:
+            self._offsets = torch.arange(n, device=self.req.device)
+        return self._offsets
 
     def ends(self, toks: Tensor) -> Tensor | None:
         """Tokens that end a row's block: EOS, and the environment's terminator in multi-turn (None: no such
@@ -80,7 +87,7 @@ class _Slots:
         """The last kept index of each row's block: after its first EOS (or terminator) among the emitted, and at its
         room (``spec_step`` treats the cut as a rejection there). A block index ≥ room − 1 counts as an end too;
         the cut is the first end's index (the count of indices before it), at most a."""
-        j = torch.arange(toks.shape[1], device=toks.device)
+        j = self.offsets(toks.shape[1])
         stop = j >= (self.room - 1).unsqueeze(1)
         hit = self.ends(toks)
         if hit is not None:
