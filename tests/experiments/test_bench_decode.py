@@ -27,6 +27,12 @@ def test_continuous_batching_keeps_every_slot_live_without_eos(tiny_model, tiny_
     assert cont["mtp_row_utilization"] > static["mtp_row_utilization"]
     for r in (static, cont):
         assert r["fraction_of_limit"] == pytest.approx(r["decode_speedup"] / r["speedup_limit"])
+        # the costs are timed again with half a 12-token completion (every row runs 12 tokens) after the prompt
+        assert r["decode_context_extra_tokens"] == 6
+        assert r["fraction_of_limit_at_decode_context"] == pytest.approx(
+            r["decode_speedup"] / r["speedup_limit_at_decode_context"])
+        assert r["c_verify_over_c_1_at_decode_context"] == pytest.approx(
+            r["c_verify_at_decode_context"] / r["c_1_at_decode_context"])
         assert r["mtp_decode_tokens_per_s"] > 0 and len(r["alpha"]) == 3
 
 

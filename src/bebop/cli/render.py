@@ -117,11 +117,13 @@ def run_app(app) -> None:
 
 
 def decode_table(results: Mapping, title: str) -> Table:
-    """The table of ``bench decode`` (fixed γ) from its JSON results; rows/slot: live rows per batch slot, plain/MTP."""
-    cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "decode speedup", "limit", "fraction", "cv/c1", "cd/c1",
-            "ccu/c1", "rows/slot", "hf tok/s", "hf mtp tok/s", "accept len", "alpha"]
+    """The table of ``bench decode`` (fixed γ) from its JSON results; at ctx: the fraction of the limit with the costs
+    timed at the mean decode context; rows/slot: live rows per batch slot, plain/MTP."""
+    cols = ["batch", "plain tok/s", "mtp tok/s", "speedup", "decode speedup", "limit", "fraction", "at ctx", "cv/c1",
+            "cd/c1", "ccu/c1", "rows/slot", "hf tok/s", "hf mtp tok/s", "accept len", "alpha"]
     rows = [(bs, f"{r['plain_tokens_per_s']:.0f}", f"{r['mtp_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
              fmt(r.get("decode_speedup"), ".2f"), f"{r['speedup_limit']:.2f}x", fmt(r.get("fraction_of_limit"), ".2f"),
+             fmt(r.get("fraction_of_limit_at_decode_context"), ".2f"),
              fmt(r.get("c_verify_over_c_1"), ".2f"), fmt(r.get("c_draft_over_c_1"), ".2f"),
              fmt(r.get("c_catchup_over_c_1"), ".2f"),
              f"{fmt(r.get('plain_row_utilization'), '.2f')}/{fmt(r.get('mtp_row_utilization'), '.2f')}",

@@ -22,6 +22,11 @@ step costs beyond those forwards (plain: beyond c_1), from the measured step tim
 rows per batch slot (a static batch runs until its longest row is done, and MTP rows finish at more uneven step
 counts than plain ones).
 
+Attention makes every forward dearer as the context grows, and not by the same share for one token and γ+1 tokens.
+The costs are therefore timed twice: with the prompt alone in the cache (the keys above) and with the prompt and
+half a plain row's mean completion (the context a row decodes at on average, ``…_at_decode_context``), which give
+``speedup_limit_at_decode_context`` and ``fraction_of_limit_at_decode_context``.
+
 ``continuous`` (``--continuous``): batch size B is B slots of ``engine.continuous`` that every prompt of the run
 passes through, a finished row's slot taking the next prompt (how a rollout engine runs), for plain and MTP alike.
 Its decode phase leaves out every admission's prefill too (``continuous_decode``), so the same limit, at B rows,
@@ -141,19 +146,23 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
     rates: dict[str, list[float]] = {k: [] for k in ("plain", "mtp", "plain_decode", "mtp_decode")}
     costs: dict[str, list[float]] = {}
     plain_all, mtp_all = DecodeMetrics(), DecodeMetrics()
+    extra = 0
     for rep in range(cfg.repeats + 1):  # repeat 0 warms up
         plain, mtp = DecodeMetrics(), DecodeMetrics()
         for bi, batch in enumerate(run.queues(bs, cfg.seed)):
             for h, m in ((None, plain), (run.head, mtp)):
                 m.merge(run.decode(h, batch, cfg.gamma, cfg.rule, cfg.seed * 1000 + bi, slots))
+        if rep == 0:                    # half the mean completion: the context a plain row decodes at on average
+            extra = round(plain.tokens / len(batches) / bs / 2)
         if rep > 0:
             for name, m in (("plain", plain), ("mtp", mtp)):
                 rates[name].append(m.tokens_per_s)
                 rates[name + "_decode"].append(m.decode_tokens_per_s)
             plain_all.merge(plain)
             mtp_all.merge(mtp)
-            for name, samples in _forward_costs(run, batches[0][1]).items():
-                costs.setdefault(name, []).extend(samples)
+            for suffix, ctx in (("", 0), ("_at_decode_context", extra)):
+                for name, samples in _forward_costs(run, batches[0][1], ctx).items():
+                    costs.setdefault(name + suffix, []).extend(samples)
     res = {
         "plain_tokens_per_s": statistics.median(rates["plain"]),
         "mtp_tokens_per_s": statistics.median(rates["mtp"]),
@@ -173,6 +182,7 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
     res["fraction_speedup"] = "decode_speedup" if decode else "speedup"
     res.update(_speed_limit(cfg.gamma, costs, res["accept_length"], res[res["fraction_speedup"]], plain_all,
                             mtp_all))
+    res.update(_limit_at_decode_context(cfg.gamma, costs, res["accept_length"], res[res["fraction_speedup"]], extra))
     if is_multi_turn(get_task(cfg.task)):
         res["hf_tokens_per_s"] = res["plain_vs_hf"] = res["hf_mtp_tokens_per_s"] = None
         res["hf_error"] = res["hf_mtp_error"] = MULTI_TURN_HF
@@ -187,18 +197,24 @@ def _bench_fixed(run: _Run, bs: int) -> dict:
 
 
 @torch.inference_mode()
-def _forward_costs(run: _Run, prompts: list[list[int]], repeats: int = 20) -> dict[str, list[float]]:
+def _forward_costs(run: _Run, prompts: list[list[int]], extra: int = 0, repeats: int = 20) -> dict[str, list[float]]:
     """Timed seconds (``repeats`` samples each) of c_1 (a target forward over one token), c_verify (over γ+1
     tokens), c_draft (a one-token head forward) and c_catchup (the head over γ+1 tokens, a verify step's catch-up),
-    at the batch size of ``prompts`` with a cache holding them, through the engine's forwards
+    at the batch size of ``prompts`` with a cache holding them and ``extra`` more tokens (the prompts' own tokens
+    again, at the next positions: attention costs grow with the context), through the engine's forwards
     (``engine.forwards.forward_costs`` measures the first three the same way). The four are timed in turn,
     ``repeats`` rounds in a rotating order, so a load swing on a shared machine moves all four alike instead of one of
     them (their ratios are what the limit uses)."""
     gamma = run.cfg.gamma
     device = run.model.device
     ids, mask = left_pad(prompts, 0, device)
-    B, P = ids.shape
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if extra:
+        more = torch.arange(extra, device=device)
+        ids = torch.cat([ids, ids[:, more % ids.shape[1]]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, extra)], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1 + more], 1)
+    B, P = ids.shape
     valid = torch.ones((B, P + gamma + 1), dtype=torch.bool, device=device)
     valid[:, :P] = mask.bool()
     fw = forwards(run.model, run.head, B, P + gamma + 1, "auto", gamma)
@@ -228,7 +244,7 @@ def _speed_limit(gamma: int, costs: dict[str, list[float]], accept_length: float
     """Median forward costs over every sample of every repeat, their ratios to c_1, the speed model's limit and the
     fraction of it that the decode-phase ``speedup`` reaches (module doc), the same with the catch-up forward's own
     cost, each decoder's step time and host time per step beyond its forwards, and the live rows per batch slot."""
-    c = {k: statistics.median(v) for k, v in costs.items()}
+    c = {k: statistics.median(v) for k, v in costs.items() if not k.endswith("_at_decode_context")}
     c1 = c["c_1"]
     limit = speedup_limit(accept_length, c1, c["c_verify"], c["c_draft"], gamma)
     limit_cu = accept_length * c1 / (c["c_verify"] + (gamma - 1) * c["c_draft"] + c["c_catchup"])
@@ -245,6 +261,20 @@ def _speed_limit(gamma: int, costs: dict[str, list[float]], accept_length: float
         "mtp_host_seconds_per_step": mtp_step - (c["c_verify"] + (gamma - 1) * c["c_draft"] + c["c_catchup"]),
         "plain_row_utilization": plain.utilization, "mtp_row_utilization": mtp.utilization,
     }
+
+
+def _limit_at_decode_context(gamma: int, costs: dict[str, list[float]], accept_length: float, speedup: float,
+                             extra: int) -> dict:
+    """The speed model's limit and the fraction of it reached with the forward costs timed at the context a plain
+    row decodes at on average (its prompt and ``extra`` = half its mean completion), where each row's steps run,
+    rather than at the prompt alone."""
+    c = {k.removesuffix("_at_decode_context"): statistics.median(v) for k, v in costs.items()
+         if k.endswith("_at_decode_context")}
+    limit = speedup_limit(accept_length, c["c_1"], c["c_verify"], c["c_draft"], gamma)
+    return {"decode_context_extra_tokens": extra, **{k + "_at_decode_context": v for k, v in c.items()},
+            "c_verify_over_c_1_at_decode_context": c["c_verify"] / c["c_1"],
+            "c_draft_over_c_1_at_decode_context": c["c_draft"] / c["c_1"],
+            "speedup_limit_at_decode_context": limit, "fraction_of_limit_at_decode_context": speedup / limit}
 
 
 def hf_generate_tokens_per_s(model, tokenizer, prompts, params: SamplingParams, max_new_tokens: int, seed: int,
