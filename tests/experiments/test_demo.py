@@ -557,17 +557,25 @@ def test_cli_quick_ablations_run_every_variant_then_reuse_them(demo_dir):
     assert r.returncode == 0, r.stderr
     summary = json.loads((demo_dir / "summary.json").read_text())
     stages = summary["stages"]
-    expected = {f"abl_{v.key}_{part}" for v in variants(quick_config(ablations="all"))
+    vs = variants(quick_config(ablations="all"))
+    expected = {f"abl_{v.key}_{part}" for v in vs if v.ablation != "rl"
                 for part in (("init",) if v.own_init else ()) + ("ce", "e2e_tv", "measure", "sweep")}
+    expected |= {f"abl_{v.key}_{part}" for v in vs if v.ablation == "rl" for part in ("rl", "rl_heldout")}
     assert {k for k in stages if k.startswith("abl_")} == expected
     assert not any(stages[k]["cached"] for k in expected) and stages["head_e2e_tv"]["cached"]
     abl = summary["ablations"]
-    assert set(abl["variants"]) == {k.split("_", 1)[1].rsplit("_", 1)[0] for k in expected if k.endswith("_measure")}
-    for v in abl["variants"].values():
+    assert set(abl["variants"]) == {v.key for v in vs}
+    for key, v in abl["variants"].items():
+        if key.startswith("rl_"):   # the main run's heads through 4 × the RL steps
+            assert set(v["rl"]) == {"to-ce", "rs-ce", "rs-e2e_tv", "rs-online-ce"}
+            assert all(r["drift"]["ci"] is not None and r["after_vs_main"]["ci"] is not None for r in v["rl"].values())
+            continue
         assert v["vs_main"]["e2e_tv_minus_ce_points"]["ci"] is not None
         assert v["e2e_tv_rs_slope"]["value"] is not None and "e2e_tv_rs_slope_vs_main" in v
+    assert json.loads((demo_dir / "ablations" / "rl_steps12" / "rl" / "bench_rl.json").read_text())["config"]["steps"] \
+        == 12
     report = (demo_dir / "report.md").read_text()
-    assert "## Ablations" in report and "## Head training" in report
+    assert "## Ablations" in report and "## Head training" in report and "| RL for 12 steps | rs-e2e_tv |" in report
     assert set(summary["heads"]["e2e_tv"]) >= {"budget", "stopped_at", "kept_step", "curve"}
 
     r = cli("demo", "--quick", "--ablations", "--out", str(demo_dir))

@@ -12,7 +12,10 @@ against the main run is paired by prompt.
 * ``temperature``  the training data sampled (and the target p taken) at τ 0.7 / 1.0 / 1.3 other than the main one;
 * ``seeds``        the same heads trained under other seeds (:data:`HEAD_SEEDS` past the main one): new training
                    data, initialisation and batch order, so the spread of a figure over seeds shows how much of it
-                   is the luck of one training run.
+                   is the luck of one training run;
+* ``rl``           the main run's heads through :data:`RL_LONGER` × as many RL steps, with acceptance on the held-out
+                   prompts before and after: whether the heads drift once RL has moved the policy further (claims 2
+                   and 4). It trains no head.
 
 :func:`variants` builds the variants, :func:`ablation_summary` the figures with bootstrap CIs (pure functions)."""
 
@@ -23,14 +26,23 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bebop.experiments.demo.claims import accept_length_stat, mean_alpha_stat, n_units, sweep_slope, unit_ci
+from bebop.experiments.demo.claims import (
+    accept_length_stat,
+    heldout_drift,
+    mean_alpha_stat,
+    n_units,
+    sweep_slope,
+    unit_ci,
+)
 from bebop.experiments.demo.config import DemoConfig
 from bebop.experiments.stats import Stat, diff_of
 
-__all__ = ["DATA_TEMPERATURES", "HEADS", "HEAD_SEEDS", "Variant", "ablation_summary", "variant_config", "variants"]
+__all__ = ["DATA_TEMPERATURES", "HEADS", "HEAD_SEEDS", "RL_LONGER", "Variant", "ablation_summary", "variant_config",
+           "variants"]
 
 DATA_TEMPERATURES = (0.7, 1.0, 1.3)   # the ``temperature`` ablation's training-data temperatures
 HEAD_SEEDS = 2                        # the ``seeds`` ablation: heads trained under seed + 1 … seed + HEAD_SEEDS
+RL_LONGER = 4                         # the ``rl`` ablation: this many times the main run's RL steps
 HEADS = ("e2e_tv", "ce")              # the heads every variant trains
 
 
@@ -68,6 +80,9 @@ def variants(cfg: DemoConfig) -> list[Variant]:
         elif a == "seeds":
             for s in range(cfg.seed + 1, cfg.seed + 1 + HEAD_SEEDS):
                 out.append(Variant(f"seed{s}", f"heads trained under seed {s}", a, {"seed": s}))
+        elif a == "rl":
+            steps = RL_LONGER * cfg.rl_steps
+            out.append(Variant(f"rl_steps{steps}", f"RL for {steps} steps", a, {"rl_steps": steps}, own_init=False))
     return out
 
 
@@ -124,7 +139,27 @@ def _slopes(sweep: Mapping | None, main_sweep: Mapping | None) -> dict:
     return out
 
 
-def ablation_summary(main_losses: Mapping, runs: Mapping[str, Mapping], main_sweep: Mapping | None = None) -> dict:
+def _rl_row(losses: Mapping, rl: Mapping, heldout: Mapping, main_heldout: Mapping | None) -> dict:
+    """An RL variant's figures per drafting method: accept length and policy entropy on the held-out prompts before
+    and after RL, the drift (after ÷ before − 1) with its CI, the change of the after-RL accept length against the
+    main run's (paired by prompt), and reward over the first and last RL steps."""
+    out: dict = {}
+    for m, h in heldout.items():
+        b = h.get("before") or {}
+        d, ci = heldout_drift(losses, heldout, m)
+        row = {"accept_length": [b.get("accept_length"), h.get("accept_length")],
+               "entropy": [b.get("entropy"), h.get("entropy")], "drift": {"value": d, "ci": ci},
+               "reward_first5_last5": [(rl.get(m) or {}).get("reward_first5"), (rl.get(m) or {}).get("reward_last5")]}
+        mh = (main_heldout or {}).get(m) or {}
+        n = n_units(h.get("units"), mh.get("units")) if h.get("units") and mh.get("units") else None
+        row["after_vs_main"] = _with_ci(diff_of(accept_length_stat(h["units"]), accept_length_stat(mh["units"])), n) \
+            if n else {"value": None, "ci": None}
+        out[m] = row
+    return out
+
+
+def ablation_summary(main_losses: Mapping, runs: Mapping[str, Mapping], main_sweep: Mapping | None = None,
+                     main_heldout: Mapping | None = None) -> dict:
     """``summary.json``'s ``ablations``: ``{"main": row, "variants": {key: {label, ablation, settings, heads,
     seconds, **row}}}`` from the main run's ``losses.json`` (and ``sweep.json``) and per variant ``{"variant":
     Variant, "losses": its losses.json, "sweep": its sweep.json, "heads": its head records, "seconds": its stages'
@@ -134,6 +169,12 @@ def ablation_summary(main_losses: Mapping, runs: Mapping[str, Mapping], main_swe
     out: dict = {"main": {**_row(main, None), **_slopes(main_sweep, None)}, "variants": {}}
     for key, r in runs.items():
         v: Variant = r["variant"]
+        if v.ablation == "rl":
+            out["variants"][key] = {"label": v.label, "ablation": v.ablation, "settings": dict(v.overrides),
+                                    "seconds": r.get("seconds"),
+                                    "rl": _rl_row(main_losses, r.get("rl") or {}, r.get("heldout") or {},
+                                                  main_heldout)}
+            continue
         units = {h: r["losses"][h]["units_rs"] for h in HEADS}
         out["variants"][key] = {"label": v.label, "ablation": v.ablation,
                                 "settings": dict(v.overrides), "own_warm_start": v.own_init,

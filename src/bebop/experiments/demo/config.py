@@ -26,10 +26,10 @@ __all__ = ["ABLATIONS", "EARLY_STOP", "QUICK", "RL_METHODS", "SHARED", "DemoConf
 C = TypeVar("C")
 
 RL_METHODS = "none,to-ce,rs-ce,rs-e2e_tv,rs-online-ce"
-ABLATIONS = ("layers", "gamma_train", "budget", "temperature", "seeds")
+ABLATIONS = ("layers", "gamma_train", "budget", "temperature", "seeds", "rl")
 """What ``ablations`` may name: 1 vs 2 MTP layers, γ_train 3 vs 5, half / double the head budget, the
-temperature of the training data, and other head-training seeds (:mod:`bebop.experiments.demo.ablations` builds
-the variants)."""
+temperature of the training data, other head-training seeds, and a longer RL run
+(:mod:`bebop.experiments.demo.ablations` builds the variants)."""
 SHARED = ("task", "seed", "gamma", "temperature", "temperatures", "max_new_tokens", "gamma_train", "head_layers",
           "data_samples", "heldout_samples", "online_every", "online_steps", "device", "dtype", "arch")
 """Demo fields that mean the same in every stage config that has a field of that name."""

@@ -227,36 +227,39 @@ def _measure_heads(demo: _Demo, model, tokenizer, heads: Mapping, rules: Mapping
     return res
 
 
-def _rl_stage(demo: _Demo) -> None:
-    """6. Short GRPO runs side by side, one per method."""
+def _rl_stage(demo: _Demo, cfg: DemoConfig | None = None, rl_dir: Path | None = None, name: str = "rl",
+              title: str = "6/7 RL") -> None:
+    """6. Short GRPO runs side by side, one per method (``cfg``, ``rl_dir``, ``name``: an RL ablation's)."""
     from bebop.experiments.bench_rl import bench_rl
 
-    cfg = demo.cfg
-    rl_cfg = rl_config(cfg, demo.policy, demo.head_dirs, demo.out / "rl")
+    cfg, rl_dir = cfg or demo.cfg, rl_dir or demo.out / "rl"
+    rl_cfg = rl_config(cfg, demo.policy, demo.head_dirs, rl_dir)
     rl_cfg.method_list()
-    demo.stages.run("rl", f"6/7 RL: {cfg.rl_steps} GRPO steps × {len(cfg.method_list())} methods "
-                    f"({cfg.rl_prompts} prompts × {cfg.rl_group} samples per step)", demo.out / "rl" / "bench_rl.json",
-                    asdict(rl_cfg), ["sft", "head_ce", "head_e2e_tv"], lambda: bench_rl(rl_cfg, console=demo.console))
+    demo.stages.run(name, f"{title}: {cfg.rl_steps} GRPO steps × {len(cfg.method_list())} methods "
+                    f"({cfg.rl_prompts} prompts × {cfg.rl_group} samples per step, lr {cfg.rl_lr:g})",
+                    rl_dir / "bench_rl.json", asdict(rl_cfg), ["sft", "head_ce", "head_e2e_tv"],
+                    lambda: bench_rl(rl_cfg, console=demo.console))
 
 
-def _rl_heldout_stage(demo: _Demo) -> None:
+def _rl_heldout_stage(demo: _Demo, rl_dir: Path | None = None, path: Path | None = None, rl_stage: str = "rl",
+                      title: str = "6/7 RL") -> None:
     """6b. Every drafting RL method's final head on its final policy, measured under its rule on the held-out
     prompts of ``losses.json``, into ``rl_heldout.json``: acceptance before and after RL on the same prompts, which
-    the RL steps' own rollouts (new prompts each step) cannot give."""
+    the RL steps' own rollouts (new prompts each step) cannot give. ``rl_dir``, ``path``, ``rl_stage``: an RL
+    ablation's."""
     from bebop.experiments.bench_rl import METHODS
 
-    cfg = demo.cfg
+    cfg, rl_dir, path = demo.cfg, rl_dir or demo.out / "rl", path or demo.out / "rl_heldout.json"
     methods = [m for m in cfg.method_list() if METHODS[m][2] is not None]
-    path = demo.out / "rl_heldout.json"
-    demo.stages.run("rl_heldout", f"6/7 RL: acceptance on the held-out prompts after RL ({cfg.loss_prompts} "
-                    "prompts)", path, {**_losses_key(cfg), "methods": methods}, ["rl", "losses"],
-                    lambda: atomic_write_json(path, _measure_after_rl(demo, methods)))
+    demo.stages.run(f"{rl_stage}_heldout", f"{title}: acceptance on the held-out prompts after RL "
+                    f"({cfg.loss_prompts} prompts)", path, {**_losses_key(cfg), "methods": methods},
+                    [rl_stage, "losses"], lambda: atomic_write_json(path, _measure_after_rl(demo, methods, rl_dir)))
 
 
-def _measure_after_rl(demo: _Demo, methods: Sequence[str]) -> dict:
+def _measure_after_rl(demo: _Demo, methods: Sequence[str], rl_dir: Path) -> dict:
     """``{method: {head, rule, tag, accept_length, alpha, entropy, units, before}}``: the method's final policy and
     head from ``rl/<method>`` measured as :func:`_measure_heads` measures the heads before RL (``before``: those
-    figures from ``losses.json``)."""
+    figures from ``losses.json``); ``rl_dir`` holds the RL runs."""
     from bebop.experiments.bench_rl import METHODS
     from bebop.experiments.measure import Probe, measure_acceptance
     from bebop.models.checkpoint import load_head
@@ -266,7 +269,7 @@ def _measure_after_rl(demo: _Demo, methods: Sequence[str]) -> dict:
     res = {}
     for m in methods:
         _, rule, head_attr = METHODS[m]
-        head, tag, run = HEAD_OF[head_attr], RULES[rule], demo.out / "rl" / m
+        head, tag, run = HEAD_OF[head_attr], RULES[rule], rl_dir / m
         model, tokenizer = load_policy(run / "policy", cfg.device, cfg.dtype)
         r = measure_acceptance(model, tokenizer, load_head(run / "mtp", model).eval(),
                                Probe(cfg.task, rule, cfg.temperature, cfg.gamma, cfg.loss_prompts, MEASURE_BATCH,
@@ -298,6 +301,13 @@ def _ablation_stages(demo: _Demo) -> dict:
     runs = {}
     for v in variants(cfg):
         vdir, vcfg, tag = demo.out / "ablations" / v.key, variant_config(cfg, v), f"abl_{v.key}"
+        if v.ablation == "rl":   # the main run's heads, another RL setting
+            _rl_stage(demo, vcfg, vdir / "rl", f"{tag}_rl", f"ablation {v.label}: RL")
+            _rl_heldout_stage(demo, vdir / "rl", vdir / "rl_heldout.json", f"{tag}_rl", f"ablation {v.label}: RL")
+            runs[v.key] = {"variant": v, "rl": _read_json(vdir / "rl" / "bench_rl.json").get("results", {}),
+                           "heldout": _read_json(vdir / "rl_heldout.json"),
+                           "seconds": sum(t for k, t in stages.seconds.items() if k.startswith(tag + "_"))}
+            continue
         dirs = head_dirs(vcfg, vdir / "heads")
         if not v.own_init:  # fine-tune from the main run's warm start
             warm = next(iter(dirs))
@@ -366,7 +376,8 @@ def _report_stage(demo: _Demo, t_start: float, ablations: Mapping | None) -> dic
         "policy": {"dir": str(demo.policy), "sft_steps": sft_summary.get("steps"),
                    "sft_seconds": sft_summary.get("train_seconds"), "eval": sft_summary.get("eval")},
         "heads": heads,
-        **({"ablations": ablation_summary(res.losses, ablations, res.sweep)} if ablations is not None else {}),
+        **({"ablations": ablation_summary(res.losses, ablations, res.sweep, res.heldout)} if ablations is not None
+           else {}),
         "stages": {k: {"seconds": demo.stages.seconds[k], "cached": demo.stages.cached[k]}
                    for k in demo.stages.seconds},
         "total_seconds": time.perf_counter() - t_start,

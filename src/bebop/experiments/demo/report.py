@@ -330,6 +330,32 @@ def _ablations_section(summary: Mapping) -> list[str]:
              "e2e_tv RS slope / nat | ce RS slope / nat | change of e2e_tv RS slope vs main | "
              "kept step / budget (e2e_tv, ce) | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              row("main run", abl["main"], summary.get("heads") or {}, None)]
-    lines += [row(v["label"], v, v.get("heads") or {}, v.get("seconds")) for v in abl["variants"].values()]
+    heads = {k: v for k, v in abl["variants"].items() if "rl" not in v}
+    lines += [row(v["label"], v, v.get("heads") or {}, v.get("seconds")) for v in heads.values()]
+    lines += _rl_ablations(summary, {k: v for k, v in abl["variants"].items() if "rl" in v})
     total = sum(v.get("seconds") or 0.0 for v in abl["variants"].values())
     return [*lines, "", f"The ablations' stages took {total:.0f} s in this run (0 for a stage reused from the cache)."]
+
+
+def _rl_ablations(summary: Mapping, variants: Mapping) -> list[str]:
+    """The RL variants: the main run's heads through another RL setting, acceptance on the held-out prompts before
+    and after, against the main run's (claims 2 and 4)."""
+    if not variants:
+        return []
+    main = (next(c for c in summary["claims"] if c["id"] == 2)["figures"].get("heldout") or {})
+    lines = ["", "RL variants: the main run's heads and policy through another RL setting; each method's final head "
+             "on its final policy measured on the held-out prompts (paired by prompt with the main run's after-RL "
+             "figure).", "",
+             "| variant | method | accept length before → after RL | drift [95 % CI] | after RL vs main run's after "
+             "[95 % CI] | policy entropy before → after | reward first 5 → last 5 steps | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in variants.values():
+        for m, r in v["rl"].items():
+            d, vs = r.get("drift") or {}, r.get("after_vs_main") or {}
+            (a0, a1), (h0, h1), (w0, w1) = r["accept_length"], r["entropy"], r["reward_first5_last5"]
+            after_main = fmt(dig(main, m, "accept_length"))
+            lines.append(_cells([v["label"], m, f"{fmt(a0)} → {fmt(a1)} (main run: {after_main})",
+                                 f"{fmt(d.get('value'), '+.1%')} {fmt_ci(d.get('ci'), '+.1%')}",
+                                 f"{fmt(vs.get('value'), '+.3f')} {fmt_ci(vs.get('ci'), '+.3f')}",
+                                 f"{fmt(h0)} → {fmt(h1)}", f"{fmt(w0)} → {fmt(w1)}", fmt(v.get("seconds"), ".0f")]))
+    return lines
