@@ -464,7 +464,7 @@ def test_ablation_variants_change_one_head_setting_each(tmp_path):
     cfg = DemoConfig(ablations="all", extra_losses="tv", head_steps=400)
     vs = {v.key: v for v in variants(cfg)}
     assert list(vs) == ["head_layers2", "gamma_train5", "head_steps200", "head_steps800", "data_tau0.7",
-                        "data_tau1.3", "seed1", "seed2"]
+                        "data_tau1.3", "seed1", "seed2", "rl_steps48"]
     assert [v.key for v in variants(DemoConfig(ablations="layers", head_layers=2))] == ["head_layers1"]
     assert not vs["head_steps200"].own_init and vs["data_tau0.7"].own_init
     assert [v.key for v in variants(DemoConfig(ablations="gamma_train", gamma_train=5))] == ["gamma_train3"]
@@ -476,7 +476,8 @@ def test_ablation_variants_change_one_head_setting_each(tmp_path):
         changed = {f for h in ("head_init", "head_ce") for f in vars(heads[h]) if
                    getattr(heads[h], f) != getattr(main[h], f)}
         assert changed == {"head_steps": {"steps"}, "gamma_train": {"gamma_train"}, "head_layers": {"head_layers"},
-                           "temperature": {"temperature"}, "seed": {"seed"}}[next(iter(v.overrides))], (v.key, changed)
+                           "temperature": {"temperature"}, "seed": {"seed"},
+                           "rl_steps": set()}[next(iter(v.overrides))], (v.key, changed)   # rl: the main heads
 
 
 def test_ablation_summary_pairs_variants_with_the_main_run_on_the_same_prompts():
