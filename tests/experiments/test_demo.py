@@ -582,3 +582,26 @@ def test_cli_quick_ablations_run_every_variant_then_reuse_them(demo_dir):
     r = cli("demo", "--quick", "--ablations", "--out", str(demo_dir))
     assert r.returncode == 0, r.stderr
     assert all(s["cached"] for s in json.loads((demo_dir / "summary.json").read_text())["stages"].values())
+
+
+def test_a_redone_stage_redoes_the_stages_built_on_it(tmp_path):
+    """Stages are reused while their keys match; deleting one stage's output redoes it and every stage that depends
+    on it (its run mark changed), though no setting changed, and leaves an independent stage cached."""
+    from rich.console import Console
+
+    from bebop.experiments.demo.pipeline import _Stages
+
+    calls: list[str] = []
+
+    def run_all() -> None:
+        st = _Stages(tmp_path, False, Console(quiet=True))
+        for name, deps in (("a", []), ("b", ["a"]), ("c", [])):
+            st.run(name, name, tmp_path / f"{name}.out", {"n": 1}, deps,
+                   lambda name=name: (calls.append(name), (tmp_path / f"{name}.out").write_text(name)))
+
+    run_all()
+    run_all()
+    assert calls == ["a", "b", "c"]
+    (tmp_path / "a.out").unlink()
+    run_all()
+    assert calls == ["a", "b", "c", "a", "b"]

@@ -43,7 +43,9 @@ def _read_json(path: Path) -> dict:
 
 
 class _Stages:
-    """Runs stages, reusing an output when its key file in ``.stages/`` matches the current key."""
+    """Runs stages, reusing an output when its key file in ``.stages/`` matches the current key. A stage that is
+    computed also leaves a run mark (``.stages/<name>.run``) that enters the key its dependants see, so redoing a
+    stage (its output was deleted) redoes every stage built on it, even when its settings did not change."""
 
     def __init__(self, out: Path, fresh: bool, console: Console):
         self.dir = out / ".stages"
@@ -67,9 +69,11 @@ class _Stages:
             compute()
             self.seconds[name] = time.perf_counter() - t0
             self.cached[name] = False
+            (self.dir / f"{name}.run").write_text(str(time.time_ns()))
             key_file.write_text(json.dumps(key, indent=1))
             self.console.print(f"[green]done[/] {title} in {self.seconds[name]:.0f} s")
-        self.keys[name] = key
+        mark = self.dir / f"{name}.run"
+        self.keys[name] = {"key": key, "run": mark.read_text()} if mark.is_file() else key
 
     def skip(self, name: str, key: object) -> None:
         """Record a stage that did not run (its input was given), under ``key``."""
