@@ -96,10 +96,10 @@ class _Slots:
             stop = stop | hit
         return torch.minimum(a, (stop.cumsum(1) == 0).sum(1))
 
-    def advance(self, rows: Tensor, count: Tensor, last: Tensor) -> None:
-        """Book ``count`` tokens ending with ``last`` for the rows marked in ``rows``; a row whose token is the
-        terminator pauses, one that hit EOS or its room finishes."""
-        booked = count * rows
+    def advance(self, rows: Tensor, count: Tensor | None, last: Tensor) -> None:
+        """Book ``count`` tokens (None: one) ending with ``last`` for the rows marked in ``rows``; a row whose token
+        is the terminator pauses, one that hit EOS or its room finishes."""
+        booked = rows.long() if count is None else count * rows
         self.room = self.room - booked
         end = self.room <= 0
         hit = self.ends(last)
@@ -353,7 +353,7 @@ def continuous_decode(model: PreTrainedModel, head, prompts: list[list[int]], dc
             to = None if plan.to_rows is None else plan.to_rows * step.gamma
             history.append((step.accepted, dead, step.expected_alpha, step.gamma, to, sl.req))
         lives.append((live, st.length))
-        sl.advance(live, step.cut + 1, st.x)                      # st.x: the token at each live row's cut
+        sl.advance(live, step.cut + 1 if G else None, st.x)       # st.x: the token at each live row's cut
     out, logp, ent, n, sampled = _by_request(events, N, None if turns else dc.max_new_tokens, dc.pad_id)
     metrics.slot_steps, metrics.live_steps, metrics.cache_slots, metrics.kept_slots = _slot_counts(lives, B)
     t1 = time.perf_counter()                                    # after the closing sync; counting is bookkeeping

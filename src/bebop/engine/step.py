@@ -75,6 +75,8 @@ class SpecState:
     zero_q: Tensor
     rows: Tensor = field(init=False)
     _offsets: Tensor | None = field(default=None, init=False, repr=False)
+    _zeros: Tensor | None = field(default=None, init=False, repr=False)
+    _ones: Tensor | None = field(default=None, init=False, repr=False)
     _bank: NoiseBank | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +87,18 @@ class SpecState:
         if self._offsets is None or self._offsets.shape[0] != n:
             self._offsets = torch.arange(n, device=self.x.device)
         return self._offsets
+
+    def zeros(self) -> Tensor:
+        """A zero index per row (a plain step's accepted count and cut), made once per batch."""
+        if self._zeros is None or self._zeros.shape[0] != self.x.shape[0]:
+            self._zeros = torch.zeros_like(self.x)
+        return self._zeros
+
+    def ones(self) -> Tensor:
+        """[B, 1] True: a plain step's kept slot when every row is live, made once per batch."""
+        if self._ones is None or self._ones.shape[0] != self.x.shape[0]:
+            self._ones = torch.ones((self.x.shape[0], 1), dtype=torch.bool, device=self.x.device)
+        return self._ones
 
     def draws(self, n: int, uniforms: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
         """One step's fresh random draws: Exp(1) noise [n, B, V] (the step's exponential races) and, when
@@ -184,13 +198,14 @@ def spec_step(cfg: SpecConfig, st: SpecState, plan: StepPlan,
         p1 = p_t.select(1, 0)
         last = p1.argmax(-1) if cfg.params.greedy else race(p1, noise.select(0, 0))
         toks = last.unsqueeze(1)
-        a, kept, exp_alpha, ratio = torch.zeros_like(st.x), torch.ones_like(toks, dtype=torch.bool), None, None
+        a, exp_alpha, ratio = st.zeros(), None, None
+        kept = st.ones() if live is None else live.unsqueeze(1)
     a_cut = a
     if cut is not None:
         a_cut = cut(a, toks)
         kept = jt <= a_cut.unsqueeze(1)
         last = None
-    if live is not None:
+    if live is not None and (G or cut is not None):
         kept = kept & live.unsqueeze(1)
     pt, h = emitted(p_t, toks)
     _roll_back(cfg, st, toks, vhid, vpos, kept, a_cut, live, last)
@@ -271,5 +286,8 @@ def _roll_back(cfg: SpecConfig, st: SpecState, toks: Tensor, vhid: Tensor, vpos:
         st.g = g if live is None else torch.where(live.unsqueeze(1), g, st.g)
     x = last if last is not None else _pick(toks, a)
     st.x = x if live is None else torch.where(live, x, st.x)
-    st.pos_x = st.pos_x + (a + 1) if live is None else torch.where(live, st.pos_x + a + 1, st.pos_x)
+    if not G:                                                         # one token: a = 0
+        st.pos_x = st.pos_x + (1 if live is None else live)
+    else:
+        st.pos_x = st.pos_x + (a + 1) if live is None else torch.where(live, st.pos_x + a + 1, st.pos_x)
     st.length = s + G + 1
