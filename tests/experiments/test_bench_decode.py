@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bebop.errors import BebopError
@@ -21,7 +23,7 @@ def test_continuous_batching_keeps_every_slot_live_without_eos(tiny_model, tiny_
     the queue's last steps."""
     cfg = DecodeBenchConfig(batch_sizes=(3,), max_new_tokens=12, ignore_eos=True, repeats=1, num_prompts=9)
     static = bench_decode(tiny_model, tiny_tokenizer, head, cfg)["3"]
-    cont = bench_decode(tiny_model, tiny_tokenizer, head, cfg, continuous=True)["3"]
+    cont = bench_decode(tiny_model, tiny_tokenizer, head, replace(cfg, continuous=True))["3"]
     assert static["batching"] == "static" and cont["batching"] == "continuous"
     assert cont["plain_row_utilization"] == 1.0          # plain rows of one length end together
     assert cont["mtp_row_utilization"] > static["mtp_row_utilization"]
@@ -37,6 +39,7 @@ def test_continuous_batching_keeps_every_slot_live_without_eos(tiny_model, tiny_
 
 
 def test_continuous_refuses_adaptive_gamma(tiny_model, tiny_tokenizer, head):
-    cfg = DecodeBenchConfig(gamma="auto", batch_sizes=(2,), max_new_tokens=4, repeats=1, num_prompts=2)
+    cfg = DecodeBenchConfig(gamma="auto", batch_sizes=(2,), max_new_tokens=4, repeats=1, num_prompts=2,
+                            continuous=True)
     with pytest.raises(BebopError, match="--continuous"):
-        bench_decode(tiny_model, tiny_tokenizer, head, cfg, continuous=True)
+        bench_decode(tiny_model, tiny_tokenizer, head, cfg)

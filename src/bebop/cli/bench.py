@@ -56,7 +56,7 @@ def bench_decode_cmd(
     continuous: Annotated[bool, typer.Option("--continuous", help="Continuous batching: a batch size B is B slots "
                                              "that all --prompts pass through (a finished row's slot takes the next "
                                              "prompt), plain and MTP alike, instead of static batches of B rows; "
-                                             "fixed γ only.")] = False,
+                                             "fixed γ only.")] = D.continuous,
     lengths: Annotated[str | None, typer.Option(
         help="Comma-separated completion lengths, e.g. 128,512,2048,4096: measure per-token cost against length "
              "instead (every row decodes exactly L tokens, no EOS; plain and MTP at fixed γ; KV-cache slots per "
@@ -87,19 +87,20 @@ def bench_decode_cmd(
 
     cfg = DecodeBenchConfig(task=task, gamma=parse_gamma(gamma), rule=rule, gamma_max=gamma_max,
                             temperature=temperature, batch_sizes=_ints("--batch-sizes", batch_sizes),
-                            max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, repeats=repeats,
+                            max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, continuous=continuous,
+                            repeats=repeats,
                             num_prompts=prompts, seed=seed, threads=threads, device=device, dtype=dtype)
     positive("max_new_tokens", cfg.max_new_tokens)
     announce_paths()
     the_model, tokenizer, head = load_model_and_head(model, mtp, cfg.device, cfg.dtype)
-    results = bench_decode(the_model, tokenizer, head, cfg, continuous)
+    results = bench_decode(the_model, tokenizer, head, cfg)
     if cfg.gamma == "auto":
         console.print(adaptive_table(results, f"bench decode --gamma auto: {task}, rule={rule}, τ={temperature}"))
     else:
         console.print(decode_table(results, f"bench decode: {task}, rule={rule}, γ={gamma}, τ={temperature}"
                                             + (", EOS ignored" if ignore_eos else "")
                                             + (", continuous batching" if continuous else "")))
-    write_json(json_path, {"config": {**asdict(cfg), "continuous": continuous},
+    write_json(json_path, {"config": asdict(cfg),
                            "backend": decoding_path(the_model, head).backend, "results": results})
 
 

@@ -65,7 +65,10 @@ class _Run:
     tokenizer: object
     head: object
     cfg: DecodeBenchConfig
-    continuous: bool = False
+
+    @property
+    def continuous(self) -> bool:
+        return self.cfg.continuous
 
     @property
     def params(self) -> SamplingParams:
@@ -109,10 +112,10 @@ class _Run:
         return [([p for b in batches for p in b[0]], [q for b in batches for q in b[1]])]
 
 
-def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig, continuous: bool = False) -> dict:
+def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig) -> dict:
     """Per batch size: plain/MTP/HF tokens per second, speedup, α_k, accept length, forward costs.
 
-    With ``continuous`` (fixed γ only), batch size B means B slots that every prompt passes through
+    With ``cfg.continuous`` (fixed γ only), batch size B means B slots that every prompt passes through
     (``engine.continuous``: a finished row's slot takes the next prompt), for plain and MTP decoding alike, instead
     of static batches of B rows; the forward costs are still measured at B rows, and transformers' generate() still
     runs static batches (it has no other mode). Runs with ``cfg.threads`` intra-op threads (restored afterwards): one
@@ -120,10 +123,10 @@ def bench_decode(model, tokenizer, head, cfg: DecodeBenchConfig, continuous: boo
     for the same cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    run = _Run(model, tokenizer, head, cfg, continuous)
+    run = _Run(model, tokenizer, head, cfg)
     try:
         if cfg.gamma == AUTO:
-            if continuous:
+            if cfg.continuous:
                 raise BebopError("--continuous measures a fixed gamma; pass --gamma 1..8, not auto")
             if is_multi_turn(get_task(cfg.task)):
                 raise BebopError(f"--gamma auto is not supported for the multi-turn task {cfg.task!r} yet")

@@ -26,6 +26,7 @@ class DecodeBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     max_new_tokens: int = 64
     ignore_eos: bool = False        # every row decodes max_new_tokens tokens (no EOS stop), as vLLM's --ignore-eos
+    continuous: bool = False        # batch size B = B slots every prompt passes through (fixed γ only)
     repeats: int = 3
     num_prompts: int = 32           # prompts per batch size, decoded in consecutive batches of that size
     seed: int = 0
