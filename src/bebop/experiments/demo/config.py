@@ -65,7 +65,7 @@ class DemoConfig:
     head_steps: int = 800              # the same budget for every fine-tuned loss (e2e TV gains to ~step 700)
     head_lr: float = 1e-3
     head_eval_every: int = 25          # every head stage (warm start too): held-out expected α every this many steps,
-    head_patience: int = 4             # stop after this many evaluations without a gain > head_min_delta (0: never)
+    head_patience: int = 8             # stop after this many evaluations without a gain > head_min_delta (0: never)
     head_min_delta: float = 0.0005     # and keep the best evaluation's head,
     head_min_steps: int = 100          # watching from this step on (a fine-tuned loss first drops below its start)
     data_samples: int = 4096
