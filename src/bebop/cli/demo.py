@@ -19,8 +19,9 @@ def demo_cmd(
     fresh: Annotated[bool, typer.Option("--fresh", help="Redo every stage instead of reusing cached outputs.")]
     = False,
     ablations: Annotated[bool, typer.Option("--ablations", help="After the main stages, also run the ablations "
-                                                                "(γ_train 5, half / double head budget, "
-                                                                "training data at τ 0.7 / 1.3), each a cached stage; "
+                                                                "(2 MTP layers, γ_train 5, half / double head "
+                                                                "budget, training data at τ 0.7 / 1.3, two more "
+                                                                "head seeds, 4× the RL steps), each a cached stage; "
                                                                 "TOML key ablations selects a subset.")]
     = False,
     gpu_costs: Annotated[str | None, typer.Option(help="A benchmarks/gpu_costs.py JSON: claim 5 shows its projected "
